@@ -1,0 +1,148 @@
+//! The database handle over two engines.
+//!
+//! [`Db`] is an enum of two concrete pools rather than sqlx's `Any` driver: each
+//! arm compiles against its own driver (so PostgreSQL keeps `LISTEN/NOTIFY` and
+//! real types), while the SQL text is shared through [`with_db!`]. Engine-specific
+//! DDL lives in `migrations/sqlite/` and `migrations/postgres/`.
+//!
+//! *Architecture invariant*: only this module and files named `store.rs` contain SQL.
+
+pub mod migrate;
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+
+use crate::config::{DatabaseConfig, Engine};
+
+/// A pooled connection to the kernel's database, on either engine. Cheap to clone.
+#[derive(Clone, Debug)]
+pub enum Db {
+    /// Embedded SQLite (WAL, `synchronous=FULL`, foreign keys on).
+    Sqlite(SqlitePool),
+    /// PostgreSQL.
+    Postgres(PgPool),
+}
+
+/// Runs the same body against whichever pool `db` holds; `$pool` is bound to the
+/// concrete pool in each arm, so the body compiles once per driver.
+#[macro_export]
+macro_rules! with_db {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            $crate::db::Db::Sqlite($pool) => $body,
+            $crate::db::Db::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// Why the database could not be reached or used.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The SQLite file's folder could not be created.
+    #[error("cannot create the database folder {path}: {source}")]
+    CreateFolder {
+        /// The folder.
+        path: String,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// The driver refused the URL or the connection.
+    #[error("cannot connect to the database ({engine}): {source}")]
+    Connect {
+        /// Which engine.
+        engine: Engine,
+        /// The driver error.
+        source: sqlx::Error,
+    },
+    /// A query failed.
+    #[error(transparent)]
+    Query(#[from] sqlx::Error),
+    /// The database did not answer in time.
+    #[error("the database did not answer within {0} ms")]
+    Timeout(u64),
+}
+
+impl Db {
+    /// Opens a pool for `config.url`, creating a SQLite file and its folder if missing.
+    pub async fn connect(config: &DatabaseConfig) -> Result<Db, DbError> {
+        let url = config.url.expose();
+        let acquire_timeout = Duration::from_millis(config.acquire_timeout_ms);
+        match config.url.engine() {
+            Engine::Sqlite => {
+                let options = SqliteConnectOptions::from_str(url)
+                    .map_err(|source| DbError::Connect { engine: Engine::Sqlite, source })?
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Full)
+                    .foreign_keys(true)
+                    .busy_timeout(Duration::from_millis(config.busy_timeout_ms));
+                if let Some(folder) = options.get_filename().parent().filter(|p| !p.as_os_str().is_empty()) {
+                    create_folder(folder)?;
+                }
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(config.max_connections)
+                    .min_connections(config.min_connections)
+                    .acquire_timeout(acquire_timeout)
+                    .connect_with(options)
+                    .await
+                    .map_err(|source| DbError::Connect { engine: Engine::Sqlite, source })?;
+                Ok(Db::Sqlite(pool))
+            }
+            Engine::Postgres => {
+                let options = PgConnectOptions::from_str(url)
+                    .map_err(|source| DbError::Connect { engine: Engine::Postgres, source })?
+                    .options([("statement_timeout", config.statement_timeout_ms.to_string())])
+                    .application_name("aibos");
+                let pool = PgPoolOptions::new()
+                    .max_connections(config.max_connections)
+                    .min_connections(config.min_connections)
+                    .acquire_timeout(acquire_timeout)
+                    .connect_with(options)
+                    .await
+                    .map_err(|source| DbError::Connect { engine: Engine::Postgres, source })?;
+                Ok(Db::Postgres(pool))
+            }
+        }
+    }
+
+    /// Which engine this handle talks to.
+    pub fn engine(&self) -> Engine {
+        match self {
+            Db::Sqlite(_) => Engine::Sqlite,
+            Db::Postgres(_) => Engine::Postgres,
+        }
+    }
+
+    /// A real round trip (`SELECT 1`) bounded by `timeout`; returns its latency.
+    pub async fn ping(&self, timeout: Duration) -> Result<Duration, DbError> {
+        let started = Instant::now();
+        let round_trip = async {
+            with_db!(self, pool => sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(pool).await)
+        };
+        match tokio::time::timeout(timeout, round_trip).await {
+            Ok(Ok(_)) => Ok(started.elapsed()),
+            Ok(Err(e)) => Err(DbError::Query(e)),
+            Err(_) => Err(DbError::Timeout(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX))),
+        }
+    }
+
+    /// `(idle, in_use)` connections of the pool right now.
+    pub fn pool_state(&self) -> (u32, u32) {
+        let (size, idle) = with_db!(self, pool => (pool.size(), u32::try_from(pool.num_idle()).unwrap_or(u32::MAX)));
+        (idle, size.saturating_sub(idle))
+    }
+
+    /// Closes every connection; pending acquires fail.
+    pub async fn close(&self) {
+        with_db!(self, pool => pool.close().await);
+    }
+}
+
+fn create_folder(folder: &Path) -> Result<(), DbError> {
+    std::fs::create_dir_all(folder)
+        .map_err(|source| DbError::CreateFolder { path: folder.display().to_string(), source })
+}

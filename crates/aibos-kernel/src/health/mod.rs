@@ -1,0 +1,3 @@
+//! Liveness, readiness and metrics: what an orchestrator and Prometheus scrape.
+
+pub mod routes;

@@ -1,0 +1,82 @@
+//! The HTTP edge: the router that merges every domain's routes, the middleware
+//! stack that applies SPEC §3 to all of them, and our own extractors.
+//!
+//! Request path, outermost first:
+//! `security_headers` → `correlate` (correlation id, trace context, log span) →
+//! `record_metrics` → `CatchPanic` → CORS → `limit_body` → the route's handler,
+//! or the problem+json fallbacks for unknown paths and methods.
+
+pub mod correlation;
+pub mod extract;
+pub mod middleware;
+pub mod openapi;
+
+use axum::Router;
+use axum::http::{HeaderName, HeaderValue, Method, header};
+use axum::response::{IntoResponse, Response};
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use utoipa_axum::router::OpenApiRouter;
+
+use crate::config::Config;
+use crate::error::{ApiError, ErrorCode};
+use crate::state::AppState;
+
+/// Every domain's routes, with their OpenAPI description.
+pub fn api_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::base_document())
+        .routes(utoipa_axum::routes!(openapi::serve))
+        .merge(crate::health::routes::router())
+}
+
+/// Wraps the routes in the middleware stack and the problem+json fallbacks.
+pub fn finish(routes: Router<AppState>, state: AppState, config: &Config) -> Router {
+    routes
+        .fallback(unknown_path)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(
+            ServiceBuilder::new()
+                .layer(axum::middleware::from_fn(middleware::security_headers))
+                .layer(axum::middleware::from_fn(correlation::correlate))
+                .layer(axum::middleware::from_fn_with_state(state.clone(), middleware::record_metrics))
+                .layer(CatchPanicLayer::custom(middleware::panic_to_problem))
+                .layer(cors(&config.server.cors_allowed_origins))
+                .layer(axum::middleware::from_fn_with_state(state.clone(), middleware::limit_body)),
+        )
+        .with_state(state)
+}
+
+fn cors(origins: &[String]) -> CorsLayer {
+    let origins: Vec<HeaderValue> = origins.iter().filter_map(|o| HeaderValue::from_str(o.trim_end_matches('/')).ok()).collect();
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins))
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::IF_MATCH,
+            HeaderName::from_static("x-correlation-id"),
+            HeaderName::from_static("idempotency-key"),
+            HeaderName::from_static("traceparent"),
+        ])
+        .expose_headers([
+            header::ETAG,
+            header::RETRY_AFTER,
+            HeaderName::from_static("x-correlation-id"),
+            HeaderName::from_static("ratelimit"),
+            HeaderName::from_static("ratelimit-policy"),
+            HeaderName::from_static("idempotent-replayed"),
+        ])
+        .max_age(std::time::Duration::from_secs(600))
+}
+
+async fn unknown_path(uri: axum::http::Uri) -> Response {
+    // Quote a bounded prefix of the path: it is client input.
+    let path: String = uri.path().chars().take(200).collect();
+    ApiError::new(ErrorCode::NotFound, format!("No endpoint at {path}.")).into_response()
+}
+
+async fn method_not_allowed(method: Method) -> Response {
+    ApiError::new(ErrorCode::MethodNotAllowed, format!("{method} is not allowed on this path.")).into_response()
+}

@@ -1,0 +1,29 @@
+//! The AI-BOS kernel library: every server behaviour, organised by domain.
+//!
+//! Reading order:
+//! - [`app`]: `App::build` wires everything and `run_until_stopped` serves; start here.
+//! - [`config`]: layered configuration, validated as a whole; [`limits`]: every cap.
+//! - [`state`]: the one `AppState` of cheap handles, and configuration reload.
+//! - [`http`]: the router, the middleware stack (SPEC §3) and our extractors.
+//! - [`error`]: domain errors become RFC 9457 problem+json here, and only here.
+//! - [`db`]: the database handle over SQLite and PostgreSQL, and migrations.
+//! - [`health`]: liveness, readiness and metrics endpoints.
+//! - [`telemetry`]: logs and metrics.
+//!
+//! The binary `aibos` parses the command line and calls into this crate; this
+//! crate never parses argv, never exits the process and reads no process-global
+//! state, so tests can run many kernels in one process.
+
+pub mod app;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod health;
+pub mod http;
+pub mod limits;
+pub mod state;
+pub mod telemetry;
+
+pub use app::{App, AppOptions, StartError};
+pub use config::{Config, ConfigSources};
+pub use state::AppState;

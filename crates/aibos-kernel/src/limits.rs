@@ -1,0 +1,63 @@
+//! Every cap the kernel enforces, in one place, with its unit last and its reason.
+//!
+//! Configurable limits take their bounds from here, so a configuration can never
+//! lift a cap past what the code was written and tested for.
+
+/// Upper bound of `server.shutdown_grace_seconds`: an orchestrator's own kill
+/// timeout is rarely longer than ten minutes, and a longer drain hides a stuck request.
+pub const SHUTDOWN_GRACE_SECONDS_MAX: u64 = 600;
+
+/// Upper bound of `database.max_connections`: PostgreSQL's default `max_connections`
+/// is 100, and several kernel instances share it.
+pub const DB_CONNECTIONS_MAX: u64 = 500;
+
+/// Upper bound of every database timeout: beyond ten minutes a request is lost anyway.
+pub const DB_TIMEOUT_MS_MAX: u64 = 600_000;
+
+/// `/api/health` gives the database this long to answer `SELECT 1` before it
+/// reports it down; well under the 2 s within which an outage must show.
+pub const HEALTH_DB_TIMEOUT_MS: u64 = 1_000;
+
+/// HS256 secrets shorter than the hash output weaken the MAC (RFC 7518 §3.2).
+pub const JWT_SECRET_BYTES_MIN: usize = 32;
+
+/// A bootstrap key guards the first administrator: make guessing it hopeless.
+pub const BOOTSTRAP_KEY_BYTES_MIN: usize = 16;
+
+/// Upper bound of `auth.access_token_ttl_seconds`: one day. Revocation is
+/// immediate anyway, but a shorter life limits a stolen token's reach.
+pub const ACCESS_TOKEN_TTL_SECONDS_MAX: u64 = 86_400;
+
+/// Upper bound of `http.max_body_bytes`: 64 MiB. Bodies are buffered for JSON
+/// parsing, so this bounds memory per request.
+pub const BODY_BYTES_MAX: u64 = 64 * 1024 * 1024;
+
+/// Upper bound of every per-minute rate: beyond a million per minute a limit limits nothing.
+pub const RATE_PER_MINUTE_MAX: u64 = 1_000_000;
+
+/// Upper bound of `idempotency.ttl_seconds`: 30 days of stored responses.
+pub const IDEMPOTENCY_TTL_SECONDS_MAX: u64 = 30 * 86_400;
+
+/// Upper bound of `gateway.health_interval_seconds`: one hour.
+pub const HEALTH_INTERVAL_SECONDS_MAX: u64 = 3_600;
+
+/// Default page size of every list.
+pub const LIST_LIMIT_DEFAULT: u32 = 50;
+/// Largest page a client may ask for; more is a 400, not a silent cut.
+pub const LIST_LIMIT_MAX: u32 = 1_000;
+const _: () = assert!(LIST_LIMIT_DEFAULT <= LIST_LIMIT_MAX);
+
+/// Length cap of a cursor parameter; cursors are short opaque strings.
+pub const CURSOR_CHARS_MAX: usize = 512;
+
+/// Interval at which the metrics recorder folds histogram buckets; keeps memory flat.
+pub const METRICS_UPKEEP_SECONDS: u64 = 5;
+
+/// Buckets of every latency histogram, in seconds.
+pub const LATENCY_BUCKETS_SECONDS: &[f64] = &[
+    0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Migrations a single `migrate down --steps` may revert: guards against a typo
+/// wiping a schema. Reverting more takes several commands.
+pub const MIGRATE_DOWN_STEPS_MAX: u32 = 1_000;

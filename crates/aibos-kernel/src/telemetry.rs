@@ -1,0 +1,181 @@
+//! Logs and metrics.
+//!
+//! Logs go through `tracing`. The binary installs the one process-wide subscriber
+//! with [`init_logging`] and hands the kernel a [`LogControl`] so a reload can
+//! change the level; the library itself never installs anything global.
+//!
+//! Metrics are recorded into a [`Metrics`] value owned by the app (not the
+//! `metrics` crate's global recorder), so several kernels in one test process
+//! keep separate counts.
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{Key, Label, Level, Metadata, Recorder};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, reload};
+
+use crate::config::{LogConfig, LogFormat};
+use crate::limits;
+
+/// Checks that `level` is a valid tracing filter, without installing it.
+pub fn check_filter(level: &str) -> Result<(), String> {
+    if level.trim().is_empty() {
+        return Err("must not be empty; use one of trace, debug, info, warn, error".to_owned());
+    }
+    EnvFilter::try_new(level).map(|_| ()).map_err(|e| format!("{level:?} is not a valid level or filter: {e}"))
+}
+
+type SetLevel = dyn Fn(&str) -> Result<(), String> + Send + Sync;
+
+/// Changes the log level of the running process (used by configuration reload).
+#[derive(Clone)]
+pub struct LogControl {
+    set_level: Arc<SetLevel>,
+}
+
+impl LogControl {
+    /// A control that changes nothing: for kernels that do not own the subscriber (tests).
+    pub fn detached() -> LogControl {
+        LogControl { set_level: Arc::new(|level| check_filter(level)) }
+    }
+
+    /// Applies a new filter; the old one stays when `level` is invalid.
+    pub fn set_level(&self, level: &str) -> Result<(), String> {
+        (self.set_level)(level)
+    }
+}
+
+impl std::fmt::Debug for LogControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LogControl")
+    }
+}
+
+/// Installs the process-wide subscriber: JSON when not on a terminal (or when
+/// asked), human text on a terminal. Call once, from the binary.
+pub fn init_logging(config: &LogConfig) -> LogControl {
+    let filter = EnvFilter::try_new(&config.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let json = match config.format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let registry = tracing_subscriber::registry().with(filter);
+    let installed = if json {
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .with_span_list(false)
+                    .with_writer(std::io::stderr),
+            )
+            .try_init()
+    } else {
+        registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).try_init()
+    };
+    if installed.is_err() {
+        // A subscriber is already installed (a second kernel in one process): leave it.
+        return LogControl::detached();
+    }
+    LogControl {
+        set_level: Arc::new(move |level| {
+            let filter = EnvFilter::try_new(level).map_err(|e| format!("{level:?}: {e}"))?;
+            handle.reload(filter).map_err(|e| e.to_string())
+        }),
+    }
+}
+
+/// The kernel's metrics: an app-owned Prometheus recorder.
+#[derive(Clone)]
+pub struct Metrics {
+    recorder: Arc<PrometheusRecorder>,
+    handle: PrometheusHandle,
+}
+
+static METADATA: Metadata<'static> = Metadata::new("aibos_kernel", Level::INFO, Some(module_path!()));
+
+impl Metrics {
+    /// A fresh recorder with the kernel's histogram buckets and build info.
+    pub fn new() -> Metrics {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(limits::LATENCY_BUCKETS_SECONDS)
+            .expect("the latency bucket list is not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        let metrics = Metrics { recorder: Arc::new(recorder), handle };
+        metrics.describe();
+        let build = Key::from_parts(
+            "aibos_build_info",
+            vec![Label::new("version", env!("CARGO_PKG_VERSION")), Label::new("rustc", rustc_version())],
+        );
+        metrics.recorder.register_gauge(&build, &METADATA).set(1.0);
+        metrics
+    }
+
+    fn describe(&self) {
+        let r = &self.recorder;
+        r.describe_counter("aibos_http_requests_total".into(), None, "HTTP requests answered, by matched route, method and status.".into());
+        r.describe_histogram(
+            "aibos_http_request_duration_seconds".into(),
+            Some(metrics::Unit::Seconds),
+            "HTTP request latency, by matched route, method and status.".into(),
+        );
+        r.describe_gauge("aibos_build_info".into(), None, "Always 1; labels carry the build's version.".into());
+        r.describe_gauge("aibos_db_pool_connections".into(), None, "Database pool connections, by state (idle, in_use).".into());
+        r.describe_counter("aibos_config_reloads_total".into(), None, "Configuration reloads, by outcome.".into());
+    }
+
+    /// Records one answered HTTP request.
+    pub fn http_request(&self, route: &str, method: &str, status: u16, elapsed: Duration) {
+        let labels = vec![
+            Label::new("route", route.to_owned()),
+            Label::new("method", method.to_owned()),
+            Label::new("status", status.to_string()),
+        ];
+        let count = Key::from_parts("aibos_http_requests_total", labels.clone());
+        self.recorder.register_counter(&count, &METADATA).increment(1);
+        let latency = Key::from_parts("aibos_http_request_duration_seconds", labels);
+        self.recorder.register_histogram(&latency, &METADATA).record(elapsed.as_secs_f64());
+    }
+
+    /// Records the database pool's state at scrape time.
+    pub fn db_pool(&self, idle: u32, in_use: u32) {
+        for (state, value) in [("idle", idle), ("in_use", in_use)] {
+            let key = Key::from_parts("aibos_db_pool_connections", vec![Label::new("state", state)]);
+            self.recorder.register_gauge(&key, &METADATA).set(f64::from(value));
+        }
+    }
+
+    /// Records one configuration reload.
+    pub fn config_reload(&self, outcome: &'static str) {
+        let key = Key::from_parts("aibos_config_reloads_total", vec![Label::new("outcome", outcome)]);
+        self.recorder.register_counter(&key, &METADATA).increment(1);
+    }
+
+    /// The Prometheus text exposition of everything recorded so far.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+
+    /// Folds recent histogram samples; run every few seconds so memory stays flat.
+    pub fn run_upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics::new()
+    }
+}
+
+fn rustc_version() -> &'static str {
+    option_env!("AIBOS_RUSTC_VERSION").unwrap_or("unknown")
+}

@@ -1,0 +1,17 @@
+//! What crosses the wire between the kernel, its clients and its cells.
+//!
+//! This crate does no IO and has no async code: it is the vocabulary that the
+//! kernel, the cell SDK and the test kit share, so that an error code or a page
+//! shape cannot drift between them.
+//!
+//! - [`error`]: the stable error codes and the RFC 9457 problem body.
+//! - [`correlation`]: correlation ids and W3C trace context.
+//! - [`page`]: the `{items, next_cursor}` list envelope.
+
+pub mod correlation;
+pub mod error;
+pub mod page;
+
+pub use correlation::{CorrelationId, TraceParent};
+pub use error::{ErrorCode, FieldError, Problem};
+pub use page::Page;

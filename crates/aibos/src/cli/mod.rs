@@ -1,0 +1,93 @@
+//! Command-line definition and dispatch. One file per command.
+
+mod config;
+mod migrate;
+mod serve;
+mod status;
+mod version;
+
+use std::path::PathBuf;
+
+use aibos_kernel::config::{Config, ConfigError, ConfigSources};
+use clap::{Parser, Subcommand};
+
+/// Success.
+pub const EXIT_OK: u8 = 0;
+/// A command failed (a refused migration, an unhealthy kernel).
+pub const EXIT_FAILURE: u8 = 1;
+/// The kernel could not be reached (`status`), sysexits EX_UNAVAILABLE.
+pub const EXIT_UNAVAILABLE: u8 = 69;
+/// The configuration is invalid, sysexits EX_CONFIG.
+pub const EXIT_CONFIG: u8 = 78;
+
+/// AI-BOS Kernel: identity, access, gateway, events and audit for finance services.
+#[derive(Debug, Parser)]
+#[command(name = "aibos", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Configuration file to use instead of ./aibos.toml.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the kernel's HTTP API until SIGTERM or SIGINT; SIGHUP reloads the configuration.
+    Serve(serve::ServeArgs),
+    /// Inspect and change the database schema.
+    #[command(subcommand)]
+    Migrate(migrate::MigrateCommand),
+    /// Check or print the effective configuration.
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
+    /// Ask a running kernel for its health.
+    Status(status::StatusArgs),
+    /// Print the version.
+    Version(version::VersionArgs),
+}
+
+/// Runs one command and returns its exit code.
+pub async fn run(cli: Cli) -> u8 {
+    let sources = sources(cli.config);
+    match cli.command {
+        Command::Serve(args) => serve::run(sources, args).await,
+        Command::Migrate(command) => migrate::run(sources, command).await,
+        Command::Config(command) => config::run(sources, command),
+        Command::Status(args) => status::run(sources, args).await,
+        Command::Version(args) => version::run(args),
+    }
+}
+
+/// The configuration sources of this process: the working directory, the
+/// `--config` file and the environment, captured once.
+fn sources(config_file: Option<PathBuf>) -> ConfigSources {
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    ConfigSources::new(cwd, std::env::vars()).with_config_file(config_file)
+}
+
+/// Loads the configuration or prints every problem; `Err` carries the exit code.
+fn load_config(sources: &ConfigSources, json: bool) -> Result<Config, u8> {
+    Config::load(sources).map_err(|e| {
+        report_config_error(&e, json);
+        EXIT_CONFIG
+    })
+}
+
+fn report_config_error(e: &ConfigError, json: bool) {
+    if json {
+        let body = serde_json::json!({ "valid": false, "problems": e.problems() });
+        println!("{body}");
+    } else {
+        eprintln!("error: {e}");
+    }
+}
+
+/// Prints a value as pretty JSON on stdout.
+fn print_json(value: &impl serde::Serialize) {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => println!("{text}"),
+        Err(e) => eprintln!("error: cannot render JSON: {e}"),
+    }
+}

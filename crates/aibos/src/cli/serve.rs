@@ -1,0 +1,73 @@
+//! `aibos serve`
+
+use aibos_kernel::config::ConfigSources;
+use aibos_kernel::telemetry;
+use aibos_kernel::{App, AppOptions};
+use clap::Args;
+
+use super::{EXIT_FAILURE, EXIT_OK, load_config};
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Do not apply pending migrations at start (refuse to start if any are pending).
+    #[arg(long)]
+    no_migrate: bool,
+}
+
+pub async fn run(sources: ConfigSources, args: ServeArgs) -> u8 {
+    let config = match load_config(&sources, false) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let log = telemetry::init_logging(&config.log);
+    let options = AppOptions { migrate: !args.no_migrate, log, ..AppOptions::new(sources) };
+    let app = match App::build(config, options).await {
+        Ok(app) => app,
+        Err(e) => {
+            tracing::error!(error = %e, "the kernel could not start");
+            eprintln!("error: {e}");
+            return EXIT_FAILURE;
+        }
+    };
+    let state = app.state();
+    tracing::info!(address = %app.local_addr(), engine = %state.db().engine(), version = env!("CARGO_PKG_VERSION"), "listening");
+    tokio::spawn(reload_on_sighup(state));
+    match app.run_until_stopped(shutdown_signal()).await {
+        Ok(()) => EXIT_OK,
+        Err(e) => {
+            tracing::error!(error = %e, "the server failed");
+            EXIT_FAILURE
+        }
+    }
+}
+
+/// Completes on the first SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the server");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
+
+/// Reloads the configuration on every SIGHUP (the library logs the outcome).
+async fn reload_on_sighup(state: aibos_kernel::AppState) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot listen for SIGHUP; configuration reload is unavailable");
+        return;
+    };
+    while hangup.recv().await.is_some() {
+        tracing::info!("SIGHUP received: reloading the configuration");
+        // The outcome (applied or refused, and why) is logged and counted by reload itself.
+        let _ = state.reload();
+    }
+}
