@@ -33,7 +33,12 @@ pub struct AppOptions {
 impl AppOptions {
     /// Defaults: migrate, no log control, no extra routes.
     pub fn new(sources: ConfigSources) -> AppOptions {
-        AppOptions { migrate: true, sources, log: LogControl::detached(), extra_routes: None }
+        AppOptions {
+            migrate: true,
+            sources,
+            log: LogControl::detached(),
+            extra_routes: None,
+        }
     }
 }
 
@@ -47,7 +52,9 @@ pub enum StartError {
     #[error(transparent)]
     Migration(#[from] migrate::MigrationError),
     /// Pending migrations and `--no-migrate`.
-    #[error("the database lacks {0} migration(s); run `aibos migrate up` or start without --no-migrate")]
+    #[error(
+        "the database lacks {0} migration(s); run `aibos migrate up` or start without --no-migrate"
+    )]
     MigrationsPending(usize),
     /// The listening socket could not be bound.
     #[error("cannot listen on {addr}: {source}")]
@@ -90,23 +97,39 @@ impl App {
 
         let listener = TcpListener::bind(config.server.bind)
             .await
-            .map_err(|source| StartError::Bind { addr: config.server.bind, source })?;
+            .map_err(|source| StartError::Bind {
+                addr: config.server.bind,
+                source,
+            })?;
 
         let (routes, mut openapi) = http::api_routes().split_for_parts();
         http::openapi::add_common_problems(&mut openapi);
         let openapi_json = openapi.to_json().unwrap_or_else(|_| "{}".to_owned());
-        let state = AppState::new(db, config.clone(), options.sources, options.log, Metrics::new(), openapi_json);
+        let state = AppState::new(
+            db,
+            config.clone(),
+            options.sources,
+            options.log,
+            Metrics::new(),
+            openapi_json,
+        );
         let routes = match options.extra_routes {
             Some(extra) => routes.merge(extra),
             None => routes,
         };
         let router = http::finish(routes, state.clone(), &config);
-        Ok(App { listener, router, state })
+        Ok(App {
+            listener,
+            router,
+            state,
+        })
     }
 
     /// The address actually bound (the port is real even when 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
     }
 
     /// The state, for reloads and tests.
@@ -116,8 +139,15 @@ impl App {
 
     /// Serves until `shutdown` completes, then lets in-flight requests finish for
     /// up to `server.shutdown_grace_seconds` before closing the database.
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-        let App { listener, router, state } = self;
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let App {
+            listener,
+            router,
+            state,
+        } = self;
         let stop = CancellationToken::new();
         let background = spawn_background(&state, stop.clone());
 
@@ -127,8 +157,11 @@ impl App {
             stop_serving.cancel();
         });
 
-        let server = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(stop.clone().cancelled_owned());
+        let server = axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stop.clone().cancelled_owned());
         let mut server = tokio::spawn(async move { server.await });
 
         let result = tokio::select! {

@@ -45,8 +45,15 @@ pub struct ConfigSources {
 
 impl ConfigSources {
     /// Sources from an explicit environment, resolved against `base_dir`.
-    pub fn new(base_dir: impl Into<PathBuf>, env: impl IntoIterator<Item = (String, String)>) -> ConfigSources {
-        ConfigSources { config_file: None, base_dir: base_dir.into(), env: env.into_iter().collect() }
+    pub fn new(
+        base_dir: impl Into<PathBuf>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> ConfigSources {
+        ConfigSources {
+            config_file: None,
+            base_dir: base_dir.into(),
+            env: env.into_iter().collect(),
+        }
     }
 
     /// Uses `file` instead of `aibos.toml`.
@@ -56,7 +63,11 @@ impl ConfigSources {
     }
 
     fn resolve(&self, path: &Path) -> PathBuf {
-        if path.is_absolute() { path.to_owned() } else { self.base_dir.join(path) }
+        if path.is_absolute() {
+            path.to_owned()
+        } else {
+            self.base_dir.join(path)
+        }
     }
 }
 
@@ -152,10 +163,18 @@ impl DatabaseUrl {
         } else {
             return Err("must start with sqlite:// or postgres://".to_owned());
         };
-        if engine == Engine::Sqlite && url.trim_start_matches("sqlite:").trim_start_matches("//").is_empty() {
+        if engine == Engine::Sqlite
+            && url
+                .trim_start_matches("sqlite:")
+                .trim_start_matches("//")
+                .is_empty()
+        {
             return Err("names no database file".to_owned());
         }
-        Ok(DatabaseUrl { url: url.to_owned(), engine })
+        Ok(DatabaseUrl {
+            url: url.to_owned(),
+            engine,
+        })
     }
 
     /// The engine this URL selects.
@@ -175,13 +194,20 @@ impl DatabaseUrl {
 }
 
 fn redact_url_password(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else { return url.to_owned() };
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
     let rest = &url[scheme_end + 3..];
     let authority_end = rest.find('/').unwrap_or(rest.len());
     let authority = &rest[..authority_end];
     match (authority.rfind('@'), authority.find(':')) {
         (Some(at), Some(colon)) if colon < at => {
-            format!("{}{}:[REDACTED]{}", &url[..scheme_end + 3], &authority[..colon], &rest[at..])
+            format!(
+                "{}{}:[REDACTED]{}",
+                &url[..scheme_end + 3],
+                &authority[..colon],
+                &rest[at..]
+            )
         }
         _ => url.to_owned(),
     }
@@ -432,28 +458,37 @@ impl Config {
             Ok(raw) => raw,
             Err(errors) => {
                 problems.extend(errors.into_iter().map(|e| ConfigProblem {
-                    key: if e.path.is_empty() { "(document)".to_owned() } else { e.path.join(".") },
+                    key: if e.path.is_empty() {
+                        "(document)".to_owned()
+                    } else {
+                        e.path.join(".")
+                    },
                     message: describe_figment_error(&e),
                 }));
                 return Err(ConfigError::Invalid(problems));
             }
         };
         let config = validate(raw, &mut problems);
-        if problems.is_empty() {
-            config.ok_or_else(|| ConfigError::Invalid(problems))
-        } else {
-            Err(ConfigError::Invalid(problems))
+        match config {
+            Some(config) if problems.is_empty() => Ok(config),
+            _ => {
+                // validate() yields no config only after recording why.
+                assert!(!problems.is_empty(), "configuration refused without a problem");
+                Err(ConfigError::Invalid(problems))
+            }
         }
     }
 
     /// The defaults alone (the embedded file), for tests and tooling.
     pub fn defaults() -> Config {
-        Config::load(&ConfigSources::default()).expect("the embedded default configuration is valid")
+        Config::load(&ConfigSources::default())
+            .expect("the embedded default configuration is valid")
     }
 
     /// The effective configuration as TOML, secrets and database passwords redacted.
     pub fn to_redacted_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
+        toml::to_string_pretty(self)
+            .unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
     }
 
     /// The shutdown grace period.
@@ -486,8 +521,12 @@ fn layers(sources: &ConfigSources, problems: &mut Vec<ConfigProblem>) -> Figment
     }
 
     if let Some(env_name) = sources.env.get("AIBOS_ENV").filter(|e| !e.is_empty()) {
-        let valid_name = env_name.len() <= 64 && env_name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-        let path = sources.resolve(&Path::new("config/environments").join(format!("{env_name}.toml")));
+        let valid_name = env_name.len() <= 64
+            && env_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        let path =
+            sources.resolve(&Path::new("config/environments").join(format!("{env_name}.toml")));
         if !valid_name {
             problems.push(ConfigProblem {
                 key: "AIBOS_ENV".to_owned(),
@@ -503,7 +542,11 @@ fn layers(sources: &ConfigSources, problems: &mut Vec<ConfigProblem>) -> Figment
         }
     }
 
-    match sources.env.get("AIBOS_SECRETS_FILE").filter(|f| !f.is_empty()) {
+    match sources
+        .env
+        .get("AIBOS_SECRETS_FILE")
+        .filter(|f| !f.is_empty())
+    {
         Some(file) => {
             let path = sources.resolve(Path::new(file));
             if path.is_file() {
@@ -539,15 +582,24 @@ impl EnvLayer {
         let defaults = Figment::from(Toml::string(DEFAULT_CONFIG_TOML));
         let mut dict = Dict::new();
         for (name, value) in env {
-            let Some(rest) = name.strip_prefix(ENV_PREFIX) else { continue };
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
             // Variables without a section separator (AIBOS_ENV, AIBOS_SECRETS_FILE,
             // AIBOS_TEST_DATABASE_URL, …) are not configuration keys.
-            let Some((section, key)) = rest.split_once(ENV_SEPARATOR) else { continue };
-            let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase().replace(ENV_SEPARATOR, "."));
+            let Some((section, key)) = rest.split_once(ENV_SEPARATOR) else {
+                continue;
+            };
+            let (section, key) = (
+                section.to_ascii_lowercase(),
+                key.to_ascii_lowercase().replace(ENV_SEPARATOR, "."),
+            );
             let path = format!("{section}.{key}");
             let parsed = match defaults.find_value(&path) {
                 Ok(Value::String(..)) | Err(_) => Value::from(value.clone()),
-                Ok(_) => value.parse::<Value>().unwrap_or_else(|never| match never {}),
+                Ok(_) => value
+                    .parse::<Value>()
+                    .unwrap_or_else(|never| match never {}),
             };
             let nested = figment::util::nest(&path, parsed);
             if let Value::Dict(_, entries) = nested {
@@ -561,7 +613,9 @@ impl EnvLayer {
 fn merge_dict(into: &mut Dict, from: Dict) {
     for (k, v) in from {
         match (into.get_mut(&k), v) {
-            (Some(Value::Dict(_, existing)), Value::Dict(_, incoming)) => merge_dict(existing, incoming),
+            (Some(Value::Dict(_, existing)), Value::Dict(_, incoming)) => {
+                merge_dict(existing, incoming)
+            }
             (_, v) => {
                 into.insert(k, v);
             }
@@ -581,7 +635,11 @@ impl Provider for EnvLayer {
 
 fn describe_figment_error(e: &figment::Error) -> String {
     let source = e.metadata.as_ref().map(|m| {
-        let file = e.metadata.as_ref().and_then(|m| m.source.as_ref()).map(|s| s.to_string());
+        let file = e
+            .metadata
+            .as_ref()
+            .and_then(|m| m.source.as_ref())
+            .map(|s| s.to_string());
         match file {
             Some(file) => format!(" (from {} {file})", m.name),
             None => format!(" (from {})", m.name),
@@ -591,22 +649,45 @@ fn describe_figment_error(e: &figment::Error) -> String {
 }
 
 fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config> {
-    let mut problem = |key: &str, message: String| problems.push(ConfigProblem { key: key.to_owned(), message });
+    let mut problem = |key: &str, message: String| {
+        problems.push(ConfigProblem {
+            key: key.to_owned(),
+            message,
+        })
+    };
 
     let bind = match raw.server.bind.parse::<SocketAddr>() {
         Ok(addr) => Some(addr),
         Err(_) => {
-            problem("server.bind", format!("{:?} is not an address:port such as 127.0.0.1:3001", truncate(&raw.server.bind)));
+            problem(
+                "server.bind",
+                format!(
+                    "{:?} is not an address:port such as 127.0.0.1:3001",
+                    truncate(&raw.server.bind)
+                ),
+            );
             None
         }
     };
-    let shutdown_grace_seconds = in_range(&mut problem, "server.shutdown_grace_seconds", raw.server.shutdown_grace_seconds, 0, limits::SHUTDOWN_GRACE_SECONDS_MAX);
+    let shutdown_grace_seconds = in_range(
+        &mut problem,
+        "server.shutdown_grace_seconds",
+        raw.server.shutdown_grace_seconds,
+        0,
+        limits::SHUTDOWN_GRACE_SECONDS_MAX,
+    );
     for origin in &raw.server.cors_allowed_origins {
         let ok = (origin.starts_with("http://") || origin.starts_with("https://"))
             && !origin.trim_end_matches('/').contains(['?', '#', ' '])
             && http::HeaderValue::from_str(origin).is_ok();
         if !ok {
-            problem("server.cors_allowed_origins", format!("{:?} is not an origin such as https://app.example.com", truncate(origin)));
+            problem(
+                "server.cors_allowed_origins",
+                format!(
+                    "{:?} is not an origin such as https://app.example.com",
+                    truncate(origin)
+                ),
+            );
         }
     }
 
@@ -617,28 +698,67 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config>
             None
         }
     };
-    let max_connections = in_range(&mut problem, "database.max_connections", raw.database.max_connections, 1, limits::DB_CONNECTIONS_MAX);
-    let min_connections = in_range(&mut problem, "database.min_connections", raw.database.min_connections, 0, limits::DB_CONNECTIONS_MAX);
+    let max_connections = in_range(
+        &mut problem,
+        "database.max_connections",
+        raw.database.max_connections,
+        1,
+        limits::DB_CONNECTIONS_MAX,
+    );
+    let min_connections = in_range(
+        &mut problem,
+        "database.min_connections",
+        raw.database.min_connections,
+        0,
+        limits::DB_CONNECTIONS_MAX,
+    );
     if let (Some(min), Some(max)) = (min_connections, max_connections)
         && min > max
     {
-        problem("database.min_connections", format!("{min} exceeds database.max_connections ({max})"));
+        problem(
+            "database.min_connections",
+            format!("{min} exceeds database.max_connections ({max})"),
+        );
     }
-    let acquire_timeout_ms = in_range(&mut problem, "database.acquire_timeout_ms", raw.database.acquire_timeout_ms, 1, limits::DB_TIMEOUT_MS_MAX);
-    let statement_timeout_ms = in_range(&mut problem, "database.statement_timeout_ms", raw.database.statement_timeout_ms, 1, limits::DB_TIMEOUT_MS_MAX);
-    let busy_timeout_ms = in_range(&mut problem, "database.busy_timeout_ms", raw.database.busy_timeout_ms, 0, limits::DB_TIMEOUT_MS_MAX);
+    let acquire_timeout_ms = in_range(
+        &mut problem,
+        "database.acquire_timeout_ms",
+        raw.database.acquire_timeout_ms,
+        1,
+        limits::DB_TIMEOUT_MS_MAX,
+    );
+    let statement_timeout_ms = in_range(
+        &mut problem,
+        "database.statement_timeout_ms",
+        raw.database.statement_timeout_ms,
+        1,
+        limits::DB_TIMEOUT_MS_MAX,
+    );
+    let busy_timeout_ms = in_range(
+        &mut problem,
+        "database.busy_timeout_ms",
+        raw.database.busy_timeout_ms,
+        0,
+        limits::DB_TIMEOUT_MS_MAX,
+    );
 
     let jwt_algorithm = match raw.auth.jwt_algorithm.as_str() {
         "EdDSA" => Some(JwtAlgorithm::EdDSA),
         "HS256" => Some(JwtAlgorithm::HS256),
         other => {
-            problem("auth.jwt_algorithm", format!("{:?} is not one of EdDSA, HS256", truncate(other)));
+            problem(
+                "auth.jwt_algorithm",
+                format!("{:?} is not one of EdDSA, HS256", truncate(other)),
+            );
             None
         }
     };
     if jwt_algorithm == Some(JwtAlgorithm::HS256) {
         match &raw.auth.jwt_secret {
-            None => problem("auth.jwt_secret", "is required when auth.jwt_algorithm = \"HS256\"".to_owned()),
+            None => problem(
+                "auth.jwt_secret",
+                "is required when auth.jwt_algorithm = \"HS256\"".to_owned(),
+            ),
             Some(secret) if secret.expose().len() < limits::JWT_SECRET_BYTES_MIN => problem(
                 "auth.jwt_secret",
                 format!("must be at least {} bytes", limits::JWT_SECRET_BYTES_MIN),
@@ -649,28 +769,85 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config>
     if let Some(key) = &raw.auth.bootstrap_key
         && key.expose().len() < limits::BOOTSTRAP_KEY_BYTES_MIN
     {
-        problem("auth.bootstrap_key", format!("must be at least {} bytes", limits::BOOTSTRAP_KEY_BYTES_MIN));
+        problem(
+            "auth.bootstrap_key",
+            format!("must be at least {} bytes", limits::BOOTSTRAP_KEY_BYTES_MIN),
+        );
     }
-    let access_token_ttl_seconds = in_range(&mut problem, "auth.access_token_ttl_seconds", raw.auth.access_token_ttl_seconds, 1, limits::ACCESS_TOKEN_TTL_SECONDS_MAX);
+    let access_token_ttl_seconds = in_range(
+        &mut problem,
+        "auth.access_token_ttl_seconds",
+        raw.auth.access_token_ttl_seconds,
+        1,
+        limits::ACCESS_TOKEN_TTL_SECONDS_MAX,
+    );
 
-    let max_body_bytes = in_range(&mut problem, "http.max_body_bytes", raw.http.max_body_bytes, 1, limits::BODY_BYTES_MAX);
+    let max_body_bytes = in_range(
+        &mut problem,
+        "http.max_body_bytes",
+        raw.http.max_body_bytes,
+        1,
+        limits::BODY_BYTES_MAX,
+    );
 
-    let user_per_minute = in_range(&mut problem, "rate_limit.user_per_minute", raw.rate_limit.user_per_minute, 1, limits::RATE_PER_MINUTE_MAX);
-    let user_burst = in_range(&mut problem, "rate_limit.user_burst", raw.rate_limit.user_burst, 1, limits::RATE_PER_MINUTE_MAX);
-    let tenant_per_minute = in_range(&mut problem, "rate_limit.tenant_per_minute", raw.rate_limit.tenant_per_minute, 1, limits::RATE_PER_MINUTE_MAX);
-    let address_per_minute = in_range(&mut problem, "rate_limit.address_per_minute", raw.rate_limit.address_per_minute, 1, limits::RATE_PER_MINUTE_MAX);
+    let user_per_minute = in_range(
+        &mut problem,
+        "rate_limit.user_per_minute",
+        raw.rate_limit.user_per_minute,
+        1,
+        limits::RATE_PER_MINUTE_MAX,
+    );
+    let user_burst = in_range(
+        &mut problem,
+        "rate_limit.user_burst",
+        raw.rate_limit.user_burst,
+        1,
+        limits::RATE_PER_MINUTE_MAX,
+    );
+    let tenant_per_minute = in_range(
+        &mut problem,
+        "rate_limit.tenant_per_minute",
+        raw.rate_limit.tenant_per_minute,
+        1,
+        limits::RATE_PER_MINUTE_MAX,
+    );
+    let address_per_minute = in_range(
+        &mut problem,
+        "rate_limit.address_per_minute",
+        raw.rate_limit.address_per_minute,
+        1,
+        limits::RATE_PER_MINUTE_MAX,
+    );
     if let Some(url) = &raw.rate_limit.redis_url
         && !(url.expose().starts_with("redis://") || url.expose().starts_with("rediss://"))
     {
-        problem("rate_limit.redis_url", "must start with redis:// or rediss://".to_owned());
+        problem(
+            "rate_limit.redis_url",
+            "must start with redis:// or rediss://".to_owned(),
+        );
     }
 
-    let idempotency_ttl_seconds = in_range(&mut problem, "idempotency.ttl_seconds", raw.idempotency.ttl_seconds, 1, limits::IDEMPOTENCY_TTL_SECONDS_MAX);
-    let health_interval_seconds = in_range(&mut problem, "gateway.health_interval_seconds", raw.gateway.health_interval_seconds, 1, limits::HEALTH_INTERVAL_SECONDS_MAX);
+    let idempotency_ttl_seconds = in_range(
+        &mut problem,
+        "idempotency.ttl_seconds",
+        raw.idempotency.ttl_seconds,
+        1,
+        limits::IDEMPOTENCY_TTL_SECONDS_MAX,
+    );
+    let health_interval_seconds = in_range(
+        &mut problem,
+        "gateway.health_interval_seconds",
+        raw.gateway.health_interval_seconds,
+        1,
+        limits::HEALTH_INTERVAL_SECONDS_MAX,
+    );
     if let Some(url) = &raw.events.nats_url
         && !(url.expose().starts_with("nats://") || url.expose().starts_with("tls://"))
     {
-        problem("events.nats_url", "must start with nats:// or tls://".to_owned());
+        problem(
+            "events.nats_url",
+            "must start with nats:// or tls://".to_owned(),
+        );
     }
 
     if let Err(message) = crate::telemetry::check_filter(&raw.log.level) {
@@ -681,7 +858,10 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config>
         "text" => Some(LogFormat::Text),
         "auto" => Some(LogFormat::Auto),
         other => {
-            problem("log.format", format!("{:?} is not one of json, text, auto", truncate(other)));
+            problem(
+                "log.format",
+                format!("{:?} is not one of json, text, auto", truncate(other)),
+            );
             None
         }
     };
@@ -706,7 +886,9 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config>
             jwt_secret: raw.auth.jwt_secret,
             access_token_ttl_seconds: access_token_ttl_seconds?,
         },
-        http: HttpConfig { max_body_bytes: max_body_bytes? },
+        http: HttpConfig {
+            max_body_bytes: max_body_bytes?,
+        },
         rate_limit: RateLimitConfig {
             user_per_minute: u32::try_from(user_per_minute?).ok()?,
             user_burst: u32::try_from(user_burst?).ok()?,
@@ -714,18 +896,36 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config>
             address_per_minute: u32::try_from(address_per_minute?).ok()?,
             redis_url: raw.rate_limit.redis_url,
         },
-        idempotency: IdempotencyConfig { ttl_seconds: idempotency_ttl_seconds? },
-        gateway: GatewayConfig { health_interval_seconds: health_interval_seconds? },
-        events: EventsConfig { nats_url: raw.events.nats_url },
-        log: LogConfig { level: raw.log.level, format: format? },
+        idempotency: IdempotencyConfig {
+            ttl_seconds: idempotency_ttl_seconds?,
+        },
+        gateway: GatewayConfig {
+            health_interval_seconds: health_interval_seconds?,
+        },
+        events: EventsConfig {
+            nats_url: raw.events.nats_url,
+        },
+        log: LogConfig {
+            level: raw.log.level,
+            format: format?,
+        },
     })
 }
 
-fn in_range(problem: &mut impl FnMut(&str, String), key: &str, value: i64, min: u64, max: u64) -> Option<u64> {
+fn in_range(
+    problem: &mut impl FnMut(&str, String),
+    key: &str,
+    value: i64,
+    min: u64,
+    max: u64,
+) -> Option<u64> {
     match u64::try_from(value) {
         Ok(v) if (min..=max).contains(&v) => Some(v),
         _ => {
-            problem(key, format!("{value} is out of range: must be between {min} and {max}"));
+            problem(
+                key,
+                format!("{value} is out of range: must be between {min} and {max}"),
+            );
             None
         }
     }
@@ -743,7 +943,10 @@ mod tests {
 
     fn load(env: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let dir = tempfile::tempdir().unwrap();
-        let sources = ConfigSources::new(dir.path(), env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let sources = ConfigSources::new(
+            dir.path(),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        );
         Config::load(&sources)
     }
 
@@ -769,7 +972,10 @@ mod tests {
     fn environment_variables_override_nested_keys() {
         let config = load(&[
             ("AIBOS_SERVER__BIND", "127.0.0.1:0"),
-            ("AIBOS_AUTH__BOOTSTRAP_KEY", "12345678901234567890123456789012"),
+            (
+                "AIBOS_AUTH__BOOTSTRAP_KEY",
+                "12345678901234567890123456789012",
+            ),
             ("AIBOS_HTTP__MAX_BODY_BYTES", "2048"),
             ("AIBOS_ENV_UNRELATED", "ignored"),
             ("AIBOS_TEST_DATABASE_URL", "postgres://x"),
@@ -778,7 +984,10 @@ mod tests {
         assert_eq!(config.server.bind.port(), 0);
         assert_eq!(config.http.max_body_bytes, 2048);
         // A digits-only secret stays text.
-        assert_eq!(config.auth.bootstrap_key.unwrap().expose(), "12345678901234567890123456789012");
+        assert_eq!(
+            config.auth.bootstrap_key.unwrap().expose(),
+            "12345678901234567890123456789012"
+        );
     }
 
     #[test]
@@ -790,7 +999,10 @@ mod tests {
         ])
         .unwrap_err();
         let keys: Vec<_> = err.problems().iter().map(|p| p.key.as_str()).collect();
-        assert_eq!(keys, ["server.bind", "auth.access_token_ttl_seconds", "log.format"]);
+        assert_eq!(
+            keys,
+            ["server.bind", "auth.access_token_ttl_seconds", "log.format"]
+        );
     }
 
     #[test]
@@ -805,7 +1017,11 @@ mod tests {
     fn hs256_needs_a_long_secret() {
         let err = load(&[("AIBOS_AUTH__JWT_ALGORITHM", "HS256")]).unwrap_err();
         assert_eq!(err.problems()[0].key, "auth.jwt_secret");
-        let err = load(&[("AIBOS_AUTH__JWT_ALGORITHM", "HS256"), ("AIBOS_AUTH__JWT_SECRET", "short")]).unwrap_err();
+        let err = load(&[
+            ("AIBOS_AUTH__JWT_ALGORITHM", "HS256"),
+            ("AIBOS_AUTH__JWT_SECRET", "short"),
+        ])
+        .unwrap_err();
         assert!(err.problems()[0].message.contains("32"));
     }
 
@@ -813,14 +1029,32 @@ mod tests {
     fn layers_apply_in_order() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("config/environments")).unwrap();
-        std::fs::write(dir.path().join("aibos.toml"), "[log]\nlevel = \"debug\"\n[http]\nmax_body_bytes = 10\n").unwrap();
-        std::fs::write(dir.path().join("config/environments/staging.toml"), "[log]\nlevel = \"warn\"\n").unwrap();
-        std::fs::write(dir.path().join("config/secrets.toml"), "[auth]\nbootstrap_key = \"from-the-secrets-file-0123456789\"\n").unwrap();
-        let env = [("AIBOS_ENV".to_owned(), "staging".to_owned()), ("AIBOS_HTTP__MAX_BODY_BYTES".to_owned(), "20".to_owned())];
+        std::fs::write(
+            dir.path().join("aibos.toml"),
+            "[log]\nlevel = \"debug\"\n[http]\nmax_body_bytes = 10\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("config/environments/staging.toml"),
+            "[log]\nlevel = \"warn\"\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("config/secrets.toml"),
+            "[auth]\nbootstrap_key = \"from-the-secrets-file-0123456789\"\n",
+        )
+        .unwrap();
+        let env = [
+            ("AIBOS_ENV".to_owned(), "staging".to_owned()),
+            ("AIBOS_HTTP__MAX_BODY_BYTES".to_owned(), "20".to_owned()),
+        ];
         let config = Config::load(&ConfigSources::new(dir.path(), env)).unwrap();
         assert_eq!(config.log.level, "warn");
         assert_eq!(config.http.max_body_bytes, 20);
-        assert_eq!(config.auth.bootstrap_key.unwrap().expose(), "from-the-secrets-file-0123456789");
+        assert_eq!(
+            config.auth.bootstrap_key.unwrap().expose(),
+            "from-the-secrets-file-0123456789"
+        );
     }
 
     #[test]
@@ -832,14 +1066,23 @@ mod tests {
     #[test]
     fn show_redacts_secrets_and_database_passwords() {
         let config = load(&[
-            ("AIBOS_AUTH__BOOTSTRAP_KEY", "super-secret-bootstrap-key-0123456789"),
-            ("AIBOS_DATABASE__URL", "postgres://aibos:hunter2@db.internal:5432/aibos"),
+            (
+                "AIBOS_AUTH__BOOTSTRAP_KEY",
+                "super-secret-bootstrap-key-0123456789",
+            ),
+            (
+                "AIBOS_DATABASE__URL",
+                "postgres://aibos:hunter2@db.internal:5432/aibos",
+            ),
         ])
         .unwrap();
         let shown = config.to_redacted_toml();
         assert!(!shown.contains("super-secret"), "{shown}");
         assert!(!shown.contains("hunter2"), "{shown}");
-        assert!(shown.contains("postgres://aibos:[REDACTED]@db.internal:5432/aibos"), "{shown}");
+        assert!(
+            shown.contains("postgres://aibos:[REDACTED]@db.internal:5432/aibos"),
+            "{shown}"
+        );
         assert!(!format!("{config:?}").contains("hunter2"));
     }
 }

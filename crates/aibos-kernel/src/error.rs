@@ -27,7 +27,14 @@ pub struct ApiError {
 impl ApiError {
     /// An error of `code` with a detail for the client.
     pub fn new(code: ErrorCode, detail: impl Into<String>) -> ApiError {
-        ApiError { code, detail: detail.into(), errors: Vec::new(), missing_permissions: Vec::new(), headers: Vec::new(), cause: None }
+        ApiError {
+            code,
+            detail: detail.into(),
+            errors: Vec::new(),
+            missing_permissions: Vec::new(),
+            headers: Vec::new(),
+            cause: None,
+        }
     }
 
     /// 400 with one invalid field.
@@ -45,7 +52,10 @@ impl ApiError {
     pub fn internal(cause: impl Into<anyhow::Error>) -> ApiError {
         ApiError {
             cause: Some(cause.into()),
-            ..ApiError::new(ErrorCode::InternalError, "An internal error occurred; quote the correlation id when reporting it.")
+            ..ApiError::new(
+                ErrorCode::InternalError,
+                "An internal error occurred; quote the correlation id when reporting it.",
+            )
         }
     }
 
@@ -53,13 +63,19 @@ impl ApiError {
     pub fn unavailable(cause: impl Into<anyhow::Error>) -> ApiError {
         ApiError {
             cause: Some(cause.into()),
-            ..ApiError::new(ErrorCode::ServiceUnavailable, "A dependency of the kernel is unavailable; retry shortly.")
+            ..ApiError::new(
+                ErrorCode::ServiceUnavailable,
+                "A dependency of the kernel is unavailable; retry shortly.",
+            )
         }
     }
 
     /// Adds one invalid field to a validation error.
     pub fn with_field(mut self, field: impl Into<String>, message: impl Into<String>) -> ApiError {
-        self.errors.push(FieldError { field: field.into(), message: message.into() });
+        self.errors.push(FieldError {
+            field: field.into(),
+            message: message.into(),
+        });
         self
     }
 
@@ -79,9 +95,9 @@ impl From<crate::db::DbError> for ApiError {
     fn from(e: crate::db::DbError) -> ApiError {
         match e {
             crate::db::DbError::Timeout(_) => ApiError::unavailable(e),
-            crate::db::DbError::Query(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)) => {
-                ApiError::unavailable(e)
-            }
+            crate::db::DbError::Query(
+                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_),
+            ) => ApiError::unavailable(e),
             other => ApiError::internal(other),
         }
     }
@@ -89,7 +105,8 @@ impl From<crate::db::DbError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status =
+            StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let correlation_id = CURRENT_CORRELATION_ID.try_with(|id| id.to_string()).ok();
         if let Some(cause) = &self.cause {
             tracing::error!(code = %self.code, error = ?cause, "request failed");
@@ -102,7 +119,10 @@ impl IntoResponse for ApiError {
         };
         let mut response = (status, problem_body(&problem)).into_response();
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(aibos_wire::error::PROBLEM_CONTENT_TYPE));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(aibos_wire::error::PROBLEM_CONTENT_TYPE),
+        );
         for (name, value) in self.headers {
             headers.insert(name, value);
         }

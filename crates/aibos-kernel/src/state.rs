@@ -42,7 +42,14 @@ pub struct ReloadOutcome {
 }
 
 impl AppState {
-    pub(crate) fn new(db: Db, config: Config, sources: ConfigSources, log: LogControl, metrics: Metrics, openapi_json: String) -> AppState {
+    pub(crate) fn new(
+        db: Db,
+        config: Config,
+        sources: ConfigSources,
+        log: LogControl,
+        metrics: Metrics,
+        openapi_json: String,
+    ) -> AppState {
         AppState {
             inner: Arc::new(Inner {
                 db,
@@ -99,7 +106,10 @@ impl AppState {
             // Validation already accepted the filter, so this is the subscriber refusing it.
             self.inner.metrics.config_reload("failed");
             tracing::error!(%message, "configuration reload refused: the log level could not be applied");
-            return Err(ConfigError::Invalid(vec![crate::config::ConfigProblem { key: "log.level".to_owned(), message }]));
+            return Err(ConfigError::Invalid(vec![crate::config::ConfigProblem {
+                key: "log.level".to_owned(),
+                message,
+            }]));
         }
         self.inner.config.store(Arc::new(next));
         self.inner.metrics.config_reload("applied");
@@ -111,9 +121,16 @@ impl AppState {
 /// Compares two configurations key by key through their redacted TOML form
 /// (secrets compare as equal; a changed secret is still applied).
 fn diff(old: &Config, new: &Config) -> ReloadOutcome {
-    const RESTART_SECTIONS: &[&str] = &["server.bind", "database.", "auth.jwt_algorithm", "events.", "rate_limit.redis_url"];
+    const RESTART_SECTIONS: &[&str] = &[
+        "server.bind",
+        "database.",
+        "auth.jwt_algorithm",
+        "events.",
+        "rate_limit.redis_url",
+    ];
     let flatten = |c: &Config| -> Vec<(String, String)> {
-        let value: toml::Value = toml::Value::try_from(c).unwrap_or(toml::Value::Table(Default::default()));
+        let value: toml::Value =
+            toml::Value::try_from(c).unwrap_or(toml::Value::Table(Default::default()));
         let mut out = Vec::new();
         if let toml::Value::Table(sections) = value {
             for (section, keys) in sections {
@@ -127,12 +144,18 @@ fn diff(old: &Config, new: &Config) -> ReloadOutcome {
         out
     };
     let (old, new) = (flatten(old), flatten(new));
-    let mut outcome = ReloadOutcome { applied: Vec::new(), restart_required: Vec::new() };
+    let mut outcome = ReloadOutcome {
+        applied: Vec::new(),
+        restart_required: Vec::new(),
+    };
     for (key, value) in &new {
         if old.iter().any(|(k, v)| k == key && v == value) {
             continue;
         }
-        if RESTART_SECTIONS.iter().any(|prefix| key.starts_with(prefix)) {
+        if RESTART_SECTIONS
+            .iter()
+            .any(|prefix| key.starts_with(prefix))
+        {
             outcome.restart_required.push(key.clone());
         } else {
             outcome.applied.push(key.clone());

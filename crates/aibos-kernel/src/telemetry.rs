@@ -26,7 +26,9 @@ pub fn check_filter(level: &str) -> Result<(), String> {
     if level.trim().is_empty() {
         return Err("must not be empty; use one of trace, debug, info, warn, error".to_owned());
     }
-    EnvFilter::try_new(level).map(|_| ()).map_err(|e| format!("{level:?} is not a valid level or filter: {e}"))
+    EnvFilter::try_new(level)
+        .map(|_| ())
+        .map_err(|e| format!("{level:?} is not a valid level or filter: {e}"))
 }
 
 type SetLevel = dyn Fn(&str) -> Result<(), String> + Send + Sync;
@@ -40,7 +42,9 @@ pub struct LogControl {
 impl LogControl {
     /// A control that changes nothing: for kernels that do not own the subscriber (tests).
     pub fn detached() -> LogControl {
-        LogControl { set_level: Arc::new(|level| check_filter(level)) }
+        LogControl {
+            set_level: Arc::new(check_filter),
+        }
     }
 
     /// Applies a new filter; the old one stays when `level` is invalid.
@@ -78,7 +82,9 @@ pub fn init_logging(config: &LogConfig) -> LogControl {
             )
             .try_init()
     } else {
-        registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).try_init()
+        registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .try_init()
     };
     if installed.is_err() {
         // A subscriber is already installed (a second kernel in one process): leave it.
@@ -99,7 +105,8 @@ pub struct Metrics {
     handle: PrometheusHandle,
 }
 
-static METADATA: Metadata<'static> = Metadata::new("aibos_kernel", Level::INFO, Some(module_path!()));
+static METADATA: Metadata<'static> =
+    Metadata::new("aibos_kernel", Level::INFO, Some(module_path!()));
 
 impl Metrics {
     /// A fresh recorder with the kernel's histogram buckets and build info.
@@ -109,11 +116,17 @@ impl Metrics {
             .expect("the latency bucket list is not empty")
             .build_recorder();
         let handle = recorder.handle();
-        let metrics = Metrics { recorder: Arc::new(recorder), handle };
+        let metrics = Metrics {
+            recorder: Arc::new(recorder),
+            handle,
+        };
         metrics.describe();
         let build = Key::from_parts(
             "aibos_build_info",
-            vec![Label::new("version", env!("CARGO_PKG_VERSION")), Label::new("rustc", rustc_version())],
+            vec![
+                Label::new("version", env!("CARGO_PKG_VERSION")),
+                Label::new("rustc", rustc_version()),
+            ],
         );
         metrics.recorder.register_gauge(&build, &METADATA).set(1.0);
         metrics
@@ -121,15 +134,31 @@ impl Metrics {
 
     fn describe(&self) {
         let r = &self.recorder;
-        r.describe_counter("aibos_http_requests_total".into(), None, "HTTP requests answered, by matched route, method and status.".into());
+        r.describe_counter(
+            "aibos_http_requests_total".into(),
+            None,
+            "HTTP requests answered, by matched route, method and status.".into(),
+        );
         r.describe_histogram(
             "aibos_http_request_duration_seconds".into(),
             Some(metrics::Unit::Seconds),
             "HTTP request latency, by matched route, method and status.".into(),
         );
-        r.describe_gauge("aibos_build_info".into(), None, "Always 1; labels carry the build's version.".into());
-        r.describe_gauge("aibos_db_pool_connections".into(), None, "Database pool connections, by state (idle, in_use).".into());
-        r.describe_counter("aibos_config_reloads_total".into(), None, "Configuration reloads, by outcome.".into());
+        r.describe_gauge(
+            "aibos_build_info".into(),
+            None,
+            "Always 1; labels carry the build's version.".into(),
+        );
+        r.describe_gauge(
+            "aibos_db_pool_connections".into(),
+            None,
+            "Database pool connections, by state (idle, in_use).".into(),
+        );
+        r.describe_counter(
+            "aibos_config_reloads_total".into(),
+            None,
+            "Configuration reloads, by outcome.".into(),
+        );
     }
 
     /// Records one answered HTTP request.
@@ -140,22 +169,34 @@ impl Metrics {
             Label::new("status", status.to_string()),
         ];
         let count = Key::from_parts("aibos_http_requests_total", labels.clone());
-        self.recorder.register_counter(&count, &METADATA).increment(1);
+        self.recorder
+            .register_counter(&count, &METADATA)
+            .increment(1);
         let latency = Key::from_parts("aibos_http_request_duration_seconds", labels);
-        self.recorder.register_histogram(&latency, &METADATA).record(elapsed.as_secs_f64());
+        self.recorder
+            .register_histogram(&latency, &METADATA)
+            .record(elapsed.as_secs_f64());
     }
 
     /// Records the database pool's state at scrape time.
     pub fn db_pool(&self, idle: u32, in_use: u32) {
         for (state, value) in [("idle", idle), ("in_use", in_use)] {
-            let key = Key::from_parts("aibos_db_pool_connections", vec![Label::new("state", state)]);
-            self.recorder.register_gauge(&key, &METADATA).set(f64::from(value));
+            let key = Key::from_parts(
+                "aibos_db_pool_connections",
+                vec![Label::new("state", state)],
+            );
+            self.recorder
+                .register_gauge(&key, &METADATA)
+                .set(f64::from(value));
         }
     }
 
     /// Records one configuration reload.
     pub fn config_reload(&self, outcome: &'static str) {
-        let key = Key::from_parts("aibos_config_reloads_total", vec![Label::new("outcome", outcome)]);
+        let key = Key::from_parts(
+            "aibos_config_reloads_total",
+            vec![Label::new("outcome", outcome)],
+        );
         self.recorder.register_counter(&key, &METADATA).increment(1);
     }
 

@@ -1,1 +1,149 @@
+//! Test kit: a real kernel on a random port with a fresh database per test.
+//!
+//! - [`Engine`]: which database a test runs on; PostgreSQL needs
+//!   `AIBOS_TEST_DATABASE_URL`, and with `AIBOS_REQUIRE_POSTGRES=1` its absence
+//!   fails the test instead of skipping it.
+//! - [`TestDb`]: a new SQLite file, or a new PostgreSQL database dropped afterwards.
+//! - [`spawn_kernel`]: builds the app through the real configuration loader and
+//!   serves it on `127.0.0.1:0` until the returned [`TestKernel`] is dropped.
+//! - [`process::KernelProcess`]: the real binary as a child process, logs captured.
+//! - [`cluster::Cluster`]: a throwaway PostgreSQL cluster to stop and start.
 
+pub mod cluster;
+mod db;
+pub mod process;
+
+use std::net::SocketAddr;
+
+use aibos_kernel::config::{Config, ConfigSources};
+use aibos_kernel::state::AppState;
+use aibos_kernel::{App, AppOptions};
+use axum_free::Router;
+use tokio_util::sync::CancellationToken;
+
+pub use db::{Engine, TestDb};
+
+/// Re-export so tests can add probe routes without naming axum themselves.
+pub mod axum_free {
+    pub use aibos_kernel::http::extract::AppJson;
+    pub type Router = axum::Router<aibos_kernel::state::AppState>;
+}
+
+/// How to start a test kernel beyond the defaults.
+#[derive(Default)]
+pub struct KernelOptions {
+    /// Extra `AIBOS_*` configuration variables.
+    pub env: Vec<(String, String)>,
+    /// Probe routes merged beside the kernel's own.
+    pub extra_routes: Option<Router>,
+    /// A database of the test's own instead of a fresh one (e.g. a throwaway cluster).
+    pub database_url: Option<String>,
+}
+
+/// A running kernel; stopped (and its database dropped) when this is dropped.
+pub struct TestKernel {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// `http://127.0.0.1:PORT`.
+    pub base_url: String,
+    /// A client without a timeout of its own; tests set one where they need it.
+    pub client: reqwest::Client,
+    /// The kernel's state, for reloads and direct database checks.
+    pub state: AppState,
+    /// The database under it.
+    pub db: TestDb,
+    stop: CancellationToken,
+    server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestKernel {
+    /// `base_url + path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base_url, path)
+    }
+
+    /// Starts graceful shutdown and waits until the server has stopped.
+    pub async fn shutdown(mut self) -> std::io::Result<()> {
+        self.stop.cancel();
+        match self.server.take() {
+            Some(server) => server
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e))),
+            None => Ok(()),
+        }
+    }
+
+    /// Asks for shutdown without waiting (to test in-flight requests).
+    pub fn begin_shutdown(&self) {
+        self.stop.cancel();
+    }
+
+    /// The server task, to await after [`TestKernel::begin_shutdown`].
+    pub fn take_server(&mut self) -> Option<tokio::task::JoinHandle<std::io::Result<()>>> {
+        self.server.take()
+    }
+}
+
+impl Drop for TestKernel {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+}
+
+/// Starts a kernel on `engine` with default options; `None` when the engine is
+/// not available here (PostgreSQL without `AIBOS_TEST_DATABASE_URL`).
+pub async fn spawn_kernel(engine: Engine) -> Option<TestKernel> {
+    spawn_kernel_with(engine, KernelOptions::default()).await
+}
+
+/// Starts a kernel on `engine` with `options`.
+pub async fn spawn_kernel_with(engine: Engine, options: KernelOptions) -> Option<TestKernel> {
+    let db = TestDb::create(engine).await?;
+    let config_dir = tempfile::tempdir().expect("create a temporary configuration folder");
+    let mut env = vec![
+        ("AIBOS_SERVER__BIND".to_owned(), "127.0.0.1:0".to_owned()),
+        (
+            "AIBOS_DATABASE__URL".to_owned(),
+            options
+                .database_url
+                .clone()
+                .unwrap_or_else(|| db.url().to_owned()),
+        ),
+        (
+            "AIBOS_SERVER__SHUTDOWN_GRACE_SECONDS".to_owned(),
+            "10".to_owned(),
+        ),
+    ];
+    env.extend(options.env);
+    let sources = ConfigSources::new(config_dir.path(), env);
+    let config = Config::load(&sources).expect("the test configuration is valid");
+    let app_options = AppOptions {
+        extra_routes: options.extra_routes,
+        ..AppOptions::new(sources)
+    };
+    let app = App::build(config, app_options)
+        .await
+        .expect("the kernel starts");
+    let addr = app.local_addr();
+    let state = app.state();
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    let server = tokio::spawn(async move {
+        // Keep the configuration folder alive as long as the server.
+        let _config_dir = config_dir;
+        app.run_until_stopped(async move { stopped.cancelled().await })
+            .await
+    });
+    Some(TestKernel {
+        addr,
+        base_url: format!("http://{addr}"),
+        client: reqwest::Client::new(),
+        state,
+        db,
+        stop,
+        server: Some(server),
+    })
+}

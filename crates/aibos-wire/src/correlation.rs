@@ -75,12 +75,19 @@ impl TraceParent {
         if trace_id == [0; 16] || span_id == [0; 8] {
             return None;
         }
-        Some(TraceParent { trace_id, span_id, flags })
+        Some(TraceParent {
+            trace_id,
+            span_id,
+            flags,
+        })
     }
 
     /// Derives a child context: same trace, new span id from `span_seed`.
     pub fn child(&self, span_seed: [u8; 8]) -> TraceParent {
-        TraceParent { span_id: non_zero(span_seed), ..*self }
+        TraceParent {
+            span_id: non_zero(span_seed),
+            ..*self
+        }
     }
 
     /// A new root context from random bytes (taken from a UUIDv4 by the caller).
@@ -89,7 +96,11 @@ impl TraceParent {
         if trace_id == [0; 16] {
             trace_id[15] = 1;
         }
-        TraceParent { trace_id, span_id: non_zero(span_seed), flags: 0x01 }
+        TraceParent {
+            trace_id,
+            span_id: non_zero(span_seed),
+            flags: 0x01,
+        }
     }
 
     /// The trace id as 32 lowercase hex characters.
@@ -100,7 +111,13 @@ impl TraceParent {
 
 impl fmt::Display for TraceParent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "00-{}-{}-{:02x}", encode_hex(&self.trace_id), encode_hex(&self.span_id), self.flags)
+        write!(
+            f,
+            "00-{}-{}-{:02x}",
+            encode_hex(&self.trace_id),
+            encode_hex(&self.span_id),
+            self.flags
+        )
     }
 }
 
@@ -152,20 +169,44 @@ mod tests {
     #[test]
     fn correlation_ids_accept_uuids_only() {
         assert!(CorrelationId::parse("0190f3c4-7e2a-7c4e-9d1a-2b3c4d5e6f70").is_some());
-        for bad in ["not-a-uuid", "", "' OR 1=1 --", "0190f3c4-7e2a-7c4e-9d1a-2b3c4d5e6f7"] {
+        for bad in [
+            "not-a-uuid",
+            "",
+            "' OR 1=1 --",
+            "0190f3c4-7e2a-7c4e-9d1a-2b3c4d5e6f7",
+        ] {
             assert!(CorrelationId::parse(bad).is_none(), "{bad}");
         }
     }
 
     #[test]
     fn traceparent_table() {
-        let check = |input: &str, ok: bool| assert_eq!(TraceParent::parse(input).is_some(), ok, "{input}");
-        check("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", true);
-        check("00-00000000000000000000000000000000-00f067aa0ba902b7-01", false);
-        check("00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01", false);
-        check("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", false);
-        check("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01", false);
-        check("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra", false);
+        let check =
+            |input: &str, ok: bool| assert_eq!(TraceParent::parse(input).is_some(), ok, "{input}");
+        check(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            true,
+        );
+        check(
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            false,
+        );
+        check(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            false,
+        );
+        check(
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            false,
+        );
+        check(
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            false,
+        );
+        check(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            false,
+        );
         check("garbage", false);
     }
 

@@ -122,7 +122,10 @@ impl Problem {
     /// A problem of `code` with the given detail and nothing else.
     pub fn new(code: ErrorCode, detail: impl Into<String>) -> Problem {
         Problem {
-            problem_type: format!("{PROBLEM_TYPE_BASE}{}", code.as_str().to_ascii_lowercase().replace('_', "-")),
+            problem_type: format!(
+                "{PROBLEM_TYPE_BASE}{}",
+                code.as_str().to_ascii_lowercase().replace('_', "-")
+            ),
             title: code.title().to_owned(),
             status: code.status(),
             detail: detail.into(),
@@ -159,7 +162,10 @@ mod tests {
     #[test]
     fn problem_type_names_the_code() {
         let p = Problem::new(ErrorCode::PayloadTooLarge, "too big");
-        assert_eq!(p.problem_type, "https://aibos.dev/problems/payload-too-large");
+        assert_eq!(
+            p.problem_type,
+            "https://aibos.dev/problems/payload-too-large"
+        );
         assert_eq!(p.status, 413);
         let json = serde_json::to_value(&p).unwrap();
         assert!(json.get("errors").is_none(), "empty lists are omitted");

@@ -61,7 +61,9 @@ pub enum MigrationError {
     )]
     Modified(i64),
     /// The database has migrations this binary does not know.
-    #[error("the database has migration {0}, which this binary does not know: it was migrated by a newer version")]
+    #[error(
+        "the database has migration {0}, which this binary does not know: it was migrated by a newer version"
+    )]
     UnknownApplied(i64),
     /// A migration failed to run; nothing of it was kept.
     #[error("migration {version} failed and was rolled back: {source}")]
@@ -84,7 +86,9 @@ impl From<MigrateError> for MigrationError {
         match e {
             MigrateError::VersionMismatch(v) => MigrationError::Modified(v),
             MigrateError::VersionMissing(v) => MigrationError::UnknownApplied(v),
-            MigrateError::ExecuteMigration(source, version) => MigrationError::Failed { version, source },
+            MigrateError::ExecuteMigration(source, version) => {
+                MigrationError::Failed { version, source }
+            }
             other => MigrationError::Other(other),
         }
     }
@@ -112,12 +116,20 @@ pub async fn status(db: &Db, migrator: &Migrator) -> Result<Vec<MigrationStatus>
                 Some(_) => MigrationState::Modified,
                 None => MigrationState::Pending,
             };
-            MigrationStatus { version: m.version, description: m.description.to_string(), state }
+            MigrationStatus {
+                version: m.version,
+                description: m.description.to_string(),
+                state,
+            }
         })
         .collect();
     for a in &applied {
         if !out.iter().any(|s| s.version == a.version) {
-            out.push(MigrationStatus { version: a.version, description: String::new(), state: MigrationState::Unknown });
+            out.push(MigrationStatus {
+                version: a.version,
+                description: String::new(),
+                state: MigrationState::Unknown,
+            });
         }
     }
     out.sort_by_key(|s| s.version);
@@ -128,7 +140,11 @@ pub async fn status(db: &Db, migrator: &Migrator) -> Result<Vec<MigrationStatus>
 pub async fn up(db: &Db, migrator: &Migrator) -> Result<Vec<i64>, MigrationError> {
     let before = status(db, migrator).await?;
     with_db!(db, pool => migrator.run(pool).await)?;
-    Ok(before.iter().filter(|s| s.state == MigrationState::Pending).map(|s| s.version).collect())
+    Ok(before
+        .iter()
+        .filter(|s| s.state == MigrationState::Pending)
+        .map(|s| s.version)
+        .collect())
 }
 
 /// Reverts the last `steps` applied migrations, newest first; returns the versions reverted.
@@ -140,9 +156,15 @@ pub async fn down(db: &Db, migrator: &Migrator, steps: u32) -> Result<Vec<i64>, 
     if let Some(m) = current.iter().find(|s| s.state == MigrationState::Modified) {
         return Err(MigrationError::Modified(m.version));
     }
-    let mut applied: Vec<i64> = current.iter().filter(|s| s.state == MigrationState::Applied).map(|s| s.version).collect();
+    let mut applied: Vec<i64> = current
+        .iter()
+        .filter(|s| s.state == MigrationState::Applied)
+        .map(|s| s.version)
+        .collect();
     applied.sort_unstable_by(|a, b| b.cmp(a));
-    let steps = usize::try_from(steps).unwrap_or(usize::MAX).min(applied.len());
+    let steps = usize::try_from(steps)
+        .unwrap_or(usize::MAX)
+        .min(applied.len());
     let reverted: Vec<i64> = applied[..steps].to_vec();
     // `undo(target)` reverts every applied migration newer than `target`.
     let target = applied.get(steps).copied().unwrap_or(0);
@@ -157,5 +179,9 @@ pub async fn down(db: &Db, migrator: &Migrator, steps: u32) -> Result<Vec<i64>, 
 pub async fn baseline(db: &Db, migrator: &Migrator) -> Result<Vec<i64>, MigrationError> {
     let before = status(db, migrator).await?;
     with_db!(db, pool => migrator.skip(pool, None).await)?;
-    Ok(before.iter().filter(|s| s.state == MigrationState::Pending).map(|s| s.version).collect())
+    Ok(before
+        .iter()
+        .filter(|s| s.state == MigrationState::Pending)
+        .map(|s| s.version)
+        .collect())
 }

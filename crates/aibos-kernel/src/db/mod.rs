@@ -14,7 +14,9 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 
 use crate::config::{DatabaseConfig, Engine};
 
@@ -74,13 +76,20 @@ impl Db {
         match config.url.engine() {
             Engine::Sqlite => {
                 let options = SqliteConnectOptions::from_str(url)
-                    .map_err(|source| DbError::Connect { engine: Engine::Sqlite, source })?
+                    .map_err(|source| DbError::Connect {
+                        engine: Engine::Sqlite,
+                        source,
+                    })?
                     .create_if_missing(true)
                     .journal_mode(SqliteJournalMode::Wal)
                     .synchronous(SqliteSynchronous::Full)
                     .foreign_keys(true)
                     .busy_timeout(Duration::from_millis(config.busy_timeout_ms));
-                if let Some(folder) = options.get_filename().parent().filter(|p| !p.as_os_str().is_empty()) {
+                if let Some(folder) = options
+                    .get_filename()
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                {
                     create_folder(folder)?;
                 }
                 let pool = SqlitePoolOptions::new()
@@ -89,12 +98,18 @@ impl Db {
                     .acquire_timeout(acquire_timeout)
                     .connect_with(options)
                     .await
-                    .map_err(|source| DbError::Connect { engine: Engine::Sqlite, source })?;
+                    .map_err(|source| DbError::Connect {
+                        engine: Engine::Sqlite,
+                        source,
+                    })?;
                 Ok(Db::Sqlite(pool))
             }
             Engine::Postgres => {
                 let options = PgConnectOptions::from_str(url)
-                    .map_err(|source| DbError::Connect { engine: Engine::Postgres, source })?
+                    .map_err(|source| DbError::Connect {
+                        engine: Engine::Postgres,
+                        source,
+                    })?
                     .options([("statement_timeout", config.statement_timeout_ms.to_string())])
                     .application_name("aibos");
                 let pool = PgPoolOptions::new()
@@ -103,7 +118,10 @@ impl Db {
                     .acquire_timeout(acquire_timeout)
                     .connect_with(options)
                     .await
-                    .map_err(|source| DbError::Connect { engine: Engine::Postgres, source })?;
+                    .map_err(|source| DbError::Connect {
+                        engine: Engine::Postgres,
+                        source,
+                    })?;
                 Ok(Db::Postgres(pool))
             }
         }
@@ -126,7 +144,9 @@ impl Db {
         match tokio::time::timeout(timeout, round_trip).await {
             Ok(Ok(_)) => Ok(started.elapsed()),
             Ok(Err(e)) => Err(DbError::Query(e)),
-            Err(_) => Err(DbError::Timeout(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX))),
+            Err(_) => Err(DbError::Timeout(
+                u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            )),
         }
     }
 
@@ -143,6 +163,8 @@ impl Db {
 }
 
 fn create_folder(folder: &Path) -> Result<(), DbError> {
-    std::fs::create_dir_all(folder)
-        .map_err(|source| DbError::CreateFolder { path: folder.display().to_string(), source })
+    std::fs::create_dir_all(folder).map_err(|source| DbError::CreateFolder {
+        path: folder.display().to_string(),
+        source,
+    })
 }

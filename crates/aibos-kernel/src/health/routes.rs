@@ -16,7 +16,10 @@ use crate::state::AppState;
 
 /// The routes of this module.
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(live)).routes(routes!(health)).routes(routes!(metrics))
+    OpenApiRouter::new()
+        .routes(routes!(live))
+        .routes(routes!(health))
+        .routes(routes!(metrics))
 }
 
 /// Liveness: the process is running and serving HTTP.
@@ -69,7 +72,9 @@ pub async fn live() -> Json<Liveness> {
     ))]
 pub async fn health(State(state): State<AppState>) -> Response {
     let db = state.db();
-    let ping = db.ping(Duration::from_millis(limits::HEALTH_DB_TIMEOUT_MS)).await;
+    let ping = db
+        .ping(Duration::from_millis(limits::HEALTH_DB_TIMEOUT_MS))
+        .await;
     let (status, database) = match ping {
         Ok(latency) => (
             StatusCode::OK,
@@ -82,21 +87,36 @@ pub async fn health(State(state): State<AppState>) -> Response {
         ),
         Err(e) => {
             tracing::warn!(error = %e, "health check: the database is down");
-            let kind = if matches!(e, crate::db::DbError::Timeout(_)) { "timeout" } else { "unreachable" };
+            let kind = if matches!(e, crate::db::DbError::Timeout(_)) {
+                "timeout"
+            } else {
+                "unreachable"
+            };
             (
                 StatusCode::SERVICE_UNAVAILABLE,
-                DatabaseHealth { status: "down", engine: db.engine().to_string(), latency_ms: None, error: Some(kind) },
+                DatabaseHealth {
+                    status: "down",
+                    engine: db.engine().to_string(),
+                    latency_ms: None,
+                    error: Some(kind),
+                },
             )
         }
     };
     let body = Health {
-        status: if status == StatusCode::OK { "healthy" } else { "unhealthy" },
+        status: if status == StatusCode::OK {
+            "healthy"
+        } else {
+            "unhealthy"
+        },
         version: env!("CARGO_PKG_VERSION"),
         uptime_seconds: state.uptime().as_secs(),
         database,
     };
     let mut response = (status, Json(body)).into_response();
-    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }
 
@@ -107,5 +127,12 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
     let (idle, in_use) = state.db().pool_state();
     state.metrics().db_pool(idle, in_use);
     let body = state.metrics().render();
-    ([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"))], body).into_response()
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        body,
+    )
+        .into_response()
 }

@@ -33,7 +33,10 @@ pub struct RequestContext {
 
 /// The middleware; see the module documentation.
 pub async fn correlate(mut request: Request, next: Next) -> Response {
-    let supplied = request.headers().get(CORRELATION_HEADER).map(|v| v.to_str().ok().and_then(CorrelationId::parse));
+    let supplied = request
+        .headers()
+        .get(CORRELATION_HEADER)
+        .map(|v| v.to_str().ok().and_then(CorrelationId::parse));
     let (correlation_id, rejected) = match supplied {
         None => (CorrelationId::generate(), false),
         Some(Some(id)) => (id, false),
@@ -66,7 +69,10 @@ pub async fn correlate(mut request: Request, next: Next) -> Response {
                 )
                 .into_response();
             }
-            request.extensions_mut().insert(RequestContext { correlation_id, trace });
+            request.extensions_mut().insert(RequestContext {
+                correlation_id,
+                trace,
+            });
             next.run(request).await
         })
         .instrument(span)

@@ -17,28 +17,48 @@ use crate::state::AppState;
 pub async fn security_headers(request: Request, next: Next) -> Response {
     let mut response = next.run(request).await;
     let headers = response.headers_mut();
-    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     headers.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
     );
-    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     response
 }
 
 /// Counts every answered request and its latency by matched route, method and status.
-pub async fn record_metrics(State(state): State<AppState>, request: Request, next: Next) -> Response {
+pub async fn record_metrics(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
     let started = Instant::now();
     // Unmatched paths share one label: a scanner must not grow the label set.
-    let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned());
     let method = request.method().clone();
     let response = next.run(request).await;
     let elapsed = started.elapsed();
     let status = response.status().as_u16();
     let route = route.as_deref().unwrap_or("unmatched");
-    state.metrics().http_request(route, method.as_str(), status, elapsed);
-    tracing::debug!(status, latency_ms = elapsed.as_secs_f64() * 1000.0, route, "request completed");
+    state
+        .metrics()
+        .http_request(route, method.as_str(), status, elapsed);
+    tracing::debug!(
+        status,
+        latency_ms = elapsed.as_secs_f64() * 1000.0,
+        route,
+        "request completed"
+    );
     response
 }
 
@@ -61,7 +81,10 @@ pub async fn limit_body(State(state): State<AppState>, request: Request, next: N
 
 /// The 413 every oversized body gets.
 pub fn payload_too_large(limit: u64) -> ApiError {
-    ApiError::new(ErrorCode::PayloadTooLarge, format!("The request body exceeds the limit of {limit} bytes."))
+    ApiError::new(
+        ErrorCode::PayloadTooLarge,
+        format!("The request body exceeds the limit of {limit} bytes."),
+    )
 }
 
 /// Turns a panic inside a handler into a logged 500 problem instead of a dropped connection.

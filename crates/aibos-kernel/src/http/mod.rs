@@ -39,19 +39,34 @@ pub fn finish(routes: Router<AppState>, state: AppState, config: &Config) -> Rou
             ServiceBuilder::new()
                 .layer(axum::middleware::from_fn(middleware::security_headers))
                 .layer(axum::middleware::from_fn(correlation::correlate))
-                .layer(axum::middleware::from_fn_with_state(state.clone(), middleware::record_metrics))
+                .layer(axum::middleware::from_fn_with_state(
+                    state.clone(),
+                    middleware::record_metrics,
+                ))
                 .layer(CatchPanicLayer::custom(middleware::panic_to_problem))
                 .layer(cors(&config.server.cors_allowed_origins))
-                .layer(axum::middleware::from_fn_with_state(state.clone(), middleware::limit_body)),
+                .layer(axum::middleware::from_fn_with_state(
+                    state.clone(),
+                    middleware::limit_body,
+                )),
         )
         .with_state(state)
 }
 
 fn cors(origins: &[String]) -> CorsLayer {
-    let origins: Vec<HeaderValue> = origins.iter().filter_map(|o| HeaderValue::from_str(o.trim_end_matches('/')).ok()).collect();
+    let origins: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o.trim_end_matches('/')).ok())
+        .collect();
     CorsLayer::new()
         .allow_origin(AllowOrigin::list(origins))
-        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE])
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+        ])
         .allow_headers([
             header::AUTHORIZATION,
             header::CONTENT_TYPE,
@@ -78,5 +93,9 @@ async fn unknown_path(uri: axum::http::Uri) -> Response {
 }
 
 async fn method_not_allowed(method: Method) -> Response {
-    ApiError::new(ErrorCode::MethodNotAllowed, format!("{method} is not allowed on this path.")).into_response()
+    ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        format!("{method} is not allowed on this path."),
+    )
+    .into_response()
 }

@@ -31,7 +31,12 @@ pub fn base_document() -> utoipa::openapi::OpenApi {
     let problem = |description: String| {
         ResponseBuilder::new()
             .description(description)
-            .content(aibos_wire::error::PROBLEM_CONTENT_TYPE, ContentBuilder::new().schema(Some(Ref::from_schema_name("Problem"))).build())
+            .content(
+                aibos_wire::error::PROBLEM_CONTENT_TYPE,
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("Problem")))
+                    .build(),
+            )
             .build()
     };
     let components = doc.components.get_or_insert_with(Default::default);
@@ -40,10 +45,16 @@ pub fn base_document() -> utoipa::openapi::OpenApi {
         ("PayloadTooLarge", &[ErrorCode::PayloadTooLarge]),
         ("UnsupportedMediaType", &[ErrorCode::UnsupportedMediaType]),
         ("NotFound", &[ErrorCode::NotFound]),
-        ("InternalError", &[ErrorCode::InternalError, ErrorCode::ServiceUnavailable]),
+        (
+            "InternalError",
+            &[ErrorCode::InternalError, ErrorCode::ServiceUnavailable],
+        ),
     ] {
         let list: Vec<&str> = codes.iter().map(|c| c.as_str()).collect();
-        components.responses.insert(name.to_owned(), problem(format!("Problem with code {}.", list.join(" or "))).into());
+        components.responses.insert(
+            name.to_owned(),
+            problem(format!("Problem with code {}.", list.join(" or "))).into(),
+        );
     }
     doc
 }
@@ -52,9 +63,25 @@ pub fn base_document() -> utoipa::openapi::OpenApi {
 /// (400 for a bad correlation id, 413, 500), so clients see every code they may get.
 pub fn add_common_problems(doc: &mut utoipa::openapi::OpenApi) {
     for item in doc.paths.paths.values_mut() {
-        for op in [&mut item.get, &mut item.post, &mut item.put, &mut item.patch, &mut item.delete].into_iter().flatten() {
-            for (status, name) in [("400", "BadRequest"), ("413", "PayloadTooLarge"), ("500", "InternalError")] {
-                op.responses.responses.entry(status.to_owned()).or_insert_with(|| Ref::from_response_name(name).into());
+        for op in [
+            &mut item.get,
+            &mut item.post,
+            &mut item.put,
+            &mut item.patch,
+            &mut item.delete,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            for (status, name) in [
+                ("400", "BadRequest"),
+                ("413", "PayloadTooLarge"),
+                ("500", "InternalError"),
+            ] {
+                op.responses
+                    .responses
+                    .entry(status.to_owned())
+                    .or_insert_with(|| Ref::from_response_name(name).into());
             }
         }
     }
@@ -64,5 +91,12 @@ pub fn add_common_problems(doc: &mut utoipa::openapi::OpenApi) {
 #[utoipa::path(get, path = "/api/openapi.json", tag = "health",
     responses((status = 200, description = "The OpenAPI 3.1 document of every endpoint.", content_type = "application/json")))]
 pub async fn serve(State(state): State<AppState>) -> Response {
-    ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], state.openapi_json().to_string()).into_response()
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        state.openapi_json().to_string(),
+    )
+        .into_response()
 }

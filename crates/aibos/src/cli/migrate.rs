@@ -54,14 +54,25 @@ pub async fn run(sources: ConfigSources, command: MigrateCommand) -> u8 {
             let code = match migrate::status(&db, migrator).await {
                 Ok(list) => {
                     if json {
-                        print_json(&serde_json::json!({ "engine": db.engine(), "migrations": list }));
+                        print_json(
+                            &serde_json::json!({ "engine": db.engine(), "migrations": list }),
+                        );
                     } else {
                         println!("engine: {}", db.engine());
                         for m in &list {
-                            println!("{:>6}  {:<9} {}", m.version, state_word(m.state), m.description);
+                            println!(
+                                "{:>6}  {:<9} {}",
+                                m.version,
+                                state_word(m.state),
+                                m.description
+                            );
                         }
                     }
-                    if list.iter().any(|m| m.state == MigrationState::Modified) { EXIT_FAILURE } else { EXIT_OK }
+                    if list.iter().any(|m| m.state == MigrationState::Modified) {
+                        EXIT_FAILURE
+                    } else {
+                        EXIT_OK
+                    }
                 }
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -72,7 +83,9 @@ pub async fn run(sources: ConfigSources, command: MigrateCommand) -> u8 {
             return code;
         }
         MigrateCommand::Up(_) => ("applied", migrate::up(&db, migrator).await),
-        MigrateCommand::Down { steps, .. } => ("reverted", migrate::down(&db, migrator, steps).await),
+        MigrateCommand::Down { steps, .. } => {
+            ("reverted", migrate::down(&db, migrator, steps).await)
+        }
         MigrateCommand::Baseline(_) => ("recorded", migrate::baseline(&db, migrator).await),
     };
     db.close().await;

@@ -20,7 +20,11 @@ pub async fn run(sources: ConfigSources, args: ServeArgs) -> u8 {
         Err(code) => return code,
     };
     let log = telemetry::init_logging(&config.log);
-    let options = AppOptions { migrate: !args.no_migrate, log, ..AppOptions::new(sources) };
+    let options = AppOptions {
+        migrate: !args.no_migrate,
+        log,
+        ..AppOptions::new(sources)
+    };
     let app = match App::build(config, options).await {
         Ok(app) => app,
         Err(e) => {

@@ -28,7 +28,10 @@ pub async fn run(sources: ConfigSources, args: StatusArgs) -> u8 {
             Err(code) => return code,
         },
     };
-    let client = match reqwest::Client::builder().timeout(Duration::from_secs(STATUS_TIMEOUT_SECONDS)).build() {
+    let client = match reqwest::Client::builder()
+        .timeout(Duration::from_secs(STATUS_TIMEOUT_SECONDS))
+        .build()
+    {
         Ok(client) => client,
         Err(e) => {
             eprintln!("error: {e}");
@@ -40,7 +43,9 @@ pub async fn run(sources: ConfigSources, args: StatusArgs) -> u8 {
         Ok(response) => response,
         Err(e) => {
             if args.json {
-                print_json(&serde_json::json!({ "status": "unreachable", "url": url, "error": e.to_string() }));
+                print_json(
+                    &serde_json::json!({ "status": "unreachable", "url": url, "error": e.to_string() }),
+                );
             } else {
                 eprintln!("error: no kernel answers at {url}: {e}");
             }
@@ -53,11 +58,19 @@ pub async fn run(sources: ConfigSources, args: StatusArgs) -> u8 {
         print_json(&body);
     } else {
         let field = |path: &[&str]| {
-            path.iter().fold(&body, |v, k| &v[*k]).as_str().map(str::to_owned).unwrap_or_else(|| "?".to_owned())
+            path.iter()
+                .fold(&body, |v, k| &v[*k])
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| "?".to_owned())
         };
         println!("kernel:   {} ({})", field(&["status"]), base);
         println!("version:  {}", field(&["version"]));
-        println!("database: {} ({})", field(&["database", "status"]), field(&["database", "engine"]));
+        println!(
+            "database: {} ({})",
+            field(&["database", "status"]),
+            field(&["database", "engine"])
+        );
         if let Some(ms) = body["database"]["latency_ms"].as_f64() {
             println!("latency:  {ms:.3} ms");
         }

@@ -1,0 +1,199 @@
+//! The `aibos` binary as a user runs it: serve, signals, configuration, migrations.
+
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+use aibos_testkit::process::KernelProcess;
+use aibos_testkit::{Engine, TestDb};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_aibos");
+
+/// Runs `aibos ARGS` in `cwd` with only `env`.
+fn aibos(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = std::process::Command::new(BINARY);
+    command
+        .args(args)
+        .current_dir(cwd)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.output().expect("run aibos")
+}
+
+fn database_env(test_db: &Option<TestDb>) -> Vec<(&str, &str)> {
+    match test_db {
+        Some(db) => vec![("AIBOS_DATABASE__URL", db.url())],
+        None => vec![],
+    }
+}
+
+async fn exit_code_after_sigterm(mut kernel: KernelProcess) -> Option<i32> {
+    kernel.signal("TERM").await;
+    let status = tokio::time::timeout(Duration::from_secs(15), kernel.child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    status.code()
+}
+
+crate::both_engines! {
+    async fn serve_answers_healthy_and_sigterm_exits_zero(engine: Engine) {
+        let cwd = tempfile::tempdir().unwrap();
+        // On SQLite the kernel runs on its embedded default, sqlite://data/aibos.db.
+        let test_db = match engine { Engine::Sqlite => None, Engine::Postgres => TestDb::create(engine).await };
+        let mut env = vec![("AIBOS_SERVER__BIND", "127.0.0.1:0")];
+        env.extend(database_env(&test_db));
+        let kernel = KernelProcess::start(Path::new(BINARY), cwd.path(), &env).await.unwrap();
+
+        let response = reqwest::get(format!("{}/api/health", kernel.base_url)).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["status"], "healthy");
+        assert_eq!(body["database"]["status"], "up");
+        if engine == Engine::Sqlite {
+            assert!(cwd.path().join("data/aibos.db").is_file(), "the default database file is created with its folder");
+        }
+        assert_eq!(exit_code_after_sigterm(kernel).await, Some(0));
+    }
+
+    async fn migrate_commands_report_and_change_the_schema(engine: Engine) {
+        let cwd = tempfile::tempdir().unwrap();
+        let test_db = match engine { Engine::Sqlite => None, Engine::Postgres => TestDb::create(engine).await };
+        let env = database_env(&test_db);
+        let status = |cwd: &Path| -> serde_json::Value {
+            let out = aibos(cwd, &["migrate", "status", "--json"], &env);
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            serde_json::from_slice(&out.stdout).unwrap()
+        };
+        assert_eq!(status(cwd.path())["migrations"][0]["state"], "pending");
+        let up = aibos(cwd.path(), &["migrate", "up", "--json"], &env);
+        assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+        assert_eq!(serde_json::from_slice::<serde_json::Value>(&up.stdout).unwrap()["applied"][0], 1);
+        assert_eq!(status(cwd.path())["migrations"][0]["state"], "applied");
+        let down = aibos(cwd.path(), &["migrate", "down", "--steps", "1"], &env);
+        assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
+        assert!(String::from_utf8_lossy(&down.stdout).contains("reverted 1"));
+        assert_eq!(status(cwd.path())["migrations"][0]["state"], "pending");
+        let baseline = aibos(cwd.path(), &["migrate", "baseline"], &env);
+        assert!(baseline.status.success());
+        assert_eq!(status(cwd.path())["migrations"][0]["state"], "applied");
+    }
+}
+
+#[test]
+fn an_invalid_configuration_exits_78_naming_every_bad_key() {
+    let cwd = tempfile::tempdir().unwrap();
+    let env = [
+        ("AIBOS_SERVER__BIND", "not-an-address"),
+        ("AIBOS_AUTH__ACCESS_TOKEN_TTL_SECONDS", "-5"),
+    ];
+    let out = aibos(cwd.path(), &["serve"], &env);
+    assert_eq!(out.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("server.bind"), "{stderr}");
+    assert!(stderr.contains("auth.access_token_ttl_seconds"), "{stderr}");
+    assert!(
+        !cwd.path().join("data").exists(),
+        "nothing is created before the configuration is valid"
+    );
+
+    let out = aibos(cwd.path(), &["config", "validate", "--json"], &env);
+    assert_eq!(out.status.code(), Some(78));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["valid"], false);
+    let keys: Vec<&str> = report["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["server.bind", "auth.access_token_ttl_seconds"]);
+}
+
+#[test]
+fn config_show_redacts_secrets() {
+    let cwd = tempfile::tempdir().unwrap();
+    let env = [
+        (
+            "AIBOS_AUTH__BOOTSTRAP_KEY",
+            "bootstrap-key-that-must-not-leak",
+        ),
+        (
+            "AIBOS_DATABASE__URL",
+            "postgres://aibos:hunter2hunter2@db.example:5432/aibos",
+        ),
+    ];
+    for args in [&["config", "show"][..], &["config", "show", "--json"][..]] {
+        let out = aibos(cwd.path(), args, &env);
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("[REDACTED]"), "{text}");
+        assert!(!text.contains("bootstrap-key-that-must-not-leak"), "{text}");
+        assert!(!text.contains("hunter2hunter2"), "{text}");
+    }
+    let out = aibos(cwd.path(), &["config", "validate"], &env);
+    assert!(out.status.success());
+}
+
+#[tokio::test]
+async fn sighup_applies_a_valid_file_and_keeps_the_old_configuration_on_an_invalid_one() {
+    let cwd = tempfile::tempdir().unwrap();
+    let file = cwd.path().join("aibos.toml");
+    std::fs::write(
+        &file,
+        "[server]\nbind = \"127.0.0.1:0\"\n[log]\nlevel = \"info\"\n",
+    )
+    .unwrap();
+    let kernel = KernelProcess::start(Path::new(BINARY), cwd.path(), &[])
+        .await
+        .unwrap();
+    let client = reqwest::Client::new();
+    let live = format!("{}/api/health/live", kernel.base_url);
+
+    // At info, a completed request is not logged (it is a debug line).
+    client.get(&live).send().await.unwrap();
+    assert_eq!(kernel.count_logs("request completed"), 0);
+
+    std::fs::write(
+        &file,
+        "[server]\nbind = \"127.0.0.1:0\"\n[log]\nlevel = \"debug\"\n",
+    )
+    .unwrap();
+    kernel.signal("HUP").await;
+    kernel
+        .wait_for_log("configuration reloaded", Duration::from_secs(10))
+        .await
+        .expect("the reload is logged");
+    client.get(&live).send().await.unwrap();
+    kernel
+        .wait_for_log("request completed", Duration::from_secs(10))
+        .await
+        .expect("debug lines appear without a restart");
+
+    std::fs::write(
+        &file,
+        "[server]\nbind = \"127.0.0.1:0\"\n[http]\nmax_body_bytes = -1\n[log]\nlevel = \"info\"\n",
+    )
+    .unwrap();
+    kernel.signal("HUP").await;
+    let refused = kernel
+        .wait_for_log("reload refused", Duration::from_secs(10))
+        .await
+        .expect("the refusal is logged");
+    assert!(refused.contains("http.max_body_bytes"), "{refused}");
+    let before = kernel.count_logs("request completed");
+    let response = client.get(&live).send().await.unwrap();
+    assert_eq!(response.status(), 200, "the kernel keeps serving");
+    // The old level (debug) is still in force: the request is logged.
+    assert!(
+        kernel
+            .wait_for_log_count("request completed", before + 1, Duration::from_secs(10))
+            .await,
+        "{}",
+        kernel.all_logs()
+    );
+    assert_eq!(exit_code_after_sigterm(kernel).await, Some(0));
+}

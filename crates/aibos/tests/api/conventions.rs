@@ -1,0 +1,342 @@
+//! SPEC §3 conventions, applied by the edge to every endpoint.
+//!
+//! Body handling is exercised through a probe route that uses the kernel's own
+//! `AppJson` extractor inside the real middleware stack.
+
+use std::time::Duration;
+
+use aibos_testkit::axum_free::{AppJson, Router};
+use aibos_testkit::{Engine, KernelOptions, TestKernel, spawn_kernel_with};
+
+use crate::expect_problem;
+
+#[derive(serde::Deserialize, serde::Serialize)]
+struct Probe {
+    name: String,
+    amount_minor: i64,
+}
+
+async fn probe_kernel(env: Vec<(String, String)>) -> TestKernel {
+    let routes: Router = Router::new()
+        .route(
+            "/api/test/probe",
+            axum::routing::post(|AppJson(body): AppJson<Probe>| async move { AppJson(body) }),
+        )
+        .route("/api/test/panic", axum::routing::get(panicking_handler));
+    spawn_kernel_with(
+        Engine::Sqlite,
+        KernelOptions {
+            env,
+            extra_routes: Some(routes),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
+async fn panicking_handler() -> &'static str {
+    let values: Vec<u8> = Vec::new();
+    // Indexing out of bounds: the kind of bug CatchPanic exists for.
+    if values[0] == 0 {
+        "unreachable"
+    } else {
+        "also unreachable"
+    }
+}
+
+#[tokio::test]
+async fn a_valid_json_body_reaches_the_handler() {
+    let kernel = probe_kernel(vec![]).await;
+    let response = kernel
+        .client
+        .post(kernel.url("/api/test/probe"))
+        .json(&serde_json::json!({"name": "x", "amount_minor": 5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.json::<serde_json::Value>().await.unwrap()["amount_minor"],
+        5
+    );
+}
+
+#[tokio::test]
+async fn malformed_json_is_a_400_problem() {
+    let kernel = probe_kernel(vec![]).await;
+    let response = kernel
+        .client
+        .post(kernel.url("/api/test/probe"))
+        .header("content-type", "application/json")
+        .body("{\"name\": \"x\", ")
+        .send()
+        .await
+        .unwrap();
+    let body = expect_problem(response, 400, "VALIDATION_ERROR").await;
+    assert!(
+        body["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn wrong_types_and_huge_values_name_the_field() {
+    let kernel = probe_kernel(vec![]).await;
+    for (payload, field) in [
+        (r#"{"name": "x", "amount_minor": "ten"}"#, "amount_minor"),
+        (r#"{"name": "x", "amount_minor": 1e400}"#, "amount_minor"),
+        (
+            r#"{"name": "x", "amount_minor": 99999999999999999999999}"#,
+            "amount_minor",
+        ),
+        (r#"{"name": 7, "amount_minor": 1}"#, "name"),
+        (r#"{"amount_minor": 1}"#, "body"),
+        (r#"["' OR 1=1 --"]"#, "body"),
+    ] {
+        let response = kernel
+            .client
+            .post(kernel.url("/api/test/probe"))
+            .header("content-type", "application/json")
+            .body(payload)
+            .send()
+            .await
+            .unwrap();
+        let body = expect_problem(response, 400, "VALIDATION_ERROR").await;
+        assert_eq!(body["errors"][0]["field"], field, "{payload}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn a_form_encoded_body_is_a_415_problem() {
+    let kernel = probe_kernel(vec![]).await;
+    let response = kernel
+        .client
+        .post(kernel.url("/api/test/probe"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("name=x&amount_minor=5")
+        .send()
+        .await
+        .unwrap();
+    expect_problem(response, 415, "UNSUPPORTED_MEDIA_TYPE").await;
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_a_413_problem_declared_or_streamed() {
+    let kernel = probe_kernel(vec![]).await;
+    let two_mib = vec![b' '; 2 * 1024 * 1024];
+    let response = kernel
+        .client
+        .post(kernel.url("/api/test/probe"))
+        .header("content-type", "application/json")
+        .body(two_mib.clone())
+        .send()
+        .await
+        .unwrap();
+    expect_problem(response, 413, "PAYLOAD_TOO_LARGE").await;
+
+    // Without Content-Length (chunked), the limit trips while reading.
+    let response = raw_chunked_post(&kernel, "/api/test/probe", &two_mib).await;
+    assert!(
+        response.starts_with("HTTP/1.1 413"),
+        "{}",
+        &response[..response.len().min(200)]
+    );
+    assert!(response.contains("application/problem+json"));
+    assert!(response.contains("PAYLOAD_TOO_LARGE"));
+}
+
+/// Sends a chunked POST over a raw socket and returns the raw response.
+async fn raw_chunked_post(kernel: &TestKernel, path: &str, body: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(kernel.addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n",
+        kernel.addr
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    for chunk in body.chunks(64 * 1024) {
+        // The server may answer and close before the whole body is sent.
+        if stream
+            .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+            .await
+            .is_err()
+            || stream.write_all(chunk).await.is_err()
+            || stream.write_all(b"\r\n").await.is_err()
+        {
+            break;
+        }
+    }
+    let _ = stream.write_all(b"0\r\n\r\n").await;
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response)).await;
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+#[tokio::test]
+async fn the_body_limit_is_configurable() {
+    let kernel = probe_kernel(vec![("AIBOS_HTTP__MAX_BODY_BYTES".into(), "16".into())]).await;
+    let response = kernel
+        .client
+        .post(kernel.url("/api/test/probe"))
+        .json(&serde_json::json!({"name": "a longer name", "amount_minor": 5}))
+        .send()
+        .await
+        .unwrap();
+    expect_problem(response, 413, "PAYLOAD_TOO_LARGE").await;
+}
+
+#[tokio::test]
+async fn correlation_ids_are_validated_generated_and_echoed() {
+    let kernel = probe_kernel(vec![]).await;
+
+    let response = kernel
+        .client
+        .get(kernel.url("/api/health/live"))
+        .header("x-correlation-id", "not-a-uuid")
+        .send()
+        .await
+        .unwrap();
+    let body = expect_problem(response, 400, "VALIDATION_ERROR").await;
+    assert_eq!(body["errors"][0]["field"], "header:x-correlation-id");
+
+    let response = kernel
+        .client
+        .get(kernel.url("/api/health/live"))
+        .send()
+        .await
+        .unwrap();
+    let generated = response.headers()["x-correlation-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(uuid::Uuid::parse_str(&generated).is_ok(), "{generated}");
+    let again = kernel
+        .client
+        .get(kernel.url("/api/health/live"))
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(
+        again.headers()["x-correlation-id"].to_str().unwrap(),
+        generated,
+        "each request gets its own id"
+    );
+
+    let mine = "0190f3c4-7e2a-7c4e-9d1a-2b3c4d5e6f70";
+    let response = kernel
+        .client
+        .get(kernel.url("/api/health/live"))
+        .header("x-correlation-id", mine)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-correlation-id"], mine);
+
+    // Errors carry the client's id too.
+    let response = kernel
+        .client
+        .get(kernel.url("/api/nothing"))
+        .header("x-correlation-id", mine)
+        .send()
+        .await
+        .unwrap();
+    let body = expect_problem(response, 404, "NOT_FOUND").await;
+    assert_eq!(body["correlation_id"], mine);
+}
+
+#[tokio::test]
+async fn unknown_paths_and_methods_are_problems() {
+    let kernel = probe_kernel(vec![]).await;
+    let response = kernel
+        .client
+        .get(kernel.url("/api/kernel/../../etc/passwd"))
+        .send()
+        .await
+        .unwrap();
+    expect_problem(response, 404, "NOT_FOUND").await;
+    let response = kernel
+        .client
+        .delete(kernel.url("/api/health"))
+        .send()
+        .await
+        .unwrap();
+    expect_problem(response, 405, "METHOD_NOT_ALLOWED").await;
+}
+
+#[tokio::test]
+async fn a_panicking_handler_is_a_500_problem_and_the_kernel_keeps_serving() {
+    let kernel = probe_kernel(vec![]).await;
+    let response = kernel
+        .client
+        .get(kernel.url("/api/test/panic"))
+        .send()
+        .await
+        .unwrap();
+    let body = expect_problem(response, 500, "INTERNAL_ERROR").await;
+    assert!(
+        !body.to_string().contains("index out of bounds"),
+        "the panic message stays in the log: {body}"
+    );
+    let live = kernel
+        .client
+        .get(kernel.url("/api/health/live"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(live.status(), 200);
+}
+
+#[tokio::test]
+async fn every_response_carries_the_security_headers() {
+    let kernel = probe_kernel(vec![]).await;
+    for path in ["/api/health", "/api/nothing", "/metrics"] {
+        let response = kernel
+            .client
+            .get(kernel.url(path))
+            .header("x-correlation-id", "bad")
+            .send()
+            .await
+            .unwrap();
+        let h = response.headers();
+        assert_eq!(h["x-content-type-options"], "nosniff", "{path}");
+        assert_eq!(h["x-frame-options"], "DENY", "{path}");
+        assert_eq!(
+            h["content-security-policy"], "default-src 'none'; frame-ancestors 'none'",
+            "{path}"
+        );
+        assert_eq!(h["referrer-policy"], "no-referrer", "{path}");
+    }
+}
+
+#[tokio::test]
+async fn cors_answers_only_allowed_origins() {
+    let kernel = probe_kernel(vec![(
+        "AIBOS_SERVER__CORS_ALLOWED_ORIGINS".into(),
+        "[\"https://app.example.com\"]".into(),
+    )])
+    .await;
+    let preflight = |origin: &'static str| {
+        kernel
+            .client
+            .request(reqwest::Method::OPTIONS, kernel.url("/api/health"))
+            .header("origin", origin)
+            .header("access-control-request-method", "GET")
+            .send()
+    };
+    let allowed = preflight("https://app.example.com").await.unwrap();
+    assert_eq!(
+        allowed.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    let denied = preflight("https://evil.example.com").await.unwrap();
+    assert!(
+        denied
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none()
+    );
+}

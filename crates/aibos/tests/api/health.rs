@@ -1,0 +1,79 @@
+//! `/api/health/live`, `/api/health`, `/metrics`, `/api/openapi.json`.
+
+use aibos_testkit::spawn_kernel;
+
+crate::both_engines! {
+    async fn health_reports_a_real_database_round_trip(engine: Engine) {
+        let kernel = spawn_kernel(engine).await.unwrap();
+        let response = kernel.client.get(kernel.url("/api/health")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["status"], "healthy");
+        assert_eq!(body["database"]["status"], "up");
+        let expected_engine = match engine { aibos_testkit::Engine::Sqlite => "sqlite", aibos_testkit::Engine::Postgres => "postgres" };
+        assert_eq!(body["database"]["engine"], expected_engine);
+        assert!(body["database"]["latency_ms"].as_f64().is_some_and(|ms| ms >= 0.0));
+        assert_eq!(body["version"], env!("CARGO_PKG_VERSION"));
+
+        let live = kernel.client.get(kernel.url("/api/health/live")).send().await.unwrap();
+        assert_eq!(live.status(), 200);
+    }
+
+    async fn metrics_count_requests_by_matched_route(engine: Engine) {
+        let kernel = spawn_kernel(engine).await.unwrap();
+        for _ in 0..3 {
+            kernel.client.get(kernel.url("/api/health/live")).send().await.unwrap();
+        }
+        kernel.client.get(kernel.url("/no/such/path/12345")).send().await.unwrap();
+        let text = kernel.client.get(kernel.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        assert!(text.contains(r#"aibos_http_requests_total{route="/api/health/live",method="GET",status="200"} 3"#), "{text}");
+        assert!(text.contains(r#"aibos_http_requests_total{route="unmatched",method="GET",status="404"} 1"#), "{text}");
+        assert!(!text.contains("12345"), "unmatched paths never become labels");
+        assert!(text.contains("aibos_http_request_duration_seconds_bucket"), "{text}");
+        assert!(text.contains("aibos_build_info{version="), "{text}");
+        assert!(text.contains("aibos_db_pool_connections"), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn the_openapi_document_lists_every_endpoint_and_the_problem_codes() {
+    let kernel = spawn_kernel(aibos_testkit::Engine::Sqlite).await.unwrap();
+    let doc: serde_json::Value = kernel
+        .client
+        .get(kernel.url("/api/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        doc["openapi"].as_str().unwrap().starts_with("3.1"),
+        "{}",
+        doc["openapi"]
+    );
+    for path in [
+        "/api/health",
+        "/api/health/live",
+        "/metrics",
+        "/api/openapi.json",
+    ] {
+        assert!(
+            doc["paths"][path]["get"].is_object(),
+            "{path} is documented"
+        );
+        assert!(
+            doc["paths"][path]["get"]["responses"]["500"].is_object(),
+            "{path} lists its problem responses"
+        );
+    }
+    let codes: Vec<&str> = doc["components"]["schemas"]["ErrorCode"]["enum"]
+        .as_array()
+        .expect("ErrorCode is an enum schema")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    for code in aibos_wire::ErrorCode::ALL {
+        assert!(codes.contains(&code.as_str()), "{code} is listed");
+    }
+}
