@@ -473,7 +473,10 @@ impl Config {
             Some(config) if problems.is_empty() => Ok(config),
             _ => {
                 // validate() yields no config only after recording why.
-                assert!(!problems.is_empty(), "configuration refused without a problem");
+                assert!(
+                    !problems.is_empty(),
+                    "configuration refused without a problem"
+                );
                 Err(ConfigError::Invalid(problems))
             }
         }
@@ -948,6 +951,69 @@ mod tests {
             env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
         );
         Config::load(&sources)
+    }
+
+    /// Every key of the embedded default file (commented-out optional keys too),
+    /// with its default value as written there (`None` for commented-out keys).
+    fn default_file_keys() -> Vec<(String, Option<String>)> {
+        let mut section = String::new();
+        let mut keys = Vec::new();
+        for line in DEFAULT_CONFIG_TOML.lines() {
+            let line = line.trim();
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = name.to_owned();
+                continue;
+            }
+            let (commented, text) = match line.strip_prefix("# ") {
+                Some(rest) => (true, rest),
+                None => (false, line),
+            };
+            let Some((key, value)) = text.split_once(" = ") else {
+                continue;
+            };
+            if key.is_empty() || !key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+                continue;
+            }
+            let value = value.trim().trim_matches('"').to_owned();
+            keys.push((format!("{section}.{key}"), (!commented).then_some(value)));
+        }
+        keys
+    }
+
+    #[test]
+    fn the_configuration_document_lists_every_key_with_its_default() {
+        let doc = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../docs/configuration.md"
+        ))
+        .unwrap();
+        let keys = default_file_keys();
+        assert!(keys.len() >= 20, "{keys:?}");
+        let rows: Vec<&str> = doc.lines().filter(|l| l.starts_with("| `")).collect();
+        assert_eq!(rows.len(), keys.len(), "one documented row per key");
+        for (key, default) in keys {
+            let (section, name) = key.split_once('.').unwrap();
+            let env = format!(
+                "`AIBOS_{}__{}`",
+                section.to_uppercase(),
+                name.to_uppercase()
+            );
+            let row = rows
+                .iter()
+                .find(|r| r.starts_with(&format!("| `{key}` |")))
+                .unwrap_or_else(|| panic!("{key} is not documented"));
+            assert!(row.contains(&env), "{key}: the row names {env}");
+            match default {
+                Some(default) => assert!(
+                    row.contains(&format!("| `{default}` |")),
+                    "{key}: the row gives the default {default}"
+                ),
+                None => assert!(
+                    row.contains("| none"),
+                    "{key}: an unset key is documented as none"
+                ),
+            }
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 
 pub use aibos_wire::{ErrorCode, FieldError, Problem};
 
-use crate::http::correlation::CURRENT_CORRELATION_ID;
+use crate::http::edge::CURRENT_CORRELATION_ID;
 
 /// An error on its way to becoming a problem+json response.
 #[derive(Debug)]

@@ -73,6 +73,12 @@ impl AppState {
         self.inner.config.load_full()
     }
 
+    /// A guard on the configuration in force, cheaper than [`AppState::config`]
+    /// on the hot path (no reference count touched); do not hold it across an await.
+    pub fn config_ref(&self) -> arc_swap::Guard<Arc<Config>> {
+        self.inner.config.load()
+    }
+
     /// This kernel's metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics

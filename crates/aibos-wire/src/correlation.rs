@@ -107,6 +107,11 @@ impl TraceParent {
     pub fn trace_id_hex(&self) -> String {
         encode_hex(&self.trace_id)
     }
+
+    /// The trace id, displayed as hex without allocating (for log fields).
+    pub fn trace_id_display(&self) -> TraceIdDisplay<'_> {
+        TraceIdDisplay(&self.trace_id)
+    }
 }
 
 impl fmt::Display for TraceParent {
@@ -118,6 +123,15 @@ impl fmt::Display for TraceParent {
             encode_hex(&self.span_id),
             self.flags
         )
+    }
+}
+
+/// Displays a trace id as 32 lowercase hex characters.
+pub struct TraceIdDisplay<'a>(&'a [u8; 16]);
+
+impl fmt::Display for TraceIdDisplay<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", u128::from_be_bytes(*self.0))
     }
 }
 
@@ -211,6 +225,12 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn trace_id_display_matches_hex(trace in any::<[u8; 16]>(), span in any::<[u8; 8]>()) {
+            let tp = TraceParent::root(trace, span);
+            prop_assert_eq!(tp.trace_id_display().to_string(), tp.trace_id_hex());
+        }
+
         #[test]
         fn traceparent_round_trips(trace in any::<[u8; 16]>(), span in any::<[u8; 8]>(), flags in any::<u8>()) {
             let tp = TraceParent::root(trace, span);

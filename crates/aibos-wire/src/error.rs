@@ -160,6 +160,22 @@ mod tests {
     }
 
     #[test]
+    fn the_catalogue_document_lists_every_code() {
+        let doc =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/errors.md"))
+                .unwrap();
+        let rows: Vec<&str> = doc.lines().filter(|l| l.starts_with("| `")).collect();
+        assert_eq!(rows.len(), ErrorCode::ALL.len(), "one row per code");
+        for (row, code) in rows.iter().zip(ErrorCode::ALL) {
+            let expected = format!("| `{}` | {} |", code.as_str(), code.status());
+            assert!(
+                row.starts_with(&expected),
+                "{row} should start with {expected} (same order as the enum)"
+            );
+        }
+    }
+
+    #[test]
     fn problem_type_names_the_code() {
         let p = Problem::new(ErrorCode::PayloadTooLarge, "too big");
         assert_eq!(

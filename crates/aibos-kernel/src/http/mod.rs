@@ -1,14 +1,13 @@
 //! The HTTP edge: the router that merges every domain's routes, the middleware
 //! stack that applies SPEC §3 to all of them, and our own extractors.
 //!
-//! Request path, outermost first:
-//! `security_headers` → `correlate` (correlation id, trace context, log span) →
-//! `record_metrics` → `CatchPanic` → CORS → `limit_body` → the route's handler,
-//! or the problem+json fallbacks for unknown paths and methods.
+//! Request path, outermost first: `edge` (correlation id, trace context, log
+//! span, body limit, security headers, metrics) → `CatchPanic` → CORS (only
+//! when origins are configured) → the route's handler, or the problem+json
+//! fallbacks for unknown paths and methods.
 
-pub mod correlation;
+pub mod edge;
 pub mod extract;
-pub mod middleware;
 pub mod openapi;
 
 use axum::Router;
@@ -37,18 +36,17 @@ pub fn finish(routes: Router<AppState>, state: AppState, config: &Config) -> Rou
         .method_not_allowed_fallback(method_not_allowed)
         .layer(
             ServiceBuilder::new()
-                .layer(axum::middleware::from_fn(middleware::security_headers))
-                .layer(axum::middleware::from_fn(correlation::correlate))
                 .layer(axum::middleware::from_fn_with_state(
                     state.clone(),
-                    middleware::record_metrics,
+                    edge::edge,
                 ))
-                .layer(CatchPanicLayer::custom(middleware::panic_to_problem))
-                .layer(cors(&config.server.cors_allowed_origins))
-                .layer(axum::middleware::from_fn_with_state(
-                    state.clone(),
-                    middleware::limit_body,
-                )),
+                .layer(CatchPanicLayer::custom(edge::panic_to_problem))
+                // Without allowed origins there is nothing to answer: skip the layer
+                // rather than add `Vary` and `Access-Control-*` to every response.
+                .option_layer(
+                    (!config.server.cors_allowed_origins.is_empty())
+                        .then(|| cors(&config.server.cors_allowed_origins)),
+                ),
         )
         .with_state(state)
 }

@@ -1,0 +1,176 @@
+//! The edge: one middleware that every request passes first, applying SPEC §3.
+//!
+//! In order: open the request's log span; check `x-correlation-id` (a malformed
+//! one is a 400; a missing one is generated) and continue or start the W3C trace;
+//! refuse a body over `http.max_body_bytes` (413 at once when `Content-Length`
+//! says so, otherwise while reading); run the route; then add the security
+//! headers, echo the correlation id and record the request's metrics.
+//!
+//! It is one function rather than a stack of small layers because each layer
+//! costs an allocation and a service clone per request, and this is the hot path
+//! of every call, the gateway's included.
+
+use std::any::Any;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use http_body_util::Limited;
+use tracing::Instrument;
+
+use aibos_wire::correlation::{CORRELATION_HEADER, TRACEPARENT_HEADER};
+use aibos_wire::{CorrelationId, TraceParent};
+
+use crate::error::{ApiError, ErrorCode};
+use crate::state::AppState;
+
+tokio::task_local! {
+    /// The correlation id of the request being served on this task, so that
+    /// every problem body and log line carries it without threading it through.
+    pub static CURRENT_CORRELATION_ID: CorrelationId;
+}
+
+/// What the edge learned about a request, for handlers and upstream calls.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestContext {
+    /// The request's correlation id (client-supplied or generated).
+    pub correlation_id: CorrelationId,
+    /// This hop's trace context: the client's trace with a new span, or a new trace.
+    pub trace: TraceParent,
+}
+
+/// The edge middleware; see the module documentation.
+pub async fn edge(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let random: u128 = rand_u128();
+    let supplied = request
+        .headers()
+        .get(CORRELATION_HEADER)
+        .map(|v| v.to_str().ok().and_then(CorrelationId::parse));
+    let (correlation_id, bad_correlation_id) = match supplied {
+        None => (CorrelationId::generate(), false),
+        Some(Some(id)) => (id, false),
+        Some(None) => (CorrelationId::generate(), true),
+    };
+    let trace = trace_context(request.headers(), random);
+    let route = request.extensions().get::<MatchedPath>().cloned();
+    let method = request.method().clone();
+
+    // Two fields only: every field is formatted into the span when it opens, on
+    // every request. Method and path are on the "request completed" line.
+    let span = tracing::info_span!(
+        "request",
+        correlation_id = %correlation_id,
+        trace_id = %trace.trace_id_display(),
+    );
+    let path_for_log =
+        tracing::enabled!(tracing::Level::DEBUG).then(|| request.uri().path().to_owned());
+
+    let limit = state.config_ref().http.max_body_bytes;
+    let declared_length = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+
+    let mut response = CURRENT_CORRELATION_ID
+        .scope(correlation_id, async move {
+            if bad_correlation_id {
+                return ApiError::invalid_field(
+                    format!("header:{CORRELATION_HEADER}"),
+                    "must be a UUID such as 0190f3c4-7e2a-7c4e-9d1a-2b3c4d5e6f70",
+                )
+                .into_response();
+            }
+            if declared_length.is_some_and(|len| len > limit) {
+                return payload_too_large(limit).into_response();
+            }
+            request.extensions_mut().insert(RequestContext {
+                correlation_id,
+                trace,
+            });
+            let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+            let request = request.map(|body| Body::new(Limited::new(body, limit)));
+            next.run(request).await
+        })
+        .instrument(span.clone())
+        .await;
+
+    let headers = response.headers_mut();
+    add_security_headers(headers);
+    if let Ok(value) = HeaderValue::from_str(&correlation_id.to_string()) {
+        headers.insert(CORRELATION_HEADER, value);
+    }
+
+    let elapsed = started.elapsed();
+    let status = response.status().as_u16();
+    // Unmatched paths share one label: a scanner must not grow the label set.
+    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+    state
+        .metrics()
+        .http_request(route, &method, status, elapsed);
+    if let Some(path) = path_for_log {
+        span.in_scope(|| {
+            tracing::debug!(%method, path, route, status, latency_ms = elapsed.as_secs_f64() * 1000.0, "request completed")
+        });
+    }
+    response
+}
+
+/// The security headers every response carries (SPEC §3).
+fn add_security_headers(headers: &mut HeaderMap) {
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+}
+
+/// Continues a valid `traceparent` with a new span id, or starts a new trace.
+fn trace_context(headers: &HeaderMap, random: u128) -> TraceParent {
+    let bytes = random.to_le_bytes();
+    let mut span_seed = [0u8; 8];
+    span_seed.copy_from_slice(&bytes[..8]);
+    match headers
+        .get(TRACEPARENT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceParent::parse)
+    {
+        Some(parent) => parent.child(span_seed),
+        None => TraceParent::root(bytes, span_seed),
+    }
+}
+
+fn rand_u128() -> u128 {
+    // uuid's "fast-rng" draws from a thread-local generator: no system call per request.
+    uuid::Uuid::new_v4().as_u128()
+}
+
+/// The 413 every oversized body gets.
+pub fn payload_too_large(limit: u64) -> ApiError {
+    ApiError::new(
+        ErrorCode::PayloadTooLarge,
+        format!("The request body exceeds the limit of {limit} bytes."),
+    )
+}
+
+/// Turns a panic inside a handler into a logged 500 problem instead of a dropped connection.
+pub fn panic_to_problem(panic: Box<dyn Any + Send + 'static>) -> Response {
+    let message = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("(non-string panic payload)");
+    ApiError::internal(anyhow::anyhow!("handler panicked: {message}")).into_response()
+}
