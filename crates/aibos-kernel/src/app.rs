@@ -56,6 +56,9 @@ pub enum StartError {
         "the database lacks {0} migration(s); run `aibos migrate up` or start without --no-migrate"
     )]
     MigrationsPending(usize),
+    /// The token-signing keys could not be loaded or created.
+    #[error("cannot load the token-signing keys: {0}")]
+    Keys(String),
     /// The listening socket could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -105,6 +108,9 @@ impl App {
         let (routes, mut openapi) = http::api_routes().split_for_parts();
         http::openapi::add_common_problems(&mut openapi);
         let openapi_json = openapi.to_json().unwrap_or_else(|_| "{}".to_owned());
+        let keys = crate::identity::admin::load_key_ring(&db, &config.auth)
+            .await
+            .map_err(StartError::Keys)?;
         let state = AppState::new(
             db,
             config.clone(),
@@ -112,6 +118,7 @@ impl App {
             options.log,
             Metrics::new(),
             openapi_json,
+            keys,
         );
         let routes = match options.extra_routes {
             Some(extra) => routes.merge(extra),
@@ -149,7 +156,7 @@ impl App {
             state,
         } = self;
         let stop = CancellationToken::new();
-        let background = spawn_background(&state, stop.clone());
+        let mut background = spawn_background(&state, stop.clone());
 
         let stop_serving = stop.clone();
         tokio::spawn(async move {
@@ -177,23 +184,46 @@ impl App {
             }
         };
         stop.cancel();
-        background.abort();
+        background.abort_all();
         state.db().close().await;
         tracing::info!("stopped");
         result
     }
 }
 
-/// Periodic housekeeping, stopped with the server.
-fn spawn_background(state: &AppState, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+/// Periodic housekeeping and the invalidation listener, stopped with the server.
+fn spawn_background(state: &AppState, stop: CancellationToken) -> tokio::task::JoinSet<()> {
+    let mut tasks = tokio::task::JoinSet::new();
     let metrics = state.metrics().clone();
-    tokio::spawn(async move {
+    let upkeep_stop = stop.clone();
+    tasks.spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(limits::METRICS_UPKEEP_SECONDS));
         loop {
             tokio::select! {
                 _ = tick.tick() => metrics.run_upkeep(),
-                () = stop.cancelled() => break,
+                () = upkeep_stop.cancelled() => break,
             }
         }
-    })
+    });
+    // Keys rotated by `aibos keys rotate` (or another instance) are picked up here.
+    let keys_state = state.clone();
+    let keys_stop = stop.clone();
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(limits::KEY_REFRESH_SECONDS));
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => keys_state.refresh_keys().await,
+                () = keys_stop.cancelled() => break,
+            }
+        }
+    });
+    if let crate::db::Db::Postgres(pool) = state.db() {
+        tasks.spawn(crate::authz::listener::run(
+            pool.clone(),
+            state.clone(),
+            stop,
+        ));
+    }
+    tasks
 }

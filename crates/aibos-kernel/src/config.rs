@@ -265,8 +265,17 @@ pub struct Config {
     pub gateway: GatewayConfig,
     /// `[events]`
     pub events: EventsConfig,
+    /// `[audit]`
+    pub audit: AuditConfig,
     /// `[log]`
     pub log: LogConfig,
+}
+
+/// `[audit]`
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditConfig {
+    /// Lowercase words whose values are redacted from audit details and logs.
+    pub redact_keys: Vec<String>,
 }
 
 /// `[server]`: the listening socket and its lifecycle.
@@ -377,7 +386,14 @@ struct RawConfig {
     idempotency: RawIdempotency,
     gateway: RawGateway,
     events: RawEvents,
+    audit: RawAudit,
     log: RawLog,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    redact_keys: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -853,6 +869,20 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config>
         );
     }
 
+    for key in &raw.audit.redact_keys {
+        if key.is_empty()
+            || key.len() > 64
+            || !key
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
+            problem(
+                "audit.redact_keys",
+                format!("{:?} must be a lowercase snake_case word", truncate(key)),
+            );
+        }
+    }
+
     if let Err(message) = crate::telemetry::check_filter(&raw.log.level) {
         problem("log.level", message);
     }
@@ -907,6 +937,9 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config>
         },
         events: EventsConfig {
             nats_url: raw.events.nats_url,
+        },
+        audit: AuditConfig {
+            redact_keys: raw.audit.redact_keys,
         },
         log: LogConfig {
             level: raw.log.level,

@@ -18,6 +18,8 @@ pub struct ApiError {
     detail: String,
     errors: Vec<FieldError>,
     missing_permissions: Vec<String>,
+    /// OAuth 2.0 error code (RFC 6749 §5.2) for the token endpoint.
+    oauth_error: Option<&'static str>,
     /// Extra response headers (`Retry-After`, `WWW-Authenticate`).
     headers: Vec<(header::HeaderName, HeaderValue)>,
     /// The internal cause of a 5xx; logged, never sent.
@@ -32,6 +34,7 @@ impl ApiError {
             detail: detail.into(),
             errors: Vec::new(),
             missing_permissions: Vec::new(),
+            oauth_error: None,
             headers: Vec::new(),
             cause: None,
         }
@@ -70,12 +73,49 @@ impl ApiError {
         }
     }
 
+    /// 401 with `WWW-Authenticate: Bearer`.
+    pub fn unauthorized(detail: impl Into<String>) -> ApiError {
+        ApiError::new(ErrorCode::Unauthorized, detail)
+            .with_header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))
+    }
+
+    /// 403 naming the permissions the caller lacks.
+    pub fn forbidden(missing: Vec<String>) -> ApiError {
+        ApiError {
+            missing_permissions: missing,
+            ..ApiError::new(
+                ErrorCode::Forbidden,
+                "The caller lacks a permission this request needs.",
+            )
+        }
+    }
+
+    /// 409 with a detail.
+    pub fn conflict(detail: impl Into<String>) -> ApiError {
+        ApiError::new(ErrorCode::Conflict, detail)
+    }
+
+    /// 429 with `Retry-After` in whole seconds (at least 1).
+    pub fn rate_limited(detail: impl Into<String>, retry_after: std::time::Duration) -> ApiError {
+        let seconds = retry_after.as_secs().max(1);
+        ApiError::new(ErrorCode::RateLimited, detail).with_header(
+            header::RETRY_AFTER,
+            HeaderValue::from_str(&seconds.to_string()).unwrap_or(HeaderValue::from_static("1")),
+        )
+    }
+
     /// Adds one invalid field to a validation error.
     pub fn with_field(mut self, field: impl Into<String>, message: impl Into<String>) -> ApiError {
         self.errors.push(FieldError {
             field: field.into(),
             message: message.into(),
         });
+        self
+    }
+
+    /// Adds the OAuth 2.0 `error` member (`invalid_client`, …).
+    pub fn with_oauth_error(mut self, error: &'static str) -> ApiError {
+        self.oauth_error = Some(error);
         self
     }
 
@@ -95,10 +135,23 @@ impl From<crate::db::DbError> for ApiError {
     fn from(e: crate::db::DbError) -> ApiError {
         match e {
             crate::db::DbError::Timeout(_) => ApiError::unavailable(e),
-            crate::db::DbError::Query(
-                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_),
-            ) => ApiError::unavailable(e),
+            crate::db::DbError::Query(inner) => ApiError::from(inner),
             other => ApiError::internal(other),
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    /// Unique-constraint violations are the client's conflict; anything else is ours.
+    fn from(e: sqlx::Error) -> ApiError {
+        match &e {
+            sqlx::Error::Database(db) if db.is_unique_violation() => {
+                ApiError::conflict("A resource with the same unique value already exists.")
+            }
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+                ApiError::unavailable(e)
+            }
+            _ => ApiError::internal(e),
         }
     }
 }
@@ -115,6 +168,7 @@ impl IntoResponse for ApiError {
             correlation_id,
             errors: self.errors,
             missing_permissions: self.missing_permissions,
+            error: self.oauth_error.map(str::to_owned),
             ..Problem::new(self.code, self.detail)
         };
         let mut response = (status, problem_body(&problem)).into_response();

@@ -7,6 +7,9 @@
 //! - [`http`]: the router, the middleware stack (SPEC §3) and our extractors.
 //! - [`error`]: domain errors become RFC 9457 problem+json here, and only here.
 //! - [`db`]: the database handle over SQLite and PostgreSQL, and migrations.
+//! - [`identity`]: tenants, users, service accounts, login, sessions and tokens.
+//! - [`authz`]: permissions, roles, delegation, break-glass, the `Caller` extractor and its cache.
+//! - [`audit`]: the tamper-evident audit trail, its verification and signed checkpoints.
 //! - [`health`]: liveness, readiness and metrics endpoints.
 //! - [`telemetry`]: logs and metrics.
 //!
@@ -15,14 +18,18 @@
 //! state, so tests can run many kernels in one process.
 
 pub mod app;
+pub mod audit;
+pub mod authz;
 pub mod config;
 pub mod db;
 pub mod error;
 pub mod health;
 pub mod http;
+pub mod identity;
 pub mod limits;
 pub mod state;
 pub mod telemetry;
+pub mod timestamp;
 
 pub use app::{App, AppOptions, StartError};
 pub use config::{Config, ConfigSources};

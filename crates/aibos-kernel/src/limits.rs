@@ -61,3 +61,44 @@ pub const LATENCY_BUCKETS_SECONDS: &[f64] = &[
 /// Migrations a single `migrate down --steps` may revert: guards against a typo
 /// wiping a schema. Reverting more takes several commands.
 pub const MIGRATE_DOWN_STEPS_MAX: u32 = 1_000;
+
+/// Longest access token accepted: ours are ~400 bytes; refuse megabyte headers early.
+pub const ACCESS_TOKEN_BYTES_MAX: usize = 4_096;
+
+/// Shortest password a user may have (SPEC §4).
+pub const PASSWORD_CHARS_MIN: usize = 12;
+/// Longest password accepted: Argon2 hashes anything, but a megabyte password is an attack.
+pub const PASSWORD_BYTES_MAX: usize = 1_024;
+
+/// Refresh tokens live this long after their session starts (rotation does not extend it).
+pub const SESSION_TTL_SECONDS: i64 = 30 * 86_400;
+
+/// Authenticated principals kept in memory (one per live session).
+pub const PRINCIPAL_CACHE_ENTRIES_MAX: usize = 100_000;
+/// Verified access tokens kept in memory, so a repeated token skips the signature check.
+pub const VERIFIED_TOKEN_CACHE_ENTRIES_MAX: usize = 100_000;
+
+/// Login failures kept per (tenant, email) and per address before the oldest are forgotten.
+pub const LOGIN_THROTTLE_KEYS_MAX: usize = 100_000;
+/// Failures of one (tenant, email) within the window that trigger throttling.
+pub const LOGIN_FAILURES_PER_ACCOUNT_MAX: u32 = 5;
+/// Failures from one client address within the window that trigger throttling.
+pub const LOGIN_FAILURES_PER_ADDRESS_MAX: u32 = 100;
+/// The throttling window.
+pub const LOGIN_FAILURE_WINDOW_SECONDS: u64 = 15 * 60;
+
+/// Longest a delegation may last.
+pub const DELEGATION_DAYS_MAX: i64 = 30;
+/// Longest a break-glass elevation may last.
+pub const BREAK_GLASS_MINUTES_MAX: i64 = 60;
+/// Shortest reason a break-glass request must give.
+pub const BREAK_GLASS_REASON_CHARS_MIN: usize = 20;
+/// Permissions one role, delegation or break-glass may name.
+pub const PERMISSIONS_PER_GRANT_MAX: usize = 200;
+/// Longest name, email or free-text reason accepted.
+pub const TEXT_CHARS_MAX: usize = 500;
+/// Longest `User-Agent` kept in an audit entry.
+pub const USER_AGENT_CHARS_MAX: usize = 256;
+
+/// How often each kernel re-reads the signing keys (to pick up `aibos keys rotate`).
+pub const KEY_REFRESH_SECONDS: u64 = 30;

@@ -5,8 +5,13 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 
+use crate::audit::{self, AuditContext, AuditEvent};
+use crate::authz::cache::{AuthCache, Invalidation, Principal};
 use crate::config::{Config, ConfigError, ConfigSources};
 use crate::db::Db;
+use crate::error::ApiError;
+use crate::identity::throttle::LoginThrottle;
+use crate::identity::tokens::{KeyRing, SharedKeyRing};
 use crate::telemetry::{LogControl, Metrics};
 
 /// Shared by every handler; clone freely (everything inside is an `Arc` or a pool handle).
@@ -30,6 +35,12 @@ struct Inner {
     started_at: Instant,
     /// The OpenAPI document, rendered once at start (it cannot change while running).
     openapi_json: Arc<str>,
+    /// Signing and verifying keys; swapped whole after a rotation.
+    keys: SharedKeyRing,
+    /// Verified tokens and session principals.
+    auth: AuthCache,
+    /// Login-failure counts.
+    login_throttle: LoginThrottle,
 }
 
 /// What a successful reload changed.
@@ -49,6 +60,7 @@ impl AppState {
         log: LogControl,
         metrics: Metrics,
         openapi_json: String,
+        keys: KeyRing,
     ) -> AppState {
         AppState {
             inner: Arc::new(Inner {
@@ -59,8 +71,97 @@ impl AppState {
                 metrics,
                 started_at: Instant::now(),
                 openapi_json: openapi_json.into(),
+                keys: Arc::new(ArcSwap::from_pointee(keys)),
+                auth: AuthCache::default(),
+                login_throttle: LoginThrottle::default(),
             }),
         }
+    }
+
+    /// The keys in force.
+    pub fn keys(&self) -> arc_swap::Guard<Arc<KeyRing>> {
+        self.inner.keys.load()
+    }
+
+    /// Replaces the key ring (after a rotation was seen in the database).
+    pub fn set_keys(&self, ring: KeyRing) {
+        self.inner.keys.store(Arc::new(ring));
+        self.inner.auth.invalidate(&Invalidation::All);
+    }
+
+    /// Re-reads the signing keys; a changed set replaces the ring.
+    pub async fn refresh_keys(&self) {
+        let auth = self.config().auth.clone();
+        match crate::identity::admin::load_key_ring(self.db(), &auth).await {
+            Ok(ring) => {
+                if ring.jwks() != self.keys().jwks() {
+                    tracing::info!("token-signing keys changed; new ring in force");
+                    self.set_keys(ring);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot refresh the token-signing keys"),
+        }
+    }
+
+    /// The login throttle.
+    pub fn login_throttle(&self) -> &LoginThrottle {
+        &self.inner.login_throttle
+    }
+
+    /// The authorization caches.
+    pub fn auth_cache(&self) -> &AuthCache {
+        &self.inner.auth
+    }
+
+    /// Applies an invalidation to this kernel's caches (other instances get it by NOTIFY).
+    pub fn invalidate(&self, what: &Invalidation) {
+        self.inner.auth.invalidate(what);
+    }
+
+    /// Verifies a bearer token and resolves its session; 401 for anything that does not hold.
+    pub async fn authenticate(&self, token: &str) -> Result<Arc<Principal>, ApiError> {
+        let now = crate::timestamp::now();
+        let cache = &self.inner.auth;
+        let claims = match cache.verified_claims(token, now.unix_timestamp()) {
+            Some(claims) => claims,
+            None => {
+                let claims = self.keys().verify(token).map_err(|e| {
+                    tracing::debug!(error = %e, "access token refused");
+                    ApiError::unauthorized("The access token is not valid.")
+                })?;
+                let claims = Arc::new(claims);
+                cache.store_verified(token, claims.clone());
+                claims
+            }
+        };
+        if let Some(principal) = cache.principal(&claims.sid, now) {
+            return Ok(principal);
+        }
+        let generation = cache.generation();
+        let principal = crate::authz::store::load_principal(self.db(), &claims, now)
+            .await?
+            .ok_or_else(|| ApiError::unauthorized("The session has ended."))?;
+        let principal = Arc::new(principal);
+        cache.store_principal(generation, principal.clone());
+        Ok(principal)
+    }
+
+    /// Keys whose values are redacted from audit details.
+    pub fn redact_keys(&self) -> Vec<String> {
+        self.config_ref().audit.redact_keys.clone()
+    }
+
+    /// Writes one audit entry in a transaction of its own (denials, failed logins).
+    pub async fn audit_alone(&self, ctx: AuditContext, event: AuditEvent) -> Result<(), ApiError> {
+        let keys = self.redact_keys();
+        self.db()
+            .write(move |tx| {
+                Box::pin(async move {
+                    audit::record(tx, &ctx, event, &keys).await?;
+                    Ok::<_, ApiError>(())
+                })
+            })
+            .await
     }
 
     /// The database.
@@ -97,7 +198,27 @@ impl AppState {
     /// Re-reads every configuration layer through the same path as start-up. A valid
     /// configuration is swapped in atomically; an invalid one is refused and the old
     /// one stays in force.
-    pub fn reload(&self) -> Result<ReloadOutcome, ConfigError> {
+    pub async fn reload(&self) -> Result<ReloadOutcome, ConfigError> {
+        let result = self.swap_config();
+        let ctx = AuditContext::system(crate::identity::SYSTEM_TENANT_ID);
+        let event = match &result {
+            Ok(outcome) => AuditEvent::new("config.reloaded").details(serde_json::json!({
+                "applied": outcome.applied, "restart_required": outcome.restart_required
+            })),
+            Err(e) => AuditEvent::new("config.reload_failed")
+                .outcome("failure")
+                .severity("warning")
+                .details(serde_json::json!({
+                    "problems": e.problems()
+                })),
+        };
+        if let Err(e) = self.audit_alone(ctx, event).await {
+            tracing::error!(error = ?e, "the configuration reload could not be audited");
+        }
+        result
+    }
+
+    fn swap_config(&self) -> Result<ReloadOutcome, ConfigError> {
         let next = match Config::load(&self.inner.sources) {
             Ok(next) => next,
             Err(e) => {

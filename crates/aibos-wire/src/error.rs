@@ -116,6 +116,9 @@ pub struct Problem {
     /// For authorization problems: the permissions the caller lacks.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub missing_permissions: Vec<String>,
+    /// For the OAuth token endpoint: the RFC 6749 error code (`invalid_client`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl Problem {
@@ -133,6 +136,7 @@ impl Problem {
             correlation_id: None,
             errors: Vec::new(),
             missing_permissions: Vec::new(),
+            error: None,
         }
     }
 }

@@ -8,6 +8,9 @@
 //! *Architecture invariant*: only this module and files named `store.rs` contain SQL.
 
 pub mod migrate;
+pub mod tx;
+
+pub use tx::{Tx, TxFuture};
 
 use std::path::Path;
 use std::str::FromStr;
@@ -66,6 +69,9 @@ pub enum DbError {
     /// The database did not answer in time.
     #[error("the database did not answer within {0} ms")]
     Timeout(u64),
+    /// A transaction's task panicked or was cancelled by shutdown; it was rolled back.
+    #[error("a database transaction did not complete: {0}")]
+    TaskFailed(String),
 }
 
 impl Db {

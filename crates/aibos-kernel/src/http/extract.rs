@@ -124,3 +124,139 @@ mod tests {
         assert!(parse_json::<Body>(br#"{"name": "x", "count": 99999999999999999999}"#).is_err());
     }
 }
+
+/// `?limit=&cursor=` of every list: limit 1–1000 (default 50), an opaque cursor.
+#[derive(Debug, Clone)]
+pub struct ListQuery {
+    /// Page size.
+    pub limit: u32,
+    /// The last key of the previous page (decoded cursor), empty for the first page.
+    pub after: String,
+}
+
+impl ListQuery {
+    /// Builds the page envelope: `limit + 1` rows were fetched; the extra one only
+    /// says that there is a next page, whose cursor is the last kept row's key.
+    pub fn page<T>(&self, mut rows: Vec<T>, key: impl Fn(&T) -> String) -> aibos_wire::Page<T> {
+        let limit = usize::try_from(self.limit).unwrap_or(usize::MAX);
+        let next_cursor = if rows.len() > limit {
+            rows.truncate(limit);
+            rows.last().map(|r| encode_cursor(&key(r)))
+        } else {
+            None
+        };
+        aibos_wire::Page {
+            items: rows,
+            next_cursor,
+        }
+    }
+
+    /// How many rows to fetch: one more than the page, to know if another follows.
+    pub fn fetch(&self) -> u32 {
+        self.limit + 1
+    }
+}
+
+/// Cursor text: base64url of the last key.
+pub fn encode_cursor(key: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key.as_bytes())
+}
+
+fn decode_cursor(cursor: &str) -> Option<String> {
+    use base64::Engine as _;
+    if cursor.len() > crate::limits::CURSOR_CHARS_MAX {
+        return None;
+    }
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor)
+        .ok()?;
+    String::from_utf8(bytes).ok()
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ListQuery {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let query = parts.uri.query().unwrap_or("");
+        let mut limit = crate::limits::LIST_LIMIT_DEFAULT;
+        let mut after = String::new();
+        for (key, value) in url_pairs(query) {
+            match key.as_str() {
+                "limit" => {
+                    limit = value
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|l| (1..=crate::limits::LIST_LIMIT_MAX).contains(l))
+                        .ok_or_else(|| {
+                            ApiError::invalid_field(
+                                "limit",
+                                format!("must be between 1 and {}", crate::limits::LIST_LIMIT_MAX),
+                            )
+                        })?;
+                }
+                "cursor" => {
+                    after = decode_cursor(&value).ok_or_else(|| {
+                        ApiError::invalid_field("cursor", "is not a cursor this API returned")
+                    })?;
+                }
+                _ => {}
+            }
+        }
+        Ok(ListQuery { limit, after })
+    }
+}
+
+/// Decoded `key=value` pairs of a query string.
+pub fn url_pairs(query: &str) -> Vec<(String, String)> {
+    serde_urlencoded::from_str::<Vec<(String, String)>>(query).unwrap_or_default()
+}
+
+/// `If-Match: "<version>"`, when sent; a malformed value is a 400.
+#[derive(Debug, Clone, Copy)]
+pub struct IfMatch(pub Option<i64>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for IfMatch {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let Some(value) = parts.headers.get(header::IF_MATCH) else {
+            return Ok(IfMatch(None));
+        };
+        let text = value.to_str().unwrap_or("").trim();
+        let text = text.strip_prefix("W/").unwrap_or(text);
+        text.trim_matches('"')
+            .parse::<i64>()
+            .ok()
+            .filter(|v| *v >= 1)
+            .map(|v| IfMatch(Some(v)))
+            .ok_or_else(|| {
+                ApiError::invalid_field(
+                    "header:if-match",
+                    "must be an ETag this API returned, such as \"3\"",
+                )
+            })
+    }
+}
+
+/// Parses a path id: a UUID, else 400 (never a database lookup with junk).
+pub fn parse_id(field: &str, text: &str) -> Result<String, ApiError> {
+    uuid::Uuid::try_parse(text)
+        .map(|u| u.hyphenated().to_string())
+        .map_err(|_| ApiError::invalid_field(field, "must be a UUID"))
+}
+
+/// A JSON response with `ETag: "<version>"`.
+pub fn with_etag<T: Serialize>(status: axum::http::StatusCode, body: &T, version: i64) -> Response {
+    let mut response = (status, axum::Json(body)).into_response();
+    if let Ok(value) = header::HeaderValue::from_str(&format!("\"{version}\"")) {
+        response.headers_mut().insert(header::ETAG, value);
+    }
+    response
+}

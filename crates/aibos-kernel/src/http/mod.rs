@@ -27,6 +27,9 @@ pub fn api_routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(openapi::base_document())
         .routes(utoipa_axum::routes!(openapi::serve))
         .merge(crate::health::routes::router())
+        .merge(crate::identity::routes::router())
+        .merge(crate::authz::routes::router())
+        .merge(crate::audit::routes::router())
 }
 
 /// Wraps the routes in the middleware stack and the problem+json fallbacks.

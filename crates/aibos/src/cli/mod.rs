@@ -2,6 +2,7 @@
 
 mod config;
 mod migrate;
+mod ops;
 mod serve;
 mod status;
 mod version;
@@ -42,6 +43,18 @@ enum Command {
     /// Check or print the effective configuration.
     #[command(subcommand)]
     Config(config::ConfigCommand),
+    /// Platform administrators, offline.
+    #[command(subcommand)]
+    Admin(ops::AdminCommand),
+    /// Tenants, offline.
+    #[command(subcommand)]
+    Tenant(ops::TenantCommand),
+    /// Token-signing keys.
+    #[command(subcommand)]
+    Keys(ops::KeysCommand),
+    /// Verify the audit trail, and sign checkpoints of it.
+    #[command(subcommand)]
+    Audit(ops::AuditCommand),
     /// Ask a running kernel for its health.
     Status(status::StatusArgs),
     /// Print the version.
@@ -56,6 +69,10 @@ pub async fn run(cli: Cli) -> u8 {
         Command::Migrate(command) => migrate::run(sources, command).await,
         Command::Config(command) => config::run(sources, command),
         Command::Status(args) => status::run(sources, args).await,
+        Command::Admin(command) => ops::admin(sources, command).await,
+        Command::Tenant(command) => ops::tenant(sources, command).await,
+        Command::Keys(command) => ops::keys(sources, command).await,
+        Command::Audit(command) => ops::audit(sources, command).await,
         Command::Version(args) => version::run(args),
     }
 }

@@ -72,6 +72,6 @@ async fn reload_on_sighup(state: aibos_kernel::AppState) {
     while hangup.recv().await.is_some() {
         tracing::info!("SIGHUP received: reloading the configuration");
         // The outcome (applied or refused, and why) is logged and counted by reload itself.
-        let _ = state.reload();
+        let _ = state.reload().await;
     }
 }

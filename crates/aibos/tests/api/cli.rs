@@ -75,7 +75,15 @@ crate::both_engines! {
         assert_eq!(status(cwd.path())["migrations"][0]["state"], "applied");
         let down = aibos(cwd.path(), &["migrate", "down", "--steps", "1"], &env);
         assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
-        assert!(String::from_utf8_lossy(&down.stdout).contains("reverted 1"));
+        let all = status(cwd.path());
+        let migrations = all["migrations"].as_array().unwrap();
+        let newest = migrations.last().unwrap();
+        assert!(String::from_utf8_lossy(&down.stdout).contains(&format!("reverted {}", newest["version"])));
+        assert_eq!(newest["state"], "pending");
+        assert_eq!(migrations[0]["state"], "applied", "only the newest was reverted");
+        let steps = migrations.len().to_string();
+        let down = aibos(cwd.path(), &["migrate", "down", "--steps", &steps], &env);
+        assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
         assert_eq!(status(cwd.path())["migrations"][0]["state"], "pending");
         let baseline = aibos(cwd.path(), &["migrate", "baseline"], &env);
         assert!(baseline.status.success());

@@ -1,0 +1,149 @@
+//! The principal cache: who a session is and what it may do, without a database
+//! round trip per request.
+//!
+//! Entries are keyed by session id and built from the database on a miss.
+//! Every change that could alter an entry (logout, suspension, role or
+//! assignment change, delegation, break-glass) invalidates the affected entries
+//! after its transaction commits; on PostgreSQL the same transaction also sends
+//! `NOTIFY aibos_authz`, which every other kernel instance's listener turns into
+//! the same invalidation. A generation counter closes the race between a miss
+//! that is loading old data and an invalidation that lands meanwhile.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use quick_cache::sync::Cache;
+use time::OffsetDateTime;
+
+use super::PermissionSet;
+use crate::identity::tokens::Claims;
+use crate::limits;
+
+/// The LISTEN/NOTIFY channel of invalidations.
+pub const NOTIFY_CHANNEL: &str = "aibos_authz";
+
+/// An authenticated session with everything a permission check needs.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    /// The tenant (from the token's `tid`, confirmed against the session).
+    pub tenant_id: String,
+    /// The tenant's slug.
+    pub tenant_slug: String,
+    /// Whether the tenant is suspended (its tokens get 403 `TENANT_SUSPENDED`).
+    pub tenant_suspended: bool,
+    /// The user or service account.
+    pub subject_id: String,
+    /// `user` or `service`.
+    pub actor_type: &'static str,
+    /// The session.
+    pub session_id: String,
+    /// The user's email (users only).
+    pub email: Option<String>,
+    /// The user's or service account's name.
+    pub name: String,
+    /// Everything the caller may do now: roles, delegations received, break-glass.
+    pub permissions: PermissionSet,
+    /// What the caller holds through its own roles (and so may delegate).
+    pub delegable: PermissionSet,
+    /// When the earliest time-bound grant (or the session) ends; the entry is rebuilt then.
+    pub valid_until: Option<OffsetDateTime>,
+}
+
+/// Invalidation targets, as sent over NOTIFY (`tenant:<id>`, `session:<id>`, `all`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invalidation {
+    /// Every entry of a tenant (role, assignment, user or tenant change).
+    Tenant(String),
+    /// One session (logout, refresh-token reuse).
+    Session(String),
+    /// Everything (key rotation, a lost listener connection).
+    All,
+}
+
+impl Invalidation {
+    /// The NOTIFY payload.
+    pub fn payload(&self) -> String {
+        match self {
+            Invalidation::Tenant(id) => format!("tenant:{id}"),
+            Invalidation::Session(id) => format!("session:{id}"),
+            Invalidation::All => "all".to_owned(),
+        }
+    }
+
+    /// Parses a NOTIFY payload; unknown payloads invalidate everything (safe side).
+    pub fn parse(payload: &str) -> Invalidation {
+        match payload.split_once(':') {
+            Some(("tenant", id)) => Invalidation::Tenant(id.to_owned()),
+            Some(("session", id)) => Invalidation::Session(id.to_owned()),
+            _ => Invalidation::All,
+        }
+    }
+}
+
+/// The caches of one kernel.
+pub struct AuthCache {
+    principals: Cache<String, Arc<Principal>>,
+    /// Access tokens whose signature already verified, with their claims: a
+    /// repeated token skips the Ed25519 check. Keyed by the whole token text.
+    verified: Cache<String, Arc<Claims>>,
+    generation: AtomicU64,
+}
+
+impl Default for AuthCache {
+    fn default() -> AuthCache {
+        AuthCache {
+            principals: Cache::new(limits::PRINCIPAL_CACHE_ENTRIES_MAX),
+            verified: Cache::new(limits::VERIFIED_TOKEN_CACHE_ENTRIES_MAX),
+            generation: AtomicU64::new(0),
+        }
+    }
+}
+
+impl AuthCache {
+    /// A cached principal still within its validity.
+    pub fn principal(&self, session_id: &str, now: OffsetDateTime) -> Option<Arc<Principal>> {
+        self.principals
+            .get(session_id)
+            .filter(|p| p.valid_until.is_none_or(|until| until > now))
+    }
+
+    /// The generation to pass to [`AuthCache::store_principal`] after loading.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Stores a principal loaded at `generation`, unless an invalidation happened since.
+    pub fn store_principal(&self, generation: u64, principal: Arc<Principal>) {
+        if self.generation.load(Ordering::Acquire) == generation {
+            self.principals
+                .insert(principal.session_id.clone(), principal);
+        }
+    }
+
+    /// Claims of a token verified before, if still unexpired.
+    pub fn verified_claims(&self, token: &str, now_unix: i64) -> Option<Arc<Claims>> {
+        self.verified.get(token).filter(|c| {
+            c.exp + i64::try_from(crate::identity::tokens::LEEWAY_SECONDS).unwrap_or(0) > now_unix
+        })
+    }
+
+    /// Remembers a verified token.
+    pub fn store_verified(&self, token: &str, claims: Arc<Claims>) {
+        self.verified.insert(token.to_owned(), claims);
+    }
+
+    /// Applies an invalidation.
+    pub fn invalidate(&self, what: &Invalidation) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        match what {
+            Invalidation::Tenant(tenant) => self.principals.retain(|_, p| &p.tenant_id != tenant),
+            Invalidation::Session(session) => {
+                self.principals.remove(session);
+            }
+            Invalidation::All => {
+                self.principals.clear();
+                self.verified.clear();
+            }
+        }
+    }
+}

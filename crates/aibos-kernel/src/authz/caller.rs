@@ -1,0 +1,197 @@
+//! The authenticated caller, as an axum extractor.
+//!
+//! `Caller` authenticates the bearer token (signature once per token, then a
+//! cache hit), resolves the session to a cached [`Principal`], and refuses
+//! revoked sessions, suspended users and suspended tenants. The tenant of every
+//! request comes from here and nowhere else.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::header;
+use axum::http::request::Parts;
+
+use super::cache::Principal;
+use crate::audit::{AuditContext, AuditEvent};
+use crate::error::{ApiError, ErrorCode};
+use crate::http::edge::RequestContext;
+use crate::limits;
+use crate::state::AppState;
+
+/// Who is calling, and from where.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The session's principal (tenant, subject, permissions).
+    pub principal: Arc<Principal>,
+    /// The request's correlation id.
+    pub correlation_id: String,
+    /// The client's address.
+    pub client_ip: Option<IpAddr>,
+    /// The client's `User-Agent`, truncated.
+    pub user_agent: Option<String>,
+}
+
+/// Client address, user agent and correlation id of any request, for audit
+/// entries of unauthenticated endpoints (login, bootstrap).
+#[derive(Debug, Clone)]
+pub struct ClientInfo {
+    /// The client's address.
+    pub client_ip: Option<IpAddr>,
+    /// The client's `User-Agent`, truncated.
+    pub user_agent: Option<String>,
+    /// The request's correlation id.
+    pub correlation_id: String,
+}
+
+impl ClientInfo {
+    /// The audit context of an anonymous request in `tenant_id`'s chain.
+    pub fn audit_context(
+        &self,
+        tenant_id: &str,
+        actor_type: &'static str,
+        actor_id: Option<String>,
+    ) -> AuditContext {
+        AuditContext {
+            tenant_id: tenant_id.to_owned(),
+            actor_type,
+            actor_id,
+            client_ip: self.client_ip.map(|ip| ip.to_string()),
+            user_agent: self.user_agent.clone(),
+            correlation_id: Some(self.correlation_id.clone()),
+        }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientInfo {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(client_info(parts))
+    }
+}
+
+fn client_info(parts: &Parts) -> ClientInfo {
+    let client_ip = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let user_agent = parts
+        .headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .map(|ua| ua.chars().take(limits::USER_AGENT_CHARS_MAX).collect());
+    let correlation_id = parts
+        .extensions
+        .get::<RequestContext>()
+        .map(|c| c.correlation_id.to_string())
+        .unwrap_or_default();
+    ClientInfo {
+        client_ip,
+        user_agent,
+        correlation_id,
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let token = bearer_token(parts).ok_or_else(|| {
+            ApiError::unauthorized("Send an access token as `Authorization: Bearer <token>`.")
+        })?;
+        let principal = state.authenticate(token).await?;
+        if principal.tenant_suspended {
+            return Err(ApiError::new(
+                ErrorCode::TenantSuspended,
+                "The tenant is suspended.",
+            ));
+        }
+        let info = client_info(parts);
+        Ok(Caller {
+            principal,
+            correlation_id: info.correlation_id,
+            client_ip: info.client_ip,
+            user_agent: info.user_agent,
+        })
+    }
+}
+
+fn bearer_token(parts: &Parts) -> Option<&str> {
+    let value = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty()).then(|| token.trim())
+}
+
+impl Caller {
+    /// The caller's tenant (from the token, confirmed by the session).
+    pub fn tenant_id(&self) -> &str {
+        &self.principal.tenant_id
+    }
+
+    /// The user or service account.
+    pub fn subject_id(&self) -> &str {
+        &self.principal.subject_id
+    }
+
+    /// Whether the caller holds `permission` right now.
+    pub fn holds(&self, permission: &str) -> bool {
+        self.principal.permissions.contains(permission)
+    }
+
+    /// Succeeds when the caller holds every one of `permissions`; otherwise writes
+    /// an `authz.deny` audit entry and answers 403 with `missing_permissions`.
+    pub async fn require(&self, state: &AppState, permissions: &[&str]) -> Result<(), ApiError> {
+        let missing: Vec<String> = permissions
+            .iter()
+            .filter(|p| !self.holds(p))
+            .map(|p| p.to_string())
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let event = AuditEvent::new("authz.deny")
+            .outcome("deny")
+            .severity("warning")
+            .details(serde_json::json!({ "required_permissions": permissions, "missing_permissions": missing }));
+        state.audit_alone(self.audit_context(), event).await?;
+        Err(ApiError::forbidden(missing))
+    }
+
+    /// Refuses a body that names another tenant: 400, and a `security.cross_tenant_attempt` entry.
+    pub async fn refuse_foreign_tenant(
+        &self,
+        state: &AppState,
+        body_tenant_id: Option<&str>,
+    ) -> Result<(), ApiError> {
+        match body_tenant_id {
+            Some(named) if named != self.tenant_id() => {
+                let event = AuditEvent::new("security.cross_tenant_attempt")
+                    .outcome("deny")
+                    .severity("critical")
+                    .details(serde_json::json!({ "named_tenant_id": named.chars().take(64).collect::<String>() }));
+                state.audit_alone(self.audit_context(), event).await?;
+                Err(ApiError::invalid_field(
+                    "tenant_id",
+                    "must be the caller's own tenant (the tenant comes from the token)",
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The audit context of this request.
+    pub fn audit_context(&self) -> AuditContext {
+        AuditContext {
+            tenant_id: self.principal.tenant_id.clone(),
+            actor_type: self.principal.actor_type,
+            actor_id: Some(self.principal.subject_id.clone()),
+            client_ip: self.client_ip.map(|ip| ip.to_string()),
+            user_agent: self.user_agent.clone(),
+            correlation_id: Some(self.correlation_id.clone()),
+        }
+    }
+}

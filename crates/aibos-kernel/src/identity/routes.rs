@@ -1,0 +1,1210 @@
+//! Identity endpoints: bootstrap, tenants, users, sessions, service accounts, JWKS.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use super::store::{self, ServiceAccount, Tenant, User};
+use super::tokens::{AUDIENCE, Claims, ISSUER};
+use super::{
+    SYSTEM_TENANT_ID, admin, new_secret, parse_email, parse_name, parse_slug, password, secret_hash,
+};
+use crate::audit::{self, AuditContext, AuditEvent};
+use crate::authz::cache::Invalidation;
+use crate::authz::caller::ClientInfo;
+use crate::authz::{Caller, perm, store as authz_store};
+use crate::error::{ApiError, ApiResult, ErrorCode};
+use crate::http::extract::{AppJson, IfMatch, ListQuery, parse_id, with_etag};
+use crate::state::AppState;
+use crate::{limits, timestamp};
+
+/// The routes of this module.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(bootstrap))
+        .routes(routes!(create_tenant, list_tenants))
+        .routes(routes!(get_tenant, update_tenant))
+        .routes(routes!(create_tenant_admin))
+        .routes(routes!(create_user, list_users))
+        .routes(routes!(get_user, update_user))
+        .routes(routes!(change_password))
+        .routes(routes!(login))
+        .routes(routes!(refresh))
+        .routes(routes!(logout))
+        .routes(routes!(me))
+        .routes(routes!(token))
+        .routes(routes!(create_service_account, list_service_accounts))
+        .routes(routes!(rotate_service_account_secret))
+        .routes(routes!(jwks))
+}
+
+/// `POST /api/kernel/bootstrap` body.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BootstrapRequest {
+    email: String,
+    password: String,
+    name: String,
+}
+
+/// The first platform administrator.
+#[derive(Serialize, ToSchema)]
+pub struct BootstrapResponse {
+    tenant_id: String,
+    user_id: String,
+}
+
+/// Creates the first platform administrator (needs `x-bootstrap-key`; closed once one exists).
+#[utoipa::path(post, path = "/api/kernel/bootstrap", tag = "identity", request_body = BootstrapRequest,
+    responses((status = 201, body = BootstrapResponse), (status = 401, description = "UNAUTHORIZED: wrong key"),
+              (status = 404, description = "NOT_FOUND: bootstrap disabled"), (status = 409, description = "CONFLICT: an administrator exists")))]
+pub async fn bootstrap(
+    State(state): State<AppState>,
+    info: ClientInfo,
+    headers: HeaderMap,
+    AppJson(body): AppJson<BootstrapRequest>,
+) -> ApiResult<Response> {
+    let Some(expected) = state.config().auth.bootstrap_key.clone() else {
+        return Err(ApiError::not_found(
+            "Bootstrap is disabled: set auth.bootstrap_key, or use `aibos admin create`.",
+        ));
+    };
+    let given = headers
+        .get("x-bootstrap-key")
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    if !bool::from(given.ct_eq(expected.expose().as_bytes())) {
+        tracing::warn!(client_ip = ?info.client_ip, "bootstrap refused: wrong or missing x-bootstrap-key");
+        return Err(ApiError::unauthorized(
+            "The x-bootstrap-key header is missing or wrong.",
+        ));
+    }
+    let email = parse_email(&body.email).map_err(|m| ApiError::invalid_field("email", m))?;
+    let name = parse_name(&body.name).map_err(|m| ApiError::invalid_field("name", m))?;
+    let pw = password::Password::parse(body.password)
+        .map_err(|m| ApiError::invalid_field("password", m))?;
+    if store::any_user_in(state.db(), SYSTEM_TENANT_ID).await? {
+        return Err(ApiError::conflict(
+            "A platform administrator exists already; bootstrap is closed.",
+        ));
+    }
+    let hash = password::hash(pw)
+        .await
+        .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
+    let keys = state.redact_keys();
+    let ctx = info.audit_context(SYSTEM_TENANT_ID, "anonymous", None);
+    let user = state
+        .db()
+        .write(move |tx| {
+            Box::pin(async move {
+                // Serialise concurrent bootstraps on the system tenant's row, then re-check.
+                store::update_tenant(tx, SYSTEM_TENANT_ID, None, None, None).await?;
+                if store::count_users_tx(tx, SYSTEM_TENANT_ID).await? > 0 {
+                    return Err(ApiError::conflict(
+                        "A platform administrator exists already; bootstrap is closed.",
+                    ));
+                }
+                admin::create_admin(tx, &ctx, SYSTEM_TENANT_ID, &email, &name, &hash, &keys).await
+            })
+        })
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(BootstrapResponse {
+            tenant_id: SYSTEM_TENANT_ID.to_owned(),
+            user_id: user.id,
+        }),
+    )
+        .into_response())
+}
+
+/// `POST /api/kernel/tenants` body.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTenant {
+    slug: String,
+    name: String,
+}
+
+/// Tenant management is for platform administrators, who live in the system tenant.
+async fn require_platform_admin(state: &AppState, caller: &Caller) -> ApiResult<()> {
+    caller.require(state, &[perm::TENANT_MANAGE]).await?;
+    if caller.tenant_id() != SYSTEM_TENANT_ID {
+        return Err(ApiError::forbidden(vec![perm::TENANT_MANAGE.to_owned()]));
+    }
+    Ok(())
+}
+
+/// Creates a tenant (platform administrators).
+#[utoipa::path(post, path = "/api/kernel/tenants", tag = "identity", request_body = CreateTenant,
+    security(("bearer" = ["kernel.tenant.manage"])),
+    responses((status = 201, body = Tenant), (status = 401), (status = 403), (status = 409, description = "CONFLICT: slug taken")))]
+pub async fn create_tenant(
+    State(state): State<AppState>,
+    caller: Caller,
+    AppJson(body): AppJson<CreateTenant>,
+) -> ApiResult<Response> {
+    require_platform_admin(&state, &caller).await?;
+    let slug = parse_slug(&body.slug).map_err(|m| ApiError::invalid_field("slug", m))?;
+    let name = parse_name(&body.name).map_err(|m| ApiError::invalid_field("name", m))?;
+    let ctx = caller.audit_context();
+    let keys = state.redact_keys();
+    let tenant = state
+        .db()
+        .write(move |tx| {
+            Box::pin(async move { admin::create_tenant(tx, &ctx, &slug, &name, &keys).await })
+        })
+        .await?;
+    Ok(with_etag(StatusCode::CREATED, &tenant, tenant.version))
+}
+
+/// Lists tenants (platform administrators).
+#[utoipa::path(get, path = "/api/kernel/tenants", tag = "identity", security(("bearer" = ["kernel.tenant.manage"])),
+    params(("limit" = Option<u32>, Query), ("cursor" = Option<String>, Query)),
+    responses((status = 200, body = aibos_wire::Page<Tenant>), (status = 401), (status = 403)))]
+pub async fn list_tenants(
+    State(state): State<AppState>,
+    caller: Caller,
+    page: ListQuery,
+) -> ApiResult<Json<aibos_wire::Page<Tenant>>> {
+    require_platform_admin(&state, &caller).await?;
+    let rows = store::tenants(state.db(), &page.after, page.fetch()).await?;
+    Ok(Json(page.page(rows, |t| t.id.clone())))
+}
+
+/// One tenant (platform administrators).
+#[utoipa::path(get, path = "/api/kernel/tenants/{id}", tag = "identity", security(("bearer" = ["kernel.tenant.manage"])),
+    responses((status = 200, body = Tenant), (status = 400), (status = 401), (status = 403), (status = 404)))]
+pub async fn get_tenant(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    require_platform_admin(&state, &caller).await?;
+    let id = parse_id("id", &id)?;
+    let tenant = store::tenant(state.db(), &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("No such tenant."))?;
+    Ok(with_etag(StatusCode::OK, &tenant, tenant.version))
+}
+
+/// `PATCH /api/kernel/tenants/{id}` body.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateTenant {
+    name: Option<String>,
+    /// `active` or `suspended`.
+    status: Option<String>,
+}
+
+fn parse_status(status: Option<&str>) -> ApiResult<Option<&'static str>> {
+    match status {
+        None => Ok(None),
+        Some("active") => Ok(Some("active")),
+        Some("suspended") => Ok(Some("suspended")),
+        Some(_) => Err(ApiError::invalid_field(
+            "status",
+            "must be active or suspended",
+        )),
+    }
+}
+
+/// Renames, suspends or reactivates a tenant (platform administrators).
+#[utoipa::path(patch, path = "/api/kernel/tenants/{id}", tag = "identity", request_body = UpdateTenant, security(("bearer" = ["kernel.tenant.manage"])),
+    responses((status = 200, body = Tenant), (status = 400), (status = 401), (status = 403), (status = 404), (status = 412)))]
+pub async fn update_tenant(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    if_match: IfMatch,
+    AppJson(body): AppJson<UpdateTenant>,
+) -> ApiResult<Response> {
+    require_platform_admin(&state, &caller).await?;
+    let id = parse_id("id", &id)?;
+    let status = parse_status(body.status.as_deref())?;
+    let name = body
+        .name
+        .as_deref()
+        .map(parse_name)
+        .transpose()
+        .map_err(|m| ApiError::invalid_field("name", m))?;
+    if id == SYSTEM_TENANT_ID && status == Some("suspended") {
+        return Err(ApiError::conflict("The system tenant cannot be suspended."));
+    }
+    let ctx = caller.audit_context();
+    let keys = state.redact_keys();
+    let tenant_id = id.clone();
+    let tenant = state
+        .db()
+        .write(move |tx| {
+            Box::pin(async move {
+                let tenant =
+                    store::update_tenant(tx, &id, name.as_deref(), status, if_match.0).await?;
+                let Some(tenant) = tenant else {
+                    return Ok(None);
+                };
+                let action = if status == Some("suspended") {
+                    "tenant.suspended"
+                } else {
+                    "tenant.updated"
+                };
+                audit::record(
+                    tx,
+                    &ctx,
+                    AuditEvent::new(action)
+                        .resource("tenant", &tenant.id)
+                        .details(
+                            serde_json::json!({ "name": tenant.name, "status": tenant.status }),
+                        ),
+                    &keys,
+                )
+                .await?;
+                tx.notify(
+                    crate::authz::cache::NOTIFY_CHANNEL,
+                    &Invalidation::Tenant(tenant.id.clone()).payload(),
+                )
+                .await?;
+                Ok::<_, ApiError>(Some(tenant))
+            })
+        })
+        .await?;
+    state.invalidate(&Invalidation::Tenant(tenant_id.clone()));
+    match tenant {
+        Some(t) => Ok(with_etag(StatusCode::OK, &t, t.version)),
+        None => Err(missing_or_changed(
+            store::tenant(state.db(), &tenant_id).await?.is_some(),
+            "tenant",
+        )),
+    }
+}
+
+/// 404 when the resource is missing, 412 when it exists but `If-Match` did not match.
+fn missing_or_changed(exists: bool, what: &str) -> ApiError {
+    if exists {
+        ApiError::new(
+            ErrorCode::PreconditionFailed,
+            format!("The {what} has changed since it was read; fetch it again."),
+        )
+    } else {
+        ApiError::not_found(format!("No such {what}."))
+    }
+}
+
+/// `POST /api/kernel/tenants/{id}/admins` and `POST /api/kernel/users` body.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUser {
+    email: String,
+    name: String,
+    password: String,
+    /// Optional; must be the caller's own tenant if given.
+    tenant_id: Option<String>,
+}
+
+/// Creates an administrator (`tenant.admin`) in a tenant (platform administrators).
+#[utoipa::path(post, path = "/api/kernel/tenants/{id}/admins", tag = "identity", request_body = CreateUser, security(("bearer" = ["kernel.tenant.manage"])),
+    responses((status = 201, body = User), (status = 400), (status = 401), (status = 403), (status = 404), (status = 409)))]
+pub async fn create_tenant_admin(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    AppJson(body): AppJson<CreateUser>,
+) -> ApiResult<Response> {
+    require_platform_admin(&state, &caller).await?;
+    let id = parse_id("id", &id)?;
+    store::tenant(state.db(), &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("No such tenant."))?;
+    let (email, name, pw) = parse_new_user(&body)?;
+    let hash = password::hash(pw)
+        .await
+        .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
+    // Recorded in the tenant's own chain: its auditors see who created its administrators.
+    let ctx = caller.audit_context().in_tenant(&id);
+    let keys = state.redact_keys();
+    let user = state
+        .db()
+        .write(move |tx| {
+            Box::pin(async move {
+                admin::create_admin(tx, &ctx, &id, &email, &name, &hash, &keys).await
+            })
+        })
+        .await?;
+    Ok(with_etag(StatusCode::CREATED, &user, user.version))
+}
+
+fn parse_new_user(body: &CreateUser) -> ApiResult<(String, String, password::Password)> {
+    let email = parse_email(&body.email);
+    let name = parse_name(&body.name);
+    let pw = password::Password::parse(body.password.clone());
+    let mut error = ApiError::new(ErrorCode::ValidationError, "The request body is not valid.");
+    let mut bad = false;
+    if let Err(m) = &email {
+        error = error.with_field("email", m.clone());
+        bad = true;
+    }
+    if let Err(m) = &name {
+        error = error.with_field("name", m.clone());
+        bad = true;
+    }
+    if let Err(m) = &pw {
+        error = error.with_field("password", m.clone());
+        bad = true;
+    }
+    match (email, name, pw) {
+        (Ok(e), Ok(n), Ok(p)) if !bad => Ok((e, n, p)),
+        _ => Err(error),
+    }
+}
+
+/// Creates a user in the caller's tenant.
+#[utoipa::path(post, path = "/api/kernel/users", tag = "identity", request_body = CreateUser, security(("bearer" = ["kernel.user.manage"])),
+    responses((status = 201, body = User), (status = 400), (status = 401), (status = 403), (status = 409, description = "CONFLICT: email taken")))]
+pub async fn create_user(
+    State(state): State<AppState>,
+    caller: Caller,
+    AppJson(body): AppJson<CreateUser>,
+) -> ApiResult<Response> {
+    caller.require(&state, &[perm::USER_MANAGE]).await?;
+    caller
+        .refuse_foreign_tenant(&state, body.tenant_id.as_deref())
+        .await?;
+    let (email, name, pw) = parse_new_user(&body)?;
+    let hash = password::hash(pw)
+        .await
+        .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
+    let ctx = caller.audit_context();
+    let keys = state.redact_keys();
+    let tenant_id = caller.tenant_id().to_owned();
+    let user = state
+        .db()
+        .write(move |tx| {
+            Box::pin(async move {
+                let user = store::insert_user(
+                    tx,
+                    &Uuid::now_v7().to_string(),
+                    &tenant_id,
+                    &email,
+                    &name,
+                    &hash,
+                )
+                .await?;
+                audit::record(
+                    tx,
+                    &ctx,
+                    AuditEvent::new("user.created")
+                        .resource("user", &user.id)
+                        .details(serde_json::json!({ "email": user.email, "name": user.name })),
+                    &keys,
+                )
+                .await?;
+                Ok::<_, ApiError>(user)
+            })
+        })
+        .await?;
+    Ok(with_etag(StatusCode::CREATED, &user, user.version))
+}
+
+/// Lists the caller's tenant's users.
+#[utoipa::path(get, path = "/api/kernel/users", tag = "identity", security(("bearer" = ["kernel.user.read"])),
+    params(("limit" = Option<u32>, Query), ("cursor" = Option<String>, Query)),
+    responses((status = 200, body = aibos_wire::Page<User>), (status = 401), (status = 403)))]
+pub async fn list_users(
+    State(state): State<AppState>,
+    caller: Caller,
+    page: ListQuery,
+) -> ApiResult<Json<aibos_wire::Page<User>>> {
+    caller.require(&state, &[perm::USER_READ]).await?;
+    let rows = store::users(state.db(), caller.tenant_id(), &page.after, page.fetch()).await?;
+    Ok(Json(page.page(rows, |u| u.id.clone())))
+}
+
+/// One user of the caller's tenant (another tenant's user is a 404).
+#[utoipa::path(get, path = "/api/kernel/users/{id}", tag = "identity", security(("bearer" = ["kernel.user.read"])),
+    responses((status = 200, body = User), (status = 400), (status = 401), (status = 403), (status = 404)))]
+pub async fn get_user(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    caller.require(&state, &[perm::USER_READ]).await?;
+    let id = parse_id("id", &id)?;
+    let user = store::user(state.db(), caller.tenant_id(), &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("No such user."))?;
+    Ok(with_etag(StatusCode::OK, &user, user.version))
+}
+
+/// `PATCH /api/kernel/users/{id}` body.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateUser {
+    name: Option<String>,
+    /// `active` or `suspended`.
+    status: Option<String>,
+}
+
+/// Renames, suspends or reactivates a user; suspension ends their sessions on the next request.
+#[utoipa::path(patch, path = "/api/kernel/users/{id}", tag = "identity", request_body = UpdateUser, security(("bearer" = ["kernel.user.manage"])),
+    responses((status = 200, body = User), (status = 400), (status = 401), (status = 403), (status = 404), (status = 412)))]
+pub async fn update_user(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    if_match: IfMatch,
+    AppJson(body): AppJson<UpdateUser>,
+) -> ApiResult<Response> {
+    caller.require(&state, &[perm::USER_MANAGE]).await?;
+    let id = parse_id("id", &id)?;
+    let status = parse_status(body.status.as_deref())?;
+    let name = body
+        .name
+        .as_deref()
+        .map(parse_name)
+        .transpose()
+        .map_err(|m| ApiError::invalid_field("name", m))?;
+    let ctx = caller.audit_context();
+    let keys = state.redact_keys();
+    let tenant_id = caller.tenant_id().to_owned();
+    let (tid, uid) = (tenant_id.clone(), id.clone());
+    let user = state
+        .db()
+        .write(move |tx| {
+            Box::pin(async move {
+                let Some(user) =
+                    store::update_user(tx, &tenant_id, &id, name.as_deref(), status, if_match.0)
+                        .await?
+                else {
+                    return Ok(None);
+                };
+                let action = if status == Some("suspended") {
+                    "user.suspended"
+                } else {
+                    "user.updated"
+                };
+                audit::record(
+                    tx,
+                    &ctx,
+                    AuditEvent::new(action)
+                        .resource("user", &user.id)
+                        .details(serde_json::json!({ "name": user.name, "status": user.status })),
+                    &keys,
+                )
+                .await?;
+                tx.notify(
+                    crate::authz::cache::NOTIFY_CHANNEL,
+                    &Invalidation::Tenant(tenant_id.clone()).payload(),
+                )
+                .await?;
+                Ok::<_, ApiError>(Some(user))
+            })
+        })
+        .await?;
+    state.invalidate(&Invalidation::Tenant(tid.clone()));
+    match user {
+        Some(u) => Ok(with_etag(StatusCode::OK, &u, u.version)),
+        None => Err(missing_or_changed(
+            store::user(state.db(), &tid, &uid).await?.is_some(),
+            "user",
+        )),
+    }
+}
+
+/// `POST /api/kernel/users/{id}/password` body.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChangePassword {
+    password: String,
+}
+
+/// Sets a user's password (administrators with `kernel.user.manage`).
+#[utoipa::path(post, path = "/api/kernel/users/{id}/password", tag = "identity", request_body = ChangePassword, security(("bearer" = ["kernel.user.manage"])),
+    responses((status = 204), (status = 400), (status = 401), (status = 403), (status = 404)))]
+pub async fn change_password(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    AppJson(body): AppJson<ChangePassword>,
+) -> ApiResult<StatusCode> {
+    caller.require(&state, &[perm::USER_MANAGE]).await?;
+    let id = parse_id("id", &id)?;
+    let pw = password::Password::parse(body.password)
+        .map_err(|m| ApiError::invalid_field("password", m))?;
+    let hash = password::hash(pw)
+        .await
+        .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
+    let ctx = caller.audit_context();
+    let keys = state.redact_keys();
+    let tenant_id = caller.tenant_id().to_owned();
+    state
+        .db()
+        .write(move |tx| {
+            Box::pin(async move {
+                if !store::set_password(tx, &tenant_id, &id, &hash).await? {
+                    return Err(ApiError::not_found("No such user."));
+                }
+                audit::record(
+                    tx,
+                    &ctx,
+                    AuditEvent::new("user.password_changed").resource("user", &id),
+                    &keys,
+                )
+                .await?;
+                Ok(())
+            })
+        })
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /api/kernel/auth/login` body.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    /// Tenant slug or id.
+    tenant: String,
+    email: String,
+    password: String,
+}
+
+/// Tokens of a new or refreshed session.
+#[derive(Serialize, ToSchema)]
+pub struct TokenResponse {
+    access_token: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refresh_token: Option<String>,
+    token_type: &'static str,
+    expires_in: u64,
+}
+
+fn no_store(response: impl IntoResponse) -> Response {
+    let mut response = response.into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+        .headers_mut()
+        .insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    response
+}
+
+fn login_failed() -> ApiError {
+    ApiError::unauthorized("The tenant, email or password is wrong.")
+}
+
+/// Signs an access token for a session.
+fn issue_access_token(
+    state: &AppState,
+    tenant_id: &str,
+    subject_id: &str,
+    session_id: &str,
+    actor_type: &str,
+) -> ApiResult<(String, u64)> {
+    let ttl = state.config_ref().auth.access_token_ttl_seconds;
+    let now = timestamp::now().unix_timestamp();
+    let claims = Claims {
+        iss: ISSUER.to_owned(),
+        aud: AUDIENCE.to_owned(),
+        sub: subject_id.to_owned(),
+        tid: tenant_id.to_owned(),
+        sid: session_id.to_owned(),
+        act: actor_type.to_owned(),
+        iat: now,
+        nbf: now,
+        exp: now + i64::try_from(ttl).unwrap_or(900),
+        jti: Uuid::now_v7().to_string(),
+    };
+    let token = state.keys().sign(&claims).map_err(ApiError::internal)?;
+    Ok((token, ttl))
+}
+
+/// Logs in with tenant, email and password. Every failure gets the same 401.
+#[utoipa::path(post, path = "/api/kernel/auth/login", tag = "identity", request_body = LoginRequest,
+    responses((status = 200, body = TokenResponse), (status = 400), (status = 401, description = "UNAUTHORIZED: same body for any wrong tenant, email or password"),
+              (status = 403, description = "TENANT_SUSPENDED"), (status = 429, description = "RATE_LIMITED, with Retry-After")))]
+pub async fn login(
+    State(state): State<AppState>,
+    info: ClientInfo,
+    AppJson(body): AppJson<LoginRequest>,
+) -> ApiResult<Response> {
+    let tenant_key: String = body.tenant.chars().take(100).collect();
+    let email = body
+        .email
+        .trim()
+        .to_ascii_lowercase()
+        .chars()
+        .take(254)
+        .collect::<String>();
+    if let Some(retry) = state
+        .login_throttle()
+        .check(&tenant_key, &email, info.client_ip)
+    {
+        return Err(ApiError::rate_limited(
+            "Too many failed logins; try again later.",
+            retry.0,
+        ));
+    }
+    let tenant = store::tenant_by_slug_or_id(state.db(), &tenant_key).await?;
+    let credentials = match &tenant {
+        Some(t) => store::user_credentials(state.db(), &t.id, &email).await?,
+        None => None,
+    };
+    // Always one Argon2 verification, against a dummy hash when there is no such user.
+    let verified = password::verify(
+        password::Password::candidate(body.password),
+        credentials.as_ref().map(|c| c.2.clone()),
+    )
+    .await;
+    let keys = state.redact_keys();
+    let user = match (tenant, credentials) {
+        (Some(tenant), Some((user_id, status, _))) if verified && status == "active" => {
+            (tenant, user_id)
+        }
+        (tenant, credentials) => {
+            state
+                .login_throttle()
+                .record_failure(&tenant_key, &email, info.client_ip);
+            let chain = tenant
+                .as_ref()
+                .map(|t| t.id.clone())
+                .unwrap_or_else(|| SYSTEM_TENANT_ID.to_owned());
+            let reason = match (&tenant, &credentials) {
+                (None, _) => "unknown_tenant",
+                (Some(_), None) => "unknown_email",
+                (Some(_), Some((_, status, _))) if status != "active" && verified => {
+                    "user_suspended"
+                }
+                _ => "wrong_password",
+            };
+            let ctx = info.audit_context(&chain, "anonymous", credentials.map(|c| c.0));
+            let event = AuditEvent::new("auth.login_failed")
+                .outcome("failure")
+                .severity("warning")
+                .details(serde_json::json!({
+                    "tenant": tenant_key, "email": email, "reason": reason
+                }));
+            state.audit_alone(ctx, event).await?;
+            state.metrics().login("failure");
+            return Err(login_failed());
+        }
+    };
+    let (tenant, user_id) = user;
+    if tenant.status != "active" {
+        return Err(ApiError::new(
+            ErrorCode::TenantSuspended,
+            "The tenant is suspended.",
+        ));
+    }
+    let ctx = info.audit_context(&tenant.id, "user", Some(user_id.clone()));
+    let response = open_session(&state, ctx, &tenant.id, &user_id, "user", true, keys).await?;
+    state.metrics().login("success");
+    Ok(no_store(Json(response)))
+}
+
+/// Opens a session (and a refresh token when `with_refresh`) and signs its first access token.
+async fn open_session(
+    state: &AppState,
+    ctx: AuditContext,
+    tenant_id: &str,
+    subject_id: &str,
+    actor_type: &'static str,
+    with_refresh: bool,
+    keys: Vec<String>,
+) -> ApiResult<TokenResponse> {
+    let session_id = Uuid::now_v7().to_string();
+    let refresh = with_refresh.then(|| new_secret("krt_"));
+    let expires =
+        timestamp::format(timestamp::now() + time::Duration::seconds(limits::SESSION_TTL_SECONDS));
+    let (sid, tid, sub, refresh_hash) = (
+        session_id.clone(),
+        tenant_id.to_owned(),
+        subject_id.to_owned(),
+        refresh.as_deref().map(secret_hash),
+    );
+    state
+        .db()
+        .write(move |tx| {
+            Box::pin(async move {
+                store::insert_session(tx, &sid, &tid, &sub, actor_type, &expires).await?;
+                if let Some(hash) = refresh_hash {
+                    store::insert_refresh_token(tx, &hash, &sid, &tid).await?;
+                }
+                audit::record(
+                    tx,
+                    &ctx,
+                    AuditEvent::new("session.created")
+                        .resource("session", &sid)
+                        .details(serde_json::json!({ "actor_type": actor_type })),
+                    &keys,
+                )
+                .await?;
+                Ok::<_, ApiError>(())
+            })
+        })
+        .await?;
+    let (access_token, expires_in) =
+        issue_access_token(state, tenant_id, subject_id, &session_id, actor_type)?;
+    Ok(TokenResponse {
+        access_token,
+        refresh_token: refresh,
+        token_type: "Bearer",
+        expires_in,
+    })
+}
+
+/// `POST /api/kernel/auth/refresh` body.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshRequest {
+    refresh_token: String,
+}
+
+/// Trades a refresh token for a new access token and a new refresh token. A
+/// rotated refresh token presented again revokes the whole session.
+#[utoipa::path(post, path = "/api/kernel/auth/refresh", tag = "identity", request_body = RefreshRequest,
+    responses((status = 200, body = TokenResponse), (status = 400), (status = 401)))]
+pub async fn refresh(
+    State(state): State<AppState>,
+    info: ClientInfo,
+    AppJson(body): AppJson<RefreshRequest>,
+) -> ApiResult<Response> {
+    if body.refresh_token.len() > 200 {
+        return Err(ApiError::unauthorized("The refresh token is not valid."));
+    }
+    let presented = secret_hash(&body.refresh_token);
+    let next = new_secret("krt_");
+    let next_hash = secret_hash(&next);
+    let keys = state.redact_keys();
+    enum Outcome {
+        Refreshed {
+            tenant_id: String,
+            subject_id: String,
+            session_id: String,
+            actor_type: String,
+        },
+        Reused {
+            session_id: String,
+        },
+        Invalid,
+    }
+    let now = timestamp::now_text();
+    let outcome = state
+        .db()
+        .write(move |tx| {
+            Box::pin(async move {
+                let Some(row) = store::refresh_token(tx, &presented).await? else {
+                    return Ok(Outcome::Invalid);
+                };
+                if row.revoked_at.is_some() || row.expires_at <= now {
+                    return Ok(Outcome::Invalid);
+                }
+                let actor_type: &'static str = if row.actor_type == "user" {
+                    "user"
+                } else {
+                    "service"
+                };
+                let ctx =
+                    info.audit_context(&row.tenant_id, actor_type, Some(row.subject_id.clone()));
+                if row.status != "active" || !store::rotate_refresh_token(tx, &presented).await? {
+                    store::revoke_session(
+                        tx,
+                        &row.tenant_id,
+                        &row.session_id,
+                        "refresh_token_reuse",
+                    )
+                    .await?;
+                    audit::record(
+                        tx,
+                        &ctx,
+                        AuditEvent::new("session.revoked")
+                            .resource("session", &row.session_id)
+                            .severity("critical")
+                            .details(serde_json::json!({ "reason": "refresh_token_reuse" })),
+                        &keys,
+                    )
+                    .await?;
+                    tx.notify(
+                        crate::authz::cache::NOTIFY_CHANNEL,
+                        &Invalidation::Session(row.session_id.clone()).payload(),
+                    )
+                    .await?;
+                    return Ok(Outcome::Reused {
+                        session_id: row.session_id,
+                    });
+                }
+                store::insert_refresh_token(tx, &next_hash, &row.session_id, &row.tenant_id)
+                    .await?;
+                audit::record(
+                    tx,
+                    &ctx,
+                    AuditEvent::new("session.refreshed").resource("session", &row.session_id),
+                    &keys,
+                )
+                .await?;
+                Ok::<_, ApiError>(Outcome::Refreshed {
+                    tenant_id: row.tenant_id,
+                    subject_id: row.subject_id,
+                    session_id: row.session_id,
+                    actor_type: row.actor_type,
+                })
+            })
+        })
+        .await?;
+    match outcome {
+        Outcome::Refreshed {
+            tenant_id,
+            subject_id,
+            session_id,
+            actor_type,
+        } => {
+            let (access_token, expires_in) =
+                issue_access_token(&state, &tenant_id, &subject_id, &session_id, &actor_type)?;
+            Ok(no_store(Json(TokenResponse {
+                access_token,
+                refresh_token: Some(next),
+                token_type: "Bearer",
+                expires_in,
+            })))
+        }
+        Outcome::Reused { session_id } => {
+            state.invalidate(&Invalidation::Session(session_id));
+            Err(ApiError::unauthorized(
+                "The refresh token was already used; the session is revoked.",
+            ))
+        }
+        Outcome::Invalid => Err(ApiError::unauthorized("The refresh token is not valid.")),
+    }
+}
+
+/// Ends the caller's session: its access and refresh tokens stop working on the next request.
+#[utoipa::path(post, path = "/api/kernel/auth/logout", tag = "identity", security(("bearer" = [])),
+    responses((status = 204), (status = 401)))]
+pub async fn logout(State(state): State<AppState>, caller: Caller) -> ApiResult<StatusCode> {
+    let ctx = caller.audit_context();
+    let keys = state.redact_keys();
+    let (tenant_id, session_id) = (
+        caller.tenant_id().to_owned(),
+        caller.principal.session_id.clone(),
+    );
+    let sid = session_id.clone();
+    state
+        .db()
+        .write(move |tx| {
+            Box::pin(async move {
+                store::revoke_session(tx, &tenant_id, &sid, "logout").await?;
+                audit::record(
+                    tx,
+                    &ctx,
+                    AuditEvent::new("session.revoked")
+                        .resource("session", &sid)
+                        .details(serde_json::json!({ "reason": "logout" })),
+                    &keys,
+                )
+                .await?;
+                tx.notify(
+                    crate::authz::cache::NOTIFY_CHANNEL,
+                    &Invalidation::Session(sid.clone()).payload(),
+                )
+                .await?;
+                Ok::<_, ApiError>(())
+            })
+        })
+        .await?;
+    state.invalidate(&Invalidation::Session(session_id));
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The caller as the kernel sees it.
+#[derive(Serialize, ToSchema)]
+pub struct Me {
+    /// `user` or `service`.
+    actor_type: &'static str,
+    /// The user or service account.
+    subject: Subject,
+    /// The tenant.
+    tenant: TenantRef,
+    /// The session.
+    session_id: String,
+    /// Effective permissions right now (roles, delegations, break-glass).
+    permissions: Vec<String>,
+}
+
+/// The acting user or service account.
+#[derive(Serialize, ToSchema)]
+pub struct Subject {
+    id: String,
+    name: String,
+    email: Option<String>,
+}
+
+/// A tenant reference.
+#[derive(Serialize, ToSchema)]
+pub struct TenantRef {
+    id: String,
+    slug: String,
+}
+
+/// Who the caller is, in which tenant, with which permissions.
+#[utoipa::path(get, path = "/api/kernel/auth/me", tag = "identity", security(("bearer" = [])),
+    responses((status = 200, body = Me), (status = 401), (status = 403, description = "TENANT_SUSPENDED")))]
+pub async fn me(caller: Caller) -> Response {
+    let p = &caller.principal;
+    no_store(Json(Me {
+        actor_type: p.actor_type,
+        subject: Subject {
+            id: p.subject_id.clone(),
+            name: p.name.clone(),
+            email: p.email.clone(),
+        },
+        tenant: TenantRef {
+            id: p.tenant_id.clone(),
+            slug: p.tenant_slug.clone(),
+        },
+        session_id: p.session_id.clone(),
+        permissions: p.permissions.grants(),
+    }))
+}
+
+/// `POST /api/kernel/auth/token` body (JSON or form-encoded, as RFC 6749 allows).
+#[derive(Deserialize, ToSchema)]
+pub struct TokenRequest {
+    grant_type: String,
+    client_id: String,
+    client_secret: String,
+}
+
+/// The client-credentials grant for service accounts (`actor_type: service`).
+#[utoipa::path(post, path = "/api/kernel/auth/token", tag = "identity",
+    request_body(content = TokenRequest, content_type = "application/x-www-form-urlencoded"),
+    responses((status = 200, body = TokenResponse), (status = 400), (status = 401, description = "UNAUTHORIZED with error invalid_client")))]
+pub async fn token(
+    State(state): State<AppState>,
+    info: ClientInfo,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let request: TokenRequest = if content_type.starts_with("application/x-www-form-urlencoded") {
+        serde_urlencoded::from_bytes(&body)
+            .map_err(|e| ApiError::invalid_field("body", e.to_string()))?
+    } else if content_type.starts_with("application/json") {
+        crate::http::extract::parse_json(&body)?
+    } else {
+        return Err(ApiError::new(
+            ErrorCode::UnsupportedMediaType,
+            "Send application/x-www-form-urlencoded or application/json.",
+        ));
+    };
+    if request.grant_type != "client_credentials" {
+        return Err(
+            ApiError::invalid_field("grant_type", "must be client_credentials")
+                .with_oauth_error("unsupported_grant_type"),
+        );
+    }
+    let invalid_client = || {
+        ApiError::unauthorized("The client credentials are not valid.")
+            .with_oauth_error("invalid_client")
+    };
+    if request.client_id.len() > 100 || request.client_secret.len() > 200 {
+        return Err(invalid_client());
+    }
+    let account = store::service_account_credentials(state.db(), &request.client_id).await?;
+    let presented = secret_hash(&request.client_secret);
+    let (id, tenant_id) = match account {
+        Some((id, tenant_id, status, hash))
+            if bool::from(presented.as_bytes().ct_eq(hash.as_bytes())) && status == "active" =>
+        {
+            (id, tenant_id)
+        }
+        other => {
+            if let Some((id, tenant_id, ..)) = other {
+                let ctx = info.audit_context(&tenant_id, "anonymous", Some(id.clone()));
+                let event = AuditEvent::new("auth.login_failed")
+                    .outcome("failure")
+                    .severity("warning")
+                    .resource("service_account", &id)
+                    .details(serde_json::json!({ "grant_type": "client_credentials" }));
+                state.audit_alone(ctx, event).await?;
+            }
+            return Err(invalid_client());
+        }
+    };
+    let ctx = info.audit_context(&tenant_id, "service", Some(id.clone()));
+    let response = open_session(
+        &state,
+        ctx,
+        &tenant_id,
+        &id,
+        "service",
+        false,
+        state.redact_keys(),
+    )
+    .await?;
+    Ok(no_store(Json(response)))
+}
+
+/// `POST /api/kernel/service-accounts` body.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateServiceAccount {
+    name: String,
+    /// Roles of the caller's tenant to assign.
+    #[serde(default)]
+    role_ids: Vec<String>,
+}
+
+/// A service account with its secret, shown once.
+#[derive(Serialize, ToSchema)]
+pub struct ServiceAccountWithSecret {
+    #[serde(flatten)]
+    account: ServiceAccount,
+    /// Shown only in this response; store it now.
+    client_secret: String,
+}
+
+/// Creates a service account for a cell; the secret is shown once.
+#[utoipa::path(post, path = "/api/kernel/service-accounts", tag = "identity", request_body = CreateServiceAccount, security(("bearer" = ["kernel.service_account.manage"])),
+    responses((status = 201, body = ServiceAccountWithSecret), (status = 400), (status = 401), (status = 403), (status = 404), (status = 409)))]
+pub async fn create_service_account(
+    State(state): State<AppState>,
+    caller: Caller,
+    AppJson(body): AppJson<CreateServiceAccount>,
+) -> ApiResult<Response> {
+    caller
+        .require(&state, &[perm::SERVICE_ACCOUNT_MANAGE])
+        .await?;
+    let name = parse_name(&body.name).map_err(|m| ApiError::invalid_field("name", m))?;
+    if body.role_ids.len() > limits::PERMISSIONS_PER_GRANT_MAX {
+        return Err(ApiError::invalid_field("role_ids", "too many roles"));
+    }
+    let mut role_ids = Vec::new();
+    for id in &body.role_ids {
+        let id = parse_id("role_ids", id)?;
+        authz_store::role(state.db(), caller.tenant_id(), &id)
+            .await?
+            .ok_or_else(|| ApiError::not_found("No such role."))?;
+        role_ids.push(id);
+    }
+    let secret = new_secret("kcs_");
+    let (hash, client_id) = (
+        secret_hash(&secret),
+        format!("kci_{}", Uuid::now_v7().simple()),
+    );
+    let ctx = caller.audit_context();
+    let keys = state.redact_keys();
+    let tenant_id = caller.tenant_id().to_owned();
+    let account = state
+        .db()
+        .write(move |tx| {
+            Box::pin(async move {
+                let account = store::insert_service_account(tx, &Uuid::now_v7().to_string(), &tenant_id, &name, &client_id, &hash).await?;
+                audit::record(tx, &ctx, AuditEvent::new("service_account.created").resource("service_account", &account.id).details(serde_json::json!({ "name": account.name, "client_id": account.client_id, "role_ids": role_ids })), &keys).await?;
+                for role_id in &role_ids {
+                    authz_store::assign_role(tx, &tenant_id, &account.id, role_id, None).await?;
+                    audit::record(tx, &ctx, AuditEvent::new("role.assigned").resource("service_account", &account.id).details(serde_json::json!({ "role_id": role_id })), &keys).await?;
+                }
+                Ok::<_, ApiError>(account)
+            })
+        })
+        .await?;
+    let version = account.version;
+    Ok(no_store(with_etag(
+        StatusCode::CREATED,
+        &ServiceAccountWithSecret {
+            account,
+            client_secret: secret,
+        },
+        version,
+    )))
+}
+
+/// Lists the tenant's service accounts (never their secrets).
+#[utoipa::path(get, path = "/api/kernel/service-accounts", tag = "identity", security(("bearer" = ["kernel.service_account.manage"])),
+    params(("limit" = Option<u32>, Query), ("cursor" = Option<String>, Query)),
+    responses((status = 200, body = aibos_wire::Page<ServiceAccount>), (status = 401), (status = 403)))]
+pub async fn list_service_accounts(
+    State(state): State<AppState>,
+    caller: Caller,
+    page: ListQuery,
+) -> ApiResult<Json<aibos_wire::Page<ServiceAccount>>> {
+    caller
+        .require(&state, &[perm::SERVICE_ACCOUNT_MANAGE])
+        .await?;
+    let rows =
+        store::service_accounts(state.db(), caller.tenant_id(), &page.after, page.fetch()).await?;
+    Ok(Json(page.page(rows, |a| a.id.clone())))
+}
+
+/// Replaces a service account's secret; the new one is shown once, the old one stops working.
+#[utoipa::path(post, path = "/api/kernel/service-accounts/{id}/secret", tag = "identity", security(("bearer" = ["kernel.service_account.manage"])),
+    responses((status = 200, body = ServiceAccountWithSecret), (status = 400), (status = 401), (status = 403), (status = 404)))]
+pub async fn rotate_service_account_secret(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    caller
+        .require(&state, &[perm::SERVICE_ACCOUNT_MANAGE])
+        .await?;
+    let id = parse_id("id", &id)?;
+    let secret = new_secret("kcs_");
+    let hash = secret_hash(&secret);
+    let ctx = caller.audit_context();
+    let keys = state.redact_keys();
+    let tenant_id = caller.tenant_id().to_owned();
+    let account = state
+        .db()
+        .write(move |tx| {
+            Box::pin(async move {
+                let Some(account) =
+                    store::rotate_service_account_secret(tx, &tenant_id, &id, &hash).await?
+                else {
+                    return Err(ApiError::not_found("No such service account."));
+                };
+                audit::record(
+                    tx,
+                    &ctx,
+                    AuditEvent::new("service_account.secret_rotated")
+                        .resource("service_account", &account.id),
+                    &keys,
+                )
+                .await?;
+                Ok(account)
+            })
+        })
+        .await?;
+    let version = account.version;
+    Ok(no_store(with_etag(
+        StatusCode::OK,
+        &ServiceAccountWithSecret {
+            account,
+            client_secret: secret,
+        },
+        version,
+    )))
+}
+
+/// The public keys that verify access tokens (RFC 7517).
+#[utoipa::path(get, path = "/.well-known/jwks.json", tag = "identity", responses((status = 200, description = "JWK set")))]
+pub async fn jwks(State(state): State<AppState>) -> Response {
+    let body = Arc::new(state.keys().jwks().clone());
+    let mut response = Json(body.as_ref().clone()).into_response();
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=300"),
+    );
+    response
+}

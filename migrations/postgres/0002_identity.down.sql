@@ -1,0 +1,10 @@
+DROP TABLE break_glass;
+DROP TABLE delegations;
+DROP TABLE role_assignments;
+DROP TABLE roles;
+DROP TABLE permissions;
+DROP TABLE signing_keys;
+DROP TABLE refresh_tokens;
+DROP TABLE sessions;
+DROP TABLE service_accounts;
+DROP TABLE users;
