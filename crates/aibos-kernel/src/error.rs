@@ -11,9 +11,13 @@ pub use aibos_wire::{ErrorCode, FieldError, Problem};
 
 use crate::http::edge::CURRENT_CORRELATION_ID;
 
-/// An error on its way to becoming a problem+json response.
+/// An error on its way to becoming a problem+json response. Boxed: it travels
+/// in every handler's `Result`, which should stay one pointer wide.
 #[derive(Debug)]
-pub struct ApiError {
+pub struct ApiError(Box<Details>);
+
+#[derive(Debug)]
+struct Details {
     code: ErrorCode,
     detail: String,
     errors: Vec<FieldError>,
@@ -29,7 +33,7 @@ pub struct ApiError {
 impl ApiError {
     /// An error of `code` with a detail for the client.
     pub fn new(code: ErrorCode, detail: impl Into<String>) -> ApiError {
-        ApiError {
+        ApiError(Box::new(Details {
             code,
             detail: detail.into(),
             errors: Vec::new(),
@@ -37,7 +41,7 @@ impl ApiError {
             oauth_error: None,
             headers: Vec::new(),
             cause: None,
-        }
+        }))
     }
 
     /// 400 with one invalid field.
@@ -53,24 +57,22 @@ impl ApiError {
 
     /// 500 with an internal cause that is logged, not shown.
     pub fn internal(cause: impl Into<anyhow::Error>) -> ApiError {
-        ApiError {
-            cause: Some(cause.into()),
-            ..ApiError::new(
-                ErrorCode::InternalError,
-                "An internal error occurred; quote the correlation id when reporting it.",
-            )
-        }
+        let mut e = ApiError::new(
+            ErrorCode::InternalError,
+            "An internal error occurred; quote the correlation id when reporting it.",
+        );
+        e.0.cause = Some(cause.into());
+        e
     }
 
     /// 503 for an unavailable dependency, with the cause logged.
     pub fn unavailable(cause: impl Into<anyhow::Error>) -> ApiError {
-        ApiError {
-            cause: Some(cause.into()),
-            ..ApiError::new(
-                ErrorCode::ServiceUnavailable,
-                "A dependency of the kernel is unavailable; retry shortly.",
-            )
-        }
+        let mut e = ApiError::new(
+            ErrorCode::ServiceUnavailable,
+            "A dependency of the kernel is unavailable; retry shortly.",
+        );
+        e.0.cause = Some(cause.into());
+        e
     }
 
     /// 401 with `WWW-Authenticate: Bearer`.
@@ -81,13 +83,12 @@ impl ApiError {
 
     /// 403 naming the permissions the caller lacks.
     pub fn forbidden(missing: Vec<String>) -> ApiError {
-        ApiError {
-            missing_permissions: missing,
-            ..ApiError::new(
-                ErrorCode::Forbidden,
-                "The caller lacks a permission this request needs.",
-            )
-        }
+        let mut e = ApiError::new(
+            ErrorCode::Forbidden,
+            "The caller lacks a permission this request needs.",
+        );
+        e.0.missing_permissions = missing;
+        e
     }
 
     /// 409 with a detail.
@@ -106,7 +107,7 @@ impl ApiError {
 
     /// Adds one invalid field to a validation error.
     pub fn with_field(mut self, field: impl Into<String>, message: impl Into<String>) -> ApiError {
-        self.errors.push(FieldError {
+        self.0.errors.push(FieldError {
             field: field.into(),
             message: message.into(),
         });
@@ -115,19 +116,19 @@ impl ApiError {
 
     /// Adds the OAuth 2.0 `error` member (`invalid_client`, …).
     pub fn with_oauth_error(mut self, error: &'static str) -> ApiError {
-        self.oauth_error = Some(error);
+        self.0.oauth_error = Some(error);
         self
     }
 
     /// Adds a response header.
     pub fn with_header(mut self, name: header::HeaderName, value: HeaderValue) -> ApiError {
-        self.headers.push((name, value));
+        self.0.headers.push((name, value));
         self
     }
 
     /// The error's code.
     pub fn code(&self) -> ErrorCode {
-        self.code
+        self.0.code
     }
 }
 
@@ -158,18 +159,19 @@ impl From<sqlx::Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let this = *self.0;
         let status =
-            StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            StatusCode::from_u16(this.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let correlation_id = CURRENT_CORRELATION_ID.try_with(|id| id.to_string()).ok();
-        if let Some(cause) = &self.cause {
-            tracing::error!(code = %self.code, error = ?cause, "request failed");
+        if let Some(cause) = &this.cause {
+            tracing::error!(code = %this.code, error = ?cause, "request failed");
         }
         let problem = Problem {
             correlation_id,
-            errors: self.errors,
-            missing_permissions: self.missing_permissions,
-            error: self.oauth_error.map(str::to_owned),
-            ..Problem::new(self.code, self.detail)
+            errors: this.errors,
+            missing_permissions: this.missing_permissions,
+            error: this.oauth_error.map(str::to_owned),
+            ..Problem::new(this.code, this.detail)
         };
         let mut response = (status, problem_body(&problem)).into_response();
         let headers = response.headers_mut();
@@ -177,7 +179,7 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static(aibos_wire::error::PROBLEM_CONTENT_TYPE),
         );
-        for (name, value) in self.headers {
+        for (name, value) in this.headers {
             headers.insert(name, value);
         }
         response

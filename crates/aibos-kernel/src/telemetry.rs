@@ -234,13 +234,6 @@ impl Metrics {
         self.recorder.register_counter(&key, &METADATA).increment(1);
     }
 
-    /// Counts one audit entry written.
-    pub fn audit_entry(&self) {
-        self.recorder
-            .register_counter(&Key::from_name("aibos_audit_entries_total"), &METADATA)
-            .increment(1);
-    }
-
     /// Records the database pool's state at scrape time.
     pub fn db_pool(&self, idle: u32, in_use: u32) {
         for (state, value) in [("idle", idle), ("in_use", in_use)] {

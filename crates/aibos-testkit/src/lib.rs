@@ -9,6 +9,7 @@
 //! - [`process::KernelProcess`]: the real binary as a child process, logs captured.
 //! - [`cluster::Cluster`]: a throwaway PostgreSQL cluster to stop and start.
 
+pub mod api;
 pub mod cluster;
 mod db;
 pub mod process;

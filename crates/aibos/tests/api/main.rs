@@ -6,9 +6,12 @@
 //! and fails (instead of skipping) when `AIBOS_REQUIRE_POSTGRES=1` without it.
 
 mod architecture;
+mod audit;
+mod authz;
 mod cli;
 mod conventions;
 mod health;
+mod identity;
 mod migrations;
 mod pg_outage;
 mod shutdown;

@@ -1,0 +1,378 @@
+//! The audit trail: append-only, tamper-evident, checkpointed, concurrent.
+
+use std::path::Path;
+
+use aibos_kernel::audit::{AuditContext, AuditEvent, chain};
+use aibos_kernel::db::Db;
+use aibos_kernel::identity::SYSTEM_TENANT_ID;
+use aibos_testkit::api::PASSWORD;
+use aibos_testkit::process::KernelProcess;
+use aibos_testkit::{Engine, TestKernel, spawn_kernel};
+use proptest::prelude::*;
+use proptest::strategy::ValueTree;
+use reqwest::Method;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_aibos");
+
+async fn write_entries(kernel: &TestKernel, tenant: &str, n: usize) {
+    for i in 0..n {
+        let event = AuditEvent::new("test.written")
+            .details(serde_json::json!({ "n": i, "note": "naïve ✓" }));
+        kernel
+            .state
+            .audit_alone(AuditContext::system(tenant), event)
+            .await
+            .unwrap();
+    }
+}
+
+async fn exec(db: &Db, sql: &str) -> Result<u64, sqlx::Error> {
+    let sql = sqlx::AssertSqlSafe(sql.to_owned());
+    match db {
+        Db::Sqlite(pool) => sqlx::raw_sql(sql)
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected()),
+        Db::Postgres(pool) => sqlx::raw_sql(sql)
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected()),
+    }
+}
+
+async fn drop_triggers(db: &Db) {
+    let sql = match db {
+        Db::Sqlite(_) => "DROP TRIGGER audit_log_no_update; DROP TRIGGER audit_log_no_delete;",
+        Db::Postgres(_) => {
+            "DROP TRIGGER audit_log_no_update_delete ON audit_log; DROP TRIGGER audit_log_no_truncate ON audit_log;"
+        }
+    };
+    exec(db, sql).await.unwrap();
+}
+
+/// `aibos audit verify --json` against the kernel's database: (exit code, report).
+fn cli_verify(kernel: &TestKernel, extra: &[&str]) -> (i32, serde_json::Value) {
+    let cwd = tempfile::tempdir().unwrap();
+    let mut args = vec!["audit", "verify", "--json"];
+    args.extend_from_slice(extra);
+    let out = std::process::Command::new(BINARY)
+        .args(&args)
+        .current_dir(cwd.path())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("AIBOS_DATABASE__URL", kernel.db.url())
+        .output()
+        .unwrap();
+    let report = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out.status.code().unwrap_or(-1), report)
+}
+
+fn system_report(report: &serde_json::Value) -> serde_json::Value {
+    report["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["tenant_id"] == SYSTEM_TENANT_ID)
+        .cloned()
+        .unwrap()
+}
+
+async fn entries(db: &Db) -> Vec<aibos_kernel::audit::AuditEntry> {
+    aibos_kernel::audit::store::list(db, SYSTEM_TENANT_ID, &Default::default(), 0, 1000)
+        .await
+        .unwrap()
+}
+
+crate::both_engines! {
+    async fn the_database_refuses_to_update_or_delete_audit_entries(engine: Engine) {
+        let kernel = spawn_kernel(engine).await.unwrap();
+        write_entries(&kernel, SYSTEM_TENANT_ID, 3).await;
+        let db = kernel.state.db();
+        for sql in ["UPDATE audit_log SET action = 'x.edited' WHERE seq = 1", "DELETE FROM audit_log WHERE seq = 2", "DELETE FROM audit_log"] {
+            let err = exec(db, sql).await.expect_err(sql);
+            assert!(err.to_string().contains("append-only"), "{sql}: {err}");
+        }
+        if engine == Engine::Postgres {
+            let err = exec(db, "TRUNCATE audit_log").await.unwrap_err();
+            assert!(err.to_string().contains("append-only"), "{err}");
+            // ENABLE ALWAYS: replica mode does not switch the triggers off.
+            let err = exec(db, "SET session_replication_role = replica; DELETE FROM audit_log;").await.unwrap_err();
+            assert!(err.to_string().contains("append-only"), "{err}");
+        }
+        assert_eq!(entries(db).await.len(), 3);
+        let (code, report) = cli_verify(&kernel, &[]);
+        assert_eq!(code, 0, "{report}");
+    }
+
+    async fn tampering_is_found_and_named_by_its_first_seq(engine: Engine) {
+        // (name, SQL run with the triggers dropped, first bad seq)
+        let scenarios: [(&str, &str, i64); 4] = [
+            ("edited", "UPDATE audit_log SET details = '{\"n\":99}' WHERE seq = 3", 3),
+            ("deleted", "DELETE FROM audit_log WHERE seq = 3", 3),
+            ("swapped", "UPDATE audit_log SET seq = 1002 WHERE seq = 2; UPDATE audit_log SET seq = 2 WHERE seq = 3; UPDATE audit_log SET seq = 3 WHERE seq = 1002;", 2),
+            ("tail removed", "DELETE FROM audit_log WHERE seq >= 5", 5),
+        ];
+        for (name, sql, first_bad) in scenarios {
+            let kernel = spawn_kernel(engine).await.unwrap();
+            write_entries(&kernel, SYSTEM_TENANT_ID, 6).await;
+            drop_triggers(kernel.state.db()).await;
+            exec(kernel.state.db(), sql).await.unwrap();
+            let (code, report) = cli_verify(&kernel, &["--tenant", "system"]);
+            assert_eq!(code, 1, "{name}: {report}");
+            assert_eq!(system_report(&report)["first_bad_seq"], first_bad, "{name}: {report}");
+        }
+
+        // An inserted entry, made consistent with its predecessor: the next one no longer links.
+        let kernel = spawn_kernel(engine).await.unwrap();
+        write_entries(&kernel, SYSTEM_TENANT_ID, 6).await;
+        let db = kernel.state.db();
+        drop_triggers(db).await;
+        let all = entries(db).await;
+        exec(db, "UPDATE audit_log SET seq = seq + 100 WHERE seq >= 4").await.unwrap();
+        exec(db, "UPDATE audit_log SET seq = seq - 99 WHERE seq >= 100").await.unwrap();
+        let mut forged = all[2].clone();
+        forged.id = uuid::Uuid::now_v7().to_string();
+        forged.seq = 4;
+        forged.action = "payment.approved".into();
+        forged.prev_hash = all[2].hash.clone();
+        forged.hash = chain::compute_hash(&forged);
+        let insert = format!(
+            "INSERT INTO audit_log (id, tenant_id, seq, occurred_at, actor_type, actor_id, action, resource_type, resource_id, outcome, severity, client_ip, user_agent, correlation_id, details, prev_hash, hash) \
+             VALUES ('{}', '{}', 4, '{}', 'system', NULL, '{}', NULL, NULL, 'success', 'info', NULL, NULL, NULL, '{}', '{}', '{}')",
+            forged.id, SYSTEM_TENANT_ID, forged.occurred_at, forged.action, forged.details, forged.prev_hash, forged.hash
+        );
+        exec(db, &insert).await.unwrap();
+        let (code, report) = cli_verify(&kernel, &["--tenant", "system"]);
+        assert_eq!(code, 1, "{report}");
+        assert_eq!(system_report(&report)["first_bad_seq"], 5, "{report}");
+    }
+
+    async fn a_signed_checkpoint_catches_a_chain_rewritten_with_fresh_hashes(engine: Engine) {
+        let kernel = spawn_kernel(engine).await.unwrap();
+        write_entries(&kernel, SYSTEM_TENANT_ID, 5).await;
+        let db = kernel.state.db();
+        let key = aibos_kernel::identity::admin::checkpoint_key(db).await.unwrap();
+        let checkpoint = aibos_kernel::audit::checkpoint::make(db, &key, SYSTEM_TENANT_ID).await.unwrap();
+        assert_eq!(checkpoint.seq, 5);
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), serde_json::to_string(&checkpoint).unwrap()).unwrap();
+        let path = file.path().to_string_lossy().into_owned();
+        write_entries(&kernel, SYSTEM_TENANT_ID, 2).await;
+        let (code, report) = cli_verify(&kernel, &["--checkpoint", &path]);
+        assert_eq!(code, 0, "later entries do not disturb an earlier checkpoint: {report}");
+
+        // A DBA edits entry 3 and recomputes every hash from there on.
+        drop_triggers(db).await;
+        let mut all = entries(db).await;
+        all[2].details = serde_json::json!({ "n": 1000 });
+        for i in 2..all.len() {
+            if i > 2 {
+                all[i].prev_hash = all[i - 1].hash.clone();
+            }
+            all[i].hash = chain::compute_hash(&all[i]);
+            let sql = format!("UPDATE audit_log SET details = '{}', prev_hash = '{}', hash = '{}' WHERE tenant_id = '{}' AND seq = {}", all[i].details, all[i].prev_hash, all[i].hash, SYSTEM_TENANT_ID, all[i].seq);
+            exec(db, &sql).await.unwrap();
+        }
+        exec(db, &format!("UPDATE audit_heads SET hash = '{}' WHERE tenant_id = '{}'", all.last().unwrap().hash, SYSTEM_TENANT_ID)).await.unwrap();
+        let (code, report) = cli_verify(&kernel, &["--tenant", "system"]);
+        assert_eq!(code, 0, "the rewritten chain is self-consistent: {report}");
+        let (code, report) = cli_verify(&kernel, &["--checkpoint", &path]);
+        assert_eq!(code, 1, "{report}");
+        assert_eq!(report["valid"], false);
+        assert!(report["reason"].as_str().unwrap().contains("differs from the checkpoint"), "{report}");
+
+        // A checkpoint whose signature does not match its content is refused too.
+        let mut forged = checkpoint.clone();
+        forged.head_hash = all[4].hash.clone();
+        std::fs::write(file.path(), serde_json::to_string(&forged).unwrap()).unwrap();
+        let (code, _) = cli_verify(&kernel, &["--checkpoint", &path]);
+        assert_eq!(code, 1);
+    }
+
+    async fn audit_pages_never_skip_or_repeat_and_filters_apply(engine: Engine) {
+        let kernel = spawn_kernel(engine).await.unwrap();
+        let admin = kernel.platform_admin().await;
+        write_entries(&kernel, SYSTEM_TENANT_ID, 11).await;
+        let all = kernel.audit(&admin, "").await;
+        let mut seen = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let path = match &cursor { Some(c) => format!("/api/kernel/audit?limit=3&cursor={c}"), None => "/api/kernel/audit?limit=3".to_owned() };
+            let page: serde_json::Value = kernel.as_(&admin, Method::GET, &path).send().await.unwrap().json().await.unwrap();
+            seen.extend(page["items"].as_array().unwrap().iter().map(|e| e["seq"].as_i64().unwrap()));
+            match page["next_cursor"].as_str() { Some(c) => cursor = Some(c.to_owned()), None => break }
+        }
+        let expected: Vec<i64> = all.iter().map(|e| e["seq"].as_i64().unwrap()).collect();
+        assert_eq!(seen, expected);
+        assert_eq!(expected, (1..=expected.len() as i64).collect::<Vec<_>>(), "gap-free from 1");
+        assert_eq!(kernel.audit(&admin, "action=test.written").await.len(), 11);
+        assert_eq!(kernel.audit(&admin, "action=test.written&outcome=failure").await.len(), 0);
+        let from = all[3]["occurred_at"].as_str().unwrap();
+        assert!(kernel.audit(&admin, &format!("from={from}")).await.len() <= all.len() - 3);
+        let verify: serde_json::Value = kernel.as_(&admin, Method::GET, "/api/kernel/audit/verify").send().await.unwrap().json().await.unwrap();
+        assert_eq!(verify["valid"], true);
+        let bad = kernel.as_(&admin, Method::GET, "/api/kernel/audit?from=yesterday").send().await.unwrap();
+        crate::expect_problem(bad, 400, "VALIDATION_ERROR").await;
+    }
+}
+
+/// Any interleaving of concurrent writes in several tenants yields chains that
+/// verify with gap-free `seq` (both engines).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_audit_writes_in_several_tenants_chain_correctly() {
+    let mut engines = vec![Engine::Sqlite];
+    if Engine::postgres_admin_url().is_some() {
+        engines.push(Engine::Postgres);
+    }
+    for engine in engines {
+        let kernel = spawn_kernel(engine).await.unwrap();
+        let mut runner = proptest::test_runner::TestRunner::default();
+        let strategy = prop::collection::vec(1usize..12, 1..4);
+        let cases: Vec<Vec<usize>> = (0..6)
+            .map(|_| strategy.new_tree(&mut runner).unwrap().current())
+            .collect();
+        for (case, writes) in cases.into_iter().enumerate() {
+            let mut tenants = Vec::new();
+            for t in 0..writes.len() {
+                let slug = format!("p{case}-t{t}");
+                let keys = kernel.state.redact_keys();
+                let tenant = kernel
+                    .state
+                    .db()
+                    .write(move |tx| {
+                        Box::pin(async move {
+                            aibos_kernel::identity::admin::create_tenant(
+                                tx,
+                                &AuditContext::system(SYSTEM_TENANT_ID),
+                                &slug,
+                                "t",
+                                &keys,
+                            )
+                            .await
+                        })
+                    })
+                    .await
+                    .unwrap();
+                tenants.push(tenant.id);
+            }
+            let mut tasks = tokio::task::JoinSet::new();
+            for (tenant, n) in tenants.iter().zip(&writes) {
+                for i in 0..*n {
+                    let state = kernel.state.clone();
+                    let tenant = tenant.clone();
+                    tasks.spawn(async move {
+                        state
+                            .audit_alone(
+                                AuditContext::system(tenant),
+                                AuditEvent::new("test.concurrent")
+                                    .details(serde_json::json!({ "i": i })),
+                            )
+                            .await
+                    });
+                }
+            }
+            while let Some(done) = tasks.join_next().await {
+                done.unwrap().unwrap();
+            }
+            for (tenant, n) in tenants.iter().zip(&writes) {
+                let v = aibos_kernel::audit::store::verify_tenant(kernel.state.db(), tenant, None)
+                    .await
+                    .unwrap();
+                assert!(v.valid, "{engine:?} case {case}: {v:?}");
+                assert_eq!(
+                    v.entries as usize, *n,
+                    "{engine:?}: gap-free, every write present"
+                );
+            }
+        }
+    }
+}
+
+/// Passwords sent in bodies reach neither the audit trail nor any log line.
+#[tokio::test]
+async fn passwords_never_reach_the_audit_trail_or_the_logs() {
+    let cwd = tempfile::tempdir().unwrap();
+    let key = "bootstrap-key-for-the-log-test-0";
+    let env = [
+        ("AIBOS_SERVER__BIND", "127.0.0.1:0"),
+        ("AIBOS_LOG__LEVEL", "debug"),
+        ("AIBOS_AUTH__BOOTSTRAP_KEY", key),
+    ];
+    let kernel = KernelProcess::start(Path::new(BINARY), cwd.path(), &env)
+        .await
+        .unwrap();
+    let client = reqwest::Client::new();
+    let url = |p: &str| format!("{}{p}", kernel.base_url);
+    let secret_password = "Sup3r-secret-passphrase-for-logs";
+    let r = client.post(url("/api/kernel/bootstrap")).header("x-bootstrap-key", key)
+        .json(&serde_json::json!({"email": "root@example.com", "password": secret_password, "name": "Root"})).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let wrong = client.post(url("/api/kernel/auth/login")).json(&serde_json::json!({"tenant": "system", "email": "root@example.com", "password": "wrong-but-also-secret-123"})).send().await.unwrap();
+    assert_eq!(wrong.status(), 401);
+    let login: serde_json::Value = client.post(url("/api/kernel/auth/login")).json(&serde_json::json!({"tenant": "system", "email": "root@example.com", "password": secret_password})).send().await.unwrap().json().await.unwrap();
+    let token = login["access_token"].as_str().unwrap();
+    let r = client
+        .post(url("/api/kernel/users"))
+        .bearer_auth(token)
+        .json(&serde_json::json!({"email": "u@example.com", "name": "U", "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    let user: serde_json::Value = r.json().await.unwrap();
+    let r = client
+        .post(url(&format!(
+            "/api/kernel/users/{}/password",
+            user["id"].as_str().unwrap()
+        )))
+        .bearer_auth(token)
+        .json(&serde_json::json!({"password": "a-new-password-nobody-sees"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let audit: serde_json::Value = client
+        .get(url("/api/kernel/audit?limit=1000"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let audit_text = audit.to_string();
+    assert!(
+        audit_text.contains("user.password_changed") && audit_text.contains("auth.login_failed"),
+        "{audit_text}"
+    );
+    for entry in audit["items"].as_array().unwrap() {
+        assert!(
+            entry["correlation_id"].is_string() || entry["actor_type"] == "system",
+            "{entry}"
+        );
+    }
+    kernel
+        .wait_for_log("request completed", std::time::Duration::from_secs(5))
+        .await;
+    let logs = kernel.all_logs();
+    assert!(
+        logs.contains("request completed"),
+        "debug logs were captured"
+    );
+    for secret in [
+        secret_password,
+        "wrong-but-also-secret-123",
+        "a-new-password-nobody-sees",
+        PASSWORD,
+        key,
+        token,
+    ] {
+        assert!(
+            !audit_text.contains(secret),
+            "the audit trail holds a secret"
+        );
+        assert!(
+            !logs.contains(secret),
+            "a log line holds a secret: {secret}"
+        );
+    }
+}
