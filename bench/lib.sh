@@ -21,8 +21,20 @@ ensure_packages() {
 }
 
 build_release() {
-  (cd "$BENCH_ROOT" && cargo build --release -q -p aibos)
+  (cd "$BENCH_ROOT" && cargo build --release -q -p aibos && cargo build --release -q -p aibos-kernel --examples)
 }
+
+# start_kernel DIR PORT [ENV=VALUE…]: the release kernel on its embedded default
+# database in DIR, logging JSON to DIR/kernel.log; sets kernel_pid.
+start_kernel() {
+  local dir=$1 port=$2
+  shift 2
+  mkdir -p "$dir"
+  (cd "$dir" && exec env AIBOS_SERVER__BIND="127.0.0.1:$port" AIBOS_LOG__FORMAT=json "$@" "$AIBOS_BIN" serve 2>"$dir/kernel.log") &
+  kernel_pid=$!
+  wait_http "http://127.0.0.1:$port/api/health"
+}
+
 
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'

@@ -41,6 +41,8 @@ struct Inner {
     auth: AuthCache,
     /// Login-failure counts.
     login_throttle: LoginThrottle,
+    /// Argon2, bounded to one hash per core.
+    hasher: crate::identity::password::Hasher,
 }
 
 /// What a successful reload changed.
@@ -74,6 +76,7 @@ impl AppState {
                 keys: Arc::new(ArcSwap::from_pointee(keys)),
                 auth: AuthCache::default(),
                 login_throttle: LoginThrottle::default(),
+                hasher: crate::identity::password::Hasher::per_core(),
             }),
         }
     }
@@ -101,6 +104,11 @@ impl AppState {
             }
             Err(e) => tracing::warn!(error = %e, "cannot refresh the token-signing keys"),
         }
+    }
+
+    /// Password hashing.
+    pub fn hasher(&self) -> &crate::identity::password::Hasher {
+        &self.inner.hasher
     }
 
     /// The login throttle.

@@ -14,64 +14,178 @@ use super::AuditEntry;
 /// `prev_hash` of a tenant's first entry.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-/// The RFC 8785 canonical JSON of `entry` without its `hash` member.
-pub fn canonical_form(entry: &AuditEntry) -> String {
-    let mut out = String::with_capacity(640);
-    // Members in JCS order: keys sorted by UTF-16 code unit (all ours are ASCII).
-    out.push_str("{\"action\":");
-    push_json_string(&mut out, &entry.action);
-    out.push_str(",\"actor_id\":");
-    push_optional(&mut out, entry.actor_id.as_deref());
-    out.push_str(",\"actor_type\":");
-    push_json_string(&mut out, &entry.actor_type);
-    out.push_str(",\"client_ip\":");
-    push_optional(&mut out, entry.client_ip.as_deref());
-    out.push_str(",\"correlation_id\":");
-    push_optional(&mut out, entry.correlation_id.as_deref());
-    out.push_str(",\"details\":");
-    match serde_json_canonicalizer::to_string(&entry.details) {
-        Ok(details) => out.push_str(&details),
-        // Only non-finite numbers fail, and serde_json cannot hold them.
-        Err(_) => out.push_str("null"),
-    }
-    out.push_str(",\"id\":");
-    push_json_string(&mut out, &entry.id);
-    out.push_str(",\"occurred_at\":");
-    push_json_string(&mut out, &entry.occurred_at);
-    out.push_str(",\"outcome\":");
-    push_json_string(&mut out, &entry.outcome);
-    out.push_str(",\"prev_hash\":");
-    push_json_string(&mut out, &entry.prev_hash);
-    out.push_str(",\"resource_id\":");
-    push_optional(&mut out, entry.resource_id.as_deref());
-    out.push_str(",\"resource_type\":");
-    push_optional(&mut out, entry.resource_type.as_deref());
-    out.push_str(",\"seq\":");
-    out.push_str(&entry.seq.to_string());
-    out.push_str(",\"severity\":");
-    push_json_string(&mut out, &entry.severity);
-    out.push_str(",\"tenant_id\":");
-    push_json_string(&mut out, &entry.tenant_id);
-    out.push_str(",\"user_agent\":");
-    push_optional(&mut out, entry.user_agent.as_deref());
-    out.push('}');
-    out
+/// The members of an entry that the hash covers, borrowed: verification builds
+/// this straight from the rows it reads, without an owned entry per row.
+#[derive(Debug, Clone, Copy)]
+pub struct Fields<'a> {
+    /// `id`
+    pub id: &'a str,
+    /// `tenant_id`
+    pub tenant_id: &'a str,
+    /// `seq`
+    pub seq: i64,
+    /// `occurred_at`
+    pub occurred_at: &'a str,
+    /// `actor_type`
+    pub actor_type: &'a str,
+    /// `actor_id`
+    pub actor_id: Option<&'a str>,
+    /// `action`
+    pub action: &'a str,
+    /// `resource_type`
+    pub resource_type: Option<&'a str>,
+    /// `resource_id`
+    pub resource_id: Option<&'a str>,
+    /// `outcome`
+    pub outcome: &'a str,
+    /// `severity`
+    pub severity: &'a str,
+    /// `client_ip`
+    pub client_ip: Option<&'a str>,
+    /// `user_agent`
+    pub user_agent: Option<&'a str>,
+    /// `correlation_id`
+    pub correlation_id: Option<&'a str>,
+    /// `details`
+    pub details: &'a serde_json::Value,
+    /// `prev_hash`
+    pub prev_hash: &'a str,
 }
 
-fn push_optional(out: &mut String, value: Option<&str>) {
+impl<'a> From<&'a AuditEntry> for Fields<'a> {
+    fn from(e: &'a AuditEntry) -> Fields<'a> {
+        Fields {
+            id: &e.id,
+            tenant_id: &e.tenant_id,
+            seq: e.seq,
+            occurred_at: &e.occurred_at,
+            actor_type: &e.actor_type,
+            actor_id: e.actor_id.as_deref(),
+            action: &e.action,
+            resource_type: e.resource_type.as_deref(),
+            resource_id: e.resource_id.as_deref(),
+            outcome: &e.outcome,
+            severity: &e.severity,
+            client_ip: e.client_ip.as_deref(),
+            user_agent: e.user_agent.as_deref(),
+            correlation_id: e.correlation_id.as_deref(),
+            details: &e.details,
+            prev_hash: &e.prev_hash,
+        }
+    }
+}
+
+/// The RFC 8785 canonical JSON of `entry` without its `hash` member.
+pub fn canonical_form(entry: &AuditEntry) -> String {
+    let mut out = Vec::with_capacity(640);
+    write_canonical(&mut out, &Fields::from(entry));
+    // Only UTF-8 text and ASCII punctuation were written.
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Appends the canonical form of `f` to `out`.
+pub fn write_canonical(out: &mut Vec<u8>, f: &Fields<'_>) {
+    // Members in JCS order: keys sorted by UTF-16 code unit (all ours are ASCII).
+    out.extend_from_slice(b"{\"action\":");
+    push_json_string(out, f.action);
+    out.extend_from_slice(b",\"actor_id\":");
+    push_optional(out, f.actor_id);
+    out.extend_from_slice(b",\"actor_type\":");
+    push_json_string(out, f.actor_type);
+    out.extend_from_slice(b",\"client_ip\":");
+    push_optional(out, f.client_ip);
+    out.extend_from_slice(b",\"correlation_id\":");
+    push_optional(out, f.correlation_id);
+    out.extend_from_slice(b",\"details\":");
+    write_details(out, f.details);
+    out.extend_from_slice(b",\"id\":");
+    push_json_string(out, f.id);
+    out.extend_from_slice(b",\"occurred_at\":");
+    push_json_string(out, f.occurred_at);
+    out.extend_from_slice(b",\"outcome\":");
+    push_json_string(out, f.outcome);
+    out.extend_from_slice(b",\"prev_hash\":");
+    push_json_string(out, f.prev_hash);
+    out.extend_from_slice(b",\"resource_id\":");
+    push_optional(out, f.resource_id);
+    out.extend_from_slice(b",\"resource_type\":");
+    push_optional(out, f.resource_type);
+    out.extend_from_slice(b",\"seq\":");
+    out.extend_from_slice(f.seq.to_string().as_bytes());
+    out.extend_from_slice(b",\"severity\":");
+    push_json_string(out, f.severity);
+    out.extend_from_slice(b",\"tenant_id\":");
+    push_json_string(out, f.tenant_id);
+    out.extend_from_slice(b",\"user_agent\":");
+    push_optional(out, f.user_agent);
+    out.push(b'}');
+}
+
+/// `details` in RFC 8785 form. serde_json's own compact output is already that
+/// form when the value has no floating-point numbers and no integer beyond 2^53
+/// (those print the same)
+/// and no key holds a character from U+E000 up (where the UTF-16 order JCS sorts
+/// by differs from the code-point order of serde_json's sorted maps): then it is
+/// written directly; otherwise a full RFC 8785 implementation runs.
+fn write_details(out: &mut Vec<u8>, details: &serde_json::Value) {
+    fn simple(v: &serde_json::Value) -> bool {
+        match v {
+            // RFC 8785 numbers are IEEE doubles: integers beyond 2^53 lose digits there.
+            serde_json::Value::Number(n) => {
+                const EXACT_MAX: u64 = 1 << 53;
+                n.as_u64().is_some_and(|u| u <= EXACT_MAX)
+                    || n.as_i64().is_some_and(|i| i.unsigned_abs() <= EXACT_MAX)
+            }
+            serde_json::Value::Array(items) => items.iter().all(simple),
+            serde_json::Value::Object(map) => map
+                .iter()
+                .all(|(k, v)| k.chars().all(|c| c < '\u{e000}') && simple(v)),
+            _ => true,
+        }
+    }
+    if simple(details) && serde_json::to_writer(&mut *out, details).is_ok() {
+        return;
+    }
+    match serde_json_canonicalizer::to_vec(details) {
+        Ok(bytes) => out.extend_from_slice(&bytes),
+        // Only non-finite numbers fail, and serde_json cannot hold them.
+        Err(_) => out.extend_from_slice(b"null"),
+    }
+}
+
+/// Whether `stored` (lowercase hex) is the hash of `f`; `buffer` is reused between calls.
+pub fn hash_matches(f: &Fields<'_>, stored: &str, buffer: &mut Vec<u8>) -> bool {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    buffer.clear();
+    write_canonical(buffer, f);
+    let digest = Sha256::digest(buffer.as_slice());
+    let mut hex_buf = [0u8; 64];
+    for (i, b) in digest.iter().enumerate() {
+        hex_buf[2 * i] = DIGITS[usize::from(b >> 4)];
+        hex_buf[2 * i + 1] = DIGITS[usize::from(b & 0x0f)];
+    }
+    stored.as_bytes() == hex_buf
+}
+
+fn push_optional(out: &mut Vec<u8>, value: Option<&str>) {
     match value {
         Some(s) => push_json_string(out, s),
-        None => out.push_str("null"),
+        None => out.extend_from_slice(b"null"),
     }
 }
 
 /// A JSON string as RFC 8785 writes it (which is also how serde_json writes it):
 /// `"` and `\` escaped, control characters as `\b \t \n \f \r` or `\u00xx`.
-fn push_json_string(out: &mut String, s: &str) {
+fn push_json_string(out: &mut Vec<u8>, s: &str) {
+    // Fast path: nothing to escape (ids, hashes, times, most names).
+    if !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+        return;
+    }
     // serde_json's string escaping is the JCS one; reuse it rather than re-implement.
-    let mut buf = Vec::with_capacity(s.len() + 2);
-    let _ = s.serialize(&mut serde_json::Serializer::new(&mut buf));
-    out.push_str(std::str::from_utf8(&buf).unwrap_or("\"\""));
+    let _ = s.serialize(&mut serde_json::Serializer::new(&mut *out));
 }
 
 /// The hash of `entry` as it should be stored.
@@ -129,36 +243,60 @@ impl Verifier {
 
     /// Checks the next entry; returns `false` once the chain is broken.
     pub fn push(&mut self, entry: &AuditEntry) -> bool {
+        let hash_ok = compute_hash(entry) == entry.hash;
+        self.push_hashed(entry, hash_ok)
+    }
+
+    /// Like [`Verifier::push`], with the hash check already done (in parallel, by the caller).
+    pub fn push_hashed(&mut self, entry: &AuditEntry, hash_ok: bool) -> bool {
+        self.push_checked(
+            entry.seq,
+            &entry.tenant_id,
+            &entry.prev_hash,
+            &entry.hash,
+            hash_ok,
+        )
+    }
+
+    /// The link checks of one entry whose own hash was checked (`hash_ok`) elsewhere.
+    pub fn push_checked(
+        &mut self,
+        seq: i64,
+        tenant_id: &str,
+        prev_hash: &str,
+        hash: &str,
+        hash_ok: bool,
+    ) -> bool {
         if self.broken.is_some() {
             return false;
         }
-        let problem = if entry.seq != self.expected_seq {
-            Some(if entry.seq > self.expected_seq {
+        let problem = if seq != self.expected_seq {
+            Some(if seq > self.expected_seq {
                 format!(
-                    "seq {} is missing (next entry is seq {}): an entry was deleted",
-                    self.expected_seq, entry.seq
+                    "seq {} is missing (next entry is seq {seq}): an entry was deleted",
+                    self.expected_seq
                 )
             } else {
-                format!("seq {} appears out of order or twice", entry.seq)
+                format!("seq {seq} appears out of order or twice")
             })
-        } else if entry.tenant_id != self.tenant_id {
+        } else if tenant_id != self.tenant_id {
             Some("the entry belongs to another tenant".to_owned())
-        } else if entry.prev_hash != self.prev_hash {
+        } else if prev_hash != self.prev_hash {
             Some("prev_hash does not match the previous entry's hash: an entry was inserted, removed or reordered".to_owned())
-        } else if compute_hash(entry) != entry.hash {
+        } else if !hash_ok {
             Some("the hash does not match the entry's content: the entry was edited".to_owned())
         } else {
             None
         };
         match problem {
             Some(reason) => {
-                self.broken = Some((self.expected_seq.min(entry.seq), reason));
+                self.broken = Some((self.expected_seq.min(seq), reason));
                 false
             }
             None => {
                 self.entries += 1;
                 self.expected_seq += 1;
-                self.prev_hash.clone_from(&entry.hash);
+                hash.clone_into(&mut self.prev_hash);
                 true
             }
         }

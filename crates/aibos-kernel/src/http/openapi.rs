@@ -40,6 +40,16 @@ pub fn base_document() -> utoipa::openapi::OpenApi {
             .build()
     };
     let components = doc.components.get_or_insert_with(Default::default);
+    components.add_security_scheme(
+        "bearer",
+        utoipa::openapi::security::SecurityScheme::Http(
+            utoipa::openapi::security::HttpBuilder::new()
+                .scheme(utoipa::openapi::security::HttpAuthScheme::Bearer)
+                .bearer_format("JWT")
+                .description(Some("An access token from POST /api/kernel/auth/login or /api/kernel/auth/token. The scopes listed on each operation are the permissions it requires."))
+                .build(),
+        ),
+    );
     for (name, codes) in [
         ("BadRequest", [ErrorCode::ValidationError].as_slice()),
         ("PayloadTooLarge", &[ErrorCode::PayloadTooLarge]),

@@ -110,7 +110,8 @@ pub async fn create_platform_admin(
 ) -> Result<User, ApiError> {
     let email = super::parse_email(email).map_err(|m| ApiError::invalid_field("email", m))?;
     let name = super::parse_name(name).map_err(|m| ApiError::invalid_field("name", m))?;
-    let hash = password::hash(password)
+    let hash = password::Hasher::new(1)
+        .hash(password)
         .await
         .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
     db.write(move |tx| {

@@ -7,7 +7,16 @@
 use argon2::password_hash::{PasswordHasher, PasswordVerifier, phc::PasswordHash};
 use argon2::{Algorithm, Argon2, Params, Version};
 
+use std::sync::{Arc, Mutex};
+
+use argon2::Block;
+use subtle::ConstantTimeEq;
+
 use crate::limits;
+
+/// Verified when there is no such user: the same parameters as real hashes, so a
+/// miss costs what a hit costs.
+const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$1rMuKZ4w0yn6FZVm3rRXpsFm0OdXMDY5DkU1pO1j7Ks";
 
 /// OWASP's minimum for Argon2id: m = 19 MiB, t = 2, p = 1.
 pub fn hasher() -> Argon2<'static> {
@@ -49,11 +58,65 @@ impl Password {
     }
 }
 
-/// Hashes on the blocking pool; returns the PHC string.
-pub async fn hash(password: Password) -> Result<String, String> {
-    tokio::task::spawn_blocking(move || hash_now(password.0.as_bytes()))
+/// Runs Argon2 on the blocking pool, at most one hash per core at a time.
+///
+/// The bound matters twice: more concurrent hashes than cores only add latency,
+/// and each blocking thread's allocator arena keeps the 19 MiB it last used, so an
+/// unbounded burst of logins would leave hundreds of MiB resident.
+pub struct Hasher {
+    permits: tokio::sync::Semaphore,
+    /// Argon2 working memory (19 MiB each), one per permit, reused from hash to
+    /// hash: fresh memory per verification cost ~25% of login throughput in page
+    /// faults. The lock is held only to take or return a buffer, never across an await.
+    memory: Arc<Mutex<Vec<Vec<Block>>>>,
+}
+
+impl Hasher {
+    /// `parallelism` concurrent hashes (the core count for a server, 1 for the CLI).
+    pub fn new(parallelism: usize) -> Hasher {
+        Hasher {
+            permits: tokio::sync::Semaphore::new(parallelism.max(1)),
+            memory: Arc::default(),
+        }
+    }
+
+    /// As many concurrent hashes as the machine has cores.
+    pub fn per_core() -> Hasher {
+        Hasher::new(
+            std::thread::available_parallelism()
+                .map(usize::from)
+                .unwrap_or(2),
+        )
+    }
+
+    /// Hashes a new password; returns the PHC string.
+    pub async fn hash(&self, password: Password) -> Result<String, String> {
+        let _permit = self.permits.acquire().await.map_err(|e| e.to_string())?;
+        tokio::task::spawn_blocking(move || hash_now(password.0.as_bytes()))
+            .await
+            .map_err(|e| e.to_string())?
+    }
+
+    /// Verifies; `None` as the hash verifies against a dummy hash of the same
+    /// cost and always fails.
+    pub async fn verify(&self, password: Password, phc: Option<String>) -> bool {
+        let Ok(_permit) = self.permits.acquire().await else {
+            return false;
+        };
+        let pool = self.memory.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut memory = pool
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop()
+                .unwrap_or_default();
+            let ok = verify_reusing(password.0.as_bytes(), phc.as_deref(), &mut memory);
+            pool.lock().unwrap_or_else(|p| p.into_inner()).push(memory);
+            ok
+        })
         .await
-        .map_err(|e| e.to_string())?
+        .unwrap_or(false)
+    }
 }
 
 /// Hashes on the current thread (CLI and benchmarks).
@@ -66,21 +129,42 @@ pub fn hash_now(password: &[u8]) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
-/// Verifies on the blocking pool. `None` as the hash verifies against a dummy
-/// hash of the same cost and always fails.
-pub async fn verify(password: Password, phc: Option<String>) -> bool {
-    tokio::task::spawn_blocking(move || verify_now(password.0.as_bytes(), phc.as_deref()))
-        .await
-        .unwrap_or(false)
+/// Verifies like [`verify_now`], computing in `memory` (grown on first use and
+/// kept by the caller) instead of fresh allocations.
+pub fn verify_reusing(password: &[u8], phc: Option<&str>, memory: &mut Vec<Block>) -> bool {
+    let (phc, real) = match phc {
+        Some(p) => (p, true),
+        None => (DUMMY_HASH, false),
+    };
+    let Ok(parsed) = PasswordHash::new(phc) else {
+        return false;
+    };
+    let (Some(salt), Some(expected)) = (&parsed.salt, &parsed.hash) else {
+        return false;
+    };
+    let Ok(params) = Params::try_from(&parsed) else {
+        return false;
+    };
+    let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params.clone());
+    if memory.len() != params.block_count() {
+        memory.clear();
+        memory.resize(params.block_count(), Block::default());
+    }
+    let mut out = vec![0u8; expected.as_bytes().len()];
+    if argon
+        .hash_password_into_with_memory(password, salt.as_ref(), &mut out, memory.as_mut_slice())
+        .is_err()
+    {
+        return false;
+    }
+    bool::from(out.as_slice().ct_eq(expected.as_bytes())) && real
 }
 
 /// Verifies on the current thread.
 pub fn verify_now(password: &[u8], phc: Option<&str>) -> bool {
-    // Same parameters as real hashes, so a miss costs what a hit costs.
-    const DUMMY: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$1rMuKZ4w0yn6FZVm3rRXpsFm0OdXMDY5DkU1pO1j7Ks";
     let (phc, real) = match phc {
         Some(p) => (p, true),
-        None => (DUMMY, false),
+        None => (DUMMY_HASH, false),
     };
     let Ok(parsed) = PasswordHash::new(phc) else {
         return false;
@@ -100,6 +184,22 @@ mod tests {
         assert!(!verify_now(b"wrong horse battery", Some(&phc)));
         assert!(!verify_now(b"anything at all", None));
         assert!(!verify_now(b"x", Some("not a phc string")));
+        let mut memory = Vec::new();
+        assert!(verify_reusing(
+            b"correct horse battery",
+            Some(&phc),
+            &mut memory
+        ));
+        assert!(!verify_reusing(
+            b"wrong horse battery",
+            Some(&phc),
+            &mut memory
+        ));
+        assert!(!verify_reusing(b"anything at all", None, &mut memory));
+        assert!(
+            verify_reusing(b"correct horse battery", Some(&phc), &mut memory),
+            "reused memory gives the same result"
+        );
     }
 
     #[test]

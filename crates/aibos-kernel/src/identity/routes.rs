@@ -97,7 +97,9 @@ pub async fn bootstrap(
             "A platform administrator exists already; bootstrap is closed.",
         ));
     }
-    let hash = password::hash(pw)
+    let hash = state
+        .hasher()
+        .hash(pw)
         .await
         .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
     let keys = state.redact_keys();
@@ -325,7 +327,9 @@ pub async fn create_tenant_admin(
         .await?
         .ok_or_else(|| ApiError::not_found("No such tenant."))?;
     let (email, name, pw) = parse_new_user(&body)?;
-    let hash = password::hash(pw)
+    let hash = state
+        .hasher()
+        .hash(pw)
         .await
         .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
     // Recorded in the tenant's own chain: its auditors see who created its administrators.
@@ -379,7 +383,9 @@ pub async fn create_user(
         .refuse_foreign_tenant(&state, body.tenant_id.as_deref())
         .await?;
     let (email, name, pw) = parse_new_user(&body)?;
-    let hash = password::hash(pw)
+    let hash = state
+        .hasher()
+        .hash(pw)
         .await
         .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
     let ctx = caller.audit_context();
@@ -539,7 +545,9 @@ pub async fn change_password(
     let id = parse_id("id", &id)?;
     let pw = password::Password::parse(body.password)
         .map_err(|m| ApiError::invalid_field("password", m))?;
-    let hash = password::hash(pw)
+    let hash = state
+        .hasher()
+        .hash(pw)
         .await
         .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
     let ctx = caller.audit_context();
@@ -659,11 +667,13 @@ pub async fn login(
         None => None,
     };
     // Always one Argon2 verification, against a dummy hash when there is no such user.
-    let verified = password::verify(
-        password::Password::candidate(body.password),
-        credentials.as_ref().map(|c| c.2.clone()),
-    )
-    .await;
+    let verified = state
+        .hasher()
+        .verify(
+            password::Password::candidate(body.password),
+            credentials.as_ref().map(|c| c.2.clone()),
+        )
+        .await;
     let keys = state.redact_keys();
     let user = match (tenant, credentials) {
         (Some(tenant), Some((user_id, status, _))) if verified && status == "active" => {

@@ -376,3 +376,46 @@ async fn passwords_never_reach_the_audit_trail_or_the_logs() {
         );
     }
 }
+
+/// An auditor's own implementation (tools/verify_audit.py, Python's standard
+/// library) verifies the chain from the API's output alone.
+#[tokio::test]
+async fn an_independent_implementation_verifies_the_api_output() {
+    let kernel = spawn_kernel(Engine::Sqlite).await.unwrap();
+    let admin = kernel.platform_admin().await;
+    kernel.tenant_with_admin(&admin, "acme").await;
+    let page = kernel
+        .as_(&admin, Method::GET, "/api/kernel/audit?limit=1000")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &page).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/verify_audit.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg(file.path())
+        .output()
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.starts_with("ok:"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // And it notices an edit.
+    let mut doc: serde_json::Value = serde_json::from_str(&page).unwrap();
+    doc["items"][1]["details"] = serde_json::json!({"edited": true});
+    std::fs::write(file.path(), doc.to_string()).unwrap();
+    let out = std::process::Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/verify_audit.py"))
+        .arg(file.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("BROKEN at seq 2"));
+}

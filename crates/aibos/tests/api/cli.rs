@@ -204,4 +204,19 @@ async fn sighup_applies_a_valid_file_and_keeps_the_old_configuration_on_an_inval
         kernel.all_logs()
     );
     assert_eq!(exit_code_after_sigterm(kernel).await, Some(0));
+
+    // Both reloads are in the audit trail of the system tenant.
+    let db = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        cwd.path().join("data/aibos.db").display()
+    ))
+    .await
+    .unwrap();
+    let actions: Vec<String> = sqlx::query_scalar(
+        "SELECT action FROM audit_log WHERE action LIKE 'config.%' ORDER BY seq",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    assert_eq!(actions, ["config.reloaded", "config.reload_failed"]);
 }

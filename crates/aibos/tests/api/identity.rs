@@ -322,3 +322,155 @@ async fn login_failure_timing_does_not_tell_unknown_emails_from_wrong_passwords(
         difference * 100.0
     );
 }
+
+#[tokio::test]
+async fn hs256_tokens_work_when_configured() {
+    let env = vec![
+        ("AIBOS_AUTH__JWT_ALGORITHM".to_owned(), "HS256".to_owned()),
+        (
+            "AIBOS_AUTH__JWT_SECRET".to_owned(),
+            "an-hs256-secret-of-at-least-32-bytes!".to_owned(),
+        ),
+    ];
+    let kernel = spawn_kernel_with(
+        Engine::Sqlite,
+        KernelOptions {
+            env,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let admin = kernel.platform_admin().await;
+    let header: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(admin.access_token.split('.').next().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(header["alg"], "HS256");
+    assert_eq!(
+        kernel
+            .as_(&admin, Method::GET, "/api/kernel/auth/me")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let jwks: serde_json::Value = kernel
+        .client
+        .get(kernel.url("/.well-known/jwks.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        jwks["keys"],
+        json!([]),
+        "a shared secret is never published"
+    );
+}
+
+/// Two kernel instances on one PostgreSQL database: a logout or a role removal on
+/// one is in force on the other's very next request (LISTEN/NOTIFY).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_reaches_every_instance_on_postgres() {
+    if Engine::postgres_admin_url().is_none() {
+        eprintln!("skipped: AIBOS_TEST_DATABASE_URL is not set");
+        return;
+    }
+    let first = spawn_kernel(Engine::Postgres).await.unwrap();
+    let second = spawn_kernel_with(
+        Engine::Sqlite,
+        KernelOptions {
+            database_url: Some(first.db.url().to_owned()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let platform = first.platform_admin().await;
+    let admin = first.tenant_with_admin(&platform, "acme").await;
+    let user = first.user(&admin, "ivy@acme.example").await;
+    let role = first.role(&admin, "readers", &["kernel.user.read"]).await;
+    first.assign(&admin, &user, &role).await;
+    let ivy = first
+        .login("acme", "ivy@acme.example", PASSWORD)
+        .await
+        .unwrap();
+    // Warm the second instance's cache with Ivy's principal.
+    assert_eq!(
+        second
+            .as_(&ivy, Method::GET, "/api/kernel/users")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    let r = first
+        .as_(
+            &admin,
+            Method::DELETE,
+            &format!("/api/kernel/users/{user}/roles/{role}"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let status = second
+            .as_(&ivy, Method::GET, "/api/kernel/users")
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if status == 403 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second instance still allows the removed role"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    assert_eq!(
+        second
+            .as_(&ivy, Method::GET, "/api/kernel/auth/me")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        first
+            .as_(&ivy, Method::POST, "/api/kernel/auth/logout")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while second
+        .as_(&ivy, Method::GET, "/api/kernel/auth/me")
+        .send()
+        .await
+        .unwrap()
+        .status()
+        != 401
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the second instance still accepts a logged-out token"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -8,6 +8,7 @@
 mod architecture;
 mod audit;
 mod authz;
+mod cancellation;
 mod cli;
 mod conventions;
 mod health;
