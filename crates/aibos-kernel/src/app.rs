@@ -71,7 +71,8 @@ pub enum StartError {
 
 /// A built kernel, bound to its port and ready to serve.
 pub struct App {
-    listener: TcpListener,
+    /// One listening socket per core, all on the same address (`SO_REUSEPORT`).
+    listeners: Vec<std::net::TcpListener>,
     router: Router,
     state: AppState,
 }
@@ -98,12 +99,10 @@ impl App {
             }
         }
 
-        let listener = TcpListener::bind(config.server.bind)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: config.server.bind,
-                source,
-            })?;
+        let listeners = bind_per_core(config.server.bind).map_err(|source| StartError::Bind {
+            addr: config.server.bind,
+            source,
+        })?;
 
         let (routes, mut openapi) = http::api_routes().split_for_parts();
         http::openapi::add_common_problems(&mut openapi);
@@ -126,7 +125,7 @@ impl App {
         };
         let router = http::finish(routes, state.clone(), &config);
         Ok(App {
-            listener,
+            listeners,
             router,
             state,
         })
@@ -134,9 +133,10 @@ impl App {
 
     /// The address actually bound (the port is real even when 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+        self.listeners
+            .first()
+            .and_then(|l| l.local_addr().ok())
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)))
     }
 
     /// The state, for reloads and tests.
@@ -151,7 +151,7 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let App {
-            listener,
+            listeners,
             router,
             state,
         } = self;
@@ -164,22 +164,42 @@ impl App {
             stop_serving.cancel();
         });
 
-        let server = axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(stop.clone().cancelled_owned());
-        let mut server = tokio::spawn(async move { server.await });
+        // One event loop per core, each accepting on its own socket: a connection
+        // lives on one thread from accept to close, with no wake-ups between
+        // threads (what the work-stealing runtime cost on the hot path; see
+        // docs/performance.md). Background work stays on the caller's runtime.
+        let mut servers = Vec::with_capacity(listeners.len());
+        for (index, listener) in listeners.into_iter().enumerate() {
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel::<std::io::Result<()>>();
+            let (router, stop) = (router.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name(format!("aibos-http-{index}"))
+                .spawn(move || {
+                    let result = serve_on_this_thread(listener, router, stop);
+                    let _ = done_tx.send(result);
+                })?;
+            servers.push(done_rx);
+        }
+        let all_done = async {
+            let mut result = Ok(());
+            for server in servers {
+                if let Ok(Err(e)) = server.await {
+                    result = Err(e);
+                }
+            }
+            result
+        };
+        tokio::pin!(all_done);
 
         let result = tokio::select! {
-            served = &mut server => served.unwrap_or_else(|e| Err(std::io::Error::other(e))),
+            served = &mut all_done => served,
             () = async {
                 stop.cancelled().await;
                 tracing::info!(grace_seconds = state.config().server.shutdown_grace_seconds, "shutting down: finishing in-flight requests");
                 tokio::time::sleep(state.config().shutdown_grace()).await;
             } => {
+                // The event loops end with their last connection; the process exit ends them sooner.
                 tracing::warn!("shutdown grace period elapsed; closing remaining connections");
-                server.abort();
                 Ok(())
             }
         };
@@ -189,6 +209,55 @@ impl App {
         tracing::info!("stopped");
         result
     }
+}
+
+/// Serves one listener on a single-threaded runtime of this thread until `stop`,
+/// then lets its in-flight requests finish.
+fn serve_on_this_thread(
+    listener: std::net::TcpListener,
+    router: Router,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = TcpListener::from_std(listener)?;
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+    })
+}
+
+/// Binds one socket per core on `addr` with `SO_REUSEPORT`, the kernel spreading
+/// connections across them. With port 0 the first bind picks the port and the
+/// others join it.
+fn bind_per_core(addr: SocketAddr) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let cores = std::thread::available_parallelism()
+        .map(usize::from)
+        .unwrap_or(1)
+        .clamp(1, limits::HTTP_EVENT_LOOPS_MAX);
+    let mut listeners = Vec::with_capacity(cores);
+    let mut addr = addr;
+    for _ in 0..cores {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        let listener: std::net::TcpListener = socket.into();
+        addr = listener.local_addr()?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
 }
 
 /// Periodic housekeeping and the invalidation listener, stopped with the server.

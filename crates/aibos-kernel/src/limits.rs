@@ -41,6 +41,10 @@ pub const IDEMPOTENCY_TTL_SECONDS_MAX: u64 = 30 * 86_400;
 /// Upper bound of `gateway.health_interval_seconds`: one hour.
 pub const HEALTH_INTERVAL_SECONDS_MAX: u64 = 3_600;
 
+/// Upper bound of HTTP event loops (one per core): beyond this, more threads only
+/// add contention on the shared database pool.
+pub const HTTP_EVENT_LOOPS_MAX: usize = 64;
+
 /// Default page size of every list.
 pub const LIST_LIMIT_DEFAULT: u32 = 50;
 /// Largest page a client may ask for; more is a 400, not a silent cut.

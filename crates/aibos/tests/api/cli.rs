@@ -220,3 +220,55 @@ async fn sighup_applies_a_valid_file_and_keeps_the_old_configuration_on_an_inval
     .unwrap();
     assert_eq!(actions, ["config.reloaded", "config.reload_failed"]);
 }
+
+/// SIGTERM while a request is in flight (its body still arriving): the request
+/// completes, then the process exits 0.
+#[tokio::test]
+async fn sigterm_during_a_slow_request_lets_it_finish_then_exits_zero() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cwd = tempfile::tempdir().unwrap();
+    let kernel = KernelProcess::start(
+        Path::new(BINARY),
+        cwd.path(),
+        &[("AIBOS_SERVER__BIND", "127.0.0.1:0")],
+    )
+    .await
+    .unwrap();
+    let addr = kernel.base_url.trim_start_matches("http://").to_owned();
+    let body = br#"{"tenant":"system","email":"nobody@example.com","password":"a slow request's password"}"#;
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /api/kernel/auth/login HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&body[..10]).await.unwrap();
+    // Make sure the server has the request (it is waiting for the rest of the body).
+    kernel
+        .wait_for_log("listening", Duration::from_secs(1))
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    kernel.signal("TERM").await;
+    kernel
+        .wait_for_log("shutting down", Duration::from_secs(5))
+        .await
+        .expect("shutdown has begun");
+    stream.write_all(&body[10..]).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
+        .await
+        .unwrap()
+        .unwrap();
+    let response = String::from_utf8_lossy(&response);
+    assert!(
+        response.starts_with("HTTP/1.1 401"),
+        "the in-flight login was answered: {response}"
+    );
+    assert!(response.contains("UNAUTHORIZED"));
+    let mut kernel = kernel;
+    let status = tokio::time::timeout(Duration::from_secs(10), kernel.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
