@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 
 pub use aibos_wire::{ErrorCode, FieldError, Problem};
 
-use crate::http::edge::CURRENT_CORRELATION_ID;
+use crate::http::edge::CURRENT_REQUEST;
 
 /// An error on its way to becoming a problem+json response. Boxed: it travels
 /// in every handler's `Result`, which should stay one pointer wide.
@@ -162,7 +162,9 @@ impl IntoResponse for ApiError {
         let this = *self.0;
         let status =
             StatusCode::from_u16(this.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let correlation_id = CURRENT_CORRELATION_ID.try_with(|id| id.to_string()).ok();
+        let correlation_id = CURRENT_REQUEST
+            .try_with(|r| r.correlation_id.to_string())
+            .ok();
         if let Some(cause) = &this.cause {
             tracing::error!(code = %this.code, error = ?cause, "request failed");
         }

@@ -75,19 +75,33 @@ pub fn init_logging(config: &LogConfig) -> LogControl {
     };
     let registry = tracing_subscriber::registry().with(filter);
     let installed = if json {
+        let format = tracing_subscriber::fmt::format()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false);
         registry
             .with(
                 tracing_subscriber::fmt::layer()
                     .json()
-                    .flatten_event(true)
-                    .with_current_span(true)
-                    .with_span_list(false)
+                    .event_format(WithRequestIds {
+                        inner: format,
+                        json: true,
+                    })
                     .with_writer(std::io::stderr),
             )
             .try_init()
     } else {
+        let format = tracing_subscriber::fmt::format();
         registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .event_format(WithRequestIds {
+                        inner: format,
+                        json: false,
+                    })
+                    .with_writer(std::io::stderr),
+            )
             .try_init()
     };
     if installed.is_err() {
@@ -99,6 +113,57 @@ pub fn init_logging(config: &LogConfig) -> LogControl {
             let filter = EnvFilter::try_new(level).map_err(|e| format!("{level:?}: {e}"))?;
             handle.reload(filter).map_err(|e| e.to_string())
         }),
+    }
+}
+
+/// Adds the current request's `correlation_id` and `trace_id` to every log line
+/// written while serving it (read from the edge's task-local, so no span has to
+/// be formatted for requests that log nothing).
+struct WithRequestIds<F> {
+    inner: F,
+    /// JSON lines get two members; text lines a `key=value` prefix.
+    json: bool,
+}
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for WithRequestIds<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let Ok(request) = crate::http::edge::CURRENT_REQUEST.try_with(|r| *r) else {
+            return self.inner.format_event(ctx, writer, event);
+        };
+        let mut line = String::with_capacity(256);
+        self.inner.format_event(
+            ctx,
+            tracing_subscriber::fmt::format::Writer::new(&mut line),
+            event,
+        )?;
+        let ids = if self.json {
+            format!(
+                "\"correlation_id\":\"{}\",\"trace_id\":\"{}\",",
+                request.correlation_id,
+                request.trace.trace_id_display()
+            )
+        } else {
+            format!(
+                "correlation_id={} trace_id={} ",
+                request.correlation_id,
+                request.trace.trace_id_display()
+            )
+        };
+        match (self.json, line.find('{')) {
+            (true, Some(brace)) => line.insert_str(brace + 1, &ids),
+            _ => line.insert_str(0, &ids),
+        }
+        writer.write_str(&line)
     }
 }
 

@@ -1,6 +1,6 @@
 //! The edge: one middleware that every request passes first, applying SPEC §3.
 //!
-//! In order: open the request's log span; check `x-correlation-id` (a malformed
+//! In order: check `x-correlation-id` (a malformed
 //! one is a 400; a missing one is generated) and continue or start the W3C trace;
 //! refuse a body over `http.max_body_bytes` (413 at once when `Content-Length`
 //! says so, otherwise while reading); run the route; then add the security
@@ -19,7 +19,6 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http_body_util::Limited;
-use tracing::Instrument;
 
 use aibos_wire::correlation::{CORRELATION_HEADER, TRACEPARENT_HEADER};
 use aibos_wire::{CorrelationId, TraceParent};
@@ -28,9 +27,9 @@ use crate::error::{ApiError, ErrorCode};
 use crate::state::AppState;
 
 tokio::task_local! {
-    /// The correlation id of the request being served on this task, so that
-    /// every problem body and log line carries it without threading it through.
-    pub static CURRENT_CORRELATION_ID: CorrelationId;
+    /// The request being served on this task, so that every problem body and log
+    /// line carries its correlation and trace ids without threading them through.
+    pub static CURRENT_REQUEST: RequestContext;
 }
 
 /// What the edge learned about a request, for handlers and upstream calls.
@@ -59,13 +58,9 @@ pub async fn edge(State(state): State<AppState>, mut request: Request, next: Nex
     let route = request.extensions().get::<MatchedPath>().cloned();
     let method = request.method().clone();
 
-    // Two fields only: every field is formatted into the span when it opens, on
-    // every request. Method and path are on the "request completed" line.
-    let span = tracing::info_span!(
-        "request",
-        correlation_id = %correlation_id,
-        trace_id = %trace.trace_id_display(),
-    );
+    // No tracing span per request: the log formatter reads the ids from the
+    // task-local below (telemetry::WithRequestIds), so a request that logs
+    // nothing formats nothing.
     let path_for_log =
         tracing::enabled!(tracing::Level::DEBUG).then(|| request.uri().path().to_owned());
 
@@ -76,8 +71,12 @@ pub async fn edge(State(state): State<AppState>, mut request: Request, next: Nex
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
 
-    let mut response = CURRENT_CORRELATION_ID
-        .scope(correlation_id, async move {
+    let context = RequestContext {
+        correlation_id,
+        trace,
+    };
+    let mut response = CURRENT_REQUEST
+        .scope(context, async move {
             if bad_correlation_id {
                 return ApiError::invalid_field(
                     format!("header:{CORRELATION_HEADER}"),
@@ -88,15 +87,11 @@ pub async fn edge(State(state): State<AppState>, mut request: Request, next: Nex
             if declared_length.is_some_and(|len| len > limit) {
                 return payload_too_large(limit).into_response();
             }
-            request.extensions_mut().insert(RequestContext {
-                correlation_id,
-                trace,
-            });
+            request.extensions_mut().insert(context);
             let limit = usize::try_from(limit).unwrap_or(usize::MAX);
             let request = request.map(|body| Body::new(Limited::new(body, limit)));
             next.run(request).await
         })
-        .instrument(span.clone())
         .await;
 
     let headers = response.headers_mut();
@@ -113,7 +108,7 @@ pub async fn edge(State(state): State<AppState>, mut request: Request, next: Nex
         .metrics()
         .http_request(route, &method, status, elapsed);
     if let Some(path) = path_for_log {
-        span.in_scope(|| {
+        CURRENT_REQUEST.sync_scope(context, || {
             tracing::debug!(%method, path, route, status, latency_ms = elapsed.as_secs_f64() * 1000.0, "request completed")
         });
     }
