@@ -358,6 +358,12 @@ async fn passwords_never_reach_the_audit_trail_or_the_logs() {
         logs.contains("request completed"),
         "debug logs were captured"
     );
+    for line in logs.lines().filter(|l| l.contains("request completed")) {
+        assert!(
+            line.contains("\"correlation_id\":\"") && line.contains("\"trace_id\":\""),
+            "every request's log line carries its ids: {line}"
+        );
+    }
     for secret in [
         secret_password,
         "wrong-but-also-secret-123",
