@@ -272,3 +272,36 @@ async fn sigterm_during_a_slow_request_lets_it_finish_then_exits_zero() {
         .unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test]
+async fn status_reports_a_running_kernel_and_an_unreachable_one() {
+    let cwd = tempfile::tempdir().unwrap();
+    let kernel = KernelProcess::start(
+        Path::new(BINARY),
+        cwd.path(),
+        &[("AIBOS_SERVER__BIND", "127.0.0.1:0")],
+    )
+    .await
+    .unwrap();
+    let url = kernel.base_url.clone();
+    let out = tokio::task::spawn_blocking({
+        let cwd = cwd.path().to_owned();
+        move || aibos(&cwd, &["status", "--json", "--url", &url], &[])
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(body["status"], "healthy");
+    assert_eq!(exit_code_after_sigterm(kernel).await, Some(0));
+
+    // Nothing listens there any more.
+    let url = "http://127.0.0.1:9".to_owned();
+    let out = aibos(cwd.path(), &["status", "--url", &url], &[]);
+    assert_eq!(out.status.code(), Some(69));
+}
