@@ -74,6 +74,10 @@ pub const PASSWORD_CHARS_MIN: usize = 12;
 /// Longest password accepted: Argon2 hashes anything, but a megabyte password is an attack.
 pub const PASSWORD_BYTES_MAX: usize = 1_024;
 
+/// Password hashes waiting for a worker; further requests wait to enqueue. At
+/// ~60 hashes per second per core a full queue is a few seconds of work.
+pub const PASSWORD_HASH_QUEUE: usize = 256;
+
 /// Refresh tokens live this long after their session starts (rotation does not extend it).
 pub const SESSION_TTL_SECONDS: i64 = 30 * 86_400;
 

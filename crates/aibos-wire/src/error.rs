@@ -60,6 +60,8 @@ error_codes! {
     TenantSuspended = (403, "TENANT_SUSPENDED", "The tenant is suspended"),
     /// The resource does not exist, or belongs to another tenant.
     NotFound = (404, "NOT_FOUND", "The resource does not exist"),
+    /// No route of the canon matches the method and path of a gateway call.
+    RouteNotFound = (404, "ROUTE_NOT_FOUND", "No route matches this request"),
     /// The method is not served on this path.
     MethodNotAllowed = (405, "METHOD_NOT_ALLOWED", "The method is not allowed on this resource"),
     /// The request conflicts with the current state (a duplicate, an existing administrator).
@@ -76,6 +78,11 @@ error_codes! {
     InternalError = (500, "INTERNAL_ERROR", "An internal error occurred"),
     /// A dependency the kernel needs (its database) is unavailable.
     ServiceUnavailable = (503, "SERVICE_UNAVAILABLE", "The service is temporarily unavailable"),
+    /// The cell behind a gateway route refused or dropped the connection, is
+    /// marked unhealthy, or its circuit is open (then with `Retry-After`).
+    UpstreamUnavailable = (503, "UPSTREAM_UNAVAILABLE", "The upstream service is unavailable"),
+    /// The cell behind a gateway route did not answer within the route's timeout.
+    UpstreamTimeout = (504, "UPSTREAM_TIMEOUT", "The upstream service did not answer in time"),
 }
 
 impl std::fmt::Display for ErrorCode {

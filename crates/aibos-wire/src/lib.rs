@@ -4,10 +4,13 @@
 //! kernel, the cell SDK and the test kit share, so that an error code or a page
 //! shape cannot drift between them.
 //!
+//! - [`assertion`]: the identity headers the gateway forwards and the signed
+//!   assertion a cell verifies.
 //! - [`error`]: the stable error codes and the RFC 9457 problem body.
 //! - [`correlation`]: correlation ids and W3C trace context.
 //! - [`page`]: the `{items, next_cursor}` list envelope.
 
+pub mod assertion;
 pub mod correlation;
 pub mod error;
 pub mod page;

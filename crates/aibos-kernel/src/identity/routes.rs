@@ -661,63 +661,72 @@ pub async fn login(
             retry.0,
         ));
     }
-    let tenant = store::tenant_by_slug_or_id(state.db(), &tenant_key).await?;
-    let credentials = match &tenant {
-        Some(t) => store::user_credentials(state.db(), &t.id, &email).await?,
-        None => None,
-    };
+    let found = store::login_lookup(state.db(), &tenant_key, &email).await?;
+    let phc = found.as_ref().and_then(|f| f.password_hash.clone());
     // Always one Argon2 verification, against a dummy hash when there is no such user.
     let verified = state
         .hasher()
-        .verify(
-            password::Password::candidate(body.password),
-            credentials.as_ref().map(|c| c.2.clone()),
-        )
+        .verify(password::Password::candidate(body.password), phc)
         .await;
     let keys = state.redact_keys();
-    let user = match (tenant, credentials) {
-        (Some(tenant), Some((user_id, status, _))) if verified && status == "active" => {
-            (tenant, user_id)
-        }
-        (tenant, credentials) => {
-            state
-                .login_throttle()
-                .record_failure(&tenant_key, &email, info.client_ip);
-            let chain = tenant
-                .as_ref()
-                .map(|t| t.id.clone())
-                .unwrap_or_else(|| SYSTEM_TENANT_ID.to_owned());
-            let reason = match (&tenant, &credentials) {
-                (None, _) => "unknown_tenant",
-                (Some(_), None) => "unknown_email",
-                (Some(_), Some((_, status, _))) if status != "active" && verified => {
-                    "user_suspended"
-                }
-                _ => "wrong_password",
-            };
-            let ctx = info.audit_context(&chain, "anonymous", credentials.map(|c| c.0));
-            let event = AuditEvent::new("auth.login_failed")
-                .outcome("failure")
-                .severity("warning")
-                .details(serde_json::json!({
-                    "tenant": tenant_key, "email": email, "reason": reason
-                }));
-            state.audit_alone(ctx, event).await?;
-            state.metrics().login("failure");
-            return Err(login_failed());
-        }
+    let (tenant_id, tenant_status, user_id) = match found {
+        Some(store::LoginLookup {
+            tenant_id,
+            tenant_status,
+            user_id: Some(user_id),
+            user_status: Some(user_status),
+            ..
+        }) if verified && user_status == "active" => (tenant_id, tenant_status, user_id),
+        found => return Err(login_refused(&state, info, tenant_key, email, found, verified).await),
     };
-    let (tenant, user_id) = user;
-    if tenant.status != "active" {
+    if tenant_status != "active" {
         return Err(ApiError::new(
             ErrorCode::TenantSuspended,
             "The tenant is suspended.",
         ));
     }
-    let ctx = info.audit_context(&tenant.id, "user", Some(user_id.clone()));
-    let response = open_session(&state, ctx, &tenant.id, &user_id, "user", true, keys).await?;
+    let ctx = info.audit_context(&tenant_id, "user", Some(user_id.clone()));
+    let response = open_session(&state, ctx, &tenant_id, &user_id, "user", true, keys).await?;
     state.metrics().login("success");
     Ok(no_store(Json(response)))
+}
+
+/// A failed login: throttled, audited with its reason (never shown to the client),
+/// and answered with the one 401 body every failure shares.
+async fn login_refused(
+    state: &AppState,
+    info: ClientInfo,
+    tenant_key: String,
+    email: String,
+    found: Option<store::LoginLookup>,
+    verified: bool,
+) -> ApiError {
+    state
+        .login_throttle()
+        .record_failure(&tenant_key, &email, info.client_ip);
+    let chain = found
+        .as_ref()
+        .map(|f| f.tenant_id.clone())
+        .unwrap_or_else(|| SYSTEM_TENANT_ID.to_owned());
+    let reason = match &found {
+        None => "unknown_tenant",
+        Some(f) if f.user_id.is_none() => "unknown_email",
+        Some(_) if verified => "user_suspended",
+        Some(_) => "wrong_password",
+    };
+    let user_id = found.and_then(|f| f.user_id);
+    let ctx = info.audit_context(&chain, "anonymous", user_id);
+    let event = AuditEvent::new("auth.login_failed")
+        .outcome("failure")
+        .severity("warning")
+        .details(serde_json::json!({
+            "tenant": tenant_key, "email": email, "reason": reason
+        }));
+    if let Err(e) = state.audit_alone(ctx, event).await {
+        return e;
+    }
+    state.metrics().login("failure");
+    login_failed()
 }
 
 /// Opens a session (and a refresh token when `with_refresh`) and signs its first access token.
