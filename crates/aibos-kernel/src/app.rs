@@ -59,6 +59,9 @@ pub enum StartError {
     /// The token-signing keys could not be loaded or created.
     #[error("cannot load the token-signing keys: {0}")]
     Keys(String),
+    /// The service registry could not be read into the gateway's route table.
+    #[error("cannot load the gateway's route table: {0}")]
+    Registry(sqlx::Error),
     /// The listening socket could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -119,6 +122,11 @@ impl App {
             openapi_json,
             keys,
         );
+        state
+            .gateway()
+            .rebuild(state.db(), state.metrics())
+            .await
+            .map_err(StartError::Registry)?;
         let routes = match options.extra_routes {
             Some(extra) => routes.merge(extra),
             None => routes,
@@ -171,7 +179,10 @@ impl App {
         let mut servers = Vec::with_capacity(listeners.len());
         for (index, listener) in listeners.into_iter().enumerate() {
             let (done_tx, done_rx) = tokio::sync::oneshot::channel::<std::io::Result<()>>();
-            let (router, stop) = (router.clone(), stop.clone());
+            // Each event loop gets its own upstream client (see gateway::client).
+            let client = crate::gateway::client::build(&state.config_ref().gateway);
+            let router = router.clone().layer(axum::Extension(client));
+            let stop = stop.clone();
             std::thread::Builder::new()
                 .name(format!("aibos-http-{index}"))
                 .spawn(move || {
@@ -287,6 +298,7 @@ fn spawn_background(state: &AppState, stop: CancellationToken) -> tokio::task::J
             }
         }
     });
+    tasks.spawn(crate::gateway::health::run(state.clone(), stop.clone()));
     if let crate::db::Db::Postgres(pool) = state.db() {
         tasks.spawn(crate::authz::listener::run(
             pool.clone(),

@@ -353,6 +353,32 @@ pub struct IdempotencyConfig {
 pub struct GatewayConfig {
     /// Interval between active health checks.
     pub health_interval_seconds: u64,
+    /// How long a health check may take before it counts as failed.
+    pub health_timeout_ms: u64,
+    /// Upstream timeout when neither the route nor the canon sets one.
+    pub default_timeout_ms: u64,
+    /// How long opening a connection to a cell may take.
+    pub connect_timeout_ms: u64,
+    /// Consecutive failures that open a canon's circuit.
+    pub breaker_consecutive_failures: u32,
+    /// Failure share (percent) over the last `breaker_window_calls` that opens it.
+    pub breaker_failure_rate_percent: u32,
+    /// Calls in the breaker's sliding window.
+    pub breaker_window_calls: u32,
+    /// How long an open circuit refuses calls before one trial call.
+    pub breaker_open_seconds: u64,
+    /// Retries of a safe request after a connection error.
+    pub retry_max: u32,
+    /// Base of the full-jitter exponential backoff between retries.
+    pub retry_backoff_base_ms: u64,
+    /// Cap of one backoff.
+    pub retry_backoff_max_ms: u64,
+    /// Retries allowed per canon as a percentage of its calls (the retry budget).
+    pub retry_budget_percent: u32,
+    /// Idle keep-alive connections kept per cell and event loop.
+    pub pool_max_idle_per_host: u32,
+    /// How long an idle upstream connection is kept.
+    pub pool_idle_timeout_seconds: u64,
 }
 
 /// `[events]`
@@ -450,6 +476,19 @@ struct RawIdempotency {
 #[serde(deny_unknown_fields)]
 struct RawGateway {
     health_interval_seconds: i64,
+    health_timeout_ms: i64,
+    default_timeout_ms: i64,
+    connect_timeout_ms: i64,
+    breaker_consecutive_failures: i64,
+    breaker_failure_rate_percent: i64,
+    breaker_window_calls: i64,
+    breaker_open_seconds: i64,
+    retry_max: i64,
+    retry_backoff_base_ms: i64,
+    retry_backoff_max_ms: i64,
+    retry_budget_percent: i64,
+    pool_max_idle_per_host: i64,
+    pool_idle_timeout_seconds: i64,
 }
 
 #[derive(Deserialize)]
@@ -860,6 +899,66 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config>
         1,
         limits::HEALTH_INTERVAL_SECONDS_MAX,
     );
+    let g = &raw.gateway;
+    let mut gateway_key = |key: &str, value: i64, min: u64, max: u64| {
+        in_range(&mut problem, &format!("gateway.{key}"), value, min, max)
+    };
+    let health_timeout_ms = gateway_key(
+        "health_timeout_ms",
+        g.health_timeout_ms,
+        1,
+        limits::UPSTREAM_TIMEOUT_MS_MAX,
+    );
+    let default_timeout_ms = gateway_key(
+        "default_timeout_ms",
+        g.default_timeout_ms,
+        1,
+        limits::UPSTREAM_TIMEOUT_MS_MAX,
+    );
+    let connect_timeout_ms = gateway_key(
+        "connect_timeout_ms",
+        g.connect_timeout_ms,
+        1,
+        limits::UPSTREAM_TIMEOUT_MS_MAX,
+    );
+    let breaker_consecutive_failures = gateway_key(
+        "breaker_consecutive_failures",
+        g.breaker_consecutive_failures,
+        1,
+        1_000,
+    );
+    let breaker_failure_rate_percent = gateway_key(
+        "breaker_failure_rate_percent",
+        g.breaker_failure_rate_percent,
+        1,
+        100,
+    );
+    let breaker_window_calls = gateway_key(
+        "breaker_window_calls",
+        g.breaker_window_calls,
+        1,
+        limits::BREAKER_WINDOW_MAX,
+    );
+    let breaker_open_seconds =
+        gateway_key("breaker_open_seconds", g.breaker_open_seconds, 1, 3_600);
+    let retry_max = gateway_key("retry_max", g.retry_max, 0, limits::GATEWAY_RETRIES_MAX);
+    let retry_backoff_base_ms =
+        gateway_key("retry_backoff_base_ms", g.retry_backoff_base_ms, 1, 60_000);
+    let retry_backoff_max_ms =
+        gateway_key("retry_backoff_max_ms", g.retry_backoff_max_ms, 1, 60_000);
+    let retry_budget_percent = gateway_key("retry_budget_percent", g.retry_budget_percent, 0, 100);
+    let pool_max_idle_per_host = gateway_key(
+        "pool_max_idle_per_host",
+        g.pool_max_idle_per_host,
+        0,
+        10_000,
+    );
+    let pool_idle_timeout_seconds = gateway_key(
+        "pool_idle_timeout_seconds",
+        g.pool_idle_timeout_seconds,
+        1,
+        3_600,
+    );
     if let Some(url) = &raw.events.nats_url
         && !(url.expose().starts_with("nats://") || url.expose().starts_with("tls://"))
     {
@@ -934,6 +1033,19 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config>
         },
         gateway: GatewayConfig {
             health_interval_seconds: health_interval_seconds?,
+            health_timeout_ms: health_timeout_ms?,
+            default_timeout_ms: default_timeout_ms?,
+            connect_timeout_ms: connect_timeout_ms?,
+            breaker_consecutive_failures: u32::try_from(breaker_consecutive_failures?).ok()?,
+            breaker_failure_rate_percent: u32::try_from(breaker_failure_rate_percent?).ok()?,
+            breaker_window_calls: u32::try_from(breaker_window_calls?).ok()?,
+            breaker_open_seconds: breaker_open_seconds?,
+            retry_max: u32::try_from(retry_max?).ok()?,
+            retry_backoff_base_ms: retry_backoff_base_ms?,
+            retry_backoff_max_ms: retry_backoff_max_ms?,
+            retry_budget_percent: u32::try_from(retry_budget_percent?).ok()?,
+            pool_max_idle_per_host: u32::try_from(pool_max_idle_per_host?).ok()?,
+            pool_idle_timeout_seconds: pool_idle_timeout_seconds?,
         },
         events: EventsConfig {
             nats_url: raw.events.nats_url,

@@ -9,6 +9,8 @@
 //! - [`db`]: the database handle over SQLite and PostgreSQL, and migrations.
 //! - [`identity`]: tenants, users, service accounts, login, sessions and tokens.
 //! - [`authz`]: permissions, roles, delegation, break-glass, the `Caller` extractor and its cache.
+//! - [`registry`]: canons (cells), their assertion secrets and routes.
+//! - [`gateway`]: `/api/gateway/{canon}/…`: the route table, the proxy, breakers and health checks.
 //! - [`audit`]: the tamper-evident audit trail, its verification and signed checkpoints.
 //! - [`health`]: liveness, readiness and metrics endpoints.
 //! - [`telemetry`]: logs and metrics.
@@ -23,10 +25,12 @@ pub mod authz;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod gateway;
 pub mod health;
 pub mod http;
 pub mod identity;
 pub mod limits;
+pub mod registry;
 pub mod state;
 pub mod telemetry;
 pub mod timestamp;

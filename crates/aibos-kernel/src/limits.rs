@@ -41,6 +41,16 @@ pub const IDEMPOTENCY_TTL_SECONDS_MAX: u64 = 30 * 86_400;
 /// Upper bound of `gateway.health_interval_seconds`: one hour.
 pub const HEALTH_INTERVAL_SECONDS_MAX: u64 = 3_600;
 
+/// Upper bound of any upstream timeout (`gateway.*_timeout_ms`, canon and route
+/// `timeout_ms`): ten minutes.
+pub const UPSTREAM_TIMEOUT_MS_MAX: u64 = 600_000;
+
+/// Largest circuit-breaker window: outcomes are kept as bits of one `u64`.
+pub const BREAKER_WINDOW_MAX: u64 = 64;
+
+/// Most retries of one gateway call.
+pub const GATEWAY_RETRIES_MAX: u64 = 5;
+
 /// Upper bound of HTTP event loops (one per core): beyond this, more threads only
 /// add contention on the shared database pool.
 pub const HTTP_EVENT_LOOPS_MAX: usize = 64;
@@ -110,3 +120,30 @@ pub const USER_AGENT_CHARS_MAX: usize = 256;
 
 /// How often each kernel re-reads the signing keys (to pick up `aibos keys rotate`).
 pub const KEY_REFRESH_SECONDS: u64 = 30;
+
+/// Longest `base_url` of a canon.
+pub const URL_BYTES_MAX: usize = 2_048;
+
+/// Longest route path or health path.
+pub const ROUTE_PATH_BYTES_MAX: usize = 1_024;
+
+/// Most segments of a route path.
+pub const ROUTE_SEGMENTS_MAX: usize = 32;
+
+/// Most permissions one canon defines.
+pub const CANON_PERMISSIONS_MAX: usize = 500;
+
+/// Longest permission description.
+pub const DESCRIPTION_CHARS_MAX: usize = 500;
+
+/// Most routes per canon (the route table is held in memory).
+pub const ROUTES_PER_CANON_MAX: i64 = 2_000;
+
+/// Most canons (each has a health check and a breaker).
+pub const CANONS_MAX: i64 = 1_000;
+
+/// Assertion secrets a canon may hold at once (the active one and those in rotation).
+pub const ASSERTION_SECRETS_PER_CANON_MAX: i64 = 5;
+
+/// Longest request path the gateway forwards.
+pub const GATEWAY_PATH_BYTES_MAX: usize = 4_096;

@@ -43,6 +43,8 @@ struct Inner {
     login_throttle: LoginThrottle,
     /// Argon2, bounded to one hash per core.
     hasher: crate::identity::password::Hasher,
+    /// The gateway's route table and per-canon state.
+    gateway: crate::gateway::Gateway,
 }
 
 /// What a successful reload changed.
@@ -77,6 +79,7 @@ impl AppState {
                 auth: AuthCache::default(),
                 login_throttle: LoginThrottle::default(),
                 hasher: crate::identity::password::Hasher::per_core(),
+                gateway: crate::gateway::Gateway::default(),
             }),
         }
     }
@@ -170,6 +173,21 @@ impl AppState {
                 })
             })
             .await
+    }
+
+    /// The gateway.
+    pub fn gateway(&self) -> &crate::gateway::Gateway {
+        &self.inner.gateway
+    }
+
+    /// Rebuilds the gateway's route table from the registry (after a registry
+    /// change here, or a NOTIFY from another instance).
+    pub async fn rebuild_gateway(&self) -> Result<(), ApiError> {
+        self.inner
+            .gateway
+            .rebuild(&self.inner.db, &self.inner.metrics)
+            .await
+            .map_err(ApiError::from)
     }
 
     /// The database.

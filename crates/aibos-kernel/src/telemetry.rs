@@ -237,6 +237,34 @@ impl Metrics {
             None,
             "Database pool connections, by state (idle, in_use).".into(),
         );
+        for (name, help) in [
+            (
+                "aibos_gateway_calls_total",
+                "Gateway calls, by canon, route and outcome (ok, cell_error, unavailable, timeout, circuit_open, unhealthy, bad_gateway).",
+            ),
+            (
+                "aibos_gateway_retries_total",
+                "Gateway retries after connection errors, by canon.",
+            ),
+        ] {
+            r.describe_counter(name.into(), None, help.into());
+        }
+        r.describe_histogram(
+            "aibos_gateway_upstream_duration_seconds".into(),
+            Some(metrics::Unit::Seconds),
+            "Time from sending a gateway call to the cell's response headers, by canon and route."
+                .into(),
+        );
+        r.describe_gauge(
+            "aibos_gateway_circuit_state".into(),
+            None,
+            "Circuit breaker per canon: 0 closed, 1 half-open, 2 open.".into(),
+        );
+        r.describe_gauge(
+            "aibos_gateway_canon_healthy".into(),
+            None,
+            "Active health check per canon: 1 healthy, 0 unhealthy, -1 unknown.".into(),
+        );
         r.describe_counter(
             "aibos_config_reloads_total".into(),
             None,
@@ -291,6 +319,34 @@ impl Metrics {
             next
         });
         created
+    }
+
+    /// A counter handle (hold it; registering per event costs a labelled key).
+    pub fn counter(&self, name: &'static str, labels: &[(&'static str, String)]) -> Counter {
+        self.recorder
+            .register_counter(&Self::key(name, labels), &METADATA)
+    }
+
+    /// A histogram handle.
+    pub fn histogram(&self, name: &'static str, labels: &[(&'static str, String)]) -> Histogram {
+        self.recorder
+            .register_histogram(&Self::key(name, labels), &METADATA)
+    }
+
+    /// A gauge handle.
+    pub fn gauge(&self, name: &'static str, labels: &[(&'static str, String)]) -> metrics::Gauge {
+        self.recorder
+            .register_gauge(&Self::key(name, labels), &METADATA)
+    }
+
+    fn key(name: &'static str, labels: &[(&'static str, String)]) -> Key {
+        Key::from_parts(
+            name,
+            labels
+                .iter()
+                .map(|(k, v)| Label::new(*k, v.clone()))
+                .collect::<Vec<_>>(),
+        )
     }
 
     /// Counts one login attempt by outcome (`success`, `failure`).

@@ -58,6 +58,8 @@ pub enum Invalidation {
     Session(String),
     /// Everything (key rotation, a lost listener connection).
     All,
+    /// The service registry changed: rebuild the gateway's route table.
+    Registry,
 }
 
 impl Invalidation {
@@ -67,6 +69,7 @@ impl Invalidation {
             Invalidation::Tenant(id) => format!("tenant:{id}"),
             Invalidation::Session(id) => format!("session:{id}"),
             Invalidation::All => "all".to_owned(),
+            Invalidation::Registry => "registry".to_owned(),
         }
     }
 
@@ -75,6 +78,7 @@ impl Invalidation {
         match payload.split_once(':') {
             Some(("tenant", id)) => Invalidation::Tenant(id.to_owned()),
             Some(("session", id)) => Invalidation::Session(id.to_owned()),
+            None if payload == "registry" => Invalidation::Registry,
             _ => Invalidation::All,
         }
     }
@@ -144,6 +148,8 @@ impl AuthCache {
                 self.principals.clear();
                 self.verified.clear();
             }
+            // Nothing cached here depends on canons or routes.
+            Invalidation::Registry => {}
         }
     }
 }

@@ -161,6 +161,23 @@ impl Caller {
         Err(ApiError::forbidden(missing))
     }
 
+    /// Like [`Caller::require`] for platform resources (tenants, canons, routes):
+    /// the caller must also be of the system tenant, where platform
+    /// administrators live. Elsewhere the answer is the same 403.
+    pub async fn require_platform(
+        &self,
+        state: &AppState,
+        permissions: &[&str],
+    ) -> Result<(), ApiError> {
+        self.require(state, permissions).await?;
+        if self.tenant_id() != crate::identity::SYSTEM_TENANT_ID {
+            return Err(ApiError::forbidden(
+                permissions.iter().map(|p| p.to_string()).collect(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Refuses a body that names another tenant: 400, and a `security.cross_tenant_attempt` entry.
     pub async fn refuse_foreign_tenant(
         &self,

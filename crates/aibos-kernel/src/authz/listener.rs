@@ -24,11 +24,17 @@ pub async fn run(pool: PgPool, state: AppState, stop: CancellationToken) {
             listener.listen(NOTIFY_CHANNEL).await?;
             // Anything sent while we were not listening is lost: start from a clean cache.
             state.invalidate(&Invalidation::All);
+            rebuild_gateway(&state).await;
             loop {
                 let notification = listener.recv().await?;
                 let what = Invalidation::parse(notification.payload());
                 if what == Invalidation::All {
                     state.refresh_keys().await;
+                    rebuild_gateway(&state).await;
+                }
+                if what == Invalidation::Registry {
+                    rebuild_gateway(&state).await;
+                    continue;
                 }
                 state.invalidate(&what);
             }
@@ -47,5 +53,11 @@ pub async fn run(pool: PgPool, state: AppState, stop: CancellationToken) {
             () = tokio::time::sleep(Duration::from_millis(RECONNECT_DELAY_MS)) => {}
             () = stop.cancelled() => return,
         }
+    }
+}
+
+async fn rebuild_gateway(state: &AppState) {
+    if let Err(e) = state.rebuild_gateway().await {
+        tracing::warn!(error = ?e.code(), "could not rebuild the gateway's route table");
     }
 }

@@ -52,6 +52,16 @@ pub mod perm {
     /// Manage service accounts.
     pub const SERVICE_ACCOUNT_MANAGE: &str = "kernel.service_account.manage";
 
+    /// Permissions over platform resources (tenants, and the canons and routes
+    /// every tenant's calls go through): only the system tenant may hold them.
+    pub const PLATFORM: &[&str] = &[
+        TENANT_MANAGE,
+        CANON_READ,
+        CANON_MANAGE,
+        ROUTE_READ,
+        ROUTE_MANAGE,
+    ];
+
     /// Every kernel permission.
     pub const ALL: &[&str] = &[
         TENANT_MANAGE,
@@ -73,18 +83,28 @@ pub mod perm {
     ];
 }
 
-/// The built-in role of every tenant: all kernel permissions but tenant management.
+/// The built-in role of every tenant: all kernel permissions but tenant management
+/// (and, outside the system tenant, but the other platform permissions).
 pub const TENANT_ADMIN_ROLE: &str = "tenant.admin";
 /// The built-in role of the system tenant's administrators: tenant management.
 pub const PLATFORM_ADMIN_ROLE: &str = "platform.admin";
 
-/// Permissions of [`TENANT_ADMIN_ROLE`].
-pub fn tenant_admin_permissions() -> Vec<String> {
+/// Permissions of [`TENANT_ADMIN_ROLE`] in `tenant_id`.
+pub fn tenant_admin_permissions(tenant_id: &str) -> Vec<String> {
+    let system = tenant_id == crate::identity::SYSTEM_TENANT_ID;
     perm::ALL
         .iter()
         .filter(|p| **p != perm::TENANT_MANAGE)
+        .filter(|p| system || !perm::PLATFORM.contains(p))
         .map(|p| p.to_string())
         .collect()
+}
+
+/// Whether `grant` (a name or a prefix grant) covers a platform permission.
+pub fn covers_platform_permission(grant: &str) -> bool {
+    let mut set = PermissionSet::default();
+    set.add(grant);
+    perm::PLATFORM.iter().any(|p| set.contains(p))
 }
 
 /// Whether `name` is a canonical permission name:

@@ -47,7 +47,7 @@ pub async fn list_permissions(
 }
 
 /// Checks grants: canonical form, registered (exact names), bounded, and no
-/// tenant management outside the system tenant.
+/// platform permissions outside the system tenant.
 async fn check_grants(
     state: &AppState,
     tenant_id: &str,
@@ -75,10 +75,10 @@ async fn check_grants(
                 ),
             );
             bad = true;
-        } else if tenant_id != SYSTEM_TENANT_ID && covers_tenant_management(g) {
+        } else if tenant_id != SYSTEM_TENANT_ID && super::covers_platform_permission(g) {
             error = error.with_field(
                 field,
-                format!("{g} would grant tenant management, which only the system tenant may hold"),
+                format!("{g} would grant a platform permission (tenants, canons, routes), which only the system tenant may hold"),
             );
             bad = true;
         }

@@ -252,6 +252,19 @@ pub fn parse_id(field: &str, text: &str) -> Result<String, ApiError> {
         .map_err(|_| ApiError::invalid_field(field, "must be a UUID"))
 }
 
+/// Marks a response that carries credentials or secrets as never to be cached.
+pub fn no_store(response: impl IntoResponse) -> Response {
+    let mut response = response.into_response();
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    response
+        .headers_mut()
+        .insert(header::PRAGMA, header::HeaderValue::from_static("no-cache"));
+    response
+}
+
 /// A JSON response with `ETag: "<version>"`.
 pub fn with_etag<T: Serialize>(status: axum::http::StatusCode, body: &T, version: i64) -> Response {
     let mut response = (status, axum::Json(body)).into_response();

@@ -30,6 +30,15 @@ pub fn api_routes() -> OpenApiRouter<AppState> {
         .merge(crate::identity::routes::router())
         .merge(crate::authz::routes::router())
         .merge(crate::audit::routes::router())
+        .merge(crate::registry::routes::router())
+        .route(
+            "/api/gateway/{canon}",
+            axum::routing::any(crate::gateway::proxy::proxy),
+        )
+        .route(
+            "/api/gateway/{canon}/{*path}",
+            axum::routing::any(crate::gateway::proxy::proxy),
+        )
 }
 
 /// Wraps the routes in the middleware stack and the problem+json fallbacks.

@@ -23,7 +23,7 @@ pub async fn ensure_builtin_roles(
                 &Uuid::now_v7().to_string(),
                 tenant_id,
                 TENANT_ADMIN_ROLE,
-                &authz::tenant_admin_permissions(),
+                &authz::tenant_admin_permissions(tenant_id),
                 true,
             )
             .await?

@@ -23,7 +23,7 @@ use crate::authz::cache::Invalidation;
 use crate::authz::caller::ClientInfo;
 use crate::authz::{Caller, perm, store as authz_store};
 use crate::error::{ApiError, ApiResult, ErrorCode};
-use crate::http::extract::{AppJson, IfMatch, ListQuery, parse_id, with_etag};
+use crate::http::extract::{AppJson, IfMatch, ListQuery, no_store, parse_id, with_etag};
 use crate::state::AppState;
 use crate::{limits, timestamp};
 
@@ -139,11 +139,7 @@ pub struct CreateTenant {
 
 /// Tenant management is for platform administrators, who live in the system tenant.
 async fn require_platform_admin(state: &AppState, caller: &Caller) -> ApiResult<()> {
-    caller.require(state, &[perm::TENANT_MANAGE]).await?;
-    if caller.tenant_id() != SYSTEM_TENANT_ID {
-        return Err(ApiError::forbidden(vec![perm::TENANT_MANAGE.to_owned()]));
-    }
-    Ok(())
+    caller.require_platform(state, &[perm::TENANT_MANAGE]).await
 }
 
 /// Creates a tenant (platform administrators).
@@ -592,17 +588,6 @@ pub struct TokenResponse {
     refresh_token: Option<String>,
     token_type: &'static str,
     expires_in: u64,
-}
-
-fn no_store(response: impl IntoResponse) -> Response {
-    let mut response = response.into_response();
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
-        .headers_mut()
-        .insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
-    response
 }
 
 fn login_failed() -> ApiError {

@@ -1,0 +1,187 @@
+//! What a cell receives: the client's headers minus everything that is not the
+//! client's to say, plus the identity the kernel vouches for and its assertion.
+
+use std::net::IpAddr;
+
+use aibos_wire::assertion::{
+    ACTOR_TYPE_HEADER, ASSERTION_HEADER, ASSERTION_LIFETIME_SECONDS, AssertionClaims,
+    FORWARDED_FOR_HEADER, FORWARDED_IDENTITY_HEADERS, TENANT_HEADER, USER_HEADER,
+};
+use aibos_wire::correlation::{CORRELATION_HEADER, TRACEPARENT_HEADER};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
+
+use super::table::Signer;
+use crate::identity::tokens::ISSUER;
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded in either direction.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Client headers that claim things about the connection or the caller; the
+/// kernel says these itself or not at all.
+const SPOOFABLE: [&str; 5] = [
+    "forwarded",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-real-ip",
+];
+
+/// Who is calling, as the kernel established it.
+pub struct Identity<'a> {
+    /// From the token's `tid`.
+    pub tenant_id: &'a str,
+    /// From the token's `sub`.
+    pub subject: &'a str,
+    /// `user` or `service`.
+    pub actor_type: &'a str,
+    /// The request's correlation id.
+    pub correlation_id: &'a str,
+    /// The client's address.
+    pub client_ip: Option<IpAddr>,
+    /// This hop's `traceparent`.
+    pub traceparent: &'a str,
+}
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// Turns the client's headers into the cell's, in place.
+pub fn upstream_headers(
+    headers: &mut HeaderMap,
+    identity: &Identity<'_>,
+    forward_cookies: bool,
+    assertion: Option<&str>,
+) {
+    strip_hop_by_hop(headers);
+    headers.remove(header::HOST);
+    headers.remove(header::AUTHORIZATION);
+    if !forward_cookies {
+        headers.remove(header::COOKIE);
+    }
+    for name in FORWARDED_IDENTITY_HEADERS.iter().chain(SPOOFABLE.iter()) {
+        headers.remove(*name);
+    }
+    let mut set = |name: &'static str, value: &str| {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            headers.insert(HeaderName::from_static(name), v);
+        }
+    };
+    set(TENANT_HEADER, identity.tenant_id);
+    set(USER_HEADER, identity.subject);
+    set(ACTOR_TYPE_HEADER, identity.actor_type);
+    set(CORRELATION_HEADER, identity.correlation_id);
+    set(TRACEPARENT_HEADER, identity.traceparent);
+    if let Some(ip) = identity.client_ip {
+        set(FORWARDED_FOR_HEADER, &ip.to_string());
+    }
+    if let Some(assertion) = assertion {
+        set(ASSERTION_HEADER, assertion);
+    }
+}
+
+/// Signs the assertion for one forwarded call.
+pub fn sign_assertion(
+    signer: &Signer,
+    canon: &str,
+    identity: &Identity<'_>,
+    method: &str,
+    path_and_query: &str,
+) -> Result<String, jsonwebtoken::errors::Error> {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let claims = AssertionClaims {
+        iss: ISSUER.to_owned(),
+        aud: canon.to_owned(),
+        tid: identity.tenant_id.to_owned(),
+        sub: identity.subject.to_owned(),
+        act: identity.actor_type.to_owned(),
+        cid: identity.correlation_id.to_owned(),
+        htm: method.to_owned(),
+        htu: path_and_query.to_owned(),
+        iat: now,
+        exp: now + ASSERTION_LIFETIME_SECONDS,
+        jti: uuid::Uuid::now_v7().to_string(),
+    };
+    jsonwebtoken::encode(&signer.header, &claims, &signer.key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_claims_and_hop_by_hop_headers_never_reach_the_cell() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("authorization", "Bearer secret"),
+            ("cookie", "session=1"),
+            ("x-tenant-id", "someone-else"),
+            ("x-user-sub", "admin"),
+            ("x-actor-type", "service"),
+            ("x-kernel-assertion", "forged"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("forwarded", "for=10.0.0.1"),
+            ("connection", "keep-alive, x-secret-hop"),
+            ("x-secret-hop", "1"),
+            ("te", "trailers"),
+            ("upgrade", "websocket"),
+            ("host", "kernel.example"),
+            ("content-type", "application/json"),
+            ("idempotency-key", "k1"),
+        ] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        let identity = Identity {
+            tenant_id: "t1",
+            subject: "u1",
+            actor_type: "user",
+            correlation_id: "c1",
+            client_ip: Some("127.0.0.1".parse().unwrap()),
+            traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        };
+        upstream_headers(&mut h, &identity, false, Some("signed"));
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "content-type",
+                "idempotency-key",
+                "traceparent",
+                "x-actor-type",
+                "x-correlation-id",
+                "x-forwarded-for",
+                "x-kernel-assertion",
+                "x-tenant-id",
+                "x-user-sub"
+            ]
+        );
+        assert_eq!(h["x-tenant-id"], "t1");
+        assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+        assert_eq!(h["x-kernel-assertion"], "signed");
+        let mut with_cookies = HeaderMap::new();
+        with_cookies.insert(header::COOKIE, HeaderValue::from_static("a=1"));
+        upstream_headers(&mut with_cookies, &identity, true, None);
+        assert_eq!(with_cookies[header::COOKIE], "a=1");
+    }
+}

@@ -1,0 +1,100 @@
+//! Active health checks: every `gateway.health_interval_seconds`, and right
+//! after the route table changes, each canon's `health_path` is called. A canon
+//! that does not answer 2xx within `gateway.health_timeout_ms` is marked
+//! unhealthy and not called until it answers again; each change of state (other
+//! than the first success after start) is audited as `canon.health_changed`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, Uri, header};
+use tokio_util::sync::CancellationToken;
+
+use super::client::{self, UpstreamClient};
+use super::state::Health;
+use super::table::CanonEntry;
+use crate::audit::{AuditContext, AuditEvent};
+use crate::identity::SYSTEM_TENANT_ID;
+use crate::state::AppState;
+
+/// Runs until `stop`.
+pub async fn run(state: AppState, stop: CancellationToken) {
+    let client = client::build(&state.config_ref().gateway);
+    loop {
+        check_all(&state, &client).await;
+        let interval = Duration::from_secs(state.config_ref().gateway.health_interval_seconds);
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = state.gateway().table_changed() => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Checks every canon at once (at most `limits::CANONS_MAX` of them).
+pub async fn check_all(state: &AppState, client: &UpstreamClient) {
+    let table = state.gateway().table().clone();
+    let timeout = Duration::from_millis(state.config_ref().gateway.health_timeout_ms);
+    let mut checks = tokio::task::JoinSet::new();
+    for canon in table.canons() {
+        let (state, client, canon) = (state.clone(), client.clone(), Arc::clone(canon));
+        checks.spawn(async move { check_one(&state, &client, &canon, timeout).await });
+    }
+    while checks.join_next().await.is_some() {}
+}
+
+async fn check_one(
+    state: &AppState,
+    client: &UpstreamClient,
+    canon: &CanonEntry,
+    timeout: Duration,
+) {
+    let healthy = match health_uri(canon) {
+        Some(uri) => {
+            let request = Request::get(uri)
+                .header(header::USER_AGENT, "aibos-health-check")
+                .body(Body::empty());
+            match request {
+                Ok(request) => matches!(
+                    tokio::time::timeout(timeout, client.request(request)).await,
+                    Ok(Ok(response)) if response.status().is_success()
+                ),
+                Err(_) => false,
+            }
+        }
+        None => false,
+    };
+    let now = if healthy {
+        Health::Healthy
+    } else {
+        Health::Unhealthy
+    };
+    let before = canon.state.set_health(now);
+    if before == now || (before == Health::Unknown && now == Health::Healthy) {
+        return;
+    }
+    tracing::warn!(canon = %canon.name, from = before.as_str(), to = now.as_str(), "canon health changed");
+    let event = AuditEvent::new("canon.health_changed")
+        .severity(if healthy { "info" } else { "warning" })
+        .outcome(if healthy { "success" } else { "failure" })
+        .resource("canon", &canon.id)
+        .details(
+            serde_json::json!({ "canon": canon.name, "from": before.as_str(), "to": now.as_str() }),
+        );
+    if let Err(e) = state
+        .audit_alone(AuditContext::system(SYSTEM_TENANT_ID), event)
+        .await
+    {
+        tracing::error!(error = ?e.code(), canon = %canon.name, "could not audit a health change");
+    }
+}
+
+fn health_uri(canon: &CanonEntry) -> Option<Uri> {
+    Uri::builder()
+        .scheme(canon.base.scheme.clone())
+        .authority(canon.base.authority.clone())
+        .path_and_query(format!("{}{}", canon.base.path_prefix, canon.health_path))
+        .build()
+        .ok()
+}

@@ -1,0 +1,358 @@
+//! `/api/gateway/{canon}/{*path}`: match, authenticate, authorize, protect, forward.
+
+use std::time::{Duration, Instant};
+
+use axum::Extension;
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::{HeaderValue, Method, Uri, header, request::Parts};
+use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
+
+use super::client::UpstreamClient;
+use super::forward::{self, Identity};
+use super::path;
+use super::state::{Admission, BreakerSettings, Health};
+use super::table::{CanonEntry, RouteEntry};
+use super::telemetry::Outcome;
+use crate::audit::AuditEvent;
+use crate::authz::Caller;
+use crate::error::{ApiError, ErrorCode};
+use crate::http::edge::RequestContext;
+use crate::state::AppState;
+
+/// Forwards one call to its cell.
+pub async fn proxy(
+    State(state): State<AppState>,
+    Extension(client): Extension<UpstreamClient>,
+    request: Request,
+) -> Response {
+    match forward_call(&state, &client, request).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn route_not_found(detail: &str) -> ApiError {
+    ApiError::new(ErrorCode::RouteNotFound, detail)
+}
+
+async fn forward_call(
+    state: &AppState,
+    client: &UpstreamClient,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let (mut parts, body) = request.into_parts();
+    let uri = parts.uri.clone();
+    let (canon_name, raw_rest) =
+        path::split(uri.path()).ok_or_else(|| route_not_found("Not a gateway path."))?;
+    let table = state.gateway().table();
+    let canon = table
+        .canon(canon_name)
+        .cloned()
+        .ok_or_else(|| route_not_found("No canon of that name is registered."))?;
+    drop(table);
+    let matched =
+        path::decode_checked(raw_rest).map_err(|why| ApiError::invalid_field("path", why))?;
+    let route = canon
+        .route(&parts.method, &matched)
+        .ok_or_else(|| route_not_found("No route of this canon matches the method and path."))?;
+
+    let caller = Caller::from_request_parts(&mut parts, state).await?;
+    let required: Vec<&str> = route
+        .required_permissions
+        .iter()
+        .map(String::as_str)
+        .collect();
+    caller.require(state, &required).await?;
+
+    let config = state.config_ref();
+    let gateway = &config.gateway;
+    if canon.state.health() == Health::Unhealthy {
+        route.metrics.call(Outcome::Unhealthy);
+        let failure = Failure {
+            kind: "unhealthy",
+            status: None,
+            latency: Duration::ZERO,
+        };
+        audit_failure(state, &caller, &canon, route, &failure).await;
+        return Err(ApiError::new(
+            ErrorCode::UpstreamUnavailable,
+            "The service behind this route fails its health checks; try again later.",
+        )
+        .with_header(
+            header::RETRY_AFTER,
+            retry_after_value(Duration::from_secs(gateway.health_interval_seconds)),
+        ));
+    }
+    let settings = BreakerSettings::from_config(gateway);
+    let trial = match canon.state.breaker.admit(&settings) {
+        Admission::Allowed { trial } => trial,
+        Admission::Refused { retry_after } => {
+            route.metrics.call(Outcome::CircuitOpen);
+            let failure = Failure {
+                kind: "circuit_open",
+                status: None,
+                latency: Duration::ZERO,
+            };
+            audit_failure(state, &caller, &canon, route, &failure).await;
+            return Err(ApiError::new(
+                ErrorCode::UpstreamUnavailable,
+                "The service behind this route is failing; its circuit is open.",
+            )
+            .with_header(header::RETRY_AFTER, retry_after_value(retry_after)));
+        }
+    };
+
+    let context = parts.extensions.get::<RequestContext>().cloned();
+    let correlation_id = context
+        .as_ref()
+        .map(|c| c.correlation_id.to_string())
+        .unwrap_or_default();
+    let traceparent = context
+        .as_ref()
+        .map(|c| c.trace.to_string())
+        .unwrap_or_default();
+    let mut forwarded = String::with_capacity(canon.base.path_prefix.len() + raw_rest.len() + 64);
+    forwarded.push_str(&canon.base.path_prefix);
+    forwarded.push_str(raw_rest);
+    if let Some(query) = uri.query() {
+        forwarded.push('?');
+        forwarded.push_str(query);
+    }
+    let identity = Identity {
+        tenant_id: caller.tenant_id(),
+        subject: caller.subject_id(),
+        actor_type: caller.principal.actor_type,
+        correlation_id: &correlation_id,
+        client_ip: caller.client_ip,
+        traceparent: &traceparent,
+    };
+    let signer = canon.signer.as_ref().ok_or_else(|| {
+        ApiError::internal(anyhow::anyhow!(
+            "canon {} has no active assertion secret",
+            canon.name
+        ))
+    })?;
+    let assertion = forward::sign_assertion(
+        signer,
+        &canon.name,
+        &identity,
+        parts.method.as_str(),
+        &forwarded,
+    )
+    .map_err(ApiError::internal)?;
+    let retryable = is_safe_to_repeat(&parts) && gateway.retry_max > 0;
+    forward::upstream_headers(
+        &mut parts.headers,
+        &identity,
+        route.forward_cookies,
+        Some(&assertion),
+    );
+    let upstream_uri = Uri::builder()
+        .scheme(canon.base.scheme.clone())
+        .authority(canon.base.authority.clone())
+        .path_and_query(forwarded)
+        .build()
+        .map_err(|e| ApiError::invalid_field("path", format!("cannot be forwarded: {e}")))?;
+    let timeout = route
+        .timeout
+        .or(canon.timeout)
+        .unwrap_or(Duration::from_millis(gateway.default_timeout_ms));
+    let deadline = tokio::time::Instant::now() + timeout;
+    canon.state.budget.deposit(gateway.retry_budget_percent);
+
+    // A request that may be retried keeps its body to send again; others stream it.
+    let mut body = if retryable {
+        match body.collect().await {
+            Ok(collected) => Payload::Kept(collected.to_bytes()),
+            Err(e) => return Err(body_error(e)),
+        }
+    } else {
+        Payload::Streamed(Some(body))
+    };
+    let (retry_max, backoff_base, backoff_max) = (
+        gateway.retry_max,
+        gateway.retry_backoff_base_ms,
+        gateway.retry_backoff_max_ms,
+    );
+    drop(config);
+
+    let started = Instant::now();
+    let mut attempt = 0u32;
+    let outcome = loop {
+        let Some(next_body) = body.next() else {
+            break Err("unavailable");
+        };
+        let mut upstream = axum::http::Request::new(next_body);
+        *upstream.method_mut() = parts.method.clone();
+        *upstream.uri_mut() = upstream_uri.clone();
+        *upstream.headers_mut() = parts.headers.clone();
+        match tokio::time::timeout_at(deadline, client.request(upstream)).await {
+            Ok(Ok(response)) => break Ok(response),
+            Ok(Err(e)) => {
+                let may_retry =
+                    matches!(body, Payload::Kept(_)) && attempt < retry_max && e.is_connect();
+                if may_retry && canon.state.budget.withdraw() {
+                    attempt += 1;
+                    canon.state.metrics.retries.increment(1);
+                    let pause = full_jitter(backoff_base, backoff_max, attempt);
+                    if tokio::time::Instant::now() + pause >= deadline {
+                        break Err("timeout");
+                    }
+                    tokio::time::sleep(pause).await;
+                    continue;
+                }
+                tracing::warn!(canon = %canon.name, error = %e, "upstream call failed");
+                break Err("unavailable");
+            }
+            Err(_) => break Err("timeout"),
+        }
+    };
+    let latency = started.elapsed();
+    let settings = BreakerSettings::from_config(&state.config_ref().gateway);
+    match outcome {
+        Ok(response) => {
+            route.metrics.upstream_latency(latency);
+            let status = response.status();
+            let failed = status.is_server_error();
+            note_breaker(
+                &canon,
+                canon.state.breaker.record(&settings, !failed, trial),
+            );
+            if failed {
+                route.metrics.call(Outcome::CellError);
+                let failure = Failure {
+                    kind: "status",
+                    status: Some(status.as_u16()),
+                    latency,
+                };
+                audit_failure(state, &caller, &canon, route, &failure).await;
+            } else {
+                route.metrics.call(Outcome::Ok);
+            }
+            let (mut head, incoming) = response.into_parts();
+            forward::strip_hop_by_hop(&mut head.headers);
+            Ok(Response::from_parts(head, Body::new(incoming)))
+        }
+        Err(kind) => {
+            note_breaker(&canon, canon.state.breaker.record(&settings, false, trial));
+            let (outcome, code, detail) = if kind == "timeout" {
+                (
+                    Outcome::Timeout,
+                    ErrorCode::UpstreamTimeout,
+                    "The service behind this route did not answer in time.",
+                )
+            } else {
+                (
+                    Outcome::Unavailable,
+                    ErrorCode::UpstreamUnavailable,
+                    "The service behind this route is unreachable.",
+                )
+            };
+            route.metrics.call(outcome);
+            let failure = Failure {
+                kind,
+                status: None,
+                latency,
+            };
+            audit_failure(state, &caller, &canon, route, &failure).await;
+            Err(ApiError::new(code, detail))
+        }
+    }
+}
+
+/// A request body: kept for retries, or streamed once.
+enum Payload {
+    Kept(Bytes),
+    Streamed(Option<Body>),
+}
+
+impl Payload {
+    fn next(&mut self) -> Option<Body> {
+        match self {
+            Payload::Kept(bytes) => Some(Body::from(bytes.clone())),
+            Payload::Streamed(body) => body.take(),
+        }
+    }
+}
+
+/// GET, HEAD, PUT, DELETE, or anything carrying an `Idempotency-Key` (SPEC §6).
+fn is_safe_to_repeat(parts: &Parts) -> bool {
+    matches!(
+        parts.method,
+        Method::GET | Method::HEAD | Method::PUT | Method::DELETE
+    ) || parts.headers.contains_key("idempotency-key")
+}
+
+/// Full jitter: a random wait in [0, min(max, base × 2^attempt)).
+fn full_jitter(base_ms: u64, max_ms: u64, attempt: u32) -> Duration {
+    let ceiling = base_ms
+        .saturating_mul(1u64 << attempt.min(20))
+        .min(max_ms)
+        .max(1);
+    let random = uuid::Uuid::new_v4().as_u128() as u64;
+    Duration::from_millis(random % ceiling)
+}
+
+fn retry_after_value(wait: Duration) -> HeaderValue {
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    HeaderValue::from(seconds.max(1))
+}
+
+fn body_error(e: axum::Error) -> ApiError {
+    let limit_hit =
+        std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+    if limit_hit {
+        ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            "The request body exceeds the configured limit.",
+        )
+    } else {
+        ApiError::invalid_field("body", "the request body could not be read")
+    }
+}
+
+fn note_breaker(canon: &CanonEntry, change: Option<&'static str>) {
+    if let Some(state) = change {
+        canon.state.metrics.circuit.set(match state {
+            "open" => 2.0,
+            "half_open" => 1.0,
+            _ => 0.0,
+        });
+        tracing::warn!(canon = %canon.name, circuit = state, "circuit breaker changed state");
+    }
+}
+
+/// What went wrong with a gateway call.
+struct Failure {
+    kind: &'static str,
+    status: Option<u16>,
+    latency: Duration,
+}
+
+/// `gateway.upstream_error` in the caller's tenant chain. A failure to write it
+/// is logged, not answered: the client's answer is the upstream failure.
+async fn audit_failure(
+    state: &AppState,
+    caller: &Caller,
+    canon: &CanonEntry,
+    route: &RouteEntry,
+    failure: &Failure,
+) {
+    let event = AuditEvent::new("gateway.upstream_error")
+        .outcome("failure")
+        .severity("warning")
+        .resource("canon", &canon.id)
+        .details(serde_json::json!({
+            "canon": canon.name,
+            "route_id": route.id,
+            "route": route.path,
+            "kind": failure.kind,
+            "status": failure.status,
+            "latency_ms": u64::try_from(failure.latency.as_millis()).unwrap_or(u64::MAX),
+        }));
+    if let Err(e) = state.audit_alone(caller.audit_context(), event).await {
+        tracing::error!(error = ?e.code(), canon = %canon.name, "could not audit a gateway failure");
+    }
+}

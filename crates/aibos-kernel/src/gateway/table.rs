@@ -1,0 +1,321 @@
+//! The route table: the registry compiled into matchers held in memory and
+//! swapped whole on every change, so a proxied request never queries the database.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::Method;
+use axum::http::uri::{Authority, Scheme};
+use jsonwebtoken::{EncodingKey, Header};
+
+use super::state::CanonState;
+use super::telemetry::RouteMetrics;
+use crate::registry::Route;
+use crate::registry::store::Snapshot;
+use crate::telemetry::Metrics;
+
+/// Every canon by name.
+#[derive(Default)]
+pub struct RouteTable {
+    canons: HashMap<String, Arc<CanonEntry>>,
+}
+
+impl RouteTable {
+    /// The canon called `name`.
+    pub fn canon(&self, name: &str) -> Option<&Arc<CanonEntry>> {
+        self.canons.get(name)
+    }
+
+    /// Every canon (health checks walk these).
+    pub fn canons(&self) -> impl Iterator<Item = &Arc<CanonEntry>> {
+        self.canons.values()
+    }
+
+    /// Compiles a registry snapshot. `states` keeps each canon's breaker, health
+    /// and budget across rebuilds (a route change must not close an open circuit);
+    /// states of canons that no longer exist are dropped from it.
+    pub fn compile(
+        snapshot: Snapshot,
+        states: &mut HashMap<String, Arc<CanonState>>,
+        metrics: &Metrics,
+    ) -> RouteTable {
+        let mut secrets: HashMap<String, (String, String)> = snapshot
+            .active_secrets
+            .into_iter()
+            .map(|(canon, kid, secret)| (canon, (kid, secret)))
+            .collect();
+        let mut routes_by_canon: HashMap<String, Vec<Route>> = HashMap::new();
+        for route in snapshot.routes {
+            routes_by_canon
+                .entry(route.canon_id.clone())
+                .or_default()
+                .push(route);
+        }
+        states.retain(|id, _| snapshot.canons.iter().any(|c| &c.id == id));
+        let mut canons = HashMap::with_capacity(snapshot.canons.len());
+        for row in snapshot.canons {
+            let Some(base) = BaseUrl::parse(&row.base_url) else {
+                // Validated on the way in; a row edited by hand is skipped, loudly.
+                tracing::error!(canon = %row.name, "canon has an unusable base_url; it is not routed");
+                continue;
+            };
+            let state = states
+                .entry(row.id.clone())
+                .or_insert_with(|| Arc::new(CanonState::new(metrics, &row.name)))
+                .clone();
+            let signer = secrets
+                .remove(&row.id)
+                .map(|(kid, secret)| Signer::new(kid, &secret));
+            let routes = routes_by_canon.remove(&row.id).unwrap_or_default();
+            let matcher = match Matcher::build(&routes) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::error!(canon = %row.name, error = %e, "canon's routes conflict; it is not routed");
+                    continue;
+                }
+            };
+            let entries = routes
+                .into_iter()
+                .map(|r| RouteEntry {
+                    metrics: RouteMetrics::new(metrics, &row.name, &r.method, &r.path),
+                    id: r.id,
+                    path: r.path,
+                    required_permissions: r.required_permissions,
+                    timeout: r.timeout_ms.and_then(millis),
+                    forward_cookies: r.forward_cookies,
+                })
+                .collect();
+            canons.insert(
+                row.name.clone(),
+                Arc::new(CanonEntry {
+                    id: row.id,
+                    name: row.name,
+                    base,
+                    health_path: row.health_path,
+                    timeout: row.timeout_ms.and_then(millis),
+                    signer,
+                    state,
+                    routes: entries,
+                    matcher,
+                }),
+            );
+        }
+        RouteTable { canons }
+    }
+}
+
+fn millis(ms: i64) -> Option<Duration> {
+    u64::try_from(ms).ok().map(Duration::from_millis)
+}
+
+/// One canon, ready to route to.
+pub struct CanonEntry {
+    /// UUIDv7.
+    pub id: String,
+    /// The slug in gateway paths.
+    pub name: String,
+    /// Where the cell listens.
+    pub base: BaseUrl,
+    /// Path of active health checks.
+    pub health_path: String,
+    /// The canon's own timeout, if set.
+    pub timeout: Option<Duration>,
+    /// Signs assertions with the active secret; `None` only if a DBA removed it.
+    pub signer: Option<Signer>,
+    /// Breaker, health, retry budget and metrics, kept across rebuilds.
+    pub state: Arc<CanonState>,
+    routes: Vec<RouteEntry>,
+    matcher: Matcher,
+}
+
+impl CanonEntry {
+    /// The route for `method` and the decoded `path` (which starts with `/`).
+    pub fn route(&self, method: &Method, path: &str) -> Option<&RouteEntry> {
+        self.matcher.find(method, path).map(|i| &self.routes[i])
+    }
+}
+
+/// One route, ready to serve.
+pub struct RouteEntry {
+    /// UUIDv7.
+    pub id: String,
+    /// The route's path pattern (for metrics and audit).
+    pub path: String,
+    /// Permissions the caller must all hold.
+    pub required_permissions: Vec<String>,
+    /// The route's own timeout, if set.
+    pub timeout: Option<Duration>,
+    /// Whether `Cookie` reaches the cell.
+    pub forward_cookies: bool,
+    /// Cached metric handles.
+    pub metrics: RouteMetrics,
+}
+
+/// A canon's base URL, split once for building upstream URIs.
+pub struct BaseUrl {
+    /// `http` or `https`.
+    pub scheme: Scheme,
+    /// Host and port.
+    pub authority: Authority,
+    /// Path prefix without a trailing `/` (often empty).
+    pub path_prefix: String,
+}
+
+impl BaseUrl {
+    /// Parses a validated base URL.
+    pub fn parse(text: &str) -> Option<BaseUrl> {
+        let uri: axum::http::Uri = text.parse().ok()?;
+        let scheme = uri.scheme()?.clone();
+        let authority = uri.authority()?.clone();
+        Some(BaseUrl {
+            scheme,
+            authority,
+            path_prefix: uri.path().trim_end_matches('/').to_owned(),
+        })
+    }
+}
+
+/// Signs `x-kernel-assertion` with a canon's active secret.
+pub struct Signer {
+    /// The header, with the secret's `kid`, built once.
+    pub header: Header,
+    /// The HMAC key.
+    pub key: EncodingKey,
+}
+
+impl Signer {
+    fn new(kid: String, secret: &str) -> Signer {
+        let mut header = Header::new(jsonwebtoken::Algorithm::HS256);
+        header.kid = Some(kid);
+        Signer {
+            header,
+            key: EncodingKey::from_secret(secret.as_bytes()),
+        }
+    }
+}
+
+/// Method-specific matchers first, then `ANY`. `HEAD` falls back to `GET`.
+#[derive(Default)]
+struct Matcher {
+    by_method: HashMap<Method, matchit::Router<usize>>,
+    any: matchit::Router<usize>,
+}
+
+impl Matcher {
+    /// Builds the matcher of one canon's routes; an error names a conflict.
+    fn build(routes: &[Route]) -> Result<Matcher, String> {
+        let mut matcher = Matcher::default();
+        for (index, route) in routes.iter().enumerate() {
+            let pattern = positional_pattern(&route.path);
+            let router = if route.method == "ANY" {
+                &mut matcher.any
+            } else {
+                let method =
+                    Method::from_bytes(route.method.as_bytes()).map_err(|e| e.to_string())?;
+                matcher.by_method.entry(method).or_default()
+            };
+            router
+                .insert(pattern, index)
+                .map_err(|e| format!("{} {}: {e}", route.method, route.path))?;
+        }
+        Ok(matcher)
+    }
+
+    fn find(&self, method: &Method, path: &str) -> Option<usize> {
+        let specific = self.by_method.get(method).or_else(|| {
+            (method == Method::HEAD)
+                .then(|| self.by_method.get(&Method::GET))
+                .flatten()
+        });
+        specific
+            .and_then(|r| r.at(path).ok())
+            .or_else(|| self.any.at(path).ok())
+            .map(|m| *m.value)
+    }
+}
+
+/// `/payments/{id}/refunds/{rid}` → `/payments/{p0}/refunds/{p1}`: matchit
+/// refuses two routes whose parameters differ only by name at one position,
+/// and the gateway needs which route matched, not the values.
+fn positional_pattern(path: &str) -> String {
+    let mut n = 0;
+    path.split('/')
+        .map(|segment| {
+            if segment.starts_with('{') {
+                n += 1;
+                format!("{{p{}}}", n - 1)
+            } else {
+                segment.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// Whether `candidate` can join `existing` routes of a canon without a conflict
+/// the matcher would refuse.
+pub fn check_routes(existing: &[Route], candidate: &Route) -> Result<(), String> {
+    let mut all: Vec<Route> = existing
+        .iter()
+        .filter(|r| r.id != candidate.id)
+        .cloned()
+        .collect();
+    all.push(candidate.clone());
+    Matcher::build(&all).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(id: &str, method: &str, path: &str) -> Route {
+        Route {
+            id: id.into(),
+            canon_id: "c".into(),
+            method: method.into(),
+            path: path.into(),
+            required_permissions: vec![],
+            idempotency: "off".into(),
+            rate_limit: None,
+            timeout_ms: None,
+            forward_cookies: false,
+            version: 1,
+            created_at: String::new(),
+            updated_at: String::new(),
+        }
+    }
+
+    #[test]
+    fn methods_params_any_and_head() {
+        let routes = vec![
+            route("1", "GET", "/payments/{id}"),
+            route("2", "POST", "/payments"),
+            route("3", "ANY", "/payments/{payment_id}"),
+            route("4", "GET", "/payments/{id}/refunds/{rid}"),
+            route("5", "GET", "/"),
+        ];
+        let m = Matcher::build(&routes).unwrap();
+        assert_eq!(m.find(&Method::GET, "/payments/42"), Some(0));
+        assert_eq!(m.find(&Method::HEAD, "/payments/42"), Some(0));
+        assert_eq!(m.find(&Method::POST, "/payments"), Some(1));
+        assert_eq!(m.find(&Method::DELETE, "/payments/42"), Some(2));
+        assert_eq!(m.find(&Method::GET, "/payments/42/refunds/7"), Some(3));
+        assert_eq!(m.find(&Method::GET, "/"), Some(4));
+        assert_eq!(m.find(&Method::GET, "/payments"), None);
+        assert_eq!(m.find(&Method::GET, "/payments/42/x"), None);
+        assert_eq!(m.find(&Method::GET, "/other"), None);
+    }
+
+    #[test]
+    fn same_shape_different_names_conflict() {
+        let existing = vec![route("1", "GET", "/a/{x}")];
+        assert!(check_routes(&existing, &route("2", "GET", "/a/{y}")).is_err());
+        assert!(check_routes(&existing, &route("2", "POST", "/a/{y}")).is_ok());
+        assert!(check_routes(&existing, &route("2", "GET", "/a/b")).is_ok());
+        assert!(
+            check_routes(&existing, &route("1", "GET", "/a/{y}")).is_ok(),
+            "a route may replace itself"
+        );
+    }
+}
