@@ -167,6 +167,64 @@ impl TestKernel {
             .to_owned()
     }
 
+    /// Registers a canon at `base_url` (platform administrators); returns its id
+    /// and its assertion secret.
+    pub async fn canon(
+        &self,
+        platform: &Session,
+        name: &str,
+        base_url: &str,
+        permissions: &[&str],
+    ) -> (String, String) {
+        let permissions: Vec<Value> = permissions
+            .iter()
+            .map(|p| json!({ "name": p, "description": format!("{p} (test)") }))
+            .collect();
+        let response = self
+            .as_(platform, reqwest::Method::POST, "/api/kernel/canons")
+            .json(&json!({ "name": name, "base_url": base_url, "permissions": permissions }))
+            .send()
+            .await
+            .expect("create canon");
+        assert_eq!(response.status(), 201, "create canon");
+        let body: Value = response.json().await.expect("canon body");
+        (
+            body["id"].as_str().expect("canon id").to_owned(),
+            body["assertion_secret"]["secret"]
+                .as_str()
+                .expect("canon secret")
+                .to_owned(),
+        )
+    }
+
+    /// Adds a route to a canon; returns its id. `extra` fields are merged into the body.
+    pub async fn route(
+        &self,
+        platform: &Session,
+        canon_id: &str,
+        method: &str,
+        path: &str,
+        required_permissions: &[&str],
+        extra: Value,
+    ) -> String {
+        let mut body = json!({
+            "canon_id": canon_id, "method": method, "path": path, "required_permissions": required_permissions,
+        });
+        if let (Some(target), Some(more)) = (body.as_object_mut(), extra.as_object()) {
+            target.extend(more.clone());
+        }
+        let response = self
+            .as_(platform, reqwest::Method::POST, "/api/kernel/routes")
+            .json(&body)
+            .send()
+            .await
+            .expect("create route");
+        let status = response.status();
+        let body: Value = response.json().await.expect("route body");
+        assert_eq!(status, 201, "create route: {body}");
+        body["id"].as_str().expect("route id").to_owned()
+    }
+
     /// Assigns a role; asserts 204.
     pub async fn assign(&self, admin: &Session, user_id: &str, role_id: &str) {
         let response = self

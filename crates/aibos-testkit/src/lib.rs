@@ -13,6 +13,7 @@ pub mod api;
 pub mod cluster;
 mod db;
 pub mod process;
+pub mod upstream;
 
 use std::net::SocketAddr;
 

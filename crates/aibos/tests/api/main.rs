@@ -11,10 +11,12 @@ mod authz;
 mod cancellation;
 mod cli;
 mod conventions;
+mod gateway;
 mod health;
 mod identity;
 mod migrations;
 mod pg_outage;
+mod registry;
 mod shutdown;
 
 /// Writes `async fn name(engine: Engine) { … }` as one test per engine.

@@ -1,0 +1,660 @@
+//! The gateway against real upstream servers started by the tests: what reaches
+//! the cell, what never does, and how failures look to the caller.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use aibos_cell::AssertionVerifier;
+use aibos_testkit::api::{PASSWORD, Session};
+use aibos_testkit::process::KernelProcess;
+use aibos_testkit::upstream::{BIG_RESPONSE_BYTES, Upstream};
+use aibos_testkit::{Engine, KernelOptions, TestKernel, spawn_kernel, spawn_kernel_with};
+use reqwest::Method;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::{both_engines, expect_problem};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_aibos");
+
+/// A kernel with a canon `payments` in front of `upstream` (under `/v1`), routes
+/// `GET /payments/{id}` and `POST /payments` needing `finance.payment.read` /
+/// `finance.payment.execute`, and a user of tenant `acme` holding both.
+struct Fixture {
+    k: TestKernel,
+    root: Session,
+    user: Session,
+    canon_id: String,
+    secret: String,
+}
+
+async fn fixture(k: TestKernel, upstream: &Upstream) -> Fixture {
+    let root = k.platform_admin().await;
+    let (canon_id, secret) = k
+        .canon(
+            &root,
+            "payments",
+            &format!("{}/v1", upstream.base_url),
+            &["finance.payment.read", "finance.payment.execute"],
+        )
+        .await;
+    k.route(
+        &root,
+        &canon_id,
+        "GET",
+        "/payments/{id}",
+        &["finance.payment.read"],
+        json!({}),
+    )
+    .await;
+    k.route(
+        &root,
+        &canon_id,
+        "POST",
+        "/payments",
+        &["finance.payment.execute"],
+        json!({}),
+    )
+    .await;
+    let admin = k.tenant_with_admin(&root, "acme").await;
+    let role = k
+        .role(
+            &admin,
+            "payers",
+            &["finance.payment.read", "finance.payment.execute"],
+        )
+        .await;
+    let user_id = k.user(&admin, "payer@acme.example").await;
+    k.assign(&admin, &user_id, &role).await;
+    let user = k
+        .login("acme", "payer@acme.example", PASSWORD)
+        .await
+        .expect("the payer logs in");
+    Fixture {
+        k,
+        root,
+        user,
+        canon_id,
+        secret,
+    }
+}
+
+both_engines! {
+    async fn a_proxied_call_carries_exactly_the_forwarded_identity(engine: Engine) {
+        let upstream = Upstream::start().await;
+        let Some(k) = spawn_kernel(engine).await else { return };
+        let Fixture { k, user, secret, root, .. } = fixture(k, &upstream).await;
+        let correlation = "0190f3c4-7e2a-7c4e-9d1a-2b3c4d5e6f70";
+        let response = k
+            .as_(&user, Method::GET, "/api/gateway/payments/payments/42?expand=ledger&note=a%20b")
+            .header("x-tenant-id", "someone-else")
+            .header("x-user-sub", "root")
+            .header("x-actor-type", "service")
+            .header("x-kernel-assertion", "forged")
+            .header("x-forwarded-for", "10.9.9.9")
+            .header("cookie", "session=secret")
+            .header("x-correlation-id", correlation)
+            .header("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-correlation-id"], correlation);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["path"], "/v1/payments/42?expand=ledger&note=a%20b");
+
+        let received = upstream.received();
+        assert_eq!(received.len(), 1);
+        let call = &received[0];
+        assert_eq!(call.method, "GET");
+        assert_eq!(call.path_and_query, "/v1/payments/42?expand=ledger&note=a%20b");
+        let h = &call.headers;
+        assert!(h.get("authorization").is_none(), "no Authorization reaches the cell");
+        assert!(h.get("cookie").is_none(), "no cookie unless the route allows it");
+        assert_eq!(h["x-tenant-id"], user.tenant_id.as_str());
+        assert_eq!(h["x-user-sub"], user.subject_id.as_str());
+        assert_eq!(h["x-actor-type"], "user");
+        assert_eq!(h["x-correlation-id"], correlation);
+        assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+        assert!(h.get_all("x-tenant-id").iter().count() == 1 && h.get_all("x-forwarded-for").iter().count() == 1);
+        let traceparent = h["traceparent"].to_str().unwrap();
+        assert!(traceparent.starts_with("00-0af7651916cd43dd8448eb211c80319c-"), "the trace continues: {traceparent}");
+        assert_ne!(traceparent, "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "with the kernel's own span");
+
+        // The cell SDK accepts the assertion for this call, and only for it.
+        let verifier = AssertionVerifier::new("payments", [secret.clone()]).unwrap();
+        let verified = verifier.verify(&http::Method::GET, &call.path_and_query, h).expect("the SDK accepts the kernel's assertion");
+        assert_eq!(verified.tenant_id, user.tenant_id);
+        assert_eq!(verified.subject, user.subject_id);
+        assert!(verifier.verify(&http::Method::GET, "/v1/payments/43", h).is_err(), "replayed on another path");
+        assert!(verifier.verify(&http::Method::DELETE, &call.path_and_query, h).is_err(), "replayed with another method");
+        let (_, other_secret) = k.canon(&root, "ledger", &upstream.base_url, &[]).await;
+        let wrong_canon = AssertionVerifier::new("payments", [other_secret.clone()]).unwrap();
+        assert!(wrong_canon.verify(&http::Method::GET, &call.path_and_query, h).is_err(), "signed with another canon's secret");
+        let as_ledger = AssertionVerifier::new("ledger", [other_secret]).unwrap();
+        assert!(as_ledger.verify(&http::Method::GET, &call.path_and_query, h).is_err(), "meant for another canon");
+        let mut tampered = h.clone();
+        let token = h["x-kernel-assertion"].to_str().unwrap();
+        let parts: Vec<&str> = token.split('.').collect();
+        let mut claims: Value = serde_json::from_slice(&base64_url(parts[1])).unwrap();
+        claims["tid"] = json!(uuid::Uuid::now_v7().to_string());
+        let forged = format!("{}.{}.{}", parts[0], base64_url_encode(&serde_json::to_vec(&claims).unwrap()), parts[2]);
+        tampered.insert("x-kernel-assertion", forged.parse().unwrap());
+        tampered.insert("x-tenant-id", claims["tid"].as_str().unwrap().parse().unwrap());
+        assert!(verifier.verify(&http::Method::GET, &call.path_and_query, &tampered).is_err(), "a tampered assertion");
+    }
+
+    async fn calls_are_refused_before_the_cell_when_they_should_be(engine: Engine) {
+        let upstream = Upstream::start().await;
+        let Some(k) = spawn_kernel(engine).await else { return };
+        let Fixture { k, root, user, .. } = fixture(k, &upstream).await;
+        let tenant_admin = k.login("acme", "admin@acme.example", PASSWORD).await.unwrap();
+        expect_problem(k.client.get(k.url("/api/gateway/payments/payments/1")).send().await.unwrap(), 401, "UNAUTHORIZED").await;
+        let denied = expect_problem(k.as_(&tenant_admin, Method::GET, "/api/gateway/payments/payments/1").send().await.unwrap(), 403, "FORBIDDEN").await;
+        assert_eq!(denied["missing_permissions"], json!(["finance.payment.read"]));
+        expect_problem(k.as_(&user, Method::GET, "/api/gateway/nope/payments/1").send().await.unwrap(), 404, "ROUTE_NOT_FOUND").await;
+        expect_problem(k.as_(&user, Method::GET, "/api/gateway/payments/refunds/1").send().await.unwrap(), 404, "ROUTE_NOT_FOUND").await;
+        expect_problem(k.as_(&user, Method::DELETE, "/api/gateway/payments/payments/1").send().await.unwrap(), 404, "ROUTE_NOT_FOUND").await;
+        assert!(upstream.received().is_empty(), "none of these reached the cell");
+        let denials = k.audit(&tenant_admin, "action=authz.deny").await;
+        assert!(denials.iter().any(|d| d["details"]["missing_permissions"] == json!(["finance.payment.read"])), "{denials:?}");
+
+        // A route change is in force on the next call (the table is rebuilt, no restart).
+        let routes: Value = k.as_(&root, Method::GET, "/api/kernel/routes?limit=10").send().await.unwrap().json().await.unwrap();
+        let get_route = routes["items"].as_array().unwrap().iter().find(|r| r["method"] == "GET").unwrap()["id"].as_str().unwrap().to_owned();
+        assert_eq!(k.as_(&user, Method::GET, "/api/gateway/payments/payments/1").send().await.unwrap().status(), 200);
+        assert_eq!(k.as_(&root, Method::DELETE, &format!("/api/kernel/routes/{get_route}")).send().await.unwrap().status(), 204);
+        expect_problem(k.as_(&user, Method::GET, "/api/gateway/payments/payments/1").send().await.unwrap(), 404, "ROUTE_NOT_FOUND").await;
+        // The cell's own answers pass through unchanged, bodies both ways.
+        let posted = k.as_(&user, Method::POST, "/api/gateway/payments/payments").json(&json!({ "amount_minor": 100 })).send().await.unwrap();
+        assert_eq!(posted.status(), 200);
+        assert_eq!(posted.json::<Value>().await.unwrap()["method"], "POST");
+    }
+
+    async fn a_rotated_secret_keeps_calls_verifying_throughout(engine: Engine) {
+        let upstream = Upstream::start().await;
+        let Some(k) = spawn_kernel(engine).await else { return };
+        let Fixture { k, root, user, canon_id, secret } = fixture(k, &upstream).await;
+        let base = format!("/api/kernel/canons/{canon_id}/assertion-secrets");
+        let new: Value = k.as_(&root, Method::POST, &base).send().await.unwrap().json().await.unwrap();
+        let (new_kid, new_secret) = (new["kid"].as_str().unwrap().to_owned(), new["secret"].as_str().unwrap().to_owned());
+        // The cell is redeployed with both secrets before the switch.
+        let cell = AssertionVerifier::new("payments", [secret.clone(), new_secret.clone()]).unwrap();
+        let old_only = AssertionVerifier::new("payments", [secret.clone()]).unwrap();
+        let call = |n: u32| {
+            let k = &k;
+            let user = &user;
+            async move {
+                let r = k.as_(user, Method::GET, &format!("/api/gateway/payments/payments/{n}")).send().await.unwrap();
+                assert_eq!(r.status(), 200);
+            }
+        };
+        call(1).await;
+        let activated = k.as_(&root, Method::POST, &format!("{base}/{new_kid}/activate")).send().await.unwrap();
+        assert_eq!(activated.status(), 200);
+        call(2).await;
+        let old_kid = aibos_wire::assertion::secret_kid(&secret).unwrap().to_owned();
+        assert_eq!(k.as_(&root, Method::DELETE, &format!("{base}/{old_kid}")).send().await.unwrap().status(), 204);
+        call(3).await;
+        let received = upstream.received();
+        assert_eq!(received.len(), 3);
+        for (i, r) in received.iter().enumerate() {
+            cell.verify(&http::Method::GET, &r.path_and_query, &r.headers).unwrap_or_else(|e| panic!("call {i}: {e}"));
+        }
+        assert!(old_only.verify(&http::Method::GET, &received[0].path_and_query, &received[0].headers).is_ok());
+        assert!(old_only.verify(&http::Method::GET, &received[1].path_and_query, &received[1].headers).is_err(), "signed with the new secret after activation");
+    }
+}
+
+fn base64_url(text: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(text)
+        .unwrap()
+}
+
+fn base64_url_encode(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Sends a request line exactly as written (no client-side path normalisation)
+/// and returns the status code.
+async fn raw_status(k: &TestKernel, method: &str, target: &str, token: &str) -> u16 {
+    let mut stream = tokio::net::TcpStream::connect(k.addr).await.unwrap();
+    let request = format!(
+        "{method} {target} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n",
+        k.addr
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer);
+    text.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn traversal_attempts_never_reach_the_cell() {
+    let upstream = Upstream::start().await;
+    let k = spawn_kernel(Engine::Sqlite).await.unwrap();
+    let Fixture {
+        k,
+        root,
+        user,
+        canon_id,
+        ..
+    } = fixture(k, &upstream).await;
+    k.route(
+        &root,
+        &canon_id,
+        "GET",
+        "/public/{file}",
+        &["finance.payment.read"],
+        json!({}),
+    )
+    .await;
+    for target in [
+        "/api/gateway/payments/public/../../admin",
+        "/api/gateway/payments/public/../payments/1",
+        "/api/gateway/payments/public/%2e%2e/payments/1",
+        "/api/gateway/payments/public/%2E%2E%2Fpayments%2F1",
+        "/api/gateway/payments/public/..%2fadmin",
+        "/api/gateway/payments/public/%252e%252e%252fadmin",
+        "/api/gateway/payments/public/%252e%252e",
+        "/api/gateway/payments/public/..\\admin",
+        "/api/gateway/payments/public/%5c..%5cadmin",
+        "/api/gateway/payments/public/.",
+        "/api/gateway/payments/./payments/1",
+        "/api/gateway/payments//payments/1",
+        "/api/gateway/payments/payments/1%2f..%2f2",
+        "/api/gateway/payments/public/%00",
+    ] {
+        let status = raw_status(&k, "GET", target, &user.access_token).await;
+        assert!(status == 400 || status == 404, "{target} answered {status}");
+    }
+    assert!(
+        upstream.received().is_empty(),
+        "the cell never saw a traversal: {:?}",
+        upstream.received()
+    );
+    // A plain call through the same route does arrive.
+    assert_eq!(
+        raw_status(
+            &k,
+            "GET",
+            "/api/gateway/payments/public/report.pdf",
+            &user.access_token
+        )
+        .await,
+        200
+    );
+    assert_eq!(upstream.received().len(), 1);
+    assert_eq!(
+        upstream.received()[0].path_and_query,
+        "/v1/public/report.pdf"
+    );
+}
+
+#[tokio::test]
+async fn failures_timeouts_and_the_circuit_breaker() {
+    let upstream = Upstream::start().await;
+    let options = KernelOptions {
+        env: vec![("AIBOS_GATEWAY__BREAKER_OPEN_SECONDS".into(), "1".into())],
+        ..KernelOptions::default()
+    };
+    let k = spawn_kernel_with(Engine::Sqlite, options).await.unwrap();
+    let Fixture {
+        k,
+        root,
+        user,
+        canon_id,
+        ..
+    } = fixture(k, &upstream).await;
+    k.route(
+        &root,
+        &canon_id,
+        "GET",
+        "/slow",
+        &[],
+        json!({ "timeout_ms": 1000 }),
+    )
+    .await;
+    k.route(&root, &canon_id, "GET", "/flaky", &[], json!({}))
+        .await;
+
+    // 3 s upstream, 1 s timeout → 504 in 1–1.5 s.
+    let started = Instant::now();
+    let slow = k
+        .as_(&user, Method::GET, "/api/gateway/payments/slow")
+        .send()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    expect_problem(slow, 504, "UPSTREAM_TIMEOUT").await;
+    assert!(
+        took >= Duration::from_millis(1000) && took < Duration::from_millis(1500),
+        "took {took:?}"
+    );
+
+    // The cell's 500s pass through unchanged, and five in a row open the circuit.
+    upstream.set_flaky_status(500);
+    for _ in 0..4 {
+        let r = k
+            .as_(&user, Method::GET, "/api/gateway/payments/flaky")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 500);
+        assert_ne!(
+            r.headers().get("content-type").map(|v| v.to_str().unwrap()),
+            Some("application/problem+json")
+        );
+    }
+    let reached = upstream.received().len();
+    let started = Instant::now();
+    let refused = k
+        .as_(&user, Method::GET, "/api/gateway/payments/flaky")
+        .send()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    expect_problem(refused, 503, "UPSTREAM_UNAVAILABLE").await;
+    assert!(
+        took < Duration::from_millis(50),
+        "an open circuit answers at once: {took:?}"
+    );
+    assert_eq!(
+        upstream.received().len(),
+        reached,
+        "an open circuit does not call the cell"
+    );
+    let circuit: Value = k
+        .as_(
+            &root,
+            Method::GET,
+            &format!("/api/kernel/canons/{canon_id}"),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(circuit["circuit"], "open");
+
+    // After the half-open delay a healthy cell is used again.
+    upstream.set_flaky_status(200);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        k.as_(&user, Method::GET, "/api/gateway/payments/flaky")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        k.as_(&user, Method::GET, "/api/gateway/payments/flaky")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    // A cell that is down → 503 at once.
+    upstream.stop();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let down = k
+        .as_(&user, Method::GET, "/api/gateway/payments/payments/1")
+        .send()
+        .await
+        .unwrap();
+    expect_problem(down, 503, "UPSTREAM_UNAVAILABLE").await;
+
+    // Every failure is in the caller's tenant's audit trail, with its kind.
+    let admin = k
+        .login("acme", "admin@acme.example", PASSWORD)
+        .await
+        .unwrap();
+    let errors = k.audit(&admin, "action=gateway.upstream_error").await;
+    let kinds: Vec<&str> = errors
+        .iter()
+        .filter_map(|e| e["details"]["kind"].as_str())
+        .collect();
+    for kind in ["timeout", "status", "circuit_open", "unavailable"] {
+        assert!(kinds.contains(&kind), "{kind} missing in {kinds:?}");
+    }
+    let status_entry = errors
+        .iter()
+        .find(|e| e["details"]["kind"] == "status")
+        .unwrap();
+    assert_eq!(status_entry["details"]["status"], 500);
+    assert_eq!(status_entry["details"]["canon"], "payments");
+    assert!(status_entry["details"]["latency_ms"].is_u64());
+    let metrics = k
+        .client
+        .get(k.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("aibos_gateway_calls_total{canon=\"payments\",route=\"GET /flaky\",outcome=\"circuit_open\"} 1"), "{metrics}");
+}
+
+#[tokio::test]
+async fn health_checks_mark_a_failing_cell_and_bring_it_back() {
+    let upstream = Upstream::start().await;
+    let options = KernelOptions {
+        env: vec![("AIBOS_GATEWAY__HEALTH_INTERVAL_SECONDS".into(), "1".into())],
+        ..KernelOptions::default()
+    };
+    let k = spawn_kernel_with(Engine::Sqlite, options).await.unwrap();
+    let Fixture {
+        k,
+        root,
+        user,
+        canon_id,
+        ..
+    } = fixture(k, &upstream).await;
+    let status = || async {
+        let canon: Value = k
+            .as_(
+                &root,
+                Method::GET,
+                &format!("/api/kernel/canons/{canon_id}"),
+            )
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        canon["status"].as_str().unwrap().to_owned()
+    };
+    let wait_for = |want: &'static str| async move {
+        for _ in 0..50 {
+            if status().await == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the canon never became {want}");
+    };
+    wait_for("healthy").await;
+    assert!(upstream.health_checks() >= 1);
+    upstream.set_healthy(false);
+    wait_for("unhealthy").await;
+    let before = upstream.received().len();
+    let refused = k
+        .as_(&user, Method::GET, "/api/gateway/payments/payments/1")
+        .send()
+        .await
+        .unwrap();
+    expect_problem(refused, 503, "UPSTREAM_UNAVAILABLE").await;
+    assert_eq!(
+        upstream.received().len(),
+        before,
+        "an unhealthy cell is not called"
+    );
+    upstream.set_healthy(true);
+    wait_for("healthy").await;
+    assert_eq!(
+        k.as_(&user, Method::GET, "/api/gateway/payments/payments/1")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let changes = k.audit(&root, "action=canon.health_changed").await;
+    let moves: Vec<(String, String)> = changes
+        .iter()
+        .map(|c| {
+            (
+                c["details"]["from"].as_str().unwrap().to_owned(),
+                c["details"]["to"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        moves.contains(&("healthy".into(), "unhealthy".into()))
+            && moves.contains(&("unhealthy".into(), "healthy".into())),
+        "{moves:?}"
+    );
+    let metrics = k
+        .client
+        .get(k.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("aibos_gateway_canon_healthy{canon=\"payments\"} 1"),
+        "{metrics}"
+    );
+}
+
+/// Peak resident memory of a process, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn big_and_live_streams_pass_through_without_buffering() {
+    let upstream = Upstream::start().await;
+    let cwd = tempfile::tempdir().unwrap();
+    let key = "bootstrap-key-for-the-stream-test";
+    let env = [
+        ("AIBOS_SERVER__BIND", "127.0.0.1:0"),
+        ("AIBOS_AUTH__BOOTSTRAP_KEY", key),
+    ];
+    let kernel = KernelProcess::start(Path::new(BINARY), cwd.path(), &env)
+        .await
+        .unwrap();
+    let client = reqwest::Client::new();
+    let url = |p: &str| format!("{}{p}", kernel.base_url);
+    let r = client
+        .post(url("/api/kernel/bootstrap"))
+        .header("x-bootstrap-key", key)
+        .json(&json!({"email": "root@example.com", "password": PASSWORD, "name": "Root"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let login: Value = client
+        .post(url("/api/kernel/auth/login"))
+        .json(&json!({"tenant": "system", "email": "root@example.com", "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = login["access_token"].as_str().unwrap().to_owned();
+    let canon: Value = client
+        .post(url("/api/kernel/canons"))
+        .bearer_auth(&token)
+        .json(&json!({"name": "files", "base_url": upstream.base_url}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for path in ["/big", "/events"] {
+        let r = client
+            .post(url("/api/kernel/routes"))
+            .bearer_auth(&token)
+            .json(&json!({"canon_id": canon["id"], "method": "GET", "path": path}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    let pid = kernel.child.id().unwrap();
+    // Warm up allocator and pools with one small call, then measure the peak.
+    let _ = client
+        .get(url("/api/kernel/auth/me"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    let before = peak_rss_kib(pid);
+    let mut big = client
+        .get(url("/api/gateway/files/big"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(big.status(), 200);
+    let mut total = 0usize;
+    while let Some(chunk) = big.chunk().await.unwrap() {
+        total += chunk.len();
+    }
+    assert_eq!(total, BIG_RESPONSE_BYTES);
+    let grew_kib = peak_rss_kib(pid).saturating_sub(before);
+    assert!(
+        grew_kib < 8 * 1024,
+        "the kernel's peak memory grew by {grew_kib} KiB for a 20 MiB response"
+    );
+
+    // Server-Sent Events arrive as they are sent: the first event comes through
+    // while the cell still holds the second back.
+    let mut events = client
+        .get(url("/api/gateway/files/events"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status(), 200);
+    assert_eq!(events.headers()["content-type"], "text/event-stream");
+    let first = tokio::time::timeout(Duration::from_secs(5), events.chunk())
+        .await
+        .expect("the first event arrives live")
+        .unwrap()
+        .unwrap();
+    assert_eq!(&first[..], b"data: one\n\n");
+    upstream.release_events();
+    let second = tokio::time::timeout(Duration::from_secs(5), events.chunk())
+        .await
+        .expect("the second event arrives")
+        .unwrap()
+        .unwrap();
+    assert_eq!(&second[..], b"data: two\n\n");
+}
