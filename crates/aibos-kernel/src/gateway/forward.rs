@@ -107,7 +107,7 @@ pub fn sign_assertion(
     identity: &Identity<'_>,
     method: &str,
     path_and_query: &str,
-) -> Result<String, jsonwebtoken::errors::Error> {
+) -> Result<String, serde_json::Error> {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let claims = AssertionClaims {
         iss: ISSUER.to_owned(),
@@ -122,7 +122,7 @@ pub fn sign_assertion(
         exp: now + ASSERTION_LIFETIME_SECONDS,
         jti: uuid::Uuid::now_v7().to_string(),
     };
-    jsonwebtoken::encode(&signer.header, &claims, &signer.key)
+    signer.sign(&claims)
 }
 
 #[cfg(test)]

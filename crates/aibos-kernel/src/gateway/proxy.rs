@@ -163,7 +163,9 @@ async fn forward_call(
     canon.state.budget.deposit(gateway.retry_budget_percent);
 
     // A request that may be retried keeps its body to send again; others stream it.
-    let mut body = if retryable {
+    let mut body = if retryable && axum::body::HttpBody::is_end_stream(&body) {
+        Payload::Kept(Bytes::new())
+    } else if retryable {
         match body.collect().await {
             Ok(collected) => Payload::Kept(collected.to_bytes()),
             Err(e) => return Err(body_error(e)),
@@ -187,7 +189,11 @@ async fn forward_call(
         let mut upstream = axum::http::Request::new(next_body);
         *upstream.method_mut() = parts.method.clone();
         *upstream.uri_mut() = upstream_uri.clone();
-        *upstream.headers_mut() = parts.headers.clone();
+        *upstream.headers_mut() = if body.may_repeat() && attempt < retry_max {
+            parts.headers.clone()
+        } else {
+            std::mem::take(&mut parts.headers)
+        };
         match tokio::time::timeout_at(deadline, client.request(upstream)).await {
             Ok(Ok(response)) => break Ok(response),
             Ok(Err(e)) => {
@@ -269,6 +275,10 @@ enum Payload {
 }
 
 impl Payload {
+    fn may_repeat(&self) -> bool {
+        matches!(self, Payload::Kept(_))
+    }
+
     fn next(&mut self) -> Option<Body> {
         match self {
             Payload::Kept(bytes) => Some(Body::from(bytes.clone())),

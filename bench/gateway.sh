@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Gateway benchmark (issue 5): the same tiny fixed-response upstream (nginx
+# `return 200`), the same load tool (wrk), the same connections, reached three
+# ways in one run, alternating rounds:
+#   1. direct to the upstream;
+#   2. through nginx `proxy_pass` with upstream keep-alive (the anchor);
+#   3. through the kernel gateway, with a valid token and a route that requires a
+#      permission (authentication, authorization, breaker, signed assertion).
+# Prints medians and the kernel/nginx ratios of rps and p99.
+#
+#   bench/gateway.sh                  # ROUNDS=5 SECONDS_PER_ROUND=10 CONNECTIONS=64
+#
+# Targets: kernel >= 0.6x nginx rps (aim 0.8x); p99 at 64 connections <= 1.5x nginx.
+source "$(dirname "$0")/lib.sh"
+
+ROUNDS=${ROUNDS:-5}
+SECONDS_PER_ROUND=${SECONDS_PER_ROUND:-10}
+CONNECTIONS=${CONNECTIONS:-64}
+
+ensure_packages wrk:wrk nginx:nginx-light curl:curl python3:python3
+build_release
+
+work=$(mktemp -d)
+cleanup() {
+  [ -n "${kernel_pid:-}" ] && kill "$kernel_pid" 2>/dev/null || true
+  [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+[ -n "${BENCH_HOLD:-}" ] && trap - EXIT
+
+# --- nginx: the upstream and the anchor proxy, as many workers as cores. ---
+upstream_port=$(free_port)
+proxy_port=$(free_port)
+mkdir -p "$work/nginx"
+cat >"$work/nginx.conf" <<CONF
+worker_processes auto;
+pid $work/nginx.pid;
+error_log $work/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $work/nginx; proxy_temp_path $work/nginx; fastcgi_temp_path $work/nginx;
+  uwsgi_temp_path $work/nginx; scgi_temp_path $work/nginx;
+  keepalive_requests 1000000;
+  upstream cell { server 127.0.0.1:$upstream_port; keepalive 128; }
+  server {
+    listen 127.0.0.1:$upstream_port;
+    location / { default_type application/json; return 200 '{"ok":true}'; }
+  }
+  server {
+    listen 127.0.0.1:$proxy_port;
+    location / {
+      proxy_pass http://cell;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+CONF
+nginx -c "$work/nginx.conf" -p "$work/nginx"
+wait_http "http://127.0.0.1:$upstream_port/"
+
+# --- the kernel on its embedded default: a canon in front of the upstream. ---
+kernel_port=$(free_port)
+password="correct horse battery staple"
+(cd "$work" && echo "$password" | "$AIBOS_BIN" admin create --email bench@example.com --password-stdin >/dev/null)
+start_kernel "$work" "$kernel_port"
+base="http://127.0.0.1:$kernel_port"
+json() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }
+token=$(curl -fsS "$base/api/kernel/auth/login" -H 'content-type: application/json' \
+  -d "{\"tenant\":\"system\",\"email\":\"bench@example.com\",\"password\":\"$password\"}" | json '["access_token"]')
+auth=(-H "Authorization: Bearer $token" -H 'content-type: application/json')
+canon_id=$(curl -fsS "$base/api/kernel/canons" "${auth[@]}" -d "{\"name\":\"bench\",\"base_url\":\"http://127.0.0.1:$upstream_port\",\"permissions\":[{\"name\":\"bench.ping.read\",\"description\":\"Benchmark route\"}]}" | json '["id"]')
+curl -fsS "$base/api/kernel/routes" "${auth[@]}" -d "{\"canon_id\":\"$canon_id\",\"method\":\"GET\",\"path\":\"/ping\",\"required_permissions\":[\"bench.ping.read\"]}" >/dev/null
+role_id=$(curl -fsS "$base/api/kernel/roles" "${auth[@]}" -d '{"name":"bench","permissions":["bench.ping.read"]}' | json '["id"]')
+user_id=$(curl -fsS "$base/api/kernel/auth/me" "${auth[@]}" | json '["subject"]["id"]')
+curl -fsS "$base/api/kernel/users/$user_id/roles" "${auth[@]}" -d "{\"role_id\":\"$role_id\"}" >/dev/null
+status=$(curl -s -o /dev/null -w '%{http_code}' "$base/api/gateway/bench/ping" -H "Authorization: Bearer $token")
+[ "$status" = 200 ] || { echo "the gateway answered $status" >&2; exit 1; }
+
+direct="http://127.0.0.1:$upstream_port/ping"
+proxied="http://127.0.0.1:$proxy_port/ping"
+gateway="$base/api/gateway/bench/ping"
+for url in "$direct" "$proxied"; do wrk_run "$url" "$CONNECTIONS" 2 >/dev/null; done
+wrk_run "$gateway" "$CONNECTIONS" 2 -H "Authorization: Bearer $token" >/dev/null
+
+: >"$work/direct.txt"; : >"$work/nginx.txt"; : >"$work/kernel.txt"
+for round in $(seq 1 "$ROUNDS"); do
+  wrk_run "$direct" "$CONNECTIONS" "$SECONDS_PER_ROUND" >>"$work/direct.txt"
+  wrk_run "$proxied" "$CONNECTIONS" "$SECONDS_PER_ROUND" >>"$work/nginx.txt"
+  wrk_run "$gateway" "$CONNECTIONS" "$SECONDS_PER_ROUND" -H "Authorization: Bearer $token" >>"$work/kernel.txt"
+  echo "round $round: direct $(tail -n1 "$work/direct.txt")  nginx $(tail -n1 "$work/nginx.txt")  kernel $(tail -n1 "$work/kernel.txt")  (rps p99_ms)" >&2
+done
+
+col() { cut -d' ' -f"$1" "$2" | median; }
+rps_ratio=$(paste -d' ' "$work/kernel.txt" "$work/nginx.txt" | awk '{ printf "%.3f\n", $1 / $3 }' | median)
+p99_ratio=$(paste -d' ' "$work/kernel.txt" "$work/nginx.txt" | awk '{ printf "%.3f\n", $2 / $4 }' | median)
+rss_kib=$(awk '/VmRSS/ { print $2 }' "/proc/$kernel_pid/status")
+
+echo
+echo "gateway  ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $ROUNDS rounds x ${SECONDS_PER_ROUND}s, wrk -c$CONNECTIONS, medians; ratios paired per round)"
+printf '%-46s %10s %12s\n' "" "req/s" "p99"
+printf '%-46s %10s %10sms\n' "direct to the upstream" "$(col 1 "$work/direct.txt")" "$(col 2 "$work/direct.txt")"
+printf '%-46s %10s %10sms\n' "nginx proxy_pass (keep-alive)" "$(col 1 "$work/nginx.txt")" "$(col 2 "$work/nginx.txt")"
+printf '%-46s %10s %10sms\n' "kernel gateway (token + permission + assertion)" "$(col 1 "$work/kernel.txt")" "$(col 2 "$work/kernel.txt")"
+printf '%-46s %10s\n' "kernel / nginx rps" "${rps_ratio}x"
+printf '%-46s %10s\n' "kernel / nginx p99" "${p99_ratio}x"
+printf '%-46s %10s\n' "kernel RSS after the load" "$((rss_kib / 1024)) MiB"
