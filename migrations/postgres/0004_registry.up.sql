@@ -8,6 +8,8 @@ CREATE TABLE canons (
     name          TEXT    NOT NULL,
     base_url      TEXT    NOT NULL,
     health_path   TEXT    NOT NULL,
+    -- 'http1', or 'h2c' for a plain-http cell that speaks HTTP/2 with prior knowledge.
+    protocol      TEXT    NOT NULL DEFAULT 'http1',
     timeout_ms    BIGINT,
     -- The permissions this canon defines, as a JSON list of {name, description};
     -- the same names are rows of `permissions` with owner = the canon's name.

@@ -108,6 +108,7 @@ impl App {
         })?;
 
         let (routes, mut openapi) = http::api_routes().split_for_parts();
+        openapi.merge(<crate::gateway::proxy::GatewayApi as utoipa::OpenApi>::openapi());
         http::openapi::add_common_problems(&mut openapi);
         let openapi_json = openapi.to_json().unwrap_or_else(|_| "{}".to_owned());
         let keys = crate::identity::admin::load_key_ring(&db, &config.auth)

@@ -33,6 +33,8 @@ const CHUNK_BYTES: usize = 64 * 1024;
 pub struct Received {
     /// `GET`, `POST`, …
     pub method: String,
+    /// `HTTP/1.1` or `HTTP/2.0`.
+    pub version: String,
     /// Path and query exactly as received.
     pub path_and_query: String,
     /// Every header received.
@@ -148,6 +150,7 @@ async fn handle(State(shared): State<Shared>, request: Request) -> Response {
         .unwrap_or_else(|p| p.into_inner())
         .push(Received {
             method: request.method().to_string(),
+            version: format!("{:?}", request.version()),
             path_and_query: path_and_query.clone(),
             headers: request.headers().clone(),
         });

@@ -1,6 +1,7 @@
 //! The upstream HTTP client: pooled keep-alive connections, HTTP/1.1 to plain
-//! `http` cells, HTTP/2 or 1.1 by ALPN to `https` ones, request and response
-//! bodies streamed without buffering.
+//! `http` cells (HTTP/2 with prior knowledge to canons registered with
+//! `protocol: "h2c"`), HTTP/2 or 1.1 by ALPN to `https` ones, request and
+//! response bodies streamed without buffering.
 //!
 //! Each event loop owns one client (handed to its router as an extension), so
 //! its connection pool is never shared between threads: the pool's lock is
@@ -15,11 +16,33 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::GatewayConfig;
 
-/// The client type.
-pub type UpstreamClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
+/// One HTTP client.
+pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
 
-/// Builds a client with the configured pool and connect timeout.
+/// The clients of one event loop: HTTP/1.1 (and HTTP/2 by ALPN over TLS), and
+/// HTTP/2 with prior knowledge for `h2c` canons.
+#[derive(Clone)]
+pub struct UpstreamClient {
+    http1: HttpClient,
+    h2c: HttpClient,
+}
+
+impl UpstreamClient {
+    /// The client for a canon.
+    pub fn for_canon(&self, h2c: bool) -> &HttpClient {
+        if h2c { &self.h2c } else { &self.http1 }
+    }
+}
+
+/// Builds the clients with the configured pool and connect timeout.
 pub fn build(config: &GatewayConfig) -> UpstreamClient {
+    UpstreamClient {
+        http1: build_one(config, false),
+        h2c: build_one(config, true),
+    }
+}
+
+fn build_one(config: &GatewayConfig, http2_only: bool) -> HttpClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -38,5 +61,6 @@ pub fn build(config: &GatewayConfig) -> UpstreamClient {
         .pool_max_idle_per_host(
             usize::try_from(config.pool_max_idle_per_host).unwrap_or(usize::MAX),
         )
+        .http2_only(http2_only)
         .build(connector)
 }

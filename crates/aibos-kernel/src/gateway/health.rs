@@ -57,7 +57,7 @@ async fn check_one(
                 .body(Body::empty());
             match request {
                 Ok(request) => matches!(
-                    tokio::time::timeout(timeout, client.request(request)).await,
+                    tokio::time::timeout(timeout, client.for_canon(canon.h2c).request(request)).await,
                     Ok(Ok(response)) if response.status().is_success()
                 ),
                 Err(_) => false,

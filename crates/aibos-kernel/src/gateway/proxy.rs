@@ -21,6 +21,28 @@ use crate::error::{ApiError, ErrorCode};
 use crate::http::edge::RequestContext;
 use crate::state::AppState;
 
+/// The gateway as the OpenAPI document shows it. The handler serves every method
+/// on `/api/gateway/{canon}/{*path}`; this only describes it.
+#[utoipa::path(method(get, post, put, patch, delete), path = "/api/gateway/{canon}/{path}", tag = "gateway",
+    security(("bearer" = [])),
+    params(("canon" = String, Path, description = "The canon's name"),
+           ("path" = String, Path, description = "The path under the canon, matched against its routes and forwarded with the query string")),
+    responses(
+        (status = 200, description = "The cell's own answer, any status, passed through unchanged"),
+        (status = 400, description = "VALIDATION_ERROR: a path with '..', encoded '/' or '\\', or double encoding"),
+        (status = 401, description = "UNAUTHORIZED"),
+        (status = 403, description = "FORBIDDEN: the route's required permissions are missing"),
+        (status = 404, description = "ROUTE_NOT_FOUND"),
+        (status = 503, description = "UPSTREAM_UNAVAILABLE: refused, reset, unhealthy, or circuit open (with Retry-After)"),
+        (status = 504, description = "UPSTREAM_TIMEOUT")))]
+#[allow(dead_code)]
+fn gateway_call() {}
+
+/// The OpenAPI description of the gateway.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(gateway_call))]
+pub struct GatewayApi;
+
 /// Forwards one call to its cell.
 pub async fn proxy(
     State(state): State<AppState>,
@@ -194,7 +216,8 @@ async fn forward_call(
         } else {
             std::mem::take(&mut parts.headers)
         };
-        match tokio::time::timeout_at(deadline, client.request(upstream)).await {
+        match tokio::time::timeout_at(deadline, client.for_canon(canon.h2c).request(upstream)).await
+        {
             Ok(Ok(response)) => break Ok(response),
             Ok(Err(e)) => {
                 let may_retry =

@@ -96,6 +96,7 @@ impl RouteTable {
                     name: row.name,
                     base,
                     health_path: row.health_path,
+                    h2c: row.protocol == "h2c",
                     timeout: row.timeout_ms.and_then(millis),
                     signer,
                     state,
@@ -122,6 +123,8 @@ pub struct CanonEntry {
     pub base: BaseUrl,
     /// Path of active health checks.
     pub health_path: String,
+    /// HTTP/2 with prior knowledge (`h2c`) instead of HTTP/1.1.
+    pub h2c: bool,
     /// The canon's own timeout, if set.
     pub timeout: Option<Duration>,
     /// Signs assertions with the active secret; `None` only if a DBA removed it.

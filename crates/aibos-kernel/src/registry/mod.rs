@@ -39,6 +39,9 @@ pub struct Canon {
     pub base_url: String,
     /// Path the active health checks call.
     pub health_path: String,
+    /// `http1` (HTTP/1.1, or HTTP/2 by ALPN for https), or `h2c`: HTTP/2 with
+    /// prior knowledge to a plain-http cell.
+    pub protocol: String,
     /// Upstream timeout; `null` uses `gateway.default_timeout_ms`.
     pub timeout_ms: Option<i64>,
     /// The permissions this canon defines.
@@ -54,6 +57,9 @@ pub struct Canon {
     /// Last change.
     pub updated_at: String,
 }
+
+/// How the gateway speaks to a canon.
+pub const PROTOCOLS: [&str; 2] = ["http1", "h2c"];
 
 /// How a route treats `Idempotency-Key`.
 pub const IDEMPOTENCY_MODES: [&str; 3] = ["off", "optional", "required"];

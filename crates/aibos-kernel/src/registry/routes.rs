@@ -97,6 +97,7 @@ fn canon_view(state: &AppState, row: CanonRow) -> Canon {
         name: row.name,
         base_url: row.base_url,
         health_path: row.health_path,
+        protocol: row.protocol,
         timeout_ms: row.timeout_ms,
         version: row.version,
         created_at: row.created_at,
@@ -119,6 +120,8 @@ pub struct CreateCanon {
     base_url: String,
     /// Default `/health`.
     health_path: Option<String>,
+    /// `http1` (default) or `h2c`.
+    protocol: Option<String>,
     /// Default: `gateway.default_timeout_ms` (10 000).
     timeout_ms: Option<i64>,
     /// Permissions the canon defines, registered with it.
@@ -150,6 +153,8 @@ pub async fn create_canon(
     let base_url = validate::base_url(&body.base_url).map_err(invalid)?;
     let health_path = body.health_path.unwrap_or_else(|| "/health".to_owned());
     validate::health_path(&health_path).map_err(invalid)?;
+    let protocol = body.protocol.unwrap_or_else(|| "http1".to_owned());
+    validate::protocol(&protocol, &base_url).map_err(invalid)?;
     validate::timeout_ms("timeout_ms", body.timeout_ms).map_err(invalid)?;
     validate::canon_permissions(&body.permissions).map_err(invalid)?;
     let secret = new_assertion_secret();
@@ -160,12 +165,12 @@ pub async fn create_canon(
             if store::canon_count(tx).await? >= limits::CANONS_MAX {
                 return Err(ApiError::conflict(format!("At most {} canons can be registered.", limits::CANONS_MAX)));
             }
-            let fields = CanonFields { base_url: &base_url, health_path: &health_path, timeout_ms, permissions: &permissions };
+            let fields = CanonFields { base_url: &base_url, health_path: &health_path, protocol: &protocol, timeout_ms, permissions: &permissions };
             let row = store::insert_canon(tx, &Uuid::now_v7().to_string(), &name, &fields).await?;
             store::sync_canon_permissions(tx, &name, &permissions).await?.map_err(ApiError::conflict)?;
             store::insert_secret(tx, &row.id, &secret.kid, &secret.secret, true).await?;
             let event = AuditEvent::new("canon.created").resource("canon", &row.id).details(serde_json::json!({
-                "name": row.name, "base_url": row.base_url, "health_path": row.health_path, "timeout_ms": row.timeout_ms,
+                "name": row.name, "base_url": row.base_url, "health_path": row.health_path, "protocol": row.protocol, "timeout_ms": row.timeout_ms,
                 "permissions": permissions.iter().map(|p| &p.name).collect::<Vec<_>>(), "assertion_kid": secret.kid,
             }));
             Ok((row, event))
@@ -223,6 +228,7 @@ fn double_option<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
 pub struct UpdateCanon {
     base_url: Option<String>,
     health_path: Option<String>,
+    protocol: Option<String>,
     /// `null` returns to the default.
     #[serde(default, deserialize_with = "double_option")]
     #[schema(value_type = Option<i64>)]
@@ -253,6 +259,8 @@ pub async fn update_canon(
         .health_path
         .unwrap_or_else(|| current.health_path.clone());
     validate::health_path(&health_path).map_err(invalid)?;
+    let protocol = body.protocol.unwrap_or_else(|| current.protocol.clone());
+    validate::protocol(&protocol, &base_url).map_err(invalid)?;
     let timeout_ms = body.timeout_ms.unwrap_or(current.timeout_ms);
     validate::timeout_ms("timeout_ms", timeout_ms).map_err(invalid)?;
     let permissions = body
@@ -261,11 +269,11 @@ pub async fn update_canon(
     validate::canon_permissions(&permissions).map_err(invalid)?;
     let row = registry_write(&state, &caller, move |tx| {
         Box::pin(async move {
-            let fields = CanonFields { base_url: &base_url, health_path: &health_path, timeout_ms, permissions: &permissions };
+            let fields = CanonFields { base_url: &base_url, health_path: &health_path, protocol: &protocol, timeout_ms, permissions: &permissions };
             let row = store::update_canon(tx, &current.id, &fields, if_match.0).await?.ok_or_else(|| stale("canon"))?;
             store::sync_canon_permissions(tx, &row.name, &permissions).await?.map_err(ApiError::conflict)?;
             let event = AuditEvent::new("canon.updated").resource("canon", &row.id).details(serde_json::json!({
-                "name": row.name, "base_url": row.base_url, "health_path": row.health_path, "timeout_ms": row.timeout_ms,
+                "name": row.name, "base_url": row.base_url, "health_path": row.health_path, "protocol": row.protocol, "timeout_ms": row.timeout_ms,
                 "permissions": permissions.iter().map(|p| &p.name).collect::<Vec<_>>(), "version": row.version,
             }));
             Ok((row, event))

@@ -15,6 +15,7 @@ pub struct CanonRow {
     pub name: String,
     pub base_url: String,
     pub health_path: String,
+    pub protocol: String,
     pub timeout_ms: Option<i64>,
     pub permissions: String,
     pub version: i64,
@@ -29,13 +30,13 @@ impl CanonRow {
     }
 }
 
-const CANON_COLUMNS: &str =
-    "id, name, base_url, health_path, timeout_ms, permissions, version, created_at, updated_at";
+const CANON_COLUMNS: &str = "id, name, base_url, health_path, protocol, timeout_ms, permissions, version, created_at, updated_at";
 
 /// The fields of a new or changed canon.
 pub struct CanonFields<'a> {
     pub base_url: &'a str,
     pub health_path: &'a str,
+    pub protocol: &'a str,
     pub timeout_ms: Option<i64>,
     pub permissions: &'a [CanonPermission],
 }
@@ -53,13 +54,13 @@ pub async fn insert_canon(
 ) -> Result<CanonRow, sqlx::Error> {
     let now = timestamp::now_text();
     let sql = format!(
-        "INSERT INTO canons (id, tenant_id, name, base_url, health_path, timeout_ms, permissions, version, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, $8) RETURNING {CANON_COLUMNS}"
+        "INSERT INTO canons (id, tenant_id, name, base_url, health_path, timeout_ms, permissions, protocol, version, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $9, 1, $8, $8) RETURNING {CANON_COLUMNS}"
     );
     with_tx!(tx, conn => {
         sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(id).bind(SYSTEM_TENANT_ID).bind(name).bind(fields.base_url)
             .bind(fields.health_path).bind(fields.timeout_ms).bind(permissions_json(fields.permissions)).bind(&now)
-            .fetch_one(&mut *conn).await
+            .bind(fields.protocol).fetch_one(&mut *conn).await
     })
 }
 
@@ -72,13 +73,13 @@ pub async fn update_canon(
 ) -> Result<Option<CanonRow>, sqlx::Error> {
     let now = timestamp::now_text();
     let sql = format!(
-        "UPDATE canons SET base_url = $3, health_path = $4, timeout_ms = $5, permissions = $6, version = version + 1, updated_at = $7 \
+        "UPDATE canons SET base_url = $3, health_path = $4, timeout_ms = $5, permissions = $6, protocol = $9, version = version + 1, updated_at = $7 \
          WHERE tenant_id = $1 AND id = $2 AND ($8 IS NULL OR version = $8) RETURNING {CANON_COLUMNS}"
     );
     with_tx!(tx, conn => {
         sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(SYSTEM_TENANT_ID).bind(id).bind(fields.base_url).bind(fields.health_path)
             .bind(fields.timeout_ms).bind(permissions_json(fields.permissions)).bind(&now).bind(expected_version)
-            .fetch_optional(&mut *conn).await
+            .bind(fields.protocol).fetch_optional(&mut *conn).await
     })
 }
 

@@ -63,6 +63,23 @@ pub fn base_url(text: &str) -> Result<String, FieldProblem> {
     Ok(text.trim_end_matches('/').to_owned())
 }
 
+/// `http1`, or `h2c` for an `http://` cell only (over TLS, HTTP/2 is negotiated).
+pub fn protocol(text: &str, base_url: &str) -> Result<(), FieldProblem> {
+    if !super::PROTOCOLS.contains(&text) {
+        return Err((
+            "protocol",
+            format!("must be one of {}", super::PROTOCOLS.join(", ")),
+        ));
+    }
+    if text == "h2c" && !base_url.starts_with("http://") {
+        return Err((
+            "protocol",
+            "h2c is for http:// cells; https cells negotiate HTTP/2 themselves".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// An absolute path for health checks (`/health`), optionally with a query.
 pub fn health_path(text: &str) -> Result<(), FieldProblem> {
     let ok = text.starts_with('/')

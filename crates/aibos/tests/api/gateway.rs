@@ -107,6 +107,7 @@ both_engines! {
         assert_eq!(received.len(), 1);
         let call = &received[0];
         assert_eq!(call.method, "GET");
+        assert_eq!(call.version, "HTTP/1.1");
         assert_eq!(call.path_and_query, "/v1/payments/42?expand=ledger&note=a%20b");
         let h = &call.headers;
         assert!(h.get("authorization").is_none(), "no Authorization reaches the cell");
@@ -657,4 +658,49 @@ async fn big_and_live_streams_pass_through_without_buffering() {
         .unwrap()
         .unwrap();
     assert_eq!(&second[..], b"data: two\n\n");
+}
+
+#[tokio::test]
+async fn an_h2c_canon_is_called_over_http2_with_prior_knowledge() {
+    let upstream = Upstream::start().await;
+    let k = spawn_kernel(Engine::Sqlite).await.unwrap();
+    let root = k.platform_admin().await;
+    let response = k
+        .as_(&root, Method::POST, "/api/kernel/canons")
+        .json(&json!({ "name": "fast", "base_url": upstream.base_url, "protocol": "h2c" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let canon: Value = response.json().await.unwrap();
+    assert_eq!(canon["protocol"], "h2c");
+    k.route(
+        &root,
+        canon["id"].as_str().unwrap(),
+        "POST",
+        "/echo",
+        &[],
+        json!({}),
+    )
+    .await;
+    let answer = k
+        .as_(&root, Method::POST, "/api/gateway/fast/echo")
+        .json(&json!({ "n": 1 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let received = upstream.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].version, "HTTP/2.0");
+    assert_eq!(received[0].path_and_query, "/echo");
+    // h2c is for plain http only.
+    let refused = k
+        .as_(&root, Method::POST, "/api/kernel/canons")
+        .json(&json!({ "name": "tls", "base_url": "https://cell.internal", "protocol": "h2c" }))
+        .send()
+        .await
+        .unwrap();
+    let problem = expect_problem(refused, 400, "VALIDATION_ERROR").await;
+    assert_eq!(problem["errors"][0]["field"], "protocol");
 }
