@@ -107,25 +107,6 @@ async fn forward_call(
             retry_after_value(Duration::from_secs(gateway.health_interval_seconds)),
         ));
     }
-    let settings = BreakerSettings::from_config(gateway);
-    let trial = match canon.state.breaker.admit(&settings) {
-        Admission::Allowed { trial } => trial,
-        Admission::Refused { retry_after } => {
-            route.metrics.call(Outcome::CircuitOpen);
-            let failure = Failure {
-                kind: "circuit_open",
-                status: None,
-                latency: Duration::ZERO,
-            };
-            audit_failure(state, &caller, &canon, route, &failure).await;
-            return Err(ApiError::new(
-                ErrorCode::UpstreamUnavailable,
-                "The service behind this route is failing; its circuit is open.",
-            )
-            .with_header(header::RETRY_AFTER, retry_after_value(retry_after)));
-        }
-    };
-
     let context = parts.extensions.get::<RequestContext>().cloned();
     let correlation_id = context
         .as_ref()
@@ -195,6 +176,34 @@ async fn forward_call(
     } else {
         Payload::Streamed(Some(body))
     };
+    // Admission comes last, after everything that can fail before the call: a
+    // half-open circuit's one trial must always end in a recorded outcome.
+    let settings = BreakerSettings::from_config(gateway);
+    let trial = match canon.state.breaker.admit(&settings) {
+        Admission::Allowed { trial } => trial,
+        Admission::Refused { retry_after } => {
+            route.metrics.call(Outcome::CircuitOpen);
+            let failure = Failure {
+                kind: "circuit_open",
+                status: None,
+                latency: Duration::ZERO,
+            };
+            audit_failure(state, &caller, &canon, route, &failure).await;
+            return Err(ApiError::new(
+                ErrorCode::UpstreamUnavailable,
+                "The service behind this route is failing; its circuit is open.",
+            )
+            .with_header(header::RETRY_AFTER, retry_after_value(retry_after)));
+        }
+    };
+
+    let mut outcome_to_record = BreakerCall {
+        breaker: &canon.state.breaker,
+        settings,
+        trial,
+        recorded: false,
+    };
+
     let (retry_max, backoff_base, backoff_max) = (
         gateway.retry_max,
         gateway.retry_backoff_base_ms,
@@ -239,16 +248,12 @@ async fn forward_call(
         }
     };
     let latency = started.elapsed();
-    let settings = BreakerSettings::from_config(&state.config_ref().gateway);
     match outcome {
         Ok(response) => {
             route.metrics.upstream_latency(latency);
             let status = response.status();
             let failed = status.is_server_error();
-            note_breaker(
-                &canon,
-                canon.state.breaker.record(&settings, !failed, trial),
-            );
+            note_breaker(&canon, outcome_to_record.record(!failed));
             if failed {
                 route.metrics.call(Outcome::CellError);
                 let failure = Failure {
@@ -265,7 +270,7 @@ async fn forward_call(
             Ok(Response::from_parts(head, Body::new(incoming)))
         }
         Err(kind) => {
-            note_breaker(&canon, canon.state.breaker.record(&settings, false, trial));
+            note_breaker(&canon, outcome_to_record.record(false));
             let (outcome, code, detail) = if kind == "timeout" {
                 (
                     Outcome::Timeout,
@@ -387,5 +392,84 @@ async fn audit_failure(
         }));
     if let Err(e) = state.audit_alone(caller.audit_context(), event).await {
         tracing::error!(error = ?e.code(), canon = %canon.name, "could not audit a gateway failure");
+    }
+}
+
+/// One admitted call's pending breaker outcome. If the call never completes (the
+/// client hung up and the handler was dropped), a half-open trial counts as a
+/// failure, so the circuit re-opens instead of staying half-open for ever.
+struct BreakerCall<'a> {
+    breaker: &'a super::state::Breaker,
+    settings: BreakerSettings,
+    trial: bool,
+    recorded: bool,
+}
+
+impl BreakerCall<'_> {
+    fn record(&mut self, success: bool) -> Option<&'static str> {
+        self.recorded = true;
+        self.breaker.record(&self.settings, success, self.trial)
+    }
+}
+
+impl Drop for BreakerCall<'_> {
+    fn drop(&mut self) {
+        if !self.recorded && self.trial {
+            self.breaker.record(&self.settings, false, true);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::state::Breaker;
+
+    #[test]
+    fn an_abandoned_trial_reopens_the_circuit() {
+        let breaker = Breaker::new();
+        let settings = BreakerSettings {
+            consecutive_failures: 1,
+            failure_rate_percent: 50,
+            window_calls: 20,
+            open_for: Duration::from_millis(10),
+        };
+        assert_eq!(breaker.record(&settings, false, false), Some("open"));
+        std::thread::sleep(Duration::from_millis(15));
+        assert_eq!(breaker.admit(&settings), Admission::Allowed { trial: true });
+        drop(BreakerCall {
+            breaker: &breaker,
+            settings,
+            trial: true,
+            recorded: false,
+        });
+        assert_eq!(breaker.state_name(), "open", "not stuck half-open");
+        std::thread::sleep(Duration::from_millis(15));
+        let mut call = BreakerCall {
+            breaker: &breaker,
+            settings,
+            trial: true,
+            recorded: false,
+        };
+        assert_eq!(breaker.admit(&settings), Admission::Allowed { trial: true });
+        assert_eq!(call.record(true), Some("closed"));
+        drop(call);
+        assert_eq!(
+            breaker.state_name(),
+            "closed",
+            "a recorded call changes nothing on drop"
+        );
+    }
+
+    #[test]
+    fn full_jitter_stays_under_its_ceiling() {
+        for attempt in 1..6 {
+            for _ in 0..100 {
+                let wait = full_jitter(25, 1000, attempt);
+                assert!(wait < Duration::from_millis((25u64 << attempt).min(1000)));
+            }
+        }
+        assert_eq!(retry_after_value(Duration::from_millis(1)), "1");
+        assert_eq!(retry_after_value(Duration::from_millis(29_001)), "30");
     }
 }
