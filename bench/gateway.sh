@@ -24,31 +24,43 @@ work=$(mktemp -d)
 cleanup() {
   [ -n "${kernel_pid:-}" ] && kill "$kernel_pid" 2>/dev/null || true
   [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
+  [ -f "$work/upstream.pid" ] && kill "$(cat "$work/upstream.pid")" 2>/dev/null || true
   wait 2>/dev/null || true
   rm -rf "$work"
 }
 trap cleanup EXIT
 [ -n "${BENCH_HOLD:-}" ] && trap - EXIT
 
-# --- nginx: the upstream and the anchor proxy, as many workers as cores. ---
+# --- nginx, twice: the upstream, and the anchor proxy in an instance of its own,
+# so that both proxies (nginx and the kernel) reach the upstream in another
+# process. (In one instance nginx could proxy to itself on the same worker
+# without a context switch, which no real deployment of a gateway does.)
 upstream_port=$(free_port)
 proxy_port=$(free_port)
-mkdir -p "$work/nginx"
+mkdir -p "$work/nginx" "$work/upstream"
+common="access_log off; keepalive_requests 1000000;
+  client_body_temp_path TMP; proxy_temp_path TMP; fastcgi_temp_path TMP; uwsgi_temp_path TMP; scgi_temp_path TMP;"
+cat >"$work/upstream.conf" <<CONF
+worker_processes auto;
+pid $work/upstream.pid;
+error_log $work/upstream/error.log warn;
+events { worker_connections 4096; }
+http {
+  ${common//TMP/$work/upstream}
+  server {
+    listen 127.0.0.1:$upstream_port;
+    location / { default_type application/json; return 200 '{"ok":true}'; }
+  }
+}
+CONF
 cat >"$work/nginx.conf" <<CONF
 worker_processes auto;
 pid $work/nginx.pid;
 error_log $work/nginx/error.log warn;
 events { worker_connections 4096; }
 http {
-  access_log off;
-  client_body_temp_path $work/nginx; proxy_temp_path $work/nginx; fastcgi_temp_path $work/nginx;
-  uwsgi_temp_path $work/nginx; scgi_temp_path $work/nginx;
-  keepalive_requests 1000000;
+  ${common//TMP/$work/nginx}
   upstream cell { server 127.0.0.1:$upstream_port; keepalive 128; }
-  server {
-    listen 127.0.0.1:$upstream_port;
-    location / { default_type application/json; return 200 '{"ok":true}'; }
-  }
   server {
     listen 127.0.0.1:$proxy_port;
     location / {
@@ -59,8 +71,10 @@ http {
   }
 }
 CONF
+nginx -c "$work/upstream.conf" -p "$work/upstream"
 nginx -c "$work/nginx.conf" -p "$work/nginx"
 wait_http "http://127.0.0.1:$upstream_port/"
+wait_http "http://127.0.0.1:$proxy_port/"
 
 # --- the kernel on its embedded default: a canon in front of the upstream. ---
 kernel_port=$(free_port)

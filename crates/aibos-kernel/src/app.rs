@@ -263,6 +263,9 @@ fn bind_per_core(addr: SocketAddr) -> std::io::Result<Vec<std::net::TcpListener>
         socket.set_reuse_address(true)?;
         socket.set_reuse_port(true)?;
         socket.set_nonblocking(true)?;
+        // Accepted sockets inherit it: a response is never held back waiting
+        // for the client's delayed ACK of the previous one (Nagle).
+        socket.set_tcp_nodelay(true)?;
         socket.bind(&addr.into())?;
         socket.listen(1024)?;
         let listener: std::net::TcpListener = socket.into();

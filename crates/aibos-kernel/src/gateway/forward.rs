@@ -4,8 +4,8 @@
 use std::net::IpAddr;
 
 use aibos_wire::assertion::{
-    ACTOR_TYPE_HEADER, ASSERTION_HEADER, ASSERTION_LIFETIME_SECONDS, AssertionClaims,
-    FORWARDED_FOR_HEADER, FORWARDED_IDENTITY_HEADERS, TENANT_HEADER, USER_HEADER,
+    ACTOR_TYPE_HEADER, ASSERTION_HEADER, ASSERTION_LIFETIME_SECONDS, FORWARDED_FOR_HEADER,
+    FORWARDED_IDENTITY_HEADERS, TENANT_HEADER, USER_HEADER,
 };
 use aibos_wire::correlation::{CORRELATION_HEADER, TRACEPARENT_HEADER};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
@@ -66,25 +66,51 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
-/// Turns the client's headers into the cell's, in place.
+/// Whether a client header may reach the cell. One pass over the client's
+/// headers with this test is cheaper than removing each forbidden name (every
+/// removal hashes it), and a proxied request has few headers.
+fn forwardable(name: &HeaderName, forward_cookies: bool, connection_named: &[HeaderName]) -> bool {
+    if HOP_BY_HOP.contains(name)
+        || name == header::UPGRADE
+        || name == header::HOST
+        || name == header::AUTHORIZATION
+        || (name == header::COOKIE && !forward_cookies)
+        || connection_named.contains(name)
+    {
+        return false;
+    }
+    let text = name.as_str();
+    !(FORWARDED_IDENTITY_HEADERS.contains(&text) || SPOOFABLE.contains(&text))
+}
+
+/// Turns the client's headers into the cell's.
 pub fn upstream_headers(
-    headers: &mut HeaderMap,
+    headers: HeaderMap,
     identity: &Identity<'_>,
     forward_cookies: bool,
     assertion: Option<&str>,
-) {
-    strip_hop_by_hop(headers);
-    headers.remove(header::HOST);
-    headers.remove(header::AUTHORIZATION);
-    if !forward_cookies {
-        headers.remove(header::COOKIE);
-    }
-    for name in FORWARDED_IDENTITY_HEADERS.iter().chain(SPOOFABLE.iter()) {
-        headers.remove(*name);
+) -> HeaderMap {
+    let connection_named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    let mut out = HeaderMap::with_capacity(headers.len() + 8);
+    let mut current: Option<HeaderName> = None;
+    for (name, value) in headers {
+        // `into_iter` names a header once, then yields its further values with `None`.
+        if let Some(name) = name {
+            current = forwardable(&name, forward_cookies, &connection_named).then_some(name);
+        }
+        if let Some(name) = &current {
+            out.append(name.clone(), value);
+        }
     }
     let mut set = |name: &'static str, value: &str| {
         if let Ok(v) = HeaderValue::from_str(value) {
-            headers.insert(HeaderName::from_static(name), v);
+            out.insert(HeaderName::from_static(name), v);
         }
     };
     set(TENANT_HEADER, identity.tenant_id);
@@ -98,6 +124,24 @@ pub fn upstream_headers(
     if let Some(assertion) = assertion {
         set(ASSERTION_HEADER, assertion);
     }
+    out
+}
+
+/// [`AssertionClaims`] by reference: signing allocates no copies of the values.
+/// A test keeps the two serialising alike.
+#[derive(serde::Serialize)]
+struct BorrowedClaims<'a> {
+    iss: &'a str,
+    aud: &'a str,
+    tid: &'a str,
+    sub: &'a str,
+    act: &'a str,
+    cid: &'a str,
+    htm: &'a str,
+    htu: &'a str,
+    iat: i64,
+    exp: i64,
+    jti: &'a str,
 }
 
 /// Signs the assertion for one forwarded call.
@@ -109,18 +153,20 @@ pub fn sign_assertion(
     path_and_query: &str,
 ) -> Result<String, serde_json::Error> {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let claims = AssertionClaims {
-        iss: ISSUER.to_owned(),
-        aud: canon.to_owned(),
-        tid: identity.tenant_id.to_owned(),
-        sub: identity.subject.to_owned(),
-        act: identity.actor_type.to_owned(),
-        cid: identity.correlation_id.to_owned(),
-        htm: method.to_owned(),
-        htu: path_and_query.to_owned(),
+    let jti = uuid::Uuid::now_v7();
+    let mut jti_text = uuid::Uuid::encode_buffer();
+    let claims = BorrowedClaims {
+        iss: ISSUER,
+        aud: canon,
+        tid: identity.tenant_id,
+        sub: identity.subject,
+        act: identity.actor_type,
+        cid: identity.correlation_id,
+        htm: method,
+        htu: path_and_query,
         iat: now,
         exp: now + ASSERTION_LIFETIME_SECONDS,
-        jti: uuid::Uuid::now_v7().to_string(),
+        jti: jti.hyphenated().encode_lower(&mut jti_text),
     };
     signer.sign(&claims)
 }
@@ -128,6 +174,41 @@ pub fn sign_assertion(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use aibos_wire::assertion::AssertionClaims;
+
+    #[test]
+    fn borrowed_claims_serialise_like_the_shared_claims() {
+        let owned = AssertionClaims {
+            iss: "i".into(),
+            aud: "a".into(),
+            tid: "t".into(),
+            sub: "s".into(),
+            act: "user".into(),
+            cid: "c".into(),
+            htm: "GET".into(),
+            htu: "/x".into(),
+            iat: 1,
+            exp: 61,
+            jti: "j".into(),
+        };
+        let borrowed = BorrowedClaims {
+            iss: "i",
+            aud: "a",
+            tid: "t",
+            sub: "s",
+            act: "user",
+            cid: "c",
+            htm: "GET",
+            htu: "/x",
+            iat: 1,
+            exp: 61,
+            jti: "j",
+        };
+        assert_eq!(
+            serde_json::to_string(&owned).unwrap(),
+            serde_json::to_string(&borrowed).unwrap()
+        );
+    }
 
     #[test]
     fn client_claims_and_hop_by_hop_headers_never_reach_the_cell() {
@@ -159,7 +240,7 @@ mod tests {
             client_ip: Some("127.0.0.1".parse().unwrap()),
             traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
         };
-        upstream_headers(&mut h, &identity, false, Some("signed"));
+        let h = upstream_headers(h, &identity, false, Some("signed"));
         let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         names.sort();
         assert_eq!(
@@ -180,8 +261,14 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "127.0.0.1");
         assert_eq!(h["x-kernel-assertion"], "signed");
         let mut with_cookies = HeaderMap::new();
-        with_cookies.insert(header::COOKIE, HeaderValue::from_static("a=1"));
-        upstream_headers(&mut with_cookies, &identity, true, None);
-        assert_eq!(with_cookies[header::COOKIE], "a=1");
+        with_cookies.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        with_cookies.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        let with_cookies = upstream_headers(with_cookies, &identity, true, None);
+        let cookies: Vec<_> = with_cookies.get_all(header::COOKIE).iter().collect();
+        assert_eq!(
+            cookies,
+            ["b=2", "a=1"],
+            "every value of a kept header is kept"
+        );
     }
 }

@@ -146,8 +146,8 @@ async fn forward_call(
     )
     .map_err(ApiError::internal)?;
     let retryable = is_safe_to_repeat(&parts) && gateway.retry_max > 0;
-    forward::upstream_headers(
-        &mut parts.headers,
+    parts.headers = forward::upstream_headers(
+        std::mem::take(&mut parts.headers),
         &identity,
         route.forward_cookies,
         Some(&assertion),
