@@ -1,48 +1,121 @@
-//! The upstream HTTP client: pooled keep-alive connections, HTTP/1.1 to plain
-//! `http` cells (HTTP/2 with prior knowledge to canons registered with
-//! `protocol: "h2c"`), HTTP/2 or 1.1 by ALPN to `https` ones, request and
-//! response bodies streamed without buffering.
+//! The upstream HTTP client: pooled keep-alive connections, request and response
+//! bodies streamed without buffering.
 //!
-//! Each event loop owns one client (handed to its router as an extension), so
-//! its connection pool is never shared between threads: the pool's lock is
+//! - Plain `http` cells over HTTP/1.1 — the common case and the hot path — go
+//!   through [`Http1Pool`], a small keep-alive pool over hyper's connection API.
+//!   It exists because hyper-util's general-purpose client spawns a task per
+//!   request to return its connection to the pool, and clones a pool key, a
+//!   connector and a boxed future on every call; on a proxied request that does
+//!   nothing else, that was a measurable share of the kernel's CPU
+//!   (docs/performance.md, gateway).
+//! - `https` cells (HTTP/2 or 1.1 by ALPN) and `h2c` canons (HTTP/2 with prior
+//!   knowledge) use hyper-util's client, which brings TLS and HTTP/2 multiplexing.
+//!
+//! Each event loop owns one [`UpstreamClient`] (handed to its router as an
+//! extension), so its pools are never shared between threads: their locks are
 //! uncontended and a connection's task runs on the loop that uses it.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
+use axum::http::uri::{Authority, PathAndQuery, Scheme};
+use axum::http::{Request, Response, Uri, header};
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
+use super::table::BaseUrl;
 use crate::config::GatewayConfig;
 
-/// One HTTP client.
-pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
+/// hyper-util's client, for `https` and `h2c` cells.
+type GeneralClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
 
-/// The clients of one event loop: HTTP/1.1 (and HTTP/2 by ALPN over TLS), and
-/// HTTP/2 with prior knowledge for `h2c` canons.
+/// The clients of one event loop.
 #[derive(Clone)]
-pub struct UpstreamClient {
-    http1: HttpClient,
-    h2c: HttpClient,
+pub struct UpstreamClient(Arc<Clients>);
+
+struct Clients {
+    http1: Arc<Http1Pool>,
+    /// `https` cells, HTTP/2 or HTTP/1.1 by ALPN.
+    general: GeneralClient,
+    /// `h2c` canons: HTTP/2 with prior knowledge.
+    h2c: GeneralClient,
 }
 
-impl UpstreamClient {
-    /// The client for a canon.
-    pub fn for_canon(&self, h2c: bool) -> &HttpClient {
-        if h2c { &self.h2c } else { &self.http1 }
+/// Why an upstream call got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// No connection could be made: nothing was sent, so a retry is safe.
+    #[error("connect: {0}")]
+    Connect(String),
+    /// The connection failed while the request was being sent or answered.
+    #[error("request: {0}")]
+    Request(String),
+}
+
+impl UpstreamError {
+    /// Whether the cell never saw the request.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, UpstreamError::Connect(_))
     }
 }
 
 /// Builds the clients with the configured pool and connect timeout.
 pub fn build(config: &GatewayConfig) -> UpstreamClient {
-    UpstreamClient {
-        http1: build_one(config, false),
-        h2c: build_one(config, true),
+    UpstreamClient(Arc::new(Clients {
+        http1: Arc::new(Http1Pool {
+            idle: Mutex::new(HashMap::new()),
+            max_idle_per_host: usize::try_from(config.pool_max_idle_per_host).unwrap_or(usize::MAX),
+            idle_timeout: Duration::from_secs(config.pool_idle_timeout_seconds),
+            connect_timeout: Duration::from_millis(config.connect_timeout_ms),
+        }),
+        general: build_general(config, false),
+        h2c: build_general(config, true),
+    }))
+}
+
+impl UpstreamClient {
+    /// Sends `request`, whose URI is in origin form (path and query), to the cell
+    /// at `base`. The response body streams from the cell.
+    pub async fn send(
+        &self,
+        base: &BaseUrl,
+        h2c: bool,
+        mut request: Request<Body>,
+    ) -> Result<Response<Body>, UpstreamError> {
+        if !h2c && base.scheme == Scheme::HTTP {
+            request
+                .headers_mut()
+                .insert(header::HOST, base.host_header.clone());
+            return Http1Pool::send(&self.0.http1, &base.authority, request).await;
+        }
+        let path_and_query = request
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *request.uri_mut() = Uri::builder()
+            .scheme(base.scheme.clone())
+            .authority(base.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(|e| UpstreamError::Request(e.to_string()))?;
+        let client = if h2c { &self.0.h2c } else { &self.0.general };
+        match client.request(request).await {
+            Ok(response) => Ok(response.map(Body::new)),
+            Err(e) if e.is_connect() => Err(UpstreamError::Connect(e.to_string())),
+            Err(e) => Err(UpstreamError::Request(e.to_string())),
+        }
     }
 }
 
-fn build_one(config: &GatewayConfig, http2_only: bool) -> HttpClient {
+fn build_general(config: &GatewayConfig, http2_only: bool) -> GeneralClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -63,4 +136,319 @@ fn build_one(config: &GatewayConfig, http2_only: bool) -> HttpClient {
         )
         .http2_only(http2_only)
         .build(connector)
+}
+
+/// Idle HTTP/1.1 keep-alive connections by cell address.
+///
+/// A connection is checked out for one exchange and checked back in when the
+/// response body has been read to its end (a body dropped half-read leaves the
+/// connection unusable; hyper closes it). Idle connections are reused newest
+/// first, at most `max_idle_per_host` are kept per address, and one idle longer
+/// than `idle_timeout` is closed when next seen.
+struct Http1Pool {
+    idle: Mutex<HashMap<Authority, Vec<IdleConnection>>>,
+    max_idle_per_host: usize,
+    idle_timeout: Duration,
+    connect_timeout: Duration,
+}
+
+struct IdleConnection {
+    sender: SendRequest<Body>,
+    since: Instant,
+}
+
+impl Http1Pool {
+    async fn send(
+        pool: &Arc<Http1Pool>,
+        authority: &Authority,
+        mut request: Request<Body>,
+    ) -> Result<Response<Body>, UpstreamError> {
+        // Each reused connection that turns out closed costs one pass; the pool
+        // holds at most `max_idle_per_host`, then a fresh connection is made.
+        loop {
+            let (mut sender, reused) = match pool.checkout(authority) {
+                Some(sender) => (sender, true),
+                None => (pool.connect(authority).await?, false),
+            };
+            // A connection checked in as its last response ended may still be
+            // finishing that exchange; this waits for it (or learns it closed).
+            if let Err(e) = sender.ready().await {
+                if reused {
+                    continue;
+                }
+                return Err(UpstreamError::Connect(e.to_string()));
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => {
+                    let release = Release {
+                        pool: Arc::clone(pool),
+                        authority: authority.clone(),
+                        sender,
+                    };
+                    return Ok(response.map(|incoming| {
+                        Body::new(PooledBody {
+                            incoming,
+                            release: Some(release),
+                        })
+                    }));
+                }
+                Err(mut e) => match e.take_message() {
+                    // The cell closed an idle connection as we picked it: the
+                    // request was not sent and goes out on another one.
+                    Some(unsent) if reused => request = unsent,
+                    _ => return Err(UpstreamError::Request(e.into_error().to_string())),
+                },
+            }
+        }
+    }
+
+    fn checkout(&self, authority: &Authority) -> Option<SendRequest<Body>> {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let connections = idle.get_mut(authority)?;
+        while let Some(connection) = connections.pop() {
+            if !connection.sender.is_closed() && connection.since.elapsed() < self.idle_timeout {
+                return Some(connection.sender);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, authority: Authority, sender: SendRequest<Body>) {
+        if sender.is_closed() {
+            return;
+        }
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let connections = idle.entry(authority).or_default();
+        connections.retain(|c| !c.sender.is_closed() && now - c.since < self.idle_timeout);
+        if connections.len() < self.max_idle_per_host {
+            connections.push(IdleConnection { sender, since: now });
+        }
+    }
+
+    async fn connect(&self, authority: &Authority) -> Result<SendRequest<Body>, UpstreamError> {
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let port = authority.port_u16().unwrap_or(80);
+        let stream = tokio::time::timeout(
+            self.connect_timeout,
+            tokio::net::TcpStream::connect((host, port)),
+        )
+        .await
+        .map_err(|_| UpstreamError::Connect("timed out".into()))?
+        .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+        // The connection's I/O runs as a task of this event loop; it ends when
+        // the cell or the pool closes the connection.
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "upstream connection closed");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+/// Gives a connection back to its pool.
+struct Release {
+    pool: Arc<Http1Pool>,
+    authority: Authority,
+    sender: SendRequest<Body>,
+}
+
+/// A response body that checks its connection back in once read to the end.
+struct PooledBody {
+    incoming: Incoming,
+    release: Option<Release>,
+}
+
+impl PooledBody {
+    fn release(&mut self) {
+        if let Some(release) = self.release.take() {
+            release.pool.checkin(release.authority, release.sender);
+        }
+    }
+}
+
+impl hyper::body::Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.incoming).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            self.release();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.incoming.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.incoming.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // The server stops polling a body whose length says it is complete.
+        if self.incoming.is_end_stream() {
+            self.release();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::BodyExt as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::config::Config;
+
+    /// How the test cell ends each exchange.
+    #[derive(Clone, Copy)]
+    enum Cell {
+        /// Keep-alive, 2-byte body.
+        KeepAlive,
+        /// `Connection: close`, then closes.
+        Closing,
+        /// Keep-alive with a 1 MiB body.
+        Big,
+    }
+
+    /// A minimal HTTP/1.1 server counting the connections it accepts.
+    async fn cell(kind: Cell) -> (BaseUrl, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = BaseUrl::parse(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buffer = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    loop {
+                        while !buffer.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match socket.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buffer.clear();
+                        let answer = match kind {
+                            Cell::KeepAlive => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+                            Cell::Closing => {
+                                b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok"
+                                    .to_vec()
+                            }
+                            Cell::Big => {
+                                let mut answer =
+                                    b"HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n".to_vec();
+                                answer.resize(answer.len() + 1_048_576, b'x');
+                                answer
+                            }
+                        };
+                        if socket.write_all(&answer).await.is_err() {
+                            return;
+                        }
+                        if let Cell::Closing = kind {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (base, accepted)
+    }
+
+    fn get() -> Request<Body> {
+        Request::get("/x").body(Body::empty()).unwrap()
+    }
+
+    async fn call(client: &UpstreamClient, base: &BaseUrl) -> Bytes {
+        let response = client.send(base, false, get()).await.expect("an answer");
+        assert_eq!(response.status(), 200);
+        response.into_body().collect().await.unwrap().to_bytes()
+    }
+
+    #[tokio::test]
+    async fn sequential_calls_reuse_one_keep_alive_connection() {
+        let (base, accepted) = cell(Cell::KeepAlive).await;
+        let client = build(&Config::defaults().gateway);
+        for _ in 0..20 {
+            assert_eq!(call(&client, &base).await, "ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_cell_closes_is_not_reused() {
+        let (base, accepted) = cell(Cell::Closing).await;
+        let client = build(&Config::defaults().gateway);
+        for _ in 0..5 {
+            assert_eq!(call(&client, &base).await, "ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 5);
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_half_read_gives_up_its_connection() {
+        let (base, accepted) = cell(Cell::Big).await;
+        let client = build(&Config::defaults().gateway);
+        let response = client.send(&base, false, get()).await.unwrap();
+        drop(response);
+        assert_eq!(call(&client, &base).await.len(), 1_048_576);
+        assert_eq!(call(&client, &base).await.len(), 1_048_576);
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "a fresh connection after the abandoned body, then reuse"
+        );
+    }
+
+    #[tokio::test]
+    async fn concurrent_calls_open_connections_and_the_pool_keeps_them() {
+        let (base, accepted) = cell(Cell::KeepAlive).await;
+        let client = build(&Config::defaults().gateway);
+        let (a, b, c, d) = tokio::join!(
+            call(&client, &base),
+            call(&client, &base),
+            call(&client, &base),
+            call(&client, &base)
+        );
+        assert!([a, b, c, d].iter().all(|body| body == "ok"));
+        let opened = accepted.load(Ordering::SeqCst);
+        assert!((1..=4).contains(&opened));
+        for _ in 0..8 {
+            call(&client, &base).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), opened, "no new connection");
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_connect_error() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = BaseUrl::parse(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
+        drop(listener);
+        let client = build(&Config::defaults().gateway);
+        let error = client.send(&base, false, get()).await.unwrap_err();
+        assert!(error.is_connect(), "{error}");
+    }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{Request, Uri, header};
+use axum::http::{Request, header};
 use tokio_util::sync::CancellationToken;
 
 use super::client::{self, UpstreamClient};
@@ -50,20 +50,15 @@ async fn check_one(
     canon: &CanonEntry,
     timeout: Duration,
 ) {
-    let healthy = match health_uri(canon) {
-        Some(uri) => {
-            let request = Request::get(uri)
-                .header(header::USER_AGENT, "aibos-health-check")
-                .body(Body::empty());
-            match request {
-                Ok(request) => matches!(
-                    tokio::time::timeout(timeout, client.for_canon(canon.h2c).request(request)).await,
-                    Ok(Ok(response)) if response.status().is_success()
-                ),
-                Err(_) => false,
-            }
-        }
-        None => false,
+    let request = Request::get(format!("{}{}", canon.base.path_prefix, canon.health_path))
+        .header(header::USER_AGENT, "aibos-health-check")
+        .body(Body::empty());
+    let healthy = match request {
+        Ok(request) => matches!(
+            tokio::time::timeout(timeout, client.send(&canon.base, canon.h2c, request)).await,
+            Ok(Ok(response)) if response.status().is_success()
+        ),
+        Err(_) => false,
     };
     let now = if healthy {
         Health::Healthy
@@ -88,13 +83,4 @@ async fn check_one(
     {
         tracing::error!(error = ?e.code(), canon = %canon.name, "could not audit a health change");
     }
-}
-
-fn health_uri(canon: &CanonEntry) -> Option<Uri> {
-    Uri::builder()
-        .scheme(canon.base.scheme.clone())
-        .authority(canon.base.authority.clone())
-        .path_and_query(format!("{}{}", canon.base.path_prefix, canon.health_path))
-        .build()
-        .ok()
 }

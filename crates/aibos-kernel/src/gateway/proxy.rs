@@ -152,11 +152,7 @@ async fn forward_call(
         route.forward_cookies,
         Some(&assertion),
     );
-    let upstream_uri = Uri::builder()
-        .scheme(canon.base.scheme.clone())
-        .authority(canon.base.authority.clone())
-        .path_and_query(forwarded)
-        .build()
+    let upstream_uri = Uri::try_from(forwarded)
         .map_err(|e| ApiError::invalid_field("path", format!("cannot be forwarded: {e}")))?;
     let timeout = route
         .timeout
@@ -225,7 +221,7 @@ async fn forward_call(
         } else {
             std::mem::take(&mut parts.headers)
         };
-        match tokio::time::timeout_at(deadline, client.for_canon(canon.h2c).request(upstream)).await
+        match tokio::time::timeout_at(deadline, client.send(&canon.base, canon.h2c, upstream)).await
         {
             Ok(Ok(response)) => break Ok(response),
             Ok(Err(e)) => {
@@ -265,9 +261,9 @@ async fn forward_call(
             } else {
                 route.metrics.call(Outcome::Ok);
             }
-            let (mut head, incoming) = response.into_parts();
+            let (mut head, body) = response.into_parts();
             forward::strip_hop_by_hop(&mut head.headers);
-            Ok(Response::from_parts(head, Body::new(incoming)))
+            Ok(Response::from_parts(head, body))
         }
         Err(kind) => {
             note_breaker(&canon, outcome_to_record.record(false));

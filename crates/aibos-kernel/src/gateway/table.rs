@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::Method;
 use axum::http::uri::{Authority, Scheme};
+use axum::http::{HeaderValue, Method};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac};
@@ -166,6 +166,8 @@ pub struct BaseUrl {
     pub authority: Authority,
     /// Path prefix without a trailing `/` (often empty).
     pub path_prefix: String,
+    /// `Host` of HTTP/1.1 requests to the cell.
+    pub host_header: HeaderValue,
 }
 
 impl BaseUrl {
@@ -176,6 +178,7 @@ impl BaseUrl {
         let authority = uri.authority()?.clone();
         Some(BaseUrl {
             scheme,
+            host_header: HeaderValue::from_str(authority.as_str()).ok()?,
             authority,
             path_prefix: uri.path().trim_end_matches('/').to_owned(),
         })
