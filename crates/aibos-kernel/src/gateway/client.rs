@@ -143,8 +143,10 @@ fn build_general(config: &GatewayConfig, http2_only: bool) -> GeneralClient {
 /// A connection is checked out for one exchange and checked back in when the
 /// response body has been read to its end (a body dropped half-read leaves the
 /// connection unusable; hyper closes it). Idle connections are reused newest
-/// first, at most `max_idle_per_host` are kept per address, and one idle longer
-/// than `idle_timeout` is closed when next seen.
+/// first among those ready for a request, at most `max_idle_per_host` are kept per address, and one idle longer
+/// than `idle_timeout` is closed when next seen (most cells close idle
+/// connections sooner themselves; what stays behind for a cell no longer called
+/// is bounded by `max_idle_per_host` per address).
 struct Http1Pool {
     idle: Mutex<HashMap<Authority, Vec<IdleConnection>>>,
     max_idle_per_host: usize,
@@ -205,12 +207,13 @@ impl Http1Pool {
     fn checkout(&self, authority: &Authority) -> Option<SendRequest<Body>> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let connections = idle.get_mut(authority)?;
-        while let Some(connection) = connections.pop() {
-            if !connection.sender.is_closed() && connection.since.elapsed() < self.idle_timeout {
-                return Some(connection.sender);
-            }
-        }
-        None
+        let now = Instant::now();
+        connections.retain(|c| !c.sender.is_closed() && now - c.since < self.idle_timeout);
+        // Newest first among those whose connection task has already finished the
+        // previous exchange; else the newest, which will be ready in a moment.
+        let ready = connections.iter().rposition(|c| c.sender.is_ready());
+        let index = ready.or(connections.len().checked_sub(1))?;
+        Some(connections.swap_remove(index).sender)
     }
 
     fn checkin(&self, authority: Authority, sender: SendRequest<Body>) {
