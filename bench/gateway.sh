@@ -23,8 +23,8 @@ build_release
 work=$(mktemp -d)
 cleanup() {
   [ -n "${kernel_pid:-}" ] && kill "$kernel_pid" 2>/dev/null || true
-  [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
-  [ -f "$work/upstream.pid" ] && kill "$(cat "$work/upstream.pid")" 2>/dev/null || true
+  stop_nginx "$work/proxy"
+  stop_nginx "$work/upstream"
   wait 2>/dev/null || true
   rm -rf "$work"
 }
@@ -37,66 +37,22 @@ trap cleanup EXIT
 # without a context switch, which no real deployment of a gateway does.)
 upstream_port=$(free_port)
 proxy_port=$(free_port)
-mkdir -p "$work/nginx" "$work/upstream"
-common="access_log off; keepalive_requests 1000000;
-  client_body_temp_path TMP; proxy_temp_path TMP; fastcgi_temp_path TMP; uwsgi_temp_path TMP; scgi_temp_path TMP;"
-cat >"$work/upstream.conf" <<CONF
-worker_processes auto;
-pid $work/upstream.pid;
-error_log $work/upstream/error.log warn;
-events { worker_connections 4096; }
-http {
-  ${common//TMP/$work/upstream}
-  server {
-    listen 127.0.0.1:$upstream_port;
-    location / { default_type application/json; return 200 '{"ok":true}'; }
-  }
-}
-CONF
-cat >"$work/nginx.conf" <<CONF
-worker_processes auto;
-pid $work/nginx.pid;
-error_log $work/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-  ${common//TMP/$work/nginx}
-  upstream cell { server 127.0.0.1:$upstream_port; keepalive 128; }
+start_nginx "$work/upstream" "$(fixed_upstream "$upstream_port")"
+start_nginx "$work/proxy" "upstream cell { server 127.0.0.1:$upstream_port; keepalive 128; }
   server {
     listen 127.0.0.1:$proxy_port;
-    location / {
-      proxy_pass http://cell;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-    }
-  }
-}
-CONF
-nginx -c "$work/upstream.conf" -p "$work/upstream"
-nginx -c "$work/nginx.conf" -p "$work/nginx"
+    location / { proxy_pass http://cell; proxy_http_version 1.1; proxy_set_header Connection \"\"; }
+  }"
 wait_http "http://127.0.0.1:$upstream_port/"
 wait_http "http://127.0.0.1:$proxy_port/"
 
 # --- the kernel on its embedded default: a canon in front of the upstream. ---
-kernel_port=$(free_port)
-password="correct horse battery staple"
-(cd "$work" && echo "$password" | "$AIBOS_BIN" admin create --email bench@example.com --password-stdin >/dev/null)
-start_kernel "$work" "$kernel_port"
-base="http://127.0.0.1:$kernel_port"
-json() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }
-token=$(curl -fsS "$base/api/kernel/auth/login" -H 'content-type: application/json' \
-  -d "{\"tenant\":\"system\",\"email\":\"bench@example.com\",\"password\":\"$password\"}" | json '["access_token"]')
-auth=(-H "Authorization: Bearer $token" -H 'content-type: application/json')
-canon_id=$(curl -fsS "$base/api/kernel/canons" "${auth[@]}" -d "{\"name\":\"bench\",\"base_url\":\"http://127.0.0.1:$upstream_port\",\"permissions\":[{\"name\":\"bench.ping.read\",\"description\":\"Benchmark route\"}]}" | json '["id"]')
-curl -fsS "$base/api/kernel/routes" "${auth[@]}" -d "{\"canon_id\":\"$canon_id\",\"method\":\"GET\",\"path\":\"/ping\",\"required_permissions\":[\"bench.ping.read\"]}" >/dev/null
-role_id=$(curl -fsS "$base/api/kernel/roles" "${auth[@]}" -d '{"name":"bench","permissions":["bench.ping.read"]}' | json '["id"]')
-user_id=$(curl -fsS "$base/api/kernel/auth/me" "${auth[@]}" | json '["subject"]["id"]')
-curl -fsS "$base/api/kernel/users/$user_id/roles" "${auth[@]}" -d "{\"role_id\":\"$role_id\"}" >/dev/null
-status=$(curl -s -o /dev/null -w '%{http_code}' "$base/api/gateway/bench/ping" -H "Authorization: Bearer $token")
-[ "$status" = 200 ] || { echo "the gateway answered $status" >&2; exit 1; }
+gateway_canon "$work/kernel" "$upstream_port"
+token=$gateway_token
 
 direct="http://127.0.0.1:$upstream_port/ping"
 proxied="http://127.0.0.1:$proxy_port/ping"
-gateway="$base/api/gateway/bench/ping"
+gateway=$gateway_url
 for url in "$direct" "$proxied"; do wrk_run "$url" "$CONNECTIONS" 2 >/dev/null; done
 wrk_run "$gateway" "$CONNECTIONS" 2 -H "Authorization: Bearer $token" >/dev/null
 

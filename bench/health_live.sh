@@ -20,7 +20,7 @@ build_release
 work=$(mktemp -d)
 cleanup() {
   [ -n "${kernel_pid:-}" ] && kill "$kernel_pid" 2>/dev/null || true
-  [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
+  stop_nginx "$work/nginx"
   wait 2>/dev/null || true
   rm -rf "$work"
 }
@@ -28,24 +28,10 @@ trap cleanup EXIT
 
 # --- nginx: the anchor. As many workers as cores, no access log, keep-alive. ---
 nginx_port=$(free_port)
-mkdir -p "$work/nginx"
-cat >"$work/nginx.conf" <<CONF
-worker_processes auto;
-pid $work/nginx.pid;
-error_log $work/nginx/error.log warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  client_body_temp_path $work/nginx; proxy_temp_path $work/nginx; fastcgi_temp_path $work/nginx;
-  uwsgi_temp_path $work/nginx; scgi_temp_path $work/nginx;
-  keepalive_requests 100000;
-  server {
+start_nginx "$work/nginx" "server {
     listen 127.0.0.1:$nginx_port;
-    location / { default_type application/json; return 200 '{"status":"alive"}'; }
-  }
-}
-CONF
-nginx -c "$work/nginx.conf" -p "$work/nginx"
+    location / { default_type application/json; return 200 '{\"status\":\"alive\"}'; }
+  }"
 wait_http "http://127.0.0.1:$nginx_port/"
 
 # --- the kernel, on its embedded default database, logging at its default level. ---

@@ -69,3 +69,67 @@ median() {
 rss_kib() {
   awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"
 }
+
+# start_nginx DIR HTTP_BLOCK: an nginx instance of its own in DIR (pid in
+# DIR/nginx.pid, stopped by stop_nginx DIR): as many workers as cores, no access
+# log, long keep-alive; HTTP_BLOCK goes inside `http { … }`.
+start_nginx() {
+  local dir=$1 block=$2
+  mkdir -p "$dir"
+  cat >"$dir/nginx.conf" <<CONF
+worker_processes auto;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $dir; proxy_temp_path $dir; fastcgi_temp_path $dir;
+  uwsgi_temp_path $dir; scgi_temp_path $dir;
+  $block
+}
+CONF
+  nginx -c "$dir/nginx.conf" -p "$dir"
+}
+
+stop_nginx() {
+  [ -f "$1/nginx.pid" ] && kill "$(cat "$1/nginx.pid")" 2>/dev/null || true
+}
+
+# fixed_upstream PORT: the `http` block of the gateway benchmarks' cell, a tiny
+# fixed response.
+fixed_upstream() {
+  echo "server { listen 127.0.0.1:$1; location / { default_type application/json; return 200 '{\"ok\":true}'; } }"
+}
+
+# gateway_canon DIR UPSTREAM_PORT: in the kernel started with start_kernel in DIR
+# (created there with `admin create` first), registers canon `bench` in front of
+# the upstream with route GET /ping requiring `bench.ping.read`, grants it to the
+# admin, and sets gateway_url and gateway_token.
+gateway_canon() {
+  local dir=$1 upstream_port=$2 port
+  local password="correct horse battery staple"
+  port=$(free_port)
+  mkdir -p "$dir"
+  (cd "$dir" && echo "$password" | "$AIBOS_BIN" admin create --email bench@example.com --password-stdin >/dev/null)
+  start_kernel "$dir" "$port"
+  local base="http://127.0.0.1:$port" token canon_id role_id user_id
+  token=$(curl -fsS "$base/api/kernel/auth/login" -H 'content-type: application/json' \
+    -d "{\"tenant\":\"system\",\"email\":\"bench@example.com\",\"password\":\"$password\"}" | json_field '["access_token"]')
+  local auth=(-H "Authorization: Bearer $token" -H 'content-type: application/json')
+  canon_id=$(curl -fsS "$base/api/kernel/canons" "${auth[@]}" -d "{\"name\":\"bench\",\"base_url\":\"http://127.0.0.1:$upstream_port\",\"permissions\":[{\"name\":\"bench.ping.read\",\"description\":\"Benchmark route\"}]}" | json_field '["id"]')
+  curl -fsS "$base/api/kernel/routes" "${auth[@]}" -d "{\"canon_id\":\"$canon_id\",\"method\":\"GET\",\"path\":\"/ping\",\"required_permissions\":[\"bench.ping.read\"]}" >/dev/null
+  role_id=$(curl -fsS "$base/api/kernel/roles" "${auth[@]}" -d '{"name":"bench","permissions":["bench.ping.read"]}' | json_field '["id"]')
+  user_id=$(curl -fsS "$base/api/kernel/auth/me" "${auth[@]}" | json_field '["subject"]["id"]')
+  curl -fsS "$base/api/kernel/users/$user_id/roles" "${auth[@]}" -d "{\"role_id\":\"$role_id\"}" >/dev/null
+  gateway_url="$base/api/gateway/bench/ping"
+  gateway_token=$token
+  local status
+  status=$(curl -s -o /dev/null -w '%{http_code}' "$gateway_url" -H "Authorization: Bearer $token")
+  [ "$status" = 200 ] || { echo "the gateway answered $status" >&2; return 1; }
+}
+
+# json_field PATH: prints a field of the JSON document on stdin (PATH like '["id"]').
+json_field() {
+  python3 -c "import json,sys; print(json.load(sys.stdin)$1)"
+}
