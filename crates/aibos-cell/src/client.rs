@@ -167,6 +167,8 @@ impl KernelClient {
     }
 
     /// Publishes `event` with `POST /api/kernel/events/publish` → `{id, seq}`.
+    /// (The kernel serves that endpoint once its event bus lands; before, this
+    /// returns the kernel's 404 problem.)
     ///
     /// The tenant and actor are the service account's, taken by the kernel from
     /// the token. A 401 (a token revoked or expired early) drops the token,
