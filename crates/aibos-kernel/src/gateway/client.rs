@@ -143,10 +143,11 @@ fn build_general(config: &GatewayConfig, http2_only: bool) -> GeneralClient {
 /// A connection is checked out for one exchange and checked back in when the
 /// response body has been read to its end (a body dropped half-read leaves the
 /// connection unusable; hyper closes it). Idle connections are reused newest
-/// first among those ready for a request, at most `max_idle_per_host` are kept per address, and one idle longer
-/// than `idle_timeout` is closed when next seen (most cells close idle
-/// connections sooner themselves; what stays behind for a cell no longer called
-/// is bounded by `max_idle_per_host` per address).
+/// first among those ready for a request; at most `max_idle_per_host` are kept
+/// per address, and one idle longer than `idle_timeout` is dropped (closing it)
+/// at the next check-in for its address. Most cells close idle connections
+/// sooner themselves; what stays behind for a cell no longer called is bounded
+/// by `max_idle_per_host` per address.
 struct Http1Pool {
     idle: Mutex<HashMap<Authority, Vec<IdleConnection>>>,
     max_idle_per_host: usize,
@@ -208,11 +209,18 @@ impl Http1Pool {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let connections = idle.get_mut(authority)?;
         let now = Instant::now();
-        connections.retain(|c| !c.sender.is_closed() && now - c.since < self.idle_timeout);
+        let fresh = |c: &IdleConnection| now - c.since < self.idle_timeout;
         // Newest first among those whose connection task has already finished the
-        // previous exchange; else the newest, which will be ready in a moment.
-        let ready = connections.iter().rposition(|c| c.sender.is_ready());
-        let index = ready.or(connections.len().checked_sub(1))?;
+        // previous exchange; else the newest still open, which will be ready in a
+        // moment. (Closed and stale entries are swept at check-in.)
+        let index = connections
+            .iter()
+            .rposition(|c| fresh(c) && c.sender.is_ready())
+            .or_else(|| {
+                connections
+                    .iter()
+                    .rposition(|c| fresh(c) && !c.sender.is_closed())
+            })?;
         Some(connections.swap_remove(index).sender)
     }
 
@@ -335,6 +343,11 @@ mod tests {
         Big,
     }
 
+    const KEEP_ALIVE_ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+    const CLOSING_ANSWER: &[u8] =
+        b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok";
+    const BIG_ANSWER_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n";
+
     /// A minimal HTTP/1.1 server counting the connections it accepts.
     async fn cell(kind: Cell) -> (BaseUrl, Arc<AtomicUsize>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -356,14 +369,10 @@ mod tests {
                         }
                         buffer.clear();
                         let answer = match kind {
-                            Cell::KeepAlive => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
-                            Cell::Closing => {
-                                b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok"
-                                    .to_vec()
-                            }
+                            Cell::KeepAlive => KEEP_ALIVE_ANSWER.to_vec(),
+                            Cell::Closing => CLOSING_ANSWER.to_vec(),
                             Cell::Big => {
-                                let mut answer =
-                                    b"HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n".to_vec();
+                                let mut answer = BIG_ANSWER_HEAD.to_vec();
                                 answer.resize(answer.len() + 1_048_576, b'x');
                                 answer
                             }
