@@ -6,6 +6,11 @@
 
 mod cli;
 
+// mimalloc: about 10 % more gateway throughput than glibc's allocator, whose
+// malloc/free (with `malloc_consolidate`) took ~8 % of the CPU of a proxied call.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::process::ExitCode;
 
 use clap::Parser;
