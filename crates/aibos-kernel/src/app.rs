@@ -180,9 +180,13 @@ impl App {
         let mut servers = Vec::with_capacity(listeners.len());
         for (index, listener) in listeners.into_iter().enumerate() {
             let (done_tx, done_rx) = tokio::sync::oneshot::channel::<std::io::Result<()>>();
-            // Each event loop gets its own upstream client (see gateway::client).
-            let client = crate::gateway::client::build(&state.config_ref().gateway);
-            let router = router.clone().layer(axum::Extension(client));
+            // Each event loop gets its own upstream client (see gateway::client)
+            // and its own front cache of authenticated tokens.
+            let local = std::sync::Arc::new(crate::state::EventLoopLocal {
+                upstream: crate::gateway::client::build(&state.config_ref().gateway),
+                auth: crate::authz::cache::LoopAuthCache::default(),
+            });
+            let router = router.clone().layer(axum::Extension(local));
             let stop = stop.clone();
             std::thread::Builder::new()
                 .name(format!("aibos-http-{index}"))

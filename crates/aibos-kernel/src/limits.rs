@@ -95,6 +95,8 @@ pub const SESSION_TTL_SECONDS: i64 = 30 * 86_400;
 pub const PRINCIPAL_CACHE_ENTRIES_MAX: usize = 100_000;
 /// Verified access tokens kept in memory, so a repeated token skips the signature check.
 pub const VERIFIED_TOKEN_CACHE_ENTRIES_MAX: usize = 100_000;
+/// Tokens each event loop resolves from its own front cache (see `authz::cache::LoopAuthCache`).
+pub const LOOP_AUTH_CACHE_ENTRIES_MAX: usize = 4_096;
 
 /// Login failures kept per (tenant, email) and per address before the oldest are forgotten.
 pub const LOGIN_THROTTLE_KEYS_MAX: usize = 100_000;

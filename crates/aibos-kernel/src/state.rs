@@ -6,7 +6,7 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 
 use crate::audit::{self, AuditContext, AuditEvent};
-use crate::authz::cache::{AuthCache, Invalidation, Principal};
+use crate::authz::cache::{AuthCache, Invalidation, LoopAuthCache, Principal};
 use crate::config::{Config, ConfigError, ConfigSources};
 use crate::db::Db;
 use crate::error::ApiError;
@@ -45,6 +45,16 @@ struct Inner {
     hasher: crate::identity::password::Hasher,
     /// The gateway's route table and per-canon state.
     gateway: crate::gateway::Gateway,
+}
+
+/// What one event loop owns, handed to its router as an extension: its upstream
+/// client and its front cache of authenticated tokens. Never shared with another
+/// loop's thread, so the locks inside are never contended.
+pub struct EventLoopLocal {
+    /// This loop's upstream HTTP client and keep-alive pool.
+    pub upstream: crate::gateway::client::UpstreamClient,
+    /// This loop's tokens already resolved to principals.
+    pub auth: LoopAuthCache,
 }
 
 /// What a successful reload changed.
@@ -129,10 +139,21 @@ impl AppState {
         self.inner.auth.invalidate(what);
     }
 
-    /// Verifies a bearer token and resolves its session; 401 for anything that does not hold.
-    pub async fn authenticate(&self, token: &str) -> Result<Arc<Principal>, ApiError> {
+    /// Verifies a bearer token and resolves its session; 401 for anything that
+    /// does not hold. `front` is the calling event loop's own cache, tried first.
+    pub async fn authenticate(
+        &self,
+        token: &str,
+        front: Option<&LoopAuthCache>,
+    ) -> Result<Arc<Principal>, ApiError> {
         let now = crate::timestamp::now();
         let cache = &self.inner.auth;
+        // Read before anything is resolved: an invalidation landing meanwhile
+        // keeps what is resolved now out of both caches.
+        let generation = cache.generation();
+        if let Some(principal) = front.and_then(|f| f.get(token, now, generation)) {
+            return Ok(principal);
+        }
         let claims = match cache.verified_claims(token, now.unix_timestamp()) {
             Some(claims) => claims,
             None => {
@@ -145,15 +166,20 @@ impl AppState {
                 claims
             }
         };
-        if let Some(principal) = cache.principal(&claims.sid, now) {
-            return Ok(principal);
+        let principal = match cache.principal(&claims.sid, now) {
+            Some(principal) => principal,
+            None => {
+                let principal = crate::authz::store::load_principal(self.db(), &claims, now)
+                    .await?
+                    .ok_or_else(|| ApiError::unauthorized("The session has ended."))?;
+                let principal = Arc::new(principal);
+                cache.store_principal(generation, principal.clone());
+                principal
+            }
+        };
+        if let Some(front) = front {
+            front.insert(token, &claims, principal.clone(), generation);
         }
-        let generation = cache.generation();
-        let principal = crate::authz::store::load_principal(self.db(), &claims, now)
-            .await?
-            .ok_or_else(|| ApiError::unauthorized("The session has ended."))?;
-        let principal = Arc::new(principal);
-        cache.store_principal(generation, principal.clone());
         Ok(principal)
     }
 

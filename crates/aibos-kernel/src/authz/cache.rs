@@ -9,8 +9,8 @@
 //! the same invalidation. A generation counter closes the race between a miss
 //! that is loading old data and an invalidation that lands meanwhile.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use quick_cache::sync::Cache;
 use time::OffsetDateTime;
@@ -136,7 +136,8 @@ impl AuthCache {
         self.verified.insert(token.to_owned(), claims);
     }
 
-    /// Applies an invalidation.
+    /// Applies an invalidation (which also voids every [`LoopAuthCache`] entry
+    /// filled before it).
     pub fn invalidate(&self, what: &Invalidation) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         match what {
@@ -151,5 +152,143 @@ impl AuthCache {
             // Nothing cached here depends on canons or routes.
             Invalidation::Registry => {}
         }
+    }
+}
+
+/// One event loop's front cache of resolved tokens: the whole token text to its
+/// principal, owned by that loop alone (its lock is never contended), so a
+/// repeated token touches none of the shared caches' locks.
+///
+/// It holds nothing the shared caches do not decide: an entry is used only while
+/// no invalidation of any kind happened since it was filled (the shared
+/// generation, one atomic load), while its token is unexpired and while the
+/// principal's time-bound grants last. Logout, role changes, suspension and key
+/// rotation all bump the generation, so they take effect on the next request
+/// exactly as without this cache.
+pub struct LoopAuthCache {
+    entries: Mutex<quick_cache::unsync::Cache<String, FrontEntry>>,
+}
+
+#[derive(Clone)]
+struct FrontEntry {
+    principal: Arc<Principal>,
+    /// The token's `exp` plus the verification leeway, in Unix seconds.
+    usable_until: i64,
+    generation: u64,
+}
+
+impl Default for LoopAuthCache {
+    fn default() -> LoopAuthCache {
+        LoopAuthCache {
+            entries: Mutex::new(quick_cache::unsync::Cache::new(
+                limits::LOOP_AUTH_CACHE_ENTRIES_MAX,
+            )),
+        }
+    }
+}
+
+impl LoopAuthCache {
+    /// The principal of `token`, if cached at `generation` and still valid at `now`.
+    pub fn get(&self, token: &str, now: OffsetDateTime, generation: u64) -> Option<Arc<Principal>> {
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        let entry = entries.get(token)?;
+        let valid = entry.generation == generation
+            && entry.usable_until > now.unix_timestamp()
+            && entry.principal.valid_until.is_none_or(|until| until > now);
+        valid.then(|| entry.principal.clone())
+    }
+
+    /// Remembers `token`'s principal, resolved from the shared caches or the
+    /// database after [`AuthCache::generation`] returned `generation`.
+    pub fn insert(&self, token: &str, claims: &Claims, principal: Arc<Principal>, generation: u64) {
+        let entry = FrontEntry {
+            principal,
+            usable_until: claims.exp
+                + i64::try_from(crate::identity::tokens::LEEWAY_SECONDS).unwrap_or(0),
+            generation,
+        };
+        self.entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(token.to_owned(), entry);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::Duration;
+
+    fn principal(session: &str, valid_until: Option<OffsetDateTime>) -> Arc<Principal> {
+        Arc::new(Principal {
+            tenant_id: "t1".into(),
+            tenant_slug: "acme".into(),
+            tenant_suspended: false,
+            subject_id: "u1".into(),
+            actor_type: "user",
+            session_id: session.into(),
+            email: None,
+            name: "Ada".into(),
+            permissions: PermissionSet::default(),
+            delegable: PermissionSet::default(),
+            valid_until,
+        })
+    }
+
+    fn claims(exp: i64) -> Claims {
+        Claims {
+            iss: "i".into(),
+            aud: "a".into(),
+            sub: "u1".into(),
+            tid: "t1".into(),
+            sid: "s1".into(),
+            act: "user".into(),
+            iat: exp - 900,
+            nbf: exp - 900,
+            exp,
+            jti: "j".into(),
+        }
+    }
+
+    #[test]
+    fn a_front_entry_holds_only_at_its_generation() {
+        let now = OffsetDateTime::now_utc();
+        let shared = AuthCache::default();
+        let front = LoopAuthCache::default();
+        let generation = shared.generation();
+        let exp = now.unix_timestamp() + 600;
+        front.insert("tok", &claims(exp), principal("s1", None), generation);
+        assert!(front.get("tok", now, shared.generation()).is_some());
+        assert!(front.get("other", now, shared.generation()).is_none());
+
+        // Any invalidation, even of another session, voids what was filled before it.
+        shared.invalidate(&Invalidation::Session("s2".into()));
+        assert!(front.get("tok", now, shared.generation()).is_none());
+        shared.invalidate(&Invalidation::Registry);
+        front.insert("tok", &claims(exp), principal("s1", None), generation);
+        assert!(
+            front.get("tok", now, shared.generation()).is_none(),
+            "an entry resolved before an invalidation never becomes valid"
+        );
+    }
+
+    #[test]
+    fn a_front_entry_ends_with_its_token_and_its_grants() {
+        let now = OffsetDateTime::now_utc();
+        let front = LoopAuthCache::default();
+        let leeway = i64::try_from(crate::identity::tokens::LEEWAY_SECONDS).unwrap_or(0);
+        let exp = now.unix_timestamp() + 60;
+        front.insert("tok", &claims(exp), principal("s1", None), 7);
+        assert!(front.get("tok", now, 7).is_some());
+        let after_expiry = now + Duration::seconds(60 + leeway);
+        assert!(front.get("tok", after_expiry, 7).is_none(), "expired token");
+
+        let grant_ends = now + Duration::seconds(30);
+        front.insert("tok", &claims(exp), principal("s1", Some(grant_ends)), 7);
+        assert!(front.get("tok", now, 7).is_some());
+        assert!(
+            front.get("tok", grant_ends, 7).is_none(),
+            "a time-bound grant ended: rebuilt from the shared cache"
+        );
     }
 }

@@ -17,7 +17,7 @@ use crate::audit::{AuditContext, AuditEvent};
 use crate::error::{ApiError, ErrorCode};
 use crate::http::edge::RequestContext;
 use crate::limits;
-use crate::state::AppState;
+use crate::state::{AppState, EventLoopLocal};
 
 /// Who is calling, and from where.
 #[derive(Debug, Clone)]
@@ -103,7 +103,12 @@ impl FromRequestParts<AppState> for Caller {
         let token = bearer_token(parts).ok_or_else(|| {
             ApiError::unauthorized("Send an access token as `Authorization: Bearer <token>`.")
         })?;
-        let principal = state.authenticate(token).await?;
+        // The event loop's own front cache, when served by one (not in oneshot tests).
+        let front = parts
+            .extensions
+            .get::<Arc<EventLoopLocal>>()
+            .map(|local| &local.auth);
+        let principal = state.authenticate(token, front).await?;
         if principal.tenant_suspended {
             return Err(ApiError::new(
                 ErrorCode::TenantSuspended,

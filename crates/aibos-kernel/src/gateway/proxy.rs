@@ -1,5 +1,6 @@
 //! `/api/gateway/{canon}/{*path}`: match, authenticate, authorize, protect, forward.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Extension;
@@ -19,7 +20,7 @@ use crate::audit::AuditEvent;
 use crate::authz::Caller;
 use crate::error::{ApiError, ErrorCode};
 use crate::http::edge::RequestContext;
-use crate::state::AppState;
+use crate::state::{AppState, EventLoopLocal};
 
 /// The gateway as the OpenAPI document shows it. The handler serves every method
 /// on `/api/gateway/{canon}/{*path}`; this only describes it.
@@ -46,10 +47,10 @@ pub struct GatewayApi;
 /// Forwards one call to its cell.
 pub async fn proxy(
     State(state): State<AppState>,
-    Extension(client): Extension<UpstreamClient>,
+    Extension(event_loop): Extension<Arc<EventLoopLocal>>,
     request: Request,
 ) -> Response {
-    match forward_call(&state, &client, request).await {
+    match forward_call(&state, &event_loop.upstream, request).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
     }
