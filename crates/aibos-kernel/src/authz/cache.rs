@@ -49,6 +49,19 @@ pub struct Principal {
     pub valid_until: Option<OffsetDateTime>,
 }
 
+impl Principal {
+    /// Whether its time-bound grants (and session) still hold at `now`.
+    pub fn holds_at(&self, now: OffsetDateTime) -> bool {
+        self.valid_until.is_none_or(|until| until > now)
+    }
+}
+
+/// The last Unix second a verified token is accepted: its `exp` plus the
+/// verification leeway, as the signature check itself allows.
+fn usable_until(claims: &Claims) -> i64 {
+    claims.exp + i64::try_from(crate::identity::tokens::LEEWAY_SECONDS).unwrap_or(0)
+}
+
 /// Invalidation targets, as sent over NOTIFY (`tenant:<id>`, `session:<id>`, `all`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Invalidation {
@@ -106,9 +119,7 @@ impl Default for AuthCache {
 impl AuthCache {
     /// A cached principal still within its validity.
     pub fn principal(&self, session_id: &str, now: OffsetDateTime) -> Option<Arc<Principal>> {
-        self.principals
-            .get(session_id)
-            .filter(|p| p.valid_until.is_none_or(|until| until > now))
+        self.principals.get(session_id).filter(|p| p.holds_at(now))
     }
 
     /// The generation to pass to [`AuthCache::store_principal`] after loading.
@@ -126,9 +137,9 @@ impl AuthCache {
 
     /// Claims of a token verified before, if still unexpired.
     pub fn verified_claims(&self, token: &str, now_unix: i64) -> Option<Arc<Claims>> {
-        self.verified.get(token).filter(|c| {
-            c.exp + i64::try_from(crate::identity::tokens::LEEWAY_SECONDS).unwrap_or(0) > now_unix
-        })
+        self.verified
+            .get(token)
+            .filter(|c| usable_until(c) > now_unix)
     }
 
     /// Remembers a verified token.
@@ -194,7 +205,7 @@ impl LoopAuthCache {
         let entry = entries.get(token)?;
         let valid = entry.generation == generation
             && entry.usable_until > now.unix_timestamp()
-            && entry.principal.valid_until.is_none_or(|until| until > now);
+            && entry.principal.holds_at(now);
         valid.then(|| entry.principal.clone())
     }
 
@@ -203,8 +214,7 @@ impl LoopAuthCache {
     pub fn insert(&self, token: &str, claims: &Claims, principal: Arc<Principal>, generation: u64) {
         let entry = FrontEntry {
             principal,
-            usable_until: claims.exp
-                + i64::try_from(crate::identity::tokens::LEEWAY_SECONDS).unwrap_or(0),
+            usable_until: usable_until(claims),
             generation,
         };
         self.entries
