@@ -8,12 +8,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Router;
-use tokio::net::TcpListener;
+use axum::serve::ListenerExt as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigSources};
 use crate::db::{Db, DbError, migrate};
 use crate::http;
+use crate::http::dealer::DealtConnections;
 use crate::limits;
 use crate::state::AppState;
 use crate::telemetry::{LogControl, Metrics};
@@ -74,8 +75,8 @@ pub enum StartError {
 
 /// A built kernel, bound to its port and ready to serve.
 pub struct App {
-    /// One listening socket per core, all on the same address (`SO_REUSEPORT`).
-    listeners: Vec<std::net::TcpListener>,
+    /// The listening socket; its connections are dealt to the event loops.
+    listener: std::net::TcpListener,
     router: Router,
     state: AppState,
 }
@@ -102,7 +103,7 @@ impl App {
             }
         }
 
-        let listeners = bind_per_core(config.server.bind).map_err(|source| StartError::Bind {
+        let listener = bind(config.server.bind).map_err(|source| StartError::Bind {
             addr: config.server.bind,
             source,
         })?;
@@ -134,7 +135,7 @@ impl App {
         };
         let router = http::finish(routes, state.clone(), &config);
         Ok(App {
-            listeners,
+            listener,
             router,
             state,
         })
@@ -142,10 +143,9 @@ impl App {
 
     /// The address actually bound (the port is real even when 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
-        self.listeners
-            .first()
-            .and_then(|l| l.local_addr().ok())
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)))
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
     }
 
     /// The state, for reloads and tests.
@@ -160,7 +160,7 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let App {
-            listeners,
+            listener,
             router,
             state,
         } = self;
@@ -173,12 +173,15 @@ impl App {
             stop_serving.cancel();
         });
 
-        // One event loop per core, each accepting on its own socket: a connection
-        // lives on one thread from accept to close, with no wake-ups between
-        // threads (what the work-stealing runtime cost on the hot path; see
-        // docs/performance.md). Background work stays on the caller's runtime.
-        let mut servers = Vec::with_capacity(listeners.len());
-        for (index, listener) in listeners.into_iter().enumerate() {
+        // One event loop per core: a connection lives on one thread from accept
+        // to close, with no wake-ups between threads (what the work-stealing
+        // runtime cost on the hot path; see docs/performance.md). The acceptor
+        // deals connections to the loops evenly; it and the background work stay
+        // on the caller's runtime.
+        let (dealer, dealt) = crate::http::dealer::deal(listener, event_loop_count())?;
+        let acceptor = tokio::spawn(dealer.run(stop.clone()));
+        let mut servers = Vec::with_capacity(dealt.len());
+        for (index, connections) in dealt.into_iter().enumerate() {
             let (done_tx, done_rx) = tokio::sync::oneshot::channel::<std::io::Result<()>>();
             // Each event loop gets its own upstream client (see gateway::client)
             // and its own front cache of authenticated tokens.
@@ -191,7 +194,7 @@ impl App {
             std::thread::Builder::new()
                 .name(format!("aibos-http-{index}"))
                 .spawn(move || {
-                    let result = serve_on_this_thread(listener, router, stop);
+                    let result = serve_on_this_thread(connections, router, stop);
                     let _ = done_tx.send(result);
                 })?;
             servers.push(done_rx);
@@ -220,6 +223,7 @@ impl App {
             }
         };
         stop.cancel();
+        acceptor.abort();
         background.abort_all();
         state.db().close().await;
         tracing::info!("stopped");
@@ -227,10 +231,10 @@ impl App {
     }
 }
 
-/// Serves one listener on a single-threaded runtime of this thread until `stop`,
-/// then lets its in-flight requests finish.
+/// Serves the connections dealt to this loop on a single-threaded runtime of
+/// this thread until `stop`, then lets its in-flight requests finish.
 fn serve_on_this_thread(
-    listener: std::net::TcpListener,
+    connections: DealtConnections,
     router: Router,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
@@ -238,9 +242,11 @@ fn serve_on_this_thread(
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let listener = TcpListener::from_std(listener)?;
+        // A no-op tap: axum gives `ConnectInfo<SocketAddr>` (the client's
+        // address, for `Caller`) to tapped listeners of any kind.
+        let connections = connections.tap_io(|_| ());
         axum::serve(
-            listener,
+            connections,
             router.into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(stop.cancelled_owned())
@@ -248,35 +254,29 @@ fn serve_on_this_thread(
     })
 }
 
-/// Binds one socket per core on `addr` with `SO_REUSEPORT`, the kernel spreading
-/// connections across them. With port 0 the first bind picks the port and the
-/// others join it.
-fn bind_per_core(addr: SocketAddr) -> std::io::Result<Vec<std::net::TcpListener>> {
-    let cores = std::thread::available_parallelism()
+/// One event loop per core, within [`limits::HTTP_EVENT_LOOPS_MAX`].
+fn event_loop_count() -> usize {
+    std::thread::available_parallelism()
         .map(usize::from)
         .unwrap_or(1)
-        .clamp(1, limits::HTTP_EVENT_LOOPS_MAX);
-    let mut listeners = Vec::with_capacity(cores);
-    let mut addr = addr;
-    for _ in 0..cores {
-        let socket = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )?;
-        socket.set_reuse_address(true)?;
-        socket.set_reuse_port(true)?;
-        socket.set_nonblocking(true)?;
-        // Accepted sockets inherit it: a response is never held back waiting
-        // for the client's delayed ACK of the previous one (Nagle).
-        socket.set_tcp_nodelay(true)?;
-        socket.bind(&addr.into())?;
-        socket.listen(1024)?;
-        let listener: std::net::TcpListener = socket.into();
-        addr = listener.local_addr()?;
-        listeners.push(listener);
-    }
-    Ok(listeners)
+        .clamp(1, limits::HTTP_EVENT_LOOPS_MAX)
+}
+
+/// Binds the listening socket (port 0 picks a free one).
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    // Accepted sockets inherit it: a response is never held back waiting for
+    // the client's delayed ACK of the previous one (Nagle).
+    socket.set_tcp_nodelay(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(limits::LISTEN_BACKLOG)?;
+    Ok(socket.into())
 }
 
 /// Periodic housekeeping and the invalidation listener, stopped with the server.

@@ -55,6 +55,13 @@ pub const GATEWAY_RETRIES_MAX: u64 = 5;
 /// add contention on the shared database pool.
 pub const HTTP_EVENT_LOOPS_MAX: usize = 64;
 
+/// Connections the operating system queues for the acceptor (`listen` backlog).
+pub const LISTEN_BACKLOG: i32 = 1024;
+
+/// Accepted connections that may wait for one event loop to take them over;
+/// beyond this the acceptor waits and new clients wait in the listen backlog.
+pub const CONNECTION_HANDOVER_QUEUE: usize = 1024;
+
 /// Default page size of every list.
 pub const LIST_LIMIT_DEFAULT: u32 = 50;
 /// Largest page a client may ask for; more is a 400, not a silent cut.
