@@ -80,6 +80,37 @@ impl TestKernel {
         self.stop.cancel();
     }
 
+    /// Sends `head` (request line and headers, exactly as written: no client-side
+    /// path normalisation; it should say `connection: close`), then `chunked_body`
+    /// in `transfer-encoding: chunked` framing if given, and returns the raw
+    /// answer read until the server closes, within 10 s. A server that answers
+    /// and closes before the body is all sent is not an error: that is what a
+    /// body limit does.
+    pub async fn raw_exchange(&self, head: &str, chunked_body: Option<&[u8]>) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        stream.write_all(head.as_bytes()).await.unwrap();
+        if let Some(body) = chunked_body {
+            for chunk in body.chunks(64 * 1024) {
+                let frame = format!("{:x}\r\n", chunk.len());
+                if stream.write_all(frame.as_bytes()).await.is_err()
+                    || stream.write_all(chunk).await.is_err()
+                    || stream.write_all(b"\r\n").await.is_err()
+                {
+                    break;
+                }
+            }
+            let _ = stream.write_all(b"0\r\n\r\n").await;
+        }
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            stream.read_to_end(&mut answer),
+        )
+        .await;
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
     /// The server task, to await after [`TestKernel::begin_shutdown`].
     pub fn take_server(&mut self) -> Option<tokio::task::JoinHandle<std::io::Result<()>>> {
         self.server.take()

@@ -219,17 +219,43 @@ impl AsyncWrite for LiveConnection {
 mod tests {
     use super::*;
     use axum::serve::Listener as _;
+    use tokio::task::JoinHandle;
 
-    #[tokio::test]
-    async fn connections_are_dealt_evenly_and_counted_while_open() {
+    /// A dealer for two loops on a free port, running until `stop`.
+    struct Running {
+        addr: SocketAddr,
+        loops: Vec<DealtConnections>,
+        seats: Vec<Arc<AtomicUsize>>,
+        stop: CancellationToken,
+        acceptor: JoinHandle<io::Result<()>>,
+    }
+
+    fn start_dealing() -> Running {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
-        let (dealer, mut loops) = deal(listener, 2).unwrap();
-        let seats: Vec<Arc<AtomicUsize>> =
-            dealer.loops.iter().map(|s| Arc::clone(&s.live)).collect();
+        let (dealer, loops) = deal(listener, 2).unwrap();
+        let seats = dealer.loops.iter().map(|s| Arc::clone(&s.live)).collect();
         let stop = CancellationToken::new();
         let acceptor = tokio::spawn(dealer.run(stop.clone()));
+        Running {
+            addr,
+            loops,
+            seats,
+            stop,
+            acceptor,
+        }
+    }
+
+    #[tokio::test]
+    async fn connections_are_dealt_evenly_and_counted_while_open() {
+        let Running {
+            addr,
+            mut loops,
+            seats,
+            stop,
+            acceptor,
+        } = start_dealing();
 
         let mut clients = Vec::new();
         for _ in 0..6 {
@@ -268,12 +294,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_loop_that_has_ended_is_skipped() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (dealer, mut loops) = deal(listener, 2).unwrap();
-        let stop = CancellationToken::new();
-        let acceptor = tokio::spawn(dealer.run(stop.clone()));
+        let Running {
+            addr,
+            mut loops,
+            acceptor,
+            ..
+        } = start_dealing();
         let mut survivor = loops.pop().unwrap();
         drop(loops);
 

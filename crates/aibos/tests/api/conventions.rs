@@ -3,8 +3,6 @@
 //! Body handling is exercised through a probe route that uses the kernel's own
 //! `AppJson` extractor inside the real middleware stack.
 
-use std::time::Duration;
-
 use aibos_testkit::axum_free::{AppJson, Router};
 use aibos_testkit::{Engine, KernelOptions, TestKernel, spawn_kernel_with};
 
@@ -128,70 +126,30 @@ async fn a_form_encoded_body_is_a_415_problem() {
 async fn a_body_over_the_limit_is_a_413_problem_declared_or_streamed() {
     let kernel = probe_kernel(vec![]).await;
     let two_mib = vec![b' '; 2 * 1024 * 1024];
-    // A declared length over the limit is refused from the head alone, before any
-    // of the body is sent. (A client that sends the body anyway may see its write
-    // fail once the server has answered and closed: that race is the client's,
-    // so the head is sent on a raw socket and the answer read back.)
-    let response = raw_declared_post(&kernel, "/api/test/probe", two_mib.len()).await;
-    assert!(
-        response.starts_with("HTTP/1.1 413"),
-        "{}",
-        &response[..response.len().min(200)]
-    );
-    assert!(response.contains("application/problem+json"));
-    assert!(response.contains("PAYLOAD_TOO_LARGE"));
-
+    let head = |framing: &str| {
+        format!(
+            "POST /api/test/probe HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\n{framing}\r\nconnection: close\r\n\r\n",
+            kernel.addr
+        )
+    };
+    // A declared length over the limit is refused from the head alone, before
+    // any of the body is sent. (A client sending the body anyway may see its
+    // write fail once the server has answered and closed: that race is the
+    // client's, so only the head is sent.)
+    let declared = head(&format!("content-length: {}", two_mib.len()));
+    let declared = kernel.raw_exchange(&declared, None).await;
     // Without Content-Length (chunked), the limit trips while reading.
-    let response = raw_chunked_post(&kernel, "/api/test/probe", &two_mib).await;
-    assert!(
-        response.starts_with("HTTP/1.1 413"),
-        "{}",
-        &response[..response.len().min(200)]
-    );
-    assert!(response.contains("application/problem+json"));
-    assert!(response.contains("PAYLOAD_TOO_LARGE"));
-}
-
-/// Sends the head of a POST declaring `length` bytes, and no body, over a raw
-/// socket; returns the raw response.
-async fn raw_declared_post(kernel: &TestKernel, path: &str, length: usize) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(kernel.addr).await.unwrap();
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\ncontent-length: {length}\r\nconnection: close\r\n\r\n",
-        kernel.addr
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response)).await;
-    String::from_utf8_lossy(&response).into_owned()
-}
-
-/// Sends a chunked POST over a raw socket and returns the raw response.
-async fn raw_chunked_post(kernel: &TestKernel, path: &str, body: &[u8]) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(kernel.addr).await.unwrap();
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n",
-        kernel.addr
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    for chunk in body.chunks(64 * 1024) {
-        // The server may answer and close before the whole body is sent.
-        if stream
-            .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
-            .await
-            .is_err()
-            || stream.write_all(chunk).await.is_err()
-            || stream.write_all(b"\r\n").await.is_err()
-        {
-            break;
-        }
+    let chunked = head("transfer-encoding: chunked");
+    let chunked = kernel.raw_exchange(&chunked, Some(&two_mib)).await;
+    for response in [declared, chunked] {
+        assert!(
+            response.starts_with("HTTP/1.1 413"),
+            "{}",
+            &response[..response.len().min(200)]
+        );
+        assert!(response.contains("application/problem+json"));
+        assert!(response.contains("PAYLOAD_TOO_LARGE"));
     }
-    let _ = stream.write_all(b"0\r\n\r\n").await;
-    let mut response = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response)).await;
-    String::from_utf8_lossy(&response).into_owned()
 }
 
 #[tokio::test]

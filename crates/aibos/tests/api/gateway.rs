@@ -11,7 +11,6 @@ use aibos_testkit::upstream::{BIG_RESPONSE_BYTES, Upstream};
 use aibos_testkit::{Engine, KernelOptions, TestKernel, spawn_kernel, spawn_kernel_with};
 use reqwest::Method;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{both_engines, expect_problem};
 
@@ -222,16 +221,13 @@ fn base64_url_encode(bytes: &[u8]) -> String {
 /// Sends a request line exactly as written (no client-side path normalisation)
 /// and returns the status code.
 async fn raw_status(k: &TestKernel, method: &str, target: &str, token: &str) -> u16 {
-    let mut stream = tokio::net::TcpStream::connect(k.addr).await.unwrap();
-    let request = format!(
+    let head = format!(
         "{method} {target} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n",
         k.addr
     );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
-    let text = String::from_utf8_lossy(&answer);
-    text.split(' ')
+    let answer = k.raw_exchange(&head, None).await;
+    answer
+        .split(' ')
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0)
