@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Router;
-use axum::serve::ListenerExt as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigSources};
@@ -189,12 +188,13 @@ impl App {
                 upstream: crate::gateway::client::build(&state.config_ref().gateway),
                 auth: crate::authz::cache::LoopAuthCache::default(),
             });
-            let router = router.clone().layer(axum::Extension(local));
+            let router = router.clone().layer(axum::Extension(local.clone()));
+            let door = crate::http::front::FrontDoorMaker::new(router, state.clone(), local);
             let stop = stop.clone();
             std::thread::Builder::new()
                 .name(format!("aibos-http-{index}"))
                 .spawn(move || {
-                    let result = serve_on_this_thread(connections, router, stop);
+                    let result = serve_on_this_thread(connections, door, stop);
                     let _ = done_tx.send(result);
                 })?;
             servers.push(done_rx);
@@ -235,22 +235,16 @@ impl App {
 /// this thread until `stop`, then lets its in-flight requests finish.
 fn serve_on_this_thread(
     connections: DealtConnections,
-    router: Router,
+    door: crate::http::front::FrontDoorMaker,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        // A no-op tap: axum gives `ConnectInfo<SocketAddr>` (the client's
-        // address, for `Caller`) to tapped listeners of any kind.
-        let connections = connections.tap_io(|_| ());
-        axum::serve(
-            connections,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
+        axum::serve(connections, door)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
     })
 }
 

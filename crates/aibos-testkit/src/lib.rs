@@ -64,6 +64,13 @@ impl TestKernel {
         format!("{}{}", self.base_url, path)
     }
 
+    /// The Prometheus text served at `/metrics`.
+    pub async fn metrics_text(&self) -> String {
+        let response = self.client.get(self.url("/metrics")).send().await.unwrap();
+        assert_eq!(response.status(), 200, "GET /metrics");
+        response.text().await.unwrap()
+    }
+
     /// Starts graceful shutdown and waits until the server has stopped.
     pub async fn shutdown(mut self) -> std::io::Result<()> {
         self.stop.cancel();

@@ -32,6 +32,11 @@ impl CorrelationId {
     pub fn as_uuid(&self) -> Uuid {
         self.0
     }
+
+    /// The hyphenated form, written into `buf` without the formatting machinery.
+    pub fn encode<'b>(&self, buf: &'b mut [u8; 36]) -> &'b str {
+        self.0.hyphenated().encode_lower(buf)
+    }
 }
 
 impl fmt::Display for CorrelationId {
@@ -112,17 +117,26 @@ impl TraceParent {
     pub fn trace_id_display(&self) -> TraceIdDisplay<'_> {
         TraceIdDisplay(&self.trace_id)
     }
+
+    /// The `traceparent` header's 55 characters, written without the
+    /// formatting machinery or an allocation (the gateway sends one per call).
+    pub fn encode<'b>(&self, buf: &'b mut [u8; TRACEPARENT_LEN]) -> &'b str {
+        buf[..3].copy_from_slice(b"00-");
+        hex_into(&self.trace_id, &mut buf[3..35]);
+        buf[35] = b'-';
+        hex_into(&self.span_id, &mut buf[36..52]);
+        buf[52] = b'-';
+        hex_into(&[self.flags], &mut buf[53..55]);
+        std::str::from_utf8(buf).expect("hex digits and dashes are ASCII")
+    }
 }
+
+/// Length of a version-00 `traceparent`.
+pub const TRACEPARENT_LEN: usize = 55;
 
 impl fmt::Display for TraceParent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "00-{}-{}-{:02x}",
-            encode_hex(&self.trace_id),
-            encode_hex(&self.span_id),
-            self.flags
-        )
+        f.write_str(self.encode(&mut [0; TRACEPARENT_LEN]))
     }
 }
 
@@ -166,13 +180,18 @@ fn hex_value(c: u8) -> Option<u8> {
 }
 
 fn encode_hex(bytes: &[u8]) -> String {
+    let mut out = vec![0; bytes.len() * 2];
+    hex_into(bytes, &mut out);
+    String::from_utf8(out).expect("hex digits are ASCII")
+}
+
+/// Lowercase hex of `bytes` into `out`, which is twice as long.
+fn hex_into(bytes: &[u8], out: &mut [u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[(b >> 4) as usize] as char);
-        s.push(DIGITS[(b & 0x0f) as usize] as char);
+    for (b, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        pair[0] = DIGITS[(b >> 4) as usize];
+        pair[1] = DIGITS[(b & 0x0f) as usize];
     }
-    s
 }
 
 #[cfg(test)]
@@ -236,6 +255,23 @@ mod tests {
             let tp = TraceParent::root(trace, span);
             let tp = TraceParent { flags, ..tp };
             prop_assert_eq!(TraceParent::parse(&tp.to_string()), Some(tp));
+        }
+
+        #[test]
+        fn traceparent_encodes_as_the_w3c_text(trace in any::<[u8; 16]>(), span in any::<[u8; 8]>(), flags in any::<u8>()) {
+            let tp = TraceParent { flags, ..TraceParent::root(trace, span) };
+            let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+            let expected = format!("00-{}-{}-{flags:02x}", hex(&tp.trace_id), hex(&tp.span_id));
+            let mut buf = [0; TRACEPARENT_LEN];
+            prop_assert_eq!(tp.encode(&mut buf), expected.as_str());
+            prop_assert_eq!(tp.to_string(), expected);
+        }
+
+        #[test]
+        fn correlation_ids_encode_hyphenated(bytes in any::<[u8; 16]>()) {
+            let id = CorrelationId(Uuid::from_bytes(bytes));
+            let mut buf = [0; 36];
+            prop_assert_eq!(id.encode(&mut buf), id.as_uuid().hyphenated().to_string());
         }
 
         #[test]

@@ -12,7 +12,7 @@ use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::header;
 use axum::http::request::Parts;
 
-use super::cache::Principal;
+use super::cache::{LoopAuthCache, Principal};
 use crate::audit::{AuditContext, AuditEvent};
 use crate::error::{ApiError, ErrorCode};
 use crate::http::edge::RequestContext;
@@ -84,7 +84,7 @@ fn client_info(parts: &Parts) -> ClientInfo {
     let correlation_id = parts
         .extensions
         .get::<RequestContext>()
-        .map(|c| c.correlation_id.to_string())
+        .map(|c| c.correlation_id.encode(&mut [0; 36]).to_owned())
         .unwrap_or_default();
     ClientInfo {
         client_ip,
@@ -100,14 +100,26 @@ impl FromRequestParts<AppState> for Caller {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let token = bearer_token(parts).ok_or_else(|| {
-            ApiError::unauthorized("Send an access token as `Authorization: Bearer <token>`.")
-        })?;
         // The event loop's own front cache, when served by one (not in oneshot tests).
         let front = parts
             .extensions
             .get::<Arc<EventLoopLocal>>()
             .map(|local| &local.auth);
+        Caller::authenticate(parts, state, front).await
+    }
+}
+
+impl Caller {
+    /// The caller of a request, its token looked up in `front` first when the
+    /// request is served by an event loop.
+    pub async fn authenticate(
+        parts: &Parts,
+        state: &AppState,
+        front: Option<&LoopAuthCache>,
+    ) -> Result<Caller, ApiError> {
+        let token = bearer_token(parts).ok_or_else(|| {
+            ApiError::unauthorized("Send an access token as `Authorization: Bearer <token>`.")
+        })?;
         let principal = state.authenticate(token, front).await?;
         if principal.tenant_suspended {
             return Err(ApiError::new(
@@ -149,11 +161,15 @@ impl Caller {
 
     /// Succeeds when the caller holds every one of `permissions`; otherwise writes
     /// an `authz.deny` audit entry and answers 403 with `missing_permissions`.
-    pub async fn require(&self, state: &AppState, permissions: &[&str]) -> Result<(), ApiError> {
+    pub async fn require<P>(&self, state: &AppState, permissions: &[P]) -> Result<(), ApiError>
+    where
+        P: AsRef<str> + serde::Serialize + Sync,
+    {
         let missing: Vec<String> = permissions
             .iter()
+            .map(AsRef::as_ref)
             .filter(|p| !self.holds(p))
-            .map(|p| p.to_string())
+            .map(str::to_owned)
             .collect();
         if missing.is_empty() {
             return Ok(());

@@ -14,7 +14,8 @@ use super::table::Signer;
 use crate::identity::tokens::ISSUER;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded in either direction.
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// A `static`: a `const` array would be built and dropped at every use.
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -35,6 +36,20 @@ const SPOOFABLE: [&str; 5] = [
     "x-real-ip",
 ];
 
+/// The forwarded identity's header names, parsed once (a `&str` name is
+/// parsed again on every insert).
+mod names {
+    use super::*;
+
+    pub const TENANT: HeaderName = HeaderName::from_static(TENANT_HEADER);
+    pub const USER: HeaderName = HeaderName::from_static(USER_HEADER);
+    pub const ACTOR_TYPE: HeaderName = HeaderName::from_static(ACTOR_TYPE_HEADER);
+    pub const CORRELATION: HeaderName = HeaderName::from_static(CORRELATION_HEADER);
+    pub const TRACEPARENT: HeaderName = HeaderName::from_static(TRACEPARENT_HEADER);
+    pub const FORWARDED_FOR: HeaderName = HeaderName::from_static(FORWARDED_FOR_HEADER);
+    pub const ASSERTION: HeaderName = HeaderName::from_static(ASSERTION_HEADER);
+}
+
 /// Who is calling, as the kernel established it.
 pub struct Identity<'a> {
     /// From the token's `tid`.
@@ -52,26 +67,40 @@ pub struct Identity<'a> {
 }
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
+/// One pass finds the few present (a cell's response usually has one, its own
+/// `Connection`), so that only those are removed: each removal hashes its name.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
+    let listed = connection_named(headers);
+    let present: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| is_hop_by_hop(name) || listed.contains(name))
+        .cloned()
+        .collect();
+    for name in &present {
+        headers.remove(name);
+    }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || name == header::UPGRADE
+}
+
+/// The header names a `Connection` header lists (hop-by-hop by that listing).
+fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
-    }
-    headers.remove(header::UPGRADE);
+        .collect()
 }
 
 /// Whether a client header may reach the cell. One pass over the client's
 /// headers with this test is cheaper than removing each forbidden name (every
 /// removal hashes it), and a proxied request has few headers.
 fn forwardable(name: &HeaderName, forward_cookies: bool, connection_named: &[HeaderName]) -> bool {
-    if HOP_BY_HOP.contains(name)
-        || name == header::UPGRADE
+    if is_hop_by_hop(name)
         || name == header::HOST
         || name == header::AUTHORIZATION
         || (name == header::COOKIE && !forward_cookies)
@@ -90,13 +119,7 @@ pub fn upstream_headers(
     forward_cookies: bool,
     assertion: Option<&str>,
 ) -> HeaderMap {
-    let connection_named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
+    let connection_named = connection_named(&headers);
     let mut out = HeaderMap::with_capacity(headers.len() + 8);
     let mut current: Option<HeaderName> = None;
     for (name, value) in headers {
@@ -108,21 +131,21 @@ pub fn upstream_headers(
             out.append(name.clone(), value);
         }
     }
-    let mut set = |name: &'static str, value: &str| {
+    let mut set = |name: &HeaderName, value: &str| {
         if let Ok(v) = HeaderValue::from_str(value) {
-            out.insert(HeaderName::from_static(name), v);
+            out.insert(name.clone(), v);
         }
     };
-    set(TENANT_HEADER, identity.tenant_id);
-    set(USER_HEADER, identity.subject);
-    set(ACTOR_TYPE_HEADER, identity.actor_type);
-    set(CORRELATION_HEADER, identity.correlation_id);
-    set(TRACEPARENT_HEADER, identity.traceparent);
+    set(&names::TENANT, identity.tenant_id);
+    set(&names::USER, identity.subject);
+    set(&names::ACTOR_TYPE, identity.actor_type);
+    set(&names::CORRELATION, identity.correlation_id);
+    set(&names::TRACEPARENT, identity.traceparent);
     if let Some(ip) = identity.client_ip {
-        set(FORWARDED_FOR_HEADER, &ip.to_string());
+        set(&names::FORWARDED_FOR, &ip.to_string());
     }
     if let Some(assertion) = assertion {
-        set(ASSERTION_HEADER, assertion);
+        set(&names::ASSERTION, assertion);
     }
     out
 }

@@ -5,17 +5,18 @@ use std::time::{Duration, Instant};
 
 use axum::Extension;
 use axum::body::{Body, Bytes};
-use axum::extract::{FromRequestParts, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, Uri, header, request::Parts};
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 
-use super::client::UpstreamClient;
 use super::forward::{self, Identity};
 use super::path;
 use super::state::{Admission, BreakerSettings, Health};
 use super::table::{CanonEntry, RouteEntry};
 use super::telemetry::Outcome;
+use aibos_wire::correlation::TRACEPARENT_LEN;
+
 use crate::audit::AuditEvent;
 use crate::authz::Caller;
 use crate::error::{ApiError, ErrorCode};
@@ -50,7 +51,13 @@ pub async fn proxy(
     Extension(event_loop): Extension<Arc<EventLoopLocal>>,
     request: Request,
 ) -> Response {
-    match forward_call(&state, &event_loop.upstream, request).await {
+    forward(&state, &event_loop, request).await
+}
+
+/// Forwards one call to its cell on behalf of the event loop `local` (the
+/// front door's direct path; [`proxy`] is the router's).
+pub async fn forward(state: &AppState, local: &EventLoopLocal, request: Request) -> Response {
+    match forward_call(state, local, request).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
     }
@@ -62,9 +69,10 @@ fn route_not_found(detail: &str) -> ApiError {
 
 async fn forward_call(
     state: &AppState,
-    client: &UpstreamClient,
+    local: &EventLoopLocal,
     request: Request,
 ) -> Result<Response, ApiError> {
+    let client = &local.upstream;
     let (mut parts, body) = request.into_parts();
     let uri = parts.uri.clone();
     let (canon_name, raw_rest) =
@@ -81,13 +89,8 @@ async fn forward_call(
         .route(&parts.method, &matched)
         .ok_or_else(|| route_not_found("No route of this canon matches the method and path."))?;
 
-    let caller = Caller::from_request_parts(&mut parts, state).await?;
-    let required: Vec<&str> = route
-        .required_permissions
-        .iter()
-        .map(String::as_str)
-        .collect();
-    caller.require(state, &required).await?;
+    let caller = Caller::authenticate(&parts, state, Some(&local.auth)).await?;
+    caller.require(state, &route.required_permissions).await?;
 
     let config = state.config_ref();
     let gateway = &config.gateway;
@@ -108,15 +111,11 @@ async fn forward_call(
             retry_after_value(Duration::from_secs(gateway.health_interval_seconds)),
         ));
     }
-    let context = parts.extensions.get::<RequestContext>().cloned();
-    let correlation_id = context
-        .as_ref()
-        .map(|c| c.correlation_id.to_string())
-        .unwrap_or_default();
-    let traceparent = context
-        .as_ref()
-        .map(|c| c.trace.to_string())
-        .unwrap_or_default();
+    let mut traceparent_text = [0; TRACEPARENT_LEN];
+    let traceparent = match parts.extensions.get::<RequestContext>() {
+        Some(context) => context.trace.encode(&mut traceparent_text),
+        None => "",
+    };
     let mut forwarded = String::with_capacity(canon.base.path_prefix.len() + raw_rest.len() + 64);
     forwarded.push_str(&canon.base.path_prefix);
     forwarded.push_str(raw_rest);
@@ -128,9 +127,9 @@ async fn forward_call(
         tenant_id: caller.tenant_id(),
         subject: caller.subject_id(),
         actor_type: caller.principal.actor_type,
-        correlation_id: &correlation_id,
+        correlation_id: &caller.correlation_id,
         client_ip: caller.client_ip,
-        traceparent: &traceparent,
+        traceparent,
     };
     let signer = canon.signer.as_ref().ok_or_else(|| {
         ApiError::internal(anyhow::anyhow!(

@@ -212,16 +212,30 @@ impl Signer {
     /// The compact JWS of `claims`.
     pub fn sign<T: serde::Serialize>(&self, claims: &T) -> Result<String, serde_json::Error> {
         let payload = serde_json::to_vec(claims)?;
-        let mut token = String::with_capacity(self.header_b64.len() + payload.len() * 4 / 3 + 48);
-        token.push_str(&self.header_b64);
-        URL_SAFE_NO_PAD.encode_string(&payload, &mut token);
+        // Encoded straight into the token's buffer (`encode_string` goes through a
+        // chunked writer that checks every chunk is UTF-8); checked once at the end.
+        let mut token = Vec::with_capacity(self.header_b64.len() + payload.len() * 4 / 3 + 48);
+        token.extend_from_slice(self.header_b64.as_bytes());
+        append_base64url(&mut token, &payload);
         let mut mac = self.mac.clone();
-        mac.update(token.as_bytes());
+        mac.update(&token);
         let signature = mac.finalize().into_bytes();
-        token.push('.');
-        URL_SAFE_NO_PAD.encode_string(signature, &mut token);
-        Ok(token)
+        token.push(b'.');
+        append_base64url(&mut token, &signature);
+        Ok(String::from_utf8(token).expect("base64url and the JWS header are ASCII"))
     }
+}
+
+/// Appends the unpadded base64url of `bytes` to `out`.
+fn append_base64url(out: &mut Vec<u8>, bytes: &[u8]) {
+    let start = out.len();
+    let encoded =
+        base64::encoded_len(bytes.len(), false).expect("a signed token is far below usize");
+    out.resize(start + encoded, 0);
+    let written = URL_SAFE_NO_PAD
+        .encode_slice(bytes, &mut out[start..])
+        .expect("the buffer is exactly the encoded length");
+    out.truncate(start + written);
 }
 
 /// Method-specific matchers first, then `ANY`. `HEAD` falls back to `GET`.

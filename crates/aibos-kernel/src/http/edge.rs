@@ -11,11 +11,12 @@
 //! of every call, the gateway's included.
 
 use std::any::Any;
+use std::future::Future;
 use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http_body_util::Limited;
@@ -32,6 +33,10 @@ tokio::task_local! {
     pub static CURRENT_REQUEST: RequestContext;
 }
 
+/// The edge's header names, parsed once (a `&str` name is parsed on every use).
+const CORRELATION: HeaderName = HeaderName::from_static(CORRELATION_HEADER);
+const TRACEPARENT: HeaderName = HeaderName::from_static(TRACEPARENT_HEADER);
+
 /// What the edge learned about a request, for handlers and upstream calls.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestContext {
@@ -42,12 +47,31 @@ pub struct RequestContext {
 }
 
 /// The edge middleware; see the module documentation.
-pub async fn edge(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+pub async fn edge(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let route = request.extensions().get::<MatchedPath>().cloned();
+    // Unmatched paths share one label: a scanner must not grow the label set.
+    let label = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+    around(&state, request, label, |request| next.run(request)).await
+}
+
+/// The edge around `inner`, for the axum middleware above and for the front
+/// door's direct path to the gateway (`http::front`). `route` labels the
+/// request's metrics: the matched route pattern, never the raw path.
+pub async fn around<Inner, Served>(
+    state: &AppState,
+    mut request: Request,
+    route: &str,
+    inner: Inner,
+) -> Response
+where
+    Inner: FnOnce(Request) -> Served,
+    Served: Future<Output = Response>,
+{
     let started = Instant::now();
     let random: u128 = rand_u128();
     let supplied = request
         .headers()
-        .get(CORRELATION_HEADER)
+        .get(&CORRELATION)
         .map(|v| v.to_str().ok().and_then(CorrelationId::parse));
     let (correlation_id, bad_correlation_id) = match supplied {
         None => (CorrelationId::generate(), false),
@@ -55,7 +79,6 @@ pub async fn edge(State(state): State<AppState>, mut request: Request, next: Nex
         Some(None) => (CorrelationId::generate(), true),
     };
     let trace = trace_context(request.headers(), random);
-    let route = request.extensions().get::<MatchedPath>().cloned();
     let method = request.method().clone();
 
     // No tracing span per request: the log formatter reads the ids from the
@@ -90,20 +113,18 @@ pub async fn edge(State(state): State<AppState>, mut request: Request, next: Nex
             request.extensions_mut().insert(context);
             let limit = usize::try_from(limit).unwrap_or(usize::MAX);
             let request = request.map(|body| Body::new(Limited::new(body, limit)));
-            next.run(request).await
+            inner(request).await
         })
         .await;
 
     let headers = response.headers_mut();
     add_security_headers(headers);
-    if let Ok(value) = HeaderValue::from_str(&correlation_id.to_string()) {
-        headers.insert(CORRELATION_HEADER, value);
+    if let Ok(value) = HeaderValue::from_str(correlation_id.encode(&mut [0; 36])) {
+        headers.insert(CORRELATION, value);
     }
 
     let elapsed = started.elapsed();
     let status = response.status().as_u16();
-    // Unmatched paths share one label: a scanner must not grow the label set.
-    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
     state
         .metrics()
         .http_request(route, &method, status, elapsed);
@@ -138,7 +159,7 @@ fn trace_context(headers: &HeaderMap, random: u128) -> TraceParent {
     let mut span_seed = [0u8; 8];
     span_seed.copy_from_slice(&bytes[..8]);
     match headers
-        .get(TRACEPARENT_HEADER)
+        .get(&TRACEPARENT)
         .and_then(|v| v.to_str().ok())
         .and_then(TraceParent::parse)
     {

@@ -9,6 +9,7 @@
 pub mod dealer;
 pub mod edge;
 pub mod extract;
+pub mod front;
 pub mod openapi;
 
 use axum::Router;

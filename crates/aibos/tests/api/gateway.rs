@@ -434,15 +434,7 @@ async fn failures_timeouts_and_the_circuit_breaker() {
     assert_eq!(status_entry["details"]["status"], 500);
     assert_eq!(status_entry["details"]["canon"], "payments");
     assert!(status_entry["details"]["latency_ms"].is_u64());
-    let metrics = k
-        .client
-        .get(k.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = k.metrics_text().await;
     assert!(metrics.contains("aibos_gateway_calls_total{canon=\"payments\",route=\"GET /flaky\",outcome=\"circuit_open\"} 1"), "{metrics}");
 }
 
@@ -526,15 +518,7 @@ async fn health_checks_mark_a_failing_cell_and_bring_it_back() {
             && moves.contains(&("unhealthy".into(), "healthy".into())),
         "{moves:?}"
     );
-    let metrics = k
-        .client
-        .get(k.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = k.metrics_text().await;
     assert!(
         metrics.contains("aibos_gateway_canon_healthy{canon=\"payments\"} 1"),
         "{metrics}"
@@ -699,4 +683,120 @@ async fn an_h2c_canon_is_called_over_http2_with_prior_knowledge() {
         .unwrap();
     let problem = expect_problem(refused, 400, "VALIDATION_ERROR").await;
     assert_eq!(problem["errors"][0]["field"], "protocol");
+}
+
+/// Gateway calls skip the router (`http::front`), not the edge: they get the
+/// same correlation id, security headers, body limit and request metrics as
+/// every other endpoint, and a bad request there never reaches the cell.
+#[tokio::test]
+async fn gateway_calls_pass_the_same_edge_as_every_endpoint() {
+    let upstream = Upstream::start().await;
+    let k = spawn_kernel(Engine::Sqlite).await.unwrap();
+    let Fixture { k, user, .. } = fixture(k, &upstream).await;
+
+    let ok = k
+        .as_(&user, Method::GET, "/api/gateway/payments/payments/7")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let h = ok.headers();
+    assert_eq!(h["x-content-type-options"], "nosniff");
+    assert_eq!(h["x-frame-options"], "DENY");
+    assert_eq!(h["referrer-policy"], "no-referrer");
+    let generated = h["x-correlation-id"].to_str().unwrap();
+    assert!(uuid::Uuid::parse_str(generated).is_ok(), "{generated}");
+    assert_eq!(
+        upstream.received()[0].headers["x-correlation-id"],
+        generated,
+        "the cell sees the id the client is answered with"
+    );
+
+    let unknown = k
+        .as_(&user, Method::GET, "/api/gateway/payments/nowhere")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.headers()["x-frame-options"], "DENY");
+    expect_problem(unknown, 404, "ROUTE_NOT_FOUND").await;
+
+    let bad_id = k
+        .as_(&user, Method::GET, "/api/gateway/payments/payments/7")
+        .header("x-correlation-id", "'; DROP TABLE audit_log; --")
+        .send()
+        .await
+        .unwrap();
+    expect_problem(bad_id, 400, "VALIDATION_ERROR").await;
+
+    let head = format!(
+        "POST /api/gateway/payments/payments HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        k.addr,
+        user.access_token,
+        64 * 1024 * 1024
+    );
+    let answer = k.raw_exchange(&head, None).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert_eq!(
+        upstream.received().len(),
+        1,
+        "only the first call reached the cell"
+    );
+
+    let metrics = k.metrics_text().await;
+    let gateway_requests = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("aibos_http_requests_total{")
+                && l.contains("route=\"/api/gateway/{canon}/{*path}\"")
+        })
+        .count();
+    assert!(
+        gateway_requests >= 3,
+        "gateway calls are counted under the router's pattern: {metrics}"
+    );
+}
+
+/// With CORS configured, gateway calls go through the router so that its CORS
+/// layer answers a browser's preflight and marks the cell's answers.
+#[tokio::test]
+async fn with_cors_configured_gateway_calls_get_cors_answers() {
+    let upstream = Upstream::start().await;
+    let options = KernelOptions {
+        env: vec![(
+            "AIBOS_SERVER__CORS_ALLOWED_ORIGINS".into(),
+            "[\"https://app.example.com\"]".into(),
+        )],
+        ..KernelOptions::default()
+    };
+    let k = spawn_kernel_with(Engine::Sqlite, options).await.unwrap();
+    let Fixture { k, user, .. } = fixture(k, &upstream).await;
+    let preflight = k
+        .client
+        .request(Method::OPTIONS, k.url("/api/gateway/payments/payments/7"))
+        .header("origin", "https://app.example.com")
+        .header("access-control-request-method", "GET")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        preflight.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    let call = k
+        .as_(&user, Method::GET, "/api/gateway/payments/payments/7")
+        .header("origin", "https://app.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(call.status(), 200);
+    assert_eq!(
+        call.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    assert_eq!(call.headers()["x-frame-options"], "DENY");
+    assert_eq!(
+        upstream.received().len(),
+        1,
+        "the preflight never reaches the cell"
+    );
 }

@@ -25,7 +25,7 @@ crate::both_engines! {
             kernel.client.get(kernel.url("/api/health/live")).send().await.unwrap();
         }
         kernel.client.get(kernel.url("/no/such/path/12345")).send().await.unwrap();
-        let text = kernel.client.get(kernel.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        let text = kernel.metrics_text().await;
         assert!(text.contains(r#"aibos_http_requests_total{route="/api/health/live",method="GET",status="200"} 3"#), "{text}");
         assert!(text.contains(r#"aibos_http_requests_total{route="unmatched",method="GET",status="404"} 1"#), "{text}");
         assert!(!text.contains("12345"), "unmatched paths never become labels");

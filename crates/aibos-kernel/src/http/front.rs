@@ -1,0 +1,153 @@
+//! The front door: the service each event loop runs for every request of a
+//! connection. Gateway calls go straight to the proxy, wrapped in the same edge
+//! as everything else; every other request goes through the axum router.
+//!
+//! Why a door in front of the router: the gateway is the hot path of the whole
+//! product, and axum's layers cost it more than any one thing the gateway does
+//! (docs/performance.md): per request, a route match on the whole API, a boxed
+//! middleware future, a boxed handler future, and each of them moving the
+//! request and its future across a dozen nested polls. Here a gateway call is
+//! one boxed future around the edge, a panic guard and the proxy.
+//!
+//! With CORS configured the router serves the gateway too, so that its layer
+//! answers preflights and adds its headers to the gateway's responses alike.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::Router;
+use axum::extract::{ConnectInfo, Request};
+use axum::response::Response;
+use futures_util::FutureExt;
+use tower::Service;
+
+use crate::gateway;
+use crate::http::edge;
+use crate::state::{AppState, EventLoopLocal};
+
+/// The gateway's path prefix; the router serves `/api/gateway/{canon}` and
+/// `/api/gateway/{canon}/{*path}`, the door everything under the prefix.
+const GATEWAY_PREFIX: &str = "/api/gateway/";
+
+/// What one event loop serves its connections with (see the module documentation).
+#[derive(Clone)]
+pub struct FrontDoor {
+    shared: Arc<Shared>,
+    /// The connection's peer, for `ConnectInfo` (the caller's address).
+    remote: SocketAddr,
+}
+
+struct Shared {
+    router: Router,
+    state: AppState,
+    local: Arc<EventLoopLocal>,
+    /// False when CORS is configured: the router's layer must see gateway calls.
+    gateway_direct: bool,
+}
+
+/// Makes the [`FrontDoor`] of each accepted connection (for `axum::serve`).
+#[derive(Clone)]
+pub struct FrontDoorMaker {
+    shared: Arc<Shared>,
+}
+
+impl FrontDoorMaker {
+    /// The doors of one event loop; `router` already carries `local` as an extension.
+    pub fn new(router: Router, state: AppState, local: Arc<EventLoopLocal>) -> FrontDoorMaker {
+        let gateway_direct = state.config_ref().server.cors_allowed_origins.is_empty();
+        FrontDoorMaker {
+            shared: Arc::new(Shared {
+                router,
+                state,
+                local,
+                gateway_direct,
+            }),
+        }
+    }
+}
+
+impl<L> Service<axum::serve::IncomingStream<'_, L>> for FrontDoorMaker
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+{
+    type Response = FrontDoor;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<FrontDoor, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, incoming: axum::serve::IncomingStream<'_, L>) -> Self::Future {
+        std::future::ready(Ok(FrontDoor {
+            shared: self.shared.clone(),
+            remote: *incoming.remote_addr(),
+        }))
+    }
+}
+
+type Served = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+impl Service<Request> for FrontDoor {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Served;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut request: Request) -> Served {
+        request.extensions_mut().insert(ConnectInfo(self.remote));
+        let shared = self.shared.clone();
+        let direct = shared.gateway_direct && request.uri().path().starts_with(GATEWAY_PREFIX);
+        if !direct {
+            let mut router = shared.router.clone();
+            return Box::pin(async move { router.call(request).await });
+        }
+        Box::pin(async move {
+            let Shared { state, local, .. } = &*shared;
+            let label = gateway_route_label(request.uri().path());
+            let response = edge::around(state, request, label, |request| {
+                AssertUnwindSafe(gateway::proxy::forward(state, local, request))
+                    .catch_unwind()
+                    .map(|served| served.unwrap_or_else(edge::panic_to_problem))
+            })
+            .await;
+            Ok(response)
+        })
+    }
+}
+
+/// The router's pattern for a gateway path, so that metrics label the door's
+/// calls as the router would.
+fn gateway_route_label(path: &str) -> &'static str {
+    let rest = &path[GATEWAY_PREFIX.len().min(path.len())..];
+    if rest.contains('/') {
+        "/api/gateway/{canon}/{*path}"
+    } else {
+        "/api/gateway/{canon}"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_calls_are_labelled_by_the_routers_patterns() {
+        assert_eq!(
+            gateway_route_label("/api/gateway/bench/ping"),
+            "/api/gateway/{canon}/{*path}"
+        );
+        assert_eq!(
+            gateway_route_label("/api/gateway/bench"),
+            "/api/gateway/{canon}"
+        );
+        assert_eq!(gateway_route_label("/api/gateway/"), "/api/gateway/{canon}");
+    }
+}
