@@ -70,12 +70,14 @@ pub struct Identity<'a> {
 /// One pass finds the few present (a cell's response usually has one, its own
 /// `Connection`), so that only those are removed: each removal hashes its name.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let listed = connection_named(headers);
-    let present: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| is_hop_by_hop(name) || listed.contains(name))
-        .cloned()
-        .collect();
+    let present: Vec<HeaderName> = {
+        let connection = headers.get_all(header::CONNECTION);
+        headers
+            .keys()
+            .filter(|name| is_hop_by_hop(name) || listed(connection.iter(), name))
+            .cloned()
+            .collect()
+    };
     for name in &present {
         headers.remove(name);
     }
@@ -85,26 +87,25 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name) || name == header::UPGRADE
 }
 
-/// The header names a `Connection` header lists (hop-by-hop by that listing).
-fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
+/// Whether the `Connection` header's values list `name` (a hop-by-hop header
+/// by that listing). Compared as text: no header name is built per token.
+fn listed<'v>(connection: impl IntoIterator<Item = &'v HeaderValue>, name: &HeaderName) -> bool {
+    connection
+        .into_iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect()
+        .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
 }
 
 /// Whether a client header may reach the cell. One pass over the client's
 /// headers with this test is cheaper than removing each forbidden name (every
 /// removal hashes it), and a proxied request has few headers.
-fn forwardable(name: &HeaderName, forward_cookies: bool, connection_named: &[HeaderName]) -> bool {
+fn forwardable(name: &HeaderName, forward_cookies: bool, connection: &[HeaderValue]) -> bool {
     if is_hop_by_hop(name)
         || name == header::HOST
         || name == header::AUTHORIZATION
         || (name == header::COOKIE && !forward_cookies)
-        || connection_named.contains(name)
+        || listed(connection, name)
     {
         return false;
     }
@@ -119,13 +120,18 @@ pub fn upstream_headers(
     forward_cookies: bool,
     assertion: Option<&str>,
 ) -> HeaderMap {
-    let connection_named = connection_named(&headers);
+    // Kept aside (a reference count each) while the map is consumed below.
+    let connection: Vec<HeaderValue> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .cloned()
+        .collect();
     let mut out = HeaderMap::with_capacity(headers.len() + 8);
     let mut current: Option<HeaderName> = None;
     for (name, value) in headers {
         // `into_iter` names a header once, then yields its further values with `None`.
         if let Some(name) = name {
-            current = forwardable(&name, forward_cookies, &connection_named).then_some(name);
+            current = forwardable(&name, forward_cookies, &connection).then_some(name);
         }
         if let Some(name) = &current {
             out.append(name.clone(), value);
