@@ -106,8 +106,8 @@ impl Service<Request> for FrontDoor {
         let shared = self.shared.clone();
         let direct = shared.gateway_direct && request.uri().path().starts_with(GATEWAY_PREFIX);
         if !direct {
-            let mut router = shared.router.clone();
-            return Box::pin(async move { router.call(request).await });
+            // The router is always ready (axum's `Router::poll_ready`).
+            return Box::pin(shared.router.clone().call(request));
         }
         Box::pin(async move {
             let Shared { state, local, .. } = &*shared;
