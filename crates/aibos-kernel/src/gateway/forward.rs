@@ -7,7 +7,6 @@ use aibos_wire::assertion::{
     ACTOR_TYPE_HEADER, ASSERTION_HEADER, ASSERTION_LIFETIME_SECONDS, FORWARDED_FOR_HEADER,
     FORWARDED_IDENTITY_HEADERS, TENANT_HEADER, USER_HEADER,
 };
-use aibos_wire::correlation::{CORRELATION_HEADER, TRACEPARENT_HEADER};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 
 use super::table::Signer;
@@ -44,8 +43,7 @@ mod names {
     pub const TENANT: HeaderName = HeaderName::from_static(TENANT_HEADER);
     pub const USER: HeaderName = HeaderName::from_static(USER_HEADER);
     pub const ACTOR_TYPE: HeaderName = HeaderName::from_static(ACTOR_TYPE_HEADER);
-    pub const CORRELATION: HeaderName = HeaderName::from_static(CORRELATION_HEADER);
-    pub const TRACEPARENT: HeaderName = HeaderName::from_static(TRACEPARENT_HEADER);
+    pub use crate::http::edge::{CORRELATION, TRACEPARENT};
     pub const FORWARDED_FOR: HeaderName = HeaderName::from_static(FORWARDED_FOR_HEADER);
     pub const ASSERTION: HeaderName = HeaderName::from_static(ASSERTION_HEADER);
 }

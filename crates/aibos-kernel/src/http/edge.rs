@@ -33,9 +33,11 @@ tokio::task_local! {
     pub static CURRENT_REQUEST: RequestContext;
 }
 
-/// The edge's header names, parsed once (a `&str` name is parsed on every use).
-const CORRELATION: HeaderName = HeaderName::from_static(CORRELATION_HEADER);
-const TRACEPARENT: HeaderName = HeaderName::from_static(TRACEPARENT_HEADER);
+/// The correlation and trace header names, parsed once (a `&str` name is parsed
+/// on every use); the gateway forwards both under these names too.
+pub const CORRELATION: HeaderName = HeaderName::from_static(CORRELATION_HEADER);
+/// See [`CORRELATION`].
+pub const TRACEPARENT: HeaderName = HeaderName::from_static(TRACEPARENT_HEADER);
 
 /// What the edge learned about a request, for handlers and upstream calls.
 #[derive(Debug, Clone, Copy)]

@@ -29,9 +29,13 @@ use crate::gateway;
 use crate::http::edge;
 use crate::state::{AppState, EventLoopLocal};
 
-/// The gateway's path prefix; the router serves `/api/gateway/{canon}` and
-/// `/api/gateway/{canon}/{*path}`, the door everything under the prefix.
+/// The gateway's path prefix; the router serves [`GATEWAY_CANON_ROUTE`] and
+/// [`GATEWAY_PATH_ROUTE`], the door everything under the prefix.
 const GATEWAY_PREFIX: &str = "/api/gateway/";
+/// The router's gateway route for a canon's root.
+pub const GATEWAY_CANON_ROUTE: &str = "/api/gateway/{canon}";
+/// The router's gateway route for a path under a canon.
+pub const GATEWAY_PATH_ROUTE: &str = "/api/gateway/{canon}/{*path}";
 
 /// What one event loop serves its connections with (see the module documentation).
 #[derive(Clone)]
@@ -128,9 +132,9 @@ impl Service<Request> for FrontDoor {
 fn gateway_route_label(path: &str) -> &'static str {
     let rest = &path[GATEWAY_PREFIX.len().min(path.len())..];
     if rest.contains('/') {
-        "/api/gateway/{canon}/{*path}"
+        GATEWAY_PATH_ROUTE
     } else {
-        "/api/gateway/{canon}"
+        GATEWAY_CANON_ROUTE
     }
 }
 

@@ -34,11 +34,11 @@ pub fn api_routes() -> OpenApiRouter<AppState> {
         .merge(crate::audit::routes::router())
         .merge(crate::registry::routes::router())
         .route(
-            "/api/gateway/{canon}",
+            front::GATEWAY_CANON_ROUTE,
             axum::routing::any(crate::gateway::proxy::proxy),
         )
         .route(
-            "/api/gateway/{canon}/{*path}",
+            front::GATEWAY_PATH_ROUTE,
             axum::routing::any(crate::gateway::proxy::proxy),
         )
 }
