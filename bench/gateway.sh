@@ -5,8 +5,12 @@
 #   1. direct to the upstream;
 #   2. through nginx `proxy_pass` with upstream keep-alive (the anchor);
 #   3. through the kernel gateway, with a valid token and a route that requires a
-#      permission (authentication, authorization, breaker, signed assertion).
-# Prints medians and the kernel/nginx ratios of rps and p99.
+#      permission (authentication, authorization, breaker, signed assertion);
+#   4. the same with `server.event_loops = 1` (for information: on 2 cores shared
+#      with wrk and the upstream, nginx itself serves nearly all 64 connections
+#      from one worker; docs/performance.md, gateway).
+# Prints medians and the kernel/nginx ratios of rps and p99 (the targets are
+# the default kernel's, row 3).
 #
 #   bench/gateway.sh                  # ROUNDS=5 SECONDS_PER_ROUND=10 CONNECTIONS=64
 #
@@ -21,8 +25,9 @@ ensure_packages wrk:wrk nginx:nginx-light curl:curl python3:python3
 build_release
 
 work=$(mktemp -d)
+kernel_pids=()
 cleanup() {
-  [ -n "${kernel_pid:-}" ] && kill "$kernel_pid" 2>/dev/null || true
+  for pid in "${kernel_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   stop_nginx "$work/proxy"
   stop_nginx "$work/upstream"
   wait 2>/dev/null || true
@@ -48,26 +53,32 @@ wait_http "http://127.0.0.1:$proxy_port/"
 
 # --- the kernel on its embedded default: a canon in front of the upstream. ---
 gateway_canon "$work/kernel" "$upstream_port"
+kernel_pids+=("$kernel_pid"); default_pid=$kernel_pid
 token=$gateway_token
+gateway=$gateway_url
+gateway_canon "$work/kernel-one-loop" "$upstream_port" AIBOS_SERVER__EVENT_LOOPS=1
+kernel_pids+=("$kernel_pid")
+one_loop=$gateway_url one_loop_token=$gateway_token
 
 direct="http://127.0.0.1:$upstream_port/ping"
 proxied="http://127.0.0.1:$proxy_port/ping"
-gateway=$gateway_url
 for url in "$direct" "$proxied"; do wrk_run "$url" "$CONNECTIONS" 2 >/dev/null; done
 wrk_run "$gateway" "$CONNECTIONS" 2 -H "Authorization: Bearer $token" >/dev/null
+wrk_run "$one_loop" "$CONNECTIONS" 2 -H "Authorization: Bearer $one_loop_token" >/dev/null
 
-: >"$work/direct.txt"; : >"$work/nginx.txt"; : >"$work/kernel.txt"
+: >"$work/direct.txt"; : >"$work/nginx.txt"; : >"$work/kernel.txt"; : >"$work/one_loop.txt"
 for round in $(seq 1 "$ROUNDS"); do
   wrk_run "$direct" "$CONNECTIONS" "$SECONDS_PER_ROUND" >>"$work/direct.txt"
   wrk_run "$proxied" "$CONNECTIONS" "$SECONDS_PER_ROUND" >>"$work/nginx.txt"
   wrk_run "$gateway" "$CONNECTIONS" "$SECONDS_PER_ROUND" -H "Authorization: Bearer $token" >>"$work/kernel.txt"
-  echo "round $round: direct $(tail -n1 "$work/direct.txt")  nginx $(tail -n1 "$work/nginx.txt")  kernel $(tail -n1 "$work/kernel.txt")  (rps p99_ms)" >&2
+  wrk_run "$one_loop" "$CONNECTIONS" "$SECONDS_PER_ROUND" -H "Authorization: Bearer $one_loop_token" >>"$work/one_loop.txt"
+  echo "round $round: direct $(tail -n1 "$work/direct.txt")  nginx $(tail -n1 "$work/nginx.txt")  kernel $(tail -n1 "$work/kernel.txt")  one loop $(tail -n1 "$work/one_loop.txt")  (rps p99_ms)" >&2
 done
 
 col() { cut -d' ' -f"$1" "$2" | median; }
-rps_ratio=$(paste -d' ' "$work/kernel.txt" "$work/nginx.txt" | awk '{ printf "%.3f\n", $1 / $3 }' | median)
-p99_ratio=$(paste -d' ' "$work/kernel.txt" "$work/nginx.txt" | awk '{ printf "%.3f\n", $2 / $4 }' | median)
-rss_kib=$(awk '/VmRSS/ { print $2 }' "/proc/$kernel_pid/status")
+# ratio FILE COLUMN: the median over rounds of FILE's COLUMN (1 rps, 2 p99) over nginx's.
+ratio() { paste -d' ' "$1" "$work/nginx.txt" | awk -v c="$2" '{ printf "%.3f\n", $c / $(c + 2) }' | median; }
+rss_kib=$(awk '/VmRSS/ { print $2 }' "/proc/$default_pid/status")
 
 echo
 echo "gateway  ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $ROUNDS rounds x ${SECONDS_PER_ROUND}s, wrk -c$CONNECTIONS, medians; ratios paired per round)"
@@ -75,6 +86,9 @@ printf '%-46s %10s %12s\n' "" "req/s" "p99"
 printf '%-46s %10s %10sms\n' "direct to the upstream" "$(col 1 "$work/direct.txt")" "$(col 2 "$work/direct.txt")"
 printf '%-46s %10s %10sms\n' "nginx proxy_pass (keep-alive)" "$(col 1 "$work/nginx.txt")" "$(col 2 "$work/nginx.txt")"
 printf '%-46s %10s %10sms\n' "kernel gateway (token + permission + assertion)" "$(col 1 "$work/kernel.txt")" "$(col 2 "$work/kernel.txt")"
-printf '%-46s %10s\n' "kernel / nginx rps" "${rps_ratio}x"
-printf '%-46s %10s\n' "kernel / nginx p99" "${p99_ratio}x"
+printf '%-46s %10s %10sms\n' "  the same, server.event_loops = 1" "$(col 1 "$work/one_loop.txt")" "$(col 2 "$work/one_loop.txt")"
+printf '%-46s %10s\n' "kernel / nginx rps" "$(ratio "$work/kernel.txt" 1)x"
+printf '%-46s %10s\n' "kernel / nginx p99" "$(ratio "$work/kernel.txt" 2)x"
+printf '%-46s %10s\n' "  one loop / nginx rps" "$(ratio "$work/one_loop.txt" 1)x"
+printf '%-46s %10s\n' "  one loop / nginx p99" "$(ratio "$work/one_loop.txt" 2)x"
 printf '%-46s %10s\n' "kernel RSS after the load" "$((rss_kib / 1024)) MiB"

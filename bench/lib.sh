@@ -102,17 +102,19 @@ fixed_upstream() {
   echo "server { listen 127.0.0.1:$1; location / { default_type application/json; return 200 '{\"ok\":true}'; } }"
 }
 
-# gateway_canon DIR UPSTREAM_PORT: in the kernel started with start_kernel in DIR
-# (created there with `admin create` first), registers canon `bench` in front of
-# the upstream with route GET /ping requiring `bench.ping.read`, grants it to the
-# admin, and sets gateway_url and gateway_token.
+# gateway_canon DIR UPSTREAM_PORT [ENV=VALUE…]: in the kernel started with
+# start_kernel in DIR (created there with `admin create` first; ENV passed to
+# it), registers canon `bench` in front of the upstream with route GET /ping
+# requiring `bench.ping.read`, grants it to the admin, and sets gateway_url and
+# gateway_token.
 gateway_canon() {
   local dir=$1 upstream_port=$2 port
+  shift 2
   local password="correct horse battery staple"
   port=$(free_port)
   mkdir -p "$dir"
   (cd "$dir" && echo "$password" | "$AIBOS_BIN" admin create --email bench@example.com --password-stdin >/dev/null)
-  start_kernel "$dir" "$port"
+  start_kernel "$dir" "$port" "$@"
   local base="http://127.0.0.1:$port" token canon_id role_id user_id
   token=$(curl -fsS "$base/api/kernel/auth/login" -H 'content-type: application/json' \
     -d "{\"tenant\":\"system\",\"email\":\"bench@example.com\",\"password\":\"$password\"}" | json_field '["access_token"]')

@@ -172,12 +172,13 @@ impl App {
             stop_serving.cancel();
         });
 
-        // One event loop per core: a connection lives on one thread from accept
-        // to close, with no wake-ups between threads (what the work-stealing
-        // runtime cost on the hot path; see docs/performance.md). The acceptor
-        // deals connections to the loops evenly; it and the background work stay
-        // on the caller's runtime.
-        let (dealer, dealt) = crate::http::dealer::deal(listener, event_loop_count())?;
+        // Event loops (one per core unless `server.event_loops` says otherwise):
+        // a connection lives on one thread from accept to close, with no
+        // wake-ups between threads (what the work-stealing runtime cost on the
+        // hot path; see docs/performance.md). The acceptor deals connections to
+        // the loops evenly; it and the background work stay on the caller's runtime.
+        let event_loops = state.config_ref().server.event_loop_count();
+        let (dealer, dealt) = crate::http::dealer::deal(listener, event_loops)?;
         let acceptor = tokio::spawn(dealer.run(stop.clone()));
         let mut servers = Vec::with_capacity(dealt.len());
         for (index, connections) in dealt.into_iter().enumerate() {
@@ -246,14 +247,6 @@ fn serve_on_this_thread(
             .with_graceful_shutdown(stop.cancelled_owned())
             .await
     })
-}
-
-/// One event loop per core, within [`limits::HTTP_EVENT_LOOPS_MAX`].
-fn event_loop_count() -> usize {
-    std::thread::available_parallelism()
-        .map(usize::from)
-        .unwrap_or(1)
-        .clamp(1, limits::HTTP_EVENT_LOOPS_MAX)
 }
 
 /// Binds the listening socket (port 0 picks a free one).

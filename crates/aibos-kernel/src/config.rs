@@ -287,6 +287,22 @@ pub struct ServerConfig {
     pub shutdown_grace_seconds: u64,
     /// Browser origins allowed by CORS.
     pub cors_allowed_origins: Vec<String>,
+    /// HTTP event loops; 0 means one per core.
+    pub event_loops: u64,
+}
+
+impl ServerConfig {
+    /// How many HTTP event loops to run: `event_loops`, or one per core when 0,
+    /// within [`limits::HTTP_EVENT_LOOPS_MAX`].
+    pub fn event_loop_count(&self) -> usize {
+        let wanted = match usize::try_from(self.event_loops) {
+            Ok(0) | Err(_) => std::thread::available_parallelism()
+                .map(usize::from)
+                .unwrap_or(1),
+            Ok(n) => n,
+        };
+        wanted.clamp(1, limits::HTTP_EVENT_LOOPS_MAX)
+    }
 }
 
 /// `[database]`: the engine and its pool.
@@ -428,6 +444,7 @@ struct RawServer {
     bind: String,
     shutdown_grace_seconds: i64,
     cors_allowed_origins: Vec<String>,
+    event_loops: i64,
 }
 
 #[derive(Deserialize)]
@@ -734,6 +751,13 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config>
         0,
         limits::SHUTDOWN_GRACE_SECONDS_MAX,
     );
+    let event_loops = in_range(
+        &mut problem,
+        "server.event_loops",
+        raw.server.event_loops,
+        0,
+        limits::HTTP_EVENT_LOOPS_MAX as u64,
+    );
     for origin in &raw.server.cors_allowed_origins {
         let ok = (origin.starts_with("http://") || origin.starts_with("https://"))
             && !origin.trim_end_matches('/').contains(['?', '#', ' '])
@@ -1003,6 +1027,7 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config>
             bind: bind?,
             shutdown_grace_seconds: shutdown_grace_seconds?,
             cors_allowed_origins: raw.server.cors_allowed_origins,
+            event_loops: event_loops?,
         },
         database: DatabaseConfig {
             url: url?,
@@ -1222,6 +1247,25 @@ mod tests {
         assert!(err.to_string().contains("bindd"), "{err}");
         let err = load(&[("AIBOS_HTTP__MAX_BODY_BYTES", "lots")]).unwrap_err();
         assert_eq!(err.problems()[0].key, "http.max_body_bytes");
+    }
+
+    #[test]
+    fn event_loops_default_to_one_per_core_and_are_bounded() {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let default = load(&[]).unwrap();
+        assert_eq!(default.server.event_loops, 0);
+        assert_eq!(
+            default.server.event_loop_count(),
+            cores.clamp(1, limits::HTTP_EVENT_LOOPS_MAX)
+        );
+        let one = load(&[("AIBOS_SERVER__EVENT_LOOPS", "1")]).unwrap();
+        assert_eq!(one.server.event_loop_count(), 1);
+        let many = load(&[("AIBOS_SERVER__EVENT_LOOPS", "64")]).unwrap();
+        assert_eq!(many.server.event_loop_count(), 64);
+        for bad in ["-1", "65", "99999999999"] {
+            let err = load(&[("AIBOS_SERVER__EVENT_LOOPS", bad)]).unwrap_err();
+            assert_eq!(err.problems()[0].key, "server.event_loops", "{bad}");
+        }
     }
 
     #[test]

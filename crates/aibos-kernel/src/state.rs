@@ -302,6 +302,8 @@ impl AppState {
 fn diff(old: &Config, new: &Config) -> ReloadOutcome {
     const RESTART_SECTIONS: &[&str] = &[
         "server.bind",
+        "server.cors_allowed_origins",
+        "server.event_loops",
         "database.",
         "auth.jwt_algorithm",
         "events.",
@@ -341,4 +343,35 @@ fn diff(old: &Config, new: &Config) -> ReloadOutcome {
         }
     }
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reload_applies_request_time_keys_and_names_those_read_at_start() {
+        let old = Config::defaults();
+        let mut new = old.clone();
+        new.server.shutdown_grace_seconds += 1;
+        new.server.event_loops = 1;
+        new.server.cors_allowed_origins = vec!["https://app.example".into()];
+        new.http.max_body_bytes += 1;
+        let outcome = diff(&old, &new);
+        let mut applied = outcome.applied.clone();
+        applied.sort();
+        assert_eq!(
+            applied,
+            ["http.max_body_bytes", "server.shutdown_grace_seconds"]
+        );
+        let mut restart = outcome.restart_required.clone();
+        restart.sort();
+        assert_eq!(
+            restart,
+            ["server.cors_allowed_origins", "server.event_loops"],
+            "the socket's loops and the router's CORS layer are built at start"
+        );
+        let unchanged = diff(&old, &old.clone());
+        assert!(unchanged.applied.is_empty() && unchanged.restart_required.is_empty());
+    }
 }

@@ -34,7 +34,7 @@ pub async fn run(sources: ConfigSources, args: ServeArgs) -> u8 {
         }
     };
     let state = app.state();
-    tracing::info!(address = %app.local_addr(), engine = %state.db().engine(), version = env!("CARGO_PKG_VERSION"), "listening");
+    tracing::info!(address = %app.local_addr(), engine = %state.db().engine(), event_loops = state.config_ref().server.event_loop_count(), version = env!("CARGO_PKG_VERSION"), "listening");
     tokio::spawn(reload_on_sighup(state));
     match app.run_until_stopped(shutdown_signal()).await {
         Ok(()) => EXIT_OK,

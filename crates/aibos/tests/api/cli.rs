@@ -305,3 +305,51 @@ async fn status_reports_a_running_kernel_and_an_unreachable_one() {
     let out = aibos(cwd.path(), &["status", "--url", &url], &[]);
     assert_eq!(out.status.code(), Some(69));
 }
+
+/// `server.event_loops` sets how many threads serve connections: the kernel
+/// runs exactly that many, says so when it starts, and serves clients on all.
+#[tokio::test]
+async fn serve_runs_the_configured_number_of_event_loops() {
+    let cwd = tempfile::tempdir().unwrap();
+    let kernel = KernelProcess::start(
+        Path::new(BINARY),
+        cwd.path(),
+        &[
+            ("AIBOS_SERVER__BIND", "127.0.0.1:0"),
+            ("AIBOS_SERVER__EVENT_LOOPS", "3"),
+        ],
+    )
+    .await
+    .unwrap();
+    let listening = kernel
+        .wait_for_log("listening", Duration::from_secs(5))
+        .await
+        .expect("the kernel logs that it listens");
+    assert!(listening.contains(r#""event_loops":3"#), "{listening}");
+    // Six connections at once, dealt over the three loops: every one is served.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..6 {
+        calls.spawn(client.get(format!("{}/api/health", kernel.base_url)).send());
+    }
+    let mut served = 0;
+    while let Some(response) = calls.join_next().await {
+        assert_eq!(response.unwrap().unwrap().status(), 200);
+        served += 1;
+    }
+    assert_eq!(served, 6);
+    // The loops are threads of their own, named by index (started once the
+    // socket is bound, so counted after the calls).
+    let pid = kernel.child.id().expect("running");
+    let mut loops: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| name.starts_with("aibos-http-"))
+        .collect();
+    loops.sort();
+    assert_eq!(loops, ["aibos-http-0", "aibos-http-1", "aibos-http-2"]);
+}
