@@ -55,7 +55,7 @@ pub struct Identity<'a> {
     /// From the token's `sub`.
     pub subject: &'a str,
     /// `user` or `service`.
-    pub actor_type: &'a str,
+    pub actor_type: &'static str,
     /// The request's correlation id.
     pub correlation_id: &'a str,
     /// The client's address.
@@ -111,12 +111,13 @@ fn forwardable(name: &HeaderName, forward_cookies: bool, connection: &[HeaderVal
     !(FORWARDED_IDENTITY_HEADERS.contains(&text) || SPOOFABLE.contains(&text))
 }
 
-/// Turns the client's headers into the cell's.
+/// Turns the client's headers into the cell's. The assertion is taken by value:
+/// its text becomes the header's bytes without a copy.
 pub fn upstream_headers(
     headers: HeaderMap,
     identity: &Identity<'_>,
     forward_cookies: bool,
-    assertion: Option<&str>,
+    assertion: Option<String>,
 ) -> HeaderMap {
     // Kept aside (a reference count each) while the map is consumed below.
     let connection: Vec<HeaderValue> = headers
@@ -142,16 +143,49 @@ pub fn upstream_headers(
     };
     set(&names::TENANT, identity.tenant_id);
     set(&names::USER, identity.subject);
-    set(&names::ACTOR_TYPE, identity.actor_type);
     set(&names::CORRELATION, identity.correlation_id);
     set(&names::TRACEPARENT, identity.traceparent);
+    // A fixed word (`user` or `service`): no copy.
+    out.insert(
+        names::ACTOR_TYPE,
+        HeaderValue::from_static(identity.actor_type),
+    );
     if let Some(ip) = identity.client_ip {
-        set(&names::FORWARDED_FOR, &ip.to_string());
+        out.insert(names::FORWARDED_FOR, address_value(ip));
     }
-    if let Some(assertion) = assertion {
-        set(&names::ASSERTION, assertion);
+    if let Some(value) = assertion.and_then(|a| HeaderValue::try_from(a).ok()) {
+        out.insert(names::ASSERTION, value);
     }
     out
+}
+
+/// The client's address as a header value. IPv4, every proxied call's usual
+/// case, is written digit by digit: `Display` goes through the formatting
+/// machinery and a `String` first.
+fn address_value(ip: IpAddr) -> HeaderValue {
+    let IpAddr::V4(v4) = ip else {
+        return HeaderValue::try_from(ip.to_string())
+            .expect("an IPv6 address's text is a valid header value");
+    };
+    let mut text = [0u8; 15];
+    let mut len = 0;
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            text[len] = b'.';
+            len += 1;
+        }
+        if octet >= 100 {
+            text[len] = b'0' + octet / 100;
+            len += 1;
+        }
+        if octet >= 10 {
+            text[len] = b'0' + octet / 10 % 10;
+            len += 1;
+        }
+        text[len] = b'0' + octet % 10;
+        len += 1;
+    }
+    HeaderValue::from_bytes(&text[..len]).expect("digits and dots are a valid header value")
 }
 
 /// [`AssertionClaims`] by reference: signing allocates no copies of the values.
@@ -179,8 +213,17 @@ pub fn sign_assertion(
     method: &str,
     path_and_query: &str,
 ) -> Result<String, serde_json::Error> {
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let jti = uuid::Uuid::now_v7();
+    // One clock read for both; and no `Uuid::now_v7()`, whose counter sits
+    // behind a process-wide mutex (see `CorrelationId::generate`).
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let now = i64::try_from(since_epoch.as_secs()).unwrap_or(i64::MAX);
+    let jti = uuid::Uuid::new_v7(uuid::Timestamp::from_unix(
+        uuid::NoContext,
+        since_epoch.as_secs(),
+        since_epoch.subsec_nanos(),
+    ));
     let mut jti_text = uuid::Uuid::encode_buffer();
     let claims = BorrowedClaims {
         iss: ISSUER,
@@ -192,7 +235,7 @@ pub fn sign_assertion(
         htm: method,
         htu: path_and_query,
         iat: now,
-        exp: now + ASSERTION_LIFETIME_SECONDS,
+        exp: now.saturating_add(ASSERTION_LIFETIME_SECONDS),
         jti: jti.hyphenated().encode_lower(&mut jti_text),
     };
     signer.sign(&claims)
@@ -202,6 +245,17 @@ pub fn sign_assertion(
 mod tests {
     use super::*;
     use aibos_wire::assertion::AssertionClaims;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn addresses_are_written_as_display_writes_them(v4 in any::<u32>(), v6 in any::<u128>()) {
+            for ip in [IpAddr::from(std::net::Ipv4Addr::from(v4)), IpAddr::from(std::net::Ipv6Addr::from(v6))] {
+                let value = address_value(ip);
+                prop_assert_eq!(value.to_str().unwrap(), ip.to_string());
+            }
+        }
+    }
 
     #[test]
     fn borrowed_claims_serialise_like_the_shared_claims() {
@@ -267,7 +321,7 @@ mod tests {
             client_ip: Some("127.0.0.1".parse().unwrap()),
             traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
         };
-        let h = upstream_headers(h, &identity, false, Some("signed"));
+        let h = upstream_headers(h, &identity, false, Some("signed".to_owned()));
         let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         names.sort();
         assert_eq!(

@@ -150,7 +150,7 @@ async fn forward_call(
         std::mem::take(&mut parts.headers),
         &identity,
         route.forward_cookies,
-        Some(&assertion),
+        Some(assertion),
     );
     let upstream_uri = Uri::try_from(forwarded)
         .map_err(|e| ApiError::invalid_field("path", format!("cannot be forwarded: {e}")))?;
