@@ -9,8 +9,9 @@
 #   4. the same with `server.event_loops = 1` (for information: on 2 cores shared
 #      with wrk and the upstream, nginx itself serves nearly all 64 connections
 #      from one worker; docs/performance.md, gateway).
-# Prints medians and the kernel/nginx ratios of rps and p99 (the targets are
-# the default kernel's, row 3).
+# Prints medians, the kernel/nginx ratios of rps and p99 (the targets are the
+# default kernel's, row 3), and each proxy's CPU time per call (user + system,
+# from /proc, around its own wrk runs; for the direct row, the upstream's).
 #
 #   bench/gateway.sh                  # ROUNDS=5 SECONDS_PER_ROUND=10 CONNECTIONS=64
 #
@@ -60,6 +61,28 @@ gateway_canon "$work/kernel-one-loop" "$upstream_port" AIBOS_SERVER__EVENT_LOOPS
 kernel_pids+=("$kernel_pid")
 one_loop=$gateway_url one_loop_token=$gateway_token
 
+upstream_pids=$(pgrep -P "$(cat "$work/upstream/nginx.pid")" | tr '\n' ' ')
+proxy_pids=$(pgrep -P "$(cat "$work/proxy/nginx.pid")" | tr '\n' ' ')
+one_loop_pid=$kernel_pid
+
+# cpu_ticks PID…: user + system clock ticks of all the processes' threads so far.
+cpu_ticks() {
+  for pid in "$@"; do cat /proc/"$pid"/task/*/stat 2>/dev/null; done | awk '{ s += $14 + $15 } END { print s + 0 }'
+}
+# measured FILE "PID…" URL [wrk args…]: one round against URL, appending
+# "<requests/s> <p99 ms> <CPU µs per call of PID…>" to FILE.
+measured() {
+  local file=$1 pids=$2 url=$3 before after line
+  shift 3
+  # shellcheck disable=SC2086 # a list of pids
+  before=$(cpu_ticks $pids)
+  line=$(wrk_run "$url" "$CONNECTIONS" "$SECONDS_PER_ROUND" "$@")
+  # shellcheck disable=SC2086
+  after=$(cpu_ticks $pids)
+  echo "$line" | awk -v ticks=$((after - before)) -v hz="$(getconf CLK_TCK)" -v secs="$SECONDS_PER_ROUND" \
+    '{ printf "%s %s %.1f\n", $1, $2, ticks / hz * 1e6 / ($1 * secs) }' >>"$file"
+}
+
 direct="http://127.0.0.1:$upstream_port/ping"
 proxied="http://127.0.0.1:$proxy_port/ping"
 for url in "$direct" "$proxied"; do wrk_run "$url" "$CONNECTIONS" 2 >/dev/null; done
@@ -68,25 +91,26 @@ wrk_run "$one_loop" "$CONNECTIONS" 2 -H "Authorization: Bearer $one_loop_token" 
 
 : >"$work/direct.txt"; : >"$work/nginx.txt"; : >"$work/kernel.txt"; : >"$work/one_loop.txt"
 for round in $(seq 1 "$ROUNDS"); do
-  wrk_run "$direct" "$CONNECTIONS" "$SECONDS_PER_ROUND" >>"$work/direct.txt"
-  wrk_run "$proxied" "$CONNECTIONS" "$SECONDS_PER_ROUND" >>"$work/nginx.txt"
-  wrk_run "$gateway" "$CONNECTIONS" "$SECONDS_PER_ROUND" -H "Authorization: Bearer $token" >>"$work/kernel.txt"
-  wrk_run "$one_loop" "$CONNECTIONS" "$SECONDS_PER_ROUND" -H "Authorization: Bearer $one_loop_token" >>"$work/one_loop.txt"
-  echo "round $round: direct $(tail -n1 "$work/direct.txt")  nginx $(tail -n1 "$work/nginx.txt")  kernel $(tail -n1 "$work/kernel.txt")  one loop $(tail -n1 "$work/one_loop.txt")  (rps p99_ms)" >&2
+  measured "$work/direct.txt" "$upstream_pids" "$direct"
+  measured "$work/nginx.txt" "$proxy_pids" "$proxied"
+  measured "$work/kernel.txt" "$default_pid" "$gateway" -H "Authorization: Bearer $token"
+  measured "$work/one_loop.txt" "$one_loop_pid" "$one_loop" -H "Authorization: Bearer $one_loop_token"
+  echo "round $round: direct $(tail -n1 "$work/direct.txt")  nginx $(tail -n1 "$work/nginx.txt")  kernel $(tail -n1 "$work/kernel.txt")  one loop $(tail -n1 "$work/one_loop.txt")  (rps p99_ms cpu_us_per_call)" >&2
 done
 
 col() { cut -d' ' -f"$1" "$2" | median; }
 # ratio FILE COLUMN: the median over rounds of FILE's COLUMN (1 rps, 2 p99) over nginx's.
-ratio() { paste -d' ' "$1" "$work/nginx.txt" | awk -v c="$2" '{ printf "%.3f\n", $c / $(c + 2) }' | median; }
+ratio() { paste -d' ' "$1" "$work/nginx.txt" | awk -v c="$2" '{ printf "%.3f\n", $c / $(c + NF / 2) }' | median; }
 rss_kib=$(awk '/VmRSS/ { print $2 }' "/proc/$default_pid/status")
 
 echo
 echo "gateway  ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $ROUNDS rounds x ${SECONDS_PER_ROUND}s, wrk -c$CONNECTIONS, medians; ratios paired per round)"
-printf '%-46s %10s %12s\n' "" "req/s" "p99"
-printf '%-46s %10s %10sms\n' "direct to the upstream" "$(col 1 "$work/direct.txt")" "$(col 2 "$work/direct.txt")"
-printf '%-46s %10s %10sms\n' "nginx proxy_pass (keep-alive)" "$(col 1 "$work/nginx.txt")" "$(col 2 "$work/nginx.txt")"
-printf '%-46s %10s %10sms\n' "kernel gateway (token + permission + assertion)" "$(col 1 "$work/kernel.txt")" "$(col 2 "$work/kernel.txt")"
-printf '%-46s %10s %10sms\n' "  the same, server.event_loops = 1" "$(col 1 "$work/one_loop.txt")" "$(col 2 "$work/one_loop.txt")"
+printf '%-46s %10s %12s %14s\n' "" "req/s" "p99" "CPU per call"
+row() { printf '%-46s %10s %10sms %12sus\n' "$1" "$(col 1 "$2")" "$(col 2 "$2")" "$(col 3 "$2")"; }
+row "direct to the upstream (upstream's CPU)" "$work/direct.txt"
+row "nginx proxy_pass (keep-alive)" "$work/nginx.txt"
+row "kernel gateway (token + permission + assertion)" "$work/kernel.txt"
+row "  the same, server.event_loops = 1" "$work/one_loop.txt"
 printf '%-46s %10s\n' "kernel / nginx rps" "$(ratio "$work/kernel.txt" 1)x"
 printf '%-46s %10s\n' "kernel / nginx p99" "$(ratio "$work/kernel.txt" 2)x"
 printf '%-46s %10s\n' "  one loop / nginx rps" "$(ratio "$work/one_loop.txt" 1)x"
