@@ -9,6 +9,10 @@
 #   git stash; cargo build --release -p aibos; cp target/release/aibos /tmp/aibos-a
 #   git stash pop; cargo build --release -p aibos; cp target/release/aibos /tmp/aibos-b
 #   A=/tmp/aibos-a B=/tmp/aibos-b bench/gateway_ab.sh     # ROUNDS=6 SECONDS_PER_ROUND=8
+#
+# EVENT_LOOPS=1 runs both kernels with one event loop: on 2 shared cores its
+# rounds spread ±4 % against ±20 % with the default two, so a change of a few
+# per cent shows (docs/performance.md, gateway).
 source "$(dirname "$0")/lib.sh"
 
 ROUNDS=${ROUNDS:-6}
@@ -33,9 +37,10 @@ start_nginx "$work/upstream" "$(fixed_upstream "$upstream_port")"
 wait_http "http://127.0.0.1:$upstream_port/"
 
 # Both kernels set up alike; each warmed up for 2 s.
-AIBOS_BIN=$A gateway_canon "$work/a" "$upstream_port"
+loops=(${EVENT_LOOPS:+"AIBOS_SERVER__EVENT_LOOPS=$EVENT_LOOPS"})
+AIBOS_BIN=$A gateway_canon "$work/a" "$upstream_port" "${loops[@]}"
 pids+=("$kernel_pid"); url_a=$gateway_url; token_a=$gateway_token
-AIBOS_BIN=$B gateway_canon "$work/b" "$upstream_port"
+AIBOS_BIN=$B gateway_canon "$work/b" "$upstream_port" "${loops[@]}"
 pids+=("$kernel_pid"); url_b=$gateway_url; token_b=$gateway_token
 wrk_run "$url_a" "$CONNECTIONS" 2 -H "Authorization: Bearer $token_a" >/dev/null
 wrk_run "$url_b" "$CONNECTIONS" 2 -H "Authorization: Bearer $token_b" >/dev/null
@@ -47,4 +52,4 @@ for round in $(seq 1 "$ROUNDS"); do
   echo "$a $b" | awk '{ printf "%.3f\n", $3 / $1 }' >>"$work/ratios.txt"
   echo "round $round: A $a  B $b  (rps p99_ms)  B/A $(tail -n1 "$work/ratios.txt")"
 done
-echo "gateway A/B ($(date -u +%Y-%m-%dT%H:%MZ), $ROUNDS rounds x ${SECONDS_PER_ROUND}s, wrk -c$CONNECTIONS): median B/A rps $(median <"$work/ratios.txt")x"
+echo "gateway A/B ($(date -u +%Y-%m-%dT%H:%MZ), $ROUNDS rounds x ${SECONDS_PER_ROUND}s, wrk -c$CONNECTIONS${EVENT_LOOPS:+, event loops $EVENT_LOOPS}): median B/A rps $(median <"$work/ratios.txt")x"

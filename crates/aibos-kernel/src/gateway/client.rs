@@ -66,6 +66,26 @@ impl UpstreamError {
     }
 }
 
+/// An upstream call that got no response.
+#[derive(Debug)]
+pub struct SendFailure {
+    /// What went wrong.
+    pub error: UpstreamError,
+    /// The request itself, when it never left and the client could keep it
+    /// (plain-`http` cells, see [`UpstreamClient::gives_back_unsent`]): a
+    /// retry sends it again without a copy made in advance.
+    pub unsent: Option<Request<Body>>,
+}
+
+impl From<UpstreamError> for SendFailure {
+    fn from(error: UpstreamError) -> SendFailure {
+        SendFailure {
+            error,
+            unsent: None,
+        }
+    }
+}
+
 /// Builds the clients with the configured pool and connect timeout.
 pub fn build(config: &GatewayConfig) -> UpstreamClient {
     UpstreamClient(Arc::new(Clients {
@@ -88,8 +108,8 @@ impl UpstreamClient {
         base: &BaseUrl,
         h2c: bool,
         mut request: Request<Body>,
-    ) -> Result<Response<Body>, UpstreamError> {
-        if !h2c && base.scheme == Scheme::HTTP {
+    ) -> Result<Response<Body>, SendFailure> {
+        if Self::gives_back_unsent(base, h2c) {
             request
                 .headers_mut()
                 .insert(header::HOST, base.host_header.clone());
@@ -109,9 +129,16 @@ impl UpstreamClient {
         let client = if h2c { &self.0.h2c } else { &self.0.general };
         match client.request(request).await {
             Ok(response) => Ok(response.map(Body::new)),
-            Err(e) if e.is_connect() => Err(UpstreamError::Connect(e.to_string())),
-            Err(e) => Err(UpstreamError::Request(e.to_string())),
+            Err(e) if e.is_connect() => Err(UpstreamError::Connect(e.to_string()).into()),
+            Err(e) => Err(UpstreamError::Request(e.to_string()).into()),
         }
+    }
+
+    /// Whether [`send`](Self::send) hands back a request that could not be
+    /// sent for want of a connection: true for plain-`http` HTTP/1.1 cells
+    /// (our own pool); hyper-util's client, for the others, consumes it.
+    pub fn gives_back_unsent(base: &BaseUrl, h2c: bool) -> bool {
+        !h2c && base.scheme == Scheme::HTTP
     }
 }
 
@@ -165,13 +192,21 @@ impl Http1Pool {
         pool: &Arc<Http1Pool>,
         authority: &Authority,
         mut request: Request<Body>,
-    ) -> Result<Response<Body>, UpstreamError> {
+    ) -> Result<Response<Body>, SendFailure> {
         // Each reused connection that turns out closed costs one pass; the pool
         // holds at most `max_idle_per_host`, then a fresh connection is made.
+        // Until the request is handed to a connection, a failure gives it back.
+        let unsent = |error, request| SendFailure {
+            error,
+            unsent: Some(request),
+        };
         loop {
             let (mut sender, reused) = match pool.checkout(authority) {
                 Some(sender) => (sender, true),
-                None => (pool.connect(authority).await?, false),
+                None => match pool.connect(authority).await {
+                    Ok(sender) => (sender, false),
+                    Err(e) => return Err(unsent(e, request)),
+                },
             };
             // A connection checked in as its last response ended may still be
             // finishing that exchange; this waits for it (or learns it closed).
@@ -179,7 +214,7 @@ impl Http1Pool {
                 if reused {
                     continue;
                 }
-                return Err(UpstreamError::Connect(e.to_string()));
+                return Err(unsent(UpstreamError::Connect(e.to_string()), request));
             }
             match sender.try_send_request(request).await {
                 Ok(response) => {
@@ -199,7 +234,7 @@ impl Http1Pool {
                     // The cell closed an idle connection as we picked it: the
                     // request was not sent and goes out on another one.
                     Some(unsent) if reused => request = unsent,
-                    _ => return Err(UpstreamError::Request(e.into_error().to_string())),
+                    _ => return Err(UpstreamError::Request(e.into_error().to_string()).into()),
                 },
             }
         }
@@ -455,12 +490,28 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_refused_connection_is_a_connect_error() {
+    async fn a_refused_connection_is_a_connect_error_that_gives_the_request_back() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let base = BaseUrl::parse(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
         drop(listener);
         let client = build(&Config::defaults().gateway);
-        let error = client.send(&base, false, get()).await.unwrap_err();
-        assert!(error.is_connect(), "{error}");
+        let mut request = get();
+        request
+            .headers_mut()
+            .insert("x-kernel-assertion", "signed".parse().unwrap());
+        let failure = client.send(&base, false, request).await.unwrap_err();
+        assert!(failure.error.is_connect(), "{}", failure.error);
+        assert!(UpstreamClient::gives_back_unsent(&base, false));
+        let unsent = failure.unsent.expect("the request never left");
+        assert_eq!(
+            unsent.headers()["x-kernel-assertion"],
+            "signed",
+            "a retry can send it again as it was"
+        );
+        // h2c goes through hyper-util's client, which keeps nothing to give back.
+        assert!(!UpstreamClient::gives_back_unsent(&base, true));
+        let failure = client.send(&base, true, get()).await.unwrap_err();
+        assert!(failure.error.is_connect(), "{}", failure.error);
+        assert!(failure.unsent.is_none());
     }
 }

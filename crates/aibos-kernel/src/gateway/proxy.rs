@@ -10,6 +10,7 @@ use axum::http::{HeaderValue, Method, Uri, header, request::Parts};
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 
+use super::client::{SendFailure, UpstreamClient};
 use super::forward::{self, Identity};
 use super::path;
 use super::state::{Admission, BreakerSettings, Health};
@@ -209,24 +210,33 @@ async fn forward_call(
 
     let started = Instant::now();
     let mut attempt = 0u32;
+    // The headers for the next attempt. A retry needs them again: the pool
+    // hands back a request it could not send; for other clients a copy is
+    // kept before sending. Without them there is no retry.
+    let mut headers = Some(std::mem::take(&mut parts.headers));
+    let gives_back_unsent = UpstreamClient::gives_back_unsent(&canon.base, canon.h2c);
     let outcome = loop {
-        let Some(next_body) = body.next() else {
+        let (Some(next_body), Some(these_headers)) = (body.next(), headers.take()) else {
             break Err("unavailable");
         };
+        if body.may_repeat() && attempt < retry_max && !gives_back_unsent {
+            headers = Some(these_headers.clone());
+        }
         let mut upstream = axum::http::Request::new(next_body);
         *upstream.method_mut() = parts.method.clone();
         *upstream.uri_mut() = upstream_uri.clone();
-        *upstream.headers_mut() = if body.may_repeat() && attempt < retry_max {
-            parts.headers.clone()
-        } else {
-            std::mem::take(&mut parts.headers)
-        };
+        *upstream.headers_mut() = these_headers;
         match tokio::time::timeout_at(deadline, client.send(&canon.base, canon.h2c, upstream)).await
         {
             Ok(Ok(response)) => break Ok(response),
-            Ok(Err(e)) => {
-                let may_retry =
-                    matches!(body, Payload::Kept(_)) && attempt < retry_max && e.is_connect();
+            Ok(Err(SendFailure { error: e, unsent })) => {
+                if let Some(unsent) = unsent {
+                    headers = Some(unsent.into_parts().0.headers);
+                }
+                let may_retry = matches!(body, Payload::Kept(_))
+                    && attempt < retry_max
+                    && e.is_connect()
+                    && headers.is_some();
                 if may_retry && canon.state.budget.withdraw() {
                     attempt += 1;
                     canon.state.metrics.retries.increment(1);

@@ -800,3 +800,78 @@ async fn with_cors_configured_gateway_calls_get_cors_answers() {
         "the preflight never reaches the cell"
     );
 }
+
+/// A safe request whose cell refuses the connection is retried, after a
+/// jittered wait, within the retry budget; the retry carries everything the
+/// first attempt did (identity headers and a valid assertion), and is counted.
+#[tokio::test]
+async fn a_refused_connection_is_retried_with_the_same_identity() {
+    let upstream = Upstream::start().await;
+    let options = KernelOptions {
+        env: vec![
+            // No periodic health check marks the stopped cell unhealthy mid-test.
+            (
+                "AIBOS_GATEWAY__HEALTH_INTERVAL_SECONDS".into(),
+                "3600".into(),
+            ),
+            ("AIBOS_GATEWAY__RETRY_MAX".into(), "5".into()),
+            ("AIBOS_GATEWAY__RETRY_BACKOFF_BASE_MS".into(), "200".into()),
+            ("AIBOS_GATEWAY__RETRY_BACKOFF_MAX_MS".into(), "1000".into()),
+        ],
+        ..KernelOptions::default()
+    };
+    let k = spawn_kernel_with(Engine::Sqlite, options).await.unwrap();
+    let Fixture {
+        k, user, secret, ..
+    } = fixture(k, &upstream).await;
+    let call = || {
+        k.as_(&user, Method::GET, "/api/gateway/payments/payments/7")
+            .send()
+    };
+    assert_eq!(call().await.unwrap().status(), 200);
+    let retries = || async {
+        let text = k.metrics_text().await;
+        text.lines()
+            .find(|l| l.starts_with("aibos_gateway_retries_total{canon=\"payments\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    assert_eq!(retries().await, 0.0);
+
+    // The cell goes away: its port refuses connections.
+    let addr = upstream.stop();
+    let refused = async {
+        while tokio::net::TcpStream::connect(addr).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), refused)
+        .await
+        .expect("the stopped cell's port refuses connections");
+
+    // A GET while it is away: the first attempt is refused and a retry waits;
+    // the cell comes back on its port before the retries run out.
+    let pending = tokio::spawn(call());
+    let first_retry = async {
+        while retries().await < 1.0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), first_retry)
+        .await
+        .expect("a refused connection is retried");
+    let back = Upstream::start_on(addr).await;
+    let answer = pending.await.unwrap().unwrap();
+    assert_eq!(answer.status(), 200, "a retry reached the cell");
+    let received = back.received();
+    assert_eq!(received.len(), 1, "one attempt reached the cell");
+    let h = &received[0].headers;
+    assert_eq!(h["x-tenant-id"], user.tenant_id.as_str());
+    assert_eq!(h["x-user-sub"], user.subject_id.as_str());
+    assert!(h.get("authorization").is_none());
+    let verifier = AssertionVerifier::new("payments", [secret]).unwrap();
+    verifier
+        .verify(&http::Method::GET, &received[0].path_and_query, h)
+        .expect("the retried call's assertion verifies");
+    assert!(retries().await >= 1.0);
+}
