@@ -147,12 +147,15 @@ async fn forward_call(
     )
     .map_err(ApiError::internal)?;
     let retryable = is_safe_to_repeat(&parts) && gateway.retry_max > 0;
-    parts.headers = forward::upstream_headers(
+    // The headers of the next attempt. A retry needs them again: the pool
+    // hands back a request it could not send; for other clients a copy is
+    // kept before sending. Without them there is no retry.
+    let mut headers = Some(forward::upstream_headers(
         std::mem::take(&mut parts.headers),
         &identity,
         route.forward_cookies,
         Some(assertion),
-    );
+    ));
     let upstream_uri = Uri::try_from(forwarded)
         .map_err(|e| ApiError::invalid_field("path", format!("cannot be forwarded: {e}")))?;
     let timeout = route
@@ -210,10 +213,6 @@ async fn forward_call(
 
     let started = Instant::now();
     let mut attempt = 0u32;
-    // The headers for the next attempt. A retry needs them again: the pool
-    // hands back a request it could not send; for other clients a copy is
-    // kept before sending. Without them there is no retry.
-    let mut headers = Some(std::mem::take(&mut parts.headers));
     let gives_back_unsent = UpstreamClient::gives_back_unsent(&canon.base, canon.h2c);
     let outcome = loop {
         let (Some(next_body), Some(these_headers)) = (body.next(), headers.take()) else {

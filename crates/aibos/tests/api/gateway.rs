@@ -295,166 +295,82 @@ async fn traversal_attempts_never_reach_the_cell() {
     );
 }
 
-#[tokio::test]
-async fn failures_timeouts_and_the_circuit_breaker() {
-    let upstream = Upstream::start().await;
-    let options = KernelOptions {
-        env: vec![("AIBOS_GATEWAY__BREAKER_OPEN_SECONDS".into(), "1".into())],
-        ..KernelOptions::default()
-    };
-    let k = spawn_kernel_with(Engine::Sqlite, options).await.unwrap();
-    let Fixture {
-        k,
-        root,
-        user,
-        canon_id,
-        ..
-    } = fixture(k, &upstream).await;
-    k.route(
-        &root,
-        &canon_id,
-        "GET",
-        "/slow",
-        &[],
-        json!({ "timeout_ms": 1000 }),
-    )
-    .await;
-    k.route(&root, &canon_id, "GET", "/flaky", &[], json!({}))
+both_engines! {
+    async fn failures_timeouts_and_the_circuit_breaker(engine: Engine) {
+        let upstream = Upstream::start().await;
+        let options = KernelOptions {
+            env: vec![("AIBOS_GATEWAY__BREAKER_OPEN_SECONDS".into(), "1".into())],
+            ..KernelOptions::default()
+        };
+        let k = spawn_kernel_with(engine, options).await.unwrap();
+        let Fixture {
+            k,
+            root,
+            user,
+            canon_id,
+            ..
+        } = fixture(k, &upstream).await;
+        k.route(
+            &root,
+            &canon_id,
+            "GET",
+            "/slow",
+            &[],
+            json!({ "timeout_ms": 1000 }),
+        )
         .await;
+        k.route(&root, &canon_id, "GET", "/flaky", &[], json!({}))
+            .await;
 
-    // 3 s upstream, 1 s timeout → 504 in 1–1.5 s.
-    let started = Instant::now();
-    let slow = k
-        .as_(&user, Method::GET, "/api/gateway/payments/slow")
-        .send()
-        .await
-        .unwrap();
-    let took = started.elapsed();
-    expect_problem(slow, 504, "UPSTREAM_TIMEOUT").await;
-    assert!(
-        took >= Duration::from_millis(1000) && took < Duration::from_millis(1500),
-        "took {took:?}"
-    );
+        // 3 s upstream, 1 s timeout → 504 in 1–1.5 s.
+        let started = Instant::now();
+        let slow = k
+            .as_(&user, Method::GET, "/api/gateway/payments/slow")
+            .send()
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        expect_problem(slow, 504, "UPSTREAM_TIMEOUT").await;
+        assert!(
+            took >= Duration::from_millis(1000) && took < Duration::from_millis(1500),
+            "took {took:?}"
+        );
 
-    // The cell's 500s pass through unchanged, and five in a row open the circuit.
-    upstream.set_flaky_status(500);
-    for _ in 0..4 {
-        let r = k
+        // The cell's 500s pass through unchanged, and five in a row open the circuit.
+        upstream.set_flaky_status(500);
+        for _ in 0..4 {
+            let r = k
+                .as_(&user, Method::GET, "/api/gateway/payments/flaky")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 500);
+            assert_ne!(
+                r.headers().get("content-type").map(|v| v.to_str().unwrap()),
+                Some("application/problem+json")
+            );
+        }
+        let reached = upstream.received().len();
+        let started = Instant::now();
+        let refused = k
             .as_(&user, Method::GET, "/api/gateway/payments/flaky")
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 500);
-        assert_ne!(
-            r.headers().get("content-type").map(|v| v.to_str().unwrap()),
-            Some("application/problem+json")
+        let took = started.elapsed();
+        assert_eq!(refused.status(), 503);
+        assert!(refused.headers().contains_key("retry-after"));
+        expect_problem(refused, 503, "UPSTREAM_UNAVAILABLE").await;
+        assert!(
+            took < Duration::from_millis(50),
+            "an open circuit answers at once: {took:?}"
         );
-    }
-    let reached = upstream.received().len();
-    let started = Instant::now();
-    let refused = k
-        .as_(&user, Method::GET, "/api/gateway/payments/flaky")
-        .send()
-        .await
-        .unwrap();
-    let took = started.elapsed();
-    assert_eq!(refused.status(), 503);
-    assert!(refused.headers().contains_key("retry-after"));
-    expect_problem(refused, 503, "UPSTREAM_UNAVAILABLE").await;
-    assert!(
-        took < Duration::from_millis(50),
-        "an open circuit answers at once: {took:?}"
-    );
-    assert_eq!(
-        upstream.received().len(),
-        reached,
-        "an open circuit does not call the cell"
-    );
-    let circuit: Value = k
-        .as_(
-            &root,
-            Method::GET,
-            &format!("/api/kernel/canons/{canon_id}"),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(circuit["circuit"], "open");
-
-    // After the half-open delay a healthy cell is used again.
-    upstream.set_flaky_status(200);
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    assert_eq!(
-        k.as_(&user, Method::GET, "/api/gateway/payments/flaky")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        k.as_(&user, Method::GET, "/api/gateway/payments/flaky")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-
-    // A cell that is down → 503 at once.
-    upstream.stop();
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let down = k
-        .as_(&user, Method::GET, "/api/gateway/payments/payments/1")
-        .send()
-        .await
-        .unwrap();
-    expect_problem(down, 503, "UPSTREAM_UNAVAILABLE").await;
-
-    // Every failure is in the caller's tenant's audit trail, with its kind.
-    let admin = k
-        .login("acme", "admin@acme.example", PASSWORD)
-        .await
-        .unwrap();
-    let errors = k.audit(&admin, "action=gateway.upstream_error").await;
-    let kinds: Vec<&str> = errors
-        .iter()
-        .filter_map(|e| e["details"]["kind"].as_str())
-        .collect();
-    for kind in ["timeout", "status", "circuit_open", "unavailable"] {
-        assert!(kinds.contains(&kind), "{kind} missing in {kinds:?}");
-    }
-    let status_entry = errors
-        .iter()
-        .find(|e| e["details"]["kind"] == "status")
-        .unwrap();
-    assert_eq!(status_entry["details"]["status"], 500);
-    assert_eq!(status_entry["details"]["canon"], "payments");
-    assert!(status_entry["details"]["latency_ms"].is_u64());
-    let metrics = k.metrics_text().await;
-    assert!(metrics.contains("aibos_gateway_calls_total{canon=\"payments\",route=\"GET /flaky\",outcome=\"circuit_open\"} 1"), "{metrics}");
-}
-
-#[tokio::test]
-async fn health_checks_mark_a_failing_cell_and_bring_it_back() {
-    let upstream = Upstream::start().await;
-    let options = KernelOptions {
-        env: vec![("AIBOS_GATEWAY__HEALTH_INTERVAL_SECONDS".into(), "1".into())],
-        ..KernelOptions::default()
-    };
-    let k = spawn_kernel_with(Engine::Sqlite, options).await.unwrap();
-    let Fixture {
-        k,
-        root,
-        user,
-        canon_id,
-        ..
-    } = fixture(k, &upstream).await;
-    let status = || async {
-        let canon: Value = k
+        assert_eq!(
+            upstream.received().len(),
+            reached,
+            "an open circuit does not call the cell"
+        );
+        let circuit: Value = k
             .as_(
                 &root,
                 Method::GET,
@@ -466,63 +382,149 @@ async fn health_checks_mark_a_failing_cell_and_bring_it_back() {
             .json()
             .await
             .unwrap();
-        canon["status"].as_str().unwrap().to_owned()
-    };
-    let wait_for = |want: &'static str| async move {
-        for _ in 0..50 {
-            if status().await == want {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("the canon never became {want}");
-    };
-    wait_for("healthy").await;
-    assert!(upstream.health_checks() >= 1);
-    upstream.set_healthy(false);
-    wait_for("unhealthy").await;
-    let before = upstream.received().len();
-    let refused = k
-        .as_(&user, Method::GET, "/api/gateway/payments/payments/1")
-        .send()
-        .await
-        .unwrap();
-    expect_problem(refused, 503, "UPSTREAM_UNAVAILABLE").await;
-    assert_eq!(
-        upstream.received().len(),
-        before,
-        "an unhealthy cell is not called"
-    );
-    upstream.set_healthy(true);
-    wait_for("healthy").await;
-    assert_eq!(
-        k.as_(&user, Method::GET, "/api/gateway/payments/payments/1")
+        assert_eq!(circuit["circuit"], "open");
+
+        // After the half-open delay a healthy cell is used again.
+        upstream.set_flaky_status(200);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(
+            k.as_(&user, Method::GET, "/api/gateway/payments/flaky")
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+        assert_eq!(
+            k.as_(&user, Method::GET, "/api/gateway/payments/flaky")
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+
+        // A cell that is down → 503 at once.
+        upstream.stop();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let down = k
+            .as_(&user, Method::GET, "/api/gateway/payments/payments/1")
             .send()
             .await
-            .unwrap()
-            .status(),
-        200
-    );
-    let changes = k.audit(&root, "action=canon.health_changed").await;
-    let moves: Vec<(String, String)> = changes
-        .iter()
-        .map(|c| {
-            (
-                c["details"]["from"].as_str().unwrap().to_owned(),
-                c["details"]["to"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
-    assert!(
-        moves.contains(&("healthy".into(), "unhealthy".into()))
-            && moves.contains(&("unhealthy".into(), "healthy".into())),
-        "{moves:?}"
-    );
-    let metrics = k.metrics_text().await;
-    assert!(
-        metrics.contains("aibos_gateway_canon_healthy{canon=\"payments\"} 1"),
-        "{metrics}"
-    );
+            .unwrap();
+        expect_problem(down, 503, "UPSTREAM_UNAVAILABLE").await;
+
+        // Every failure is in the caller's tenant's audit trail, with its kind.
+        let admin = k
+            .login("acme", "admin@acme.example", PASSWORD)
+            .await
+            .unwrap();
+        let errors = k.audit(&admin, "action=gateway.upstream_error").await;
+        let kinds: Vec<&str> = errors
+            .iter()
+            .filter_map(|e| e["details"]["kind"].as_str())
+            .collect();
+        for kind in ["timeout", "status", "circuit_open", "unavailable"] {
+            assert!(kinds.contains(&kind), "{kind} missing in {kinds:?}");
+        }
+        let status_entry = errors
+            .iter()
+            .find(|e| e["details"]["kind"] == "status")
+            .unwrap();
+        assert_eq!(status_entry["details"]["status"], 500);
+        assert_eq!(status_entry["details"]["canon"], "payments");
+        assert!(status_entry["details"]["latency_ms"].is_u64());
+        let metrics = k.metrics_text().await;
+        assert!(metrics.contains("aibos_gateway_calls_total{canon=\"payments\",route=\"GET /flaky\",outcome=\"circuit_open\"} 1"), "{metrics}");
+    }
+}
+
+both_engines! {
+    async fn health_checks_mark_a_failing_cell_and_bring_it_back(engine: Engine) {
+        let upstream = Upstream::start().await;
+        let options = KernelOptions {
+            env: vec![("AIBOS_GATEWAY__HEALTH_INTERVAL_SECONDS".into(), "1".into())],
+            ..KernelOptions::default()
+        };
+        let k = spawn_kernel_with(engine, options).await.unwrap();
+        let Fixture {
+            k,
+            root,
+            user,
+            canon_id,
+            ..
+        } = fixture(k, &upstream).await;
+        let status = || async {
+            let canon: Value = k
+                .as_(
+                    &root,
+                    Method::GET,
+                    &format!("/api/kernel/canons/{canon_id}"),
+                )
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            canon["status"].as_str().unwrap().to_owned()
+        };
+        let wait_for = |want: &'static str| async move {
+            for _ in 0..50 {
+                if status().await == want {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("the canon never became {want}");
+        };
+        wait_for("healthy").await;
+        assert!(upstream.health_checks() >= 1);
+        upstream.set_healthy(false);
+        wait_for("unhealthy").await;
+        let before = upstream.received().len();
+        let refused = k
+            .as_(&user, Method::GET, "/api/gateway/payments/payments/1")
+            .send()
+            .await
+            .unwrap();
+        expect_problem(refused, 503, "UPSTREAM_UNAVAILABLE").await;
+        assert_eq!(
+            upstream.received().len(),
+            before,
+            "an unhealthy cell is not called"
+        );
+        upstream.set_healthy(true);
+        wait_for("healthy").await;
+        assert_eq!(
+            k.as_(&user, Method::GET, "/api/gateway/payments/payments/1")
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+        let changes = k.audit(&root, "action=canon.health_changed").await;
+        let moves: Vec<(String, String)> = changes
+            .iter()
+            .map(|c| {
+                (
+                    c["details"]["from"].as_str().unwrap().to_owned(),
+                    c["details"]["to"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        assert!(
+            moves.contains(&("healthy".into(), "unhealthy".into()))
+                && moves.contains(&("unhealthy".into(), "healthy".into())),
+            "{moves:?}"
+        );
+        let metrics = k.metrics_text().await;
+        assert!(
+            metrics.contains("aibos_gateway_canon_healthy{canon=\"payments\"} 1"),
+            "{metrics}"
+        );
+    }
 }
 
 /// Peak resident memory of a process, in KiB.
@@ -801,77 +803,78 @@ async fn with_cors_configured_gateway_calls_get_cors_answers() {
     );
 }
 
-/// A safe request whose cell refuses the connection is retried, after a
-/// jittered wait, within the retry budget; the retry carries everything the
-/// first attempt did (identity headers and a valid assertion), and is counted.
-#[tokio::test]
-async fn a_refused_connection_is_retried_with_the_same_identity() {
-    let upstream = Upstream::start().await;
-    let options = KernelOptions {
-        env: vec![
-            // No periodic health check marks the stopped cell unhealthy mid-test.
-            (
-                "AIBOS_GATEWAY__HEALTH_INTERVAL_SECONDS".into(),
-                "3600".into(),
-            ),
-            ("AIBOS_GATEWAY__RETRY_MAX".into(), "5".into()),
-            ("AIBOS_GATEWAY__RETRY_BACKOFF_BASE_MS".into(), "200".into()),
-            ("AIBOS_GATEWAY__RETRY_BACKOFF_MAX_MS".into(), "1000".into()),
-        ],
-        ..KernelOptions::default()
-    };
-    let k = spawn_kernel_with(Engine::Sqlite, options).await.unwrap();
-    let Fixture {
-        k, user, secret, ..
-    } = fixture(k, &upstream).await;
-    let call = || {
-        k.as_(&user, Method::GET, "/api/gateway/payments/payments/7")
-            .send()
-    };
-    assert_eq!(call().await.unwrap().status(), 200);
-    let retries = || async {
-        let text = k.metrics_text().await;
-        text.lines()
-            .find(|l| l.starts_with("aibos_gateway_retries_total{canon=\"payments\"}"))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    assert_eq!(retries().await, 0.0);
+both_engines! {
+    /// A safe request whose cell refuses the connection is retried, after a
+    /// jittered wait, within the retry budget; the retry carries everything the
+    /// first attempt did (identity headers and a valid assertion), and is counted.
+    async fn a_refused_connection_is_retried_with_the_same_identity(engine: Engine) {
+        let upstream = Upstream::start().await;
+        let options = KernelOptions {
+            env: vec![
+                // No periodic health check marks the stopped cell unhealthy mid-test.
+                (
+                    "AIBOS_GATEWAY__HEALTH_INTERVAL_SECONDS".into(),
+                    "3600".into(),
+                ),
+                ("AIBOS_GATEWAY__RETRY_MAX".into(), "5".into()),
+                ("AIBOS_GATEWAY__RETRY_BACKOFF_BASE_MS".into(), "200".into()),
+                ("AIBOS_GATEWAY__RETRY_BACKOFF_MAX_MS".into(), "1000".into()),
+            ],
+            ..KernelOptions::default()
+        };
+        let k = spawn_kernel_with(engine, options).await.unwrap();
+        let Fixture {
+            k, user, secret, ..
+        } = fixture(k, &upstream).await;
+        let call = || {
+            k.as_(&user, Method::GET, "/api/gateway/payments/payments/7")
+                .send()
+        };
+        assert_eq!(call().await.unwrap().status(), 200);
+        let retries = || async {
+            let text = k.metrics_text().await;
+            text.lines()
+                .find(|l| l.starts_with("aibos_gateway_retries_total{canon=\"payments\"}"))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        assert_eq!(retries().await, 0.0);
 
-    // The cell goes away: its port refuses connections.
-    let addr = upstream.stop();
-    let refused = async {
-        while tokio::net::TcpStream::connect(addr).await.is_ok() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(5), refused)
-        .await
-        .expect("the stopped cell's port refuses connections");
+        // The cell goes away: its port refuses connections.
+        let addr = upstream.stop();
+        let refused = async {
+            while tokio::net::TcpStream::connect(addr).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), refused)
+            .await
+            .expect("the stopped cell's port refuses connections");
 
-    // A GET while it is away: the first attempt is refused and a retry waits;
-    // the cell comes back on its port before the retries run out.
-    let pending = tokio::spawn(call());
-    let first_retry = async {
-        while retries().await < 1.0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(5), first_retry)
-        .await
-        .expect("a refused connection is retried");
-    let back = Upstream::start_on(addr).await;
-    let answer = pending.await.unwrap().unwrap();
-    assert_eq!(answer.status(), 200, "a retry reached the cell");
-    let received = back.received();
-    assert_eq!(received.len(), 1, "one attempt reached the cell");
-    let h = &received[0].headers;
-    assert_eq!(h["x-tenant-id"], user.tenant_id.as_str());
-    assert_eq!(h["x-user-sub"], user.subject_id.as_str());
-    assert!(h.get("authorization").is_none());
-    let verifier = AssertionVerifier::new("payments", [secret]).unwrap();
-    verifier
-        .verify(&http::Method::GET, &received[0].path_and_query, h)
-        .expect("the retried call's assertion verifies");
-    assert!(retries().await >= 1.0);
+        // A GET while it is away: the first attempt is refused and a retry waits;
+        // the cell comes back on its port before the retries run out.
+        let pending = tokio::spawn(call());
+        let first_retry = async {
+            while retries().await < 1.0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), first_retry)
+            .await
+            .expect("a refused connection is retried");
+        let back = Upstream::start_on(addr).await;
+        let answer = pending.await.unwrap().unwrap();
+        assert_eq!(answer.status(), 200, "a retry reached the cell");
+        let received = back.received();
+        assert_eq!(received.len(), 1, "one attempt reached the cell");
+        let h = &received[0].headers;
+        assert_eq!(h["x-tenant-id"], user.tenant_id.as_str());
+        assert_eq!(h["x-user-sub"], user.subject_id.as_str());
+        assert!(h.get("authorization").is_none());
+        let verifier = AssertionVerifier::new("payments", [secret]).unwrap();
+        verifier
+            .verify(&http::Method::GET, &received[0].path_and_query, h)
+            .expect("the retried call's assertion verifies");
+        assert!(retries().await >= 1.0);
+    }
 }
