@@ -65,10 +65,19 @@ async fn check_one(
     } else {
         Health::Unhealthy
     };
-    let before = canon.state.set_health(now);
-    if before == now || (before == Health::Unknown && now == Health::Healthy) {
-        return;
+    // Only this task writes a canon's health (one check per canon at a time),
+    // so reading it and setting it after the audit entry is no race. The entry
+    // is written first so that whoever sees the new state can find its entry;
+    // a failed audit write is logged and does not hold the state back.
+    let before = canon.state.health();
+    if before != now && !(before == Health::Unknown && now == Health::Healthy) {
+        audit_change(state, canon, before, now).await;
     }
+    canon.state.set_health(now);
+}
+
+async fn audit_change(state: &AppState, canon: &CanonEntry, before: Health, now: Health) {
+    let healthy = now == Health::Healthy;
     tracing::warn!(canon = %canon.name, from = before.as_str(), to = now.as_str(), "canon health changed");
     let event = AuditEvent::new("canon.health_changed")
         .severity(if healthy { "info" } else { "warning" })

@@ -62,8 +62,8 @@ impl CanonState {
         }
     }
 
-    /// Records a health check's result; returns the previous value.
-    pub fn set_health(&self, health: Health) -> Health {
+    /// Records a health check's result.
+    pub fn set_health(&self, health: Health) {
         let code = match health {
             Health::Unknown => 0,
             Health::Healthy => 1,
@@ -74,11 +74,7 @@ impl CanonState {
             Health::Healthy => 1.0,
             Health::Unhealthy => 0.0,
         });
-        match self.health.swap(code, Ordering::AcqRel) {
-            1 => Health::Healthy,
-            2 => Health::Unhealthy,
-            _ => Health::Unknown,
-        }
+        self.health.store(code, Ordering::Release);
     }
 }
 
