@@ -176,18 +176,29 @@ impl App {
         // a connection lives on one thread from accept to close, with no
         // wake-ups between threads (what the work-stealing runtime cost on the
         // hot path; see docs/performance.md). The acceptor deals connections to
-        // the loops evenly; it and the background work stay on the caller's runtime.
+        // the loops by how busy they are (http::dealer); it and the background
+        // work stay on the caller's runtime.
         let event_loops = state.config_ref().server.event_loop_count();
-        let (dealer, dealt) = crate::http::dealer::deal(listener, event_loops)?;
+        let runtimes = (0..event_loops)
+            .map(|_| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let (dealer, dealt) =
+            crate::http::dealer::deal(listener, runtimes.iter().map(|r| r.metrics()).collect())?;
         let acceptor = tokio::spawn(dealer.run(stop.clone()));
         let mut servers = Vec::with_capacity(dealt.len());
-        for (index, connections) in dealt.into_iter().enumerate() {
+        for (index, (connections, runtime)) in dealt.into_iter().zip(runtimes).enumerate() {
             let (done_tx, done_rx) = tokio::sync::oneshot::channel::<std::io::Result<()>>();
-            // Each event loop gets its own upstream client (see gateway::client)
-            // and its own front cache of authenticated tokens.
+            // Each event loop gets its own upstream client (see gateway::client),
+            // its own front cache of authenticated tokens, and its dealer's
+            // requests to shed connections.
             let local = std::sync::Arc::new(crate::state::EventLoopLocal {
                 upstream: crate::gateway::client::build(&state.config_ref().gateway),
                 auth: crate::authz::cache::LoopAuthCache::default(),
+                shedding: connections.shedding(),
             });
             let router = router.clone().layer(axum::Extension(local.clone()));
             let door = crate::http::front::FrontDoorMaker::new(router, state.clone(), local);
@@ -195,7 +206,7 @@ impl App {
             std::thread::Builder::new()
                 .name(format!("aibos-http-{index}"))
                 .spawn(move || {
-                    let result = serve_on_this_thread(connections, door, stop);
+                    let result = serve_on_this_thread(&runtime, connections, door, stop);
                     let _ = done_tx.send(result);
                 })?;
             servers.push(done_rx);
@@ -232,16 +243,14 @@ impl App {
     }
 }
 
-/// Serves the connections dealt to this loop on a single-threaded runtime of
-/// this thread until `stop`, then lets its in-flight requests finish.
+/// Serves the connections dealt to this loop on its single-threaded runtime,
+/// on this thread, until `stop`, then lets its in-flight requests finish.
 fn serve_on_this_thread(
+    runtime: &tokio::runtime::Runtime,
     connections: DealtConnections,
     door: crate::http::front::FrontDoorMaker,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     runtime.block_on(async move {
         axum::serve(connections, door)
             .with_graceful_shutdown(stop.cancelled_owned())

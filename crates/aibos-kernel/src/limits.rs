@@ -62,6 +62,33 @@ pub const LISTEN_BACKLOG: i32 = 1024;
 /// beyond this the acceptor waits and new clients wait in the listen backlog.
 pub const CONNECTION_HANDOVER_QUEUE: usize = 1024;
 
+/// How often the acceptor measures how busy each event loop and the machine
+/// are, to deal new connections (`http::dealer`).
+pub const EVENT_LOOP_SAMPLE_MS: u64 = 100;
+
+/// An event loop busy this share of the time (and holding connections) is
+/// full: new connections go to the next loop with room.
+pub const EVENT_LOOP_FULL_PERCENT: u32 = 75;
+
+/// An event loop busy this share of the time is saturated: while the machine
+/// has cores to spare and another loop has room, it closes some connections so
+/// that they reconnect to that loop. Above [`EVENT_LOOP_FULL_PERCENT`], so that
+/// a loop that sheds is not dealt the same connections back.
+pub const EVENT_LOOP_SATURATED_PERCENT: u32 = 90;
+
+/// Idle cores the machine must have (summed over all its cores) before a
+/// saturated loop sheds connections: below this, a second busy loop would only
+/// compete for a core with the other processes (docs/performance.md, gateway).
+pub const SPARE_CORES_TO_SPREAD: f64 = 0.75;
+
+/// Samples in a row (of [`EVENT_LOOP_SAMPLE_MS`]) in which a loop must be
+/// saturated beside spare cores before it sheds: one sample is too noisy.
+pub const EVENT_LOOP_SHED_AFTER_SAMPLES: u32 = 10;
+
+/// A shedding loop closes this fraction of its connections per sample (at
+/// least one), so that load moves over in steps rather than all at once.
+pub const EVENT_LOOP_SHED_FRACTION: usize = 16;
+
 /// Default page size of every list.
 pub const LIST_LIMIT_DEFAULT: u32 = 50;
 /// Largest page a client may ask for; more is a 400, not a silent cut.

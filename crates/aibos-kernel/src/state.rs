@@ -55,6 +55,8 @@ pub struct EventLoopLocal {
     pub upstream: crate::gateway::client::UpstreamClient,
     /// This loop's tokens already resolved to principals.
     pub auth: LoopAuthCache,
+    /// Connections the dealer asks this loop to close (`http::dealer`).
+    pub shedding: crate::http::dealer::Shedding,
 }
 
 /// What a successful reload changed.

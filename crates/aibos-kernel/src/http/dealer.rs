@@ -1,13 +1,30 @@
-//! One listening socket whose connections are dealt to the event loops, each new
-//! connection to the loop that holds the fewest.
+//! One listening socket whose connections are dealt to the event loops: packed
+//! onto the first loop with room, and spread when a loop is saturated while the
+//! machine has a core to spare.
 //!
-//! Why not one `SO_REUSEPORT` socket per loop: the kernel then picks the loop by a
-//! hash of the client's address and port, and a client's connections split
-//! unevenly — 64 connections came out 38/27 on two loops. The busier loop's
-//! callers wait longer, and that loop sets the p99 (docs/performance.md,
-//! gateway). Counting live connections keeps the loops within one of each
-//! other. The hand-off costs one channel message per connection, not per
-//! request: a connection still lives on one loop from accept to close.
+//! Why pack rather than deal evenly (docs/performance.md, gateway): on a
+//! machine whose cores are also busy with other processes (the clients, the
+//! cells), two half-busy loops sleep and wake each other's peers far more often
+//! than one busy loop does; an even split of 64 connections on 2 shared cores
+//! cost 25 µs of CPU per gateway call instead of 20 µs, and put the p99 at 2–4×
+//! nginx's, where one loop's p99 equalled it. nginx gets the same effect by
+//! accident: the worker first in the wait queue takes nearly every connection.
+//! Why not one `SO_REUSEPORT` socket per loop: the kernel then picks the loop by
+//! a hash of the client's address, blind to how busy the loops are.
+//!
+//! How: every [`limits::EVENT_LOOP_SAMPLE_MS`] the dealer reads how busy each
+//! loop's runtime was (Tokio's busy time) and how much of the machine was idle
+//! (`/proc/stat`). A new connection goes to the first loop (in order) that is
+//! not full ([`limits::EVENT_LOOP_FULL_PERCENT`] busy, and holding connections);
+//! when all are full, to the least busy. Keep-alive connections dealt in a burst
+//! would stay on the first loop for good, so a saturated loop
+//! ([`limits::EVENT_LOOP_SATURATED_PERCENT`]), while the machine has
+//! [`limits::SPARE_CORES_TO_SPREAD`] idle and another loop has room, is asked to
+//! close a few of its connections after their current response (`Connection:
+//! close`, see [`Shedding`]) once that has held for a second; their clients
+//! reconnect and are dealt to the loop with room. The gap between "full" and "saturated" keeps the two rules from
+//! undoing each other. A connection lives on one loop from accept to close (one
+//! channel message per connection, none per request).
 
 use std::io;
 use std::net::SocketAddr;
@@ -15,9 +32,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::RuntimeMetrics;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -30,53 +49,140 @@ type HandedOver = (std::net::TcpStream, SocketAddr, LiveCount);
 pub struct Dealer {
     listener: std::net::TcpListener,
     loops: Vec<LoopSeat>,
+    host: HostIdle,
 }
 
 /// The dealer's side of one event loop.
 struct LoopSeat {
     handover: mpsc::Sender<HandedOver>,
     live: Arc<AtomicUsize>,
+    shedding: Shedding,
+    load: LoopLoad,
+    /// Consecutive samples in which this loop should have shed.
+    shed_streak: u32,
 }
 
 /// An event loop's side: what `axum::serve` accepts from.
 pub struct DealtConnections {
     handover: mpsc::Receiver<HandedOver>,
     local_addr: SocketAddr,
+    shedding: Shedding,
 }
 
-/// The dealer and one [`DealtConnections`] per event loop.
+/// How many of its connections an event loop is asked to close, each after its
+/// current response, so that their clients reconnect to a loop with room. Set
+/// by the dealer at each sample; taken by the loop's front door.
+#[derive(Clone, Default)]
+pub struct Shedding(Arc<AtomicUsize>);
+
+impl Shedding {
+    /// True when this response should close its connection (and counts it).
+    /// One relaxed load per response when nothing is asked.
+    pub fn take_one(&self) -> bool {
+        if self.0.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        self.0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    /// Asks for `connections` closes, replacing what was asked before.
+    pub(crate) fn ask(&self, connections: usize) {
+        self.0.store(connections, Ordering::Relaxed);
+    }
+}
+
+/// How busy one event loop's runtime was over the last sample.
+struct LoopLoad {
+    metrics: RuntimeMetrics,
+    busy_until_now: Duration,
+    busy_percent: u32,
+}
+
+impl LoopLoad {
+    fn sample(&mut self, elapsed: Duration) {
+        // A current-thread runtime has one worker: index 0.
+        let busy = self.metrics.worker_total_busy_duration(0);
+        let added = busy.saturating_sub(self.busy_until_now);
+        self.busy_until_now = busy;
+        self.busy_percent = busy_percent(added, elapsed);
+    }
+}
+
+fn busy_percent(busy: Duration, elapsed: Duration) -> u32 {
+    if elapsed.is_zero() {
+        return 0;
+    }
+    let percent = busy.as_secs_f64() / elapsed.as_secs_f64() * 100.0;
+    // Bounded: the busy time may include a slice of the previous sample.
+    percent.clamp(0.0, 100.0) as u32
+}
+
+/// The dealer and one [`DealtConnections`] per event loop, each loop given by
+/// its runtime's metrics.
 pub fn deal(
     listener: std::net::TcpListener,
-    event_loops: usize,
+    loop_runtimes: Vec<RuntimeMetrics>,
 ) -> io::Result<(Dealer, Vec<DealtConnections>)> {
+    if loop_runtimes.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "at least one event loop is needed",
+        ));
+    }
     let local_addr = listener.local_addr()?;
-    let (loops, receivers) = (0..event_loops.max(1))
-        .map(|_| {
+    let (loops, receivers) = loop_runtimes
+        .into_iter()
+        .map(|metrics| {
             let (handover, receiver) = mpsc::channel(limits::CONNECTION_HANDOVER_QUEUE);
+            let shedding = Shedding::default();
             let seat = LoopSeat {
                 handover,
                 live: Arc::new(AtomicUsize::new(0)),
+                shedding: shedding.clone(),
+                shed_streak: 0,
+                load: LoopLoad {
+                    busy_until_now: metrics.worker_total_busy_duration(0),
+                    metrics,
+                    busy_percent: 0,
+                },
             };
             let connections = DealtConnections {
                 handover: receiver,
                 local_addr,
+                shedding,
             };
             (seat, connections)
         })
         .unzip();
-    Ok((Dealer { listener, loops }, receivers))
+    let dealer = Dealer {
+        listener,
+        loops,
+        host: HostIdle::default(),
+    };
+    Ok((dealer, receivers))
 }
 
 impl Dealer {
     /// Accepts until `stop`. Must run inside a Tokio runtime (not an event loop's:
     /// a loop busy with its own connections would accept late).
-    pub async fn run(self, stop: CancellationToken) -> io::Result<()> {
+    pub async fn run(mut self, stop: CancellationToken) -> io::Result<()> {
         let mut listener = TcpListener::from_std(self.listener)?;
-        let mut next = 0;
+        let mut sampling =
+            tokio::time::interval(Duration::from_millis(limits::EVENT_LOOP_SAMPLE_MS));
+        sampling.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sampled_at = Instant::now();
         loop {
             let (stream, remote) = tokio::select! {
                 // axum's accept retries what can be retried (and waits out EMFILE).
                 accepted = axum::serve::Listener::accept(&mut listener) => accepted,
+                _ = sampling.tick() => {
+                    let now = Instant::now();
+                    sample(&mut self.loops, &mut self.host, now - sampled_at);
+                    sampled_at = now;
+                    continue;
+                }
                 () = stop.cancelled() => return Ok(()),
             };
             // Leaves this runtime's reactor; the event loop registers it with its own.
@@ -91,10 +197,10 @@ impl Dealer {
             loop {
                 // A loop that has ended (its server failed, or the server is
                 // stopping) takes no more; the others still do.
-                let Some(seat) = least_busy(&self.loops, next) else {
+                let Some(index) = choose_loop(&views(&self.loops)) else {
                     return Ok(());
                 };
-                next = (next + 1) % self.loops.len();
+                let seat = &self.loops[index];
                 let live = LiveCount::new(&seat.live);
                 // A full queue (its loop is not accepting) holds the acceptor
                 // back; the listening socket's backlog holds new clients meanwhile.
@@ -113,14 +219,181 @@ impl Dealer {
     }
 }
 
-/// The open seat with the fewest live connections, the first found from `start`
-/// on ties, so that an idle server deals round the loops.
-fn least_busy(loops: &[LoopSeat], start: usize) -> Option<&LoopSeat> {
-    let n = loops.len();
-    (0..n)
-        .map(|i| &loops[(start + i) % n])
-        .filter(|seat| !seat.handover.is_closed())
-        .min_by_key(|seat| seat.live.load(Ordering::Relaxed))
+/// Measures the loops and the machine, and asks saturated loops to shed.
+fn sample(loops: &mut [LoopSeat], host: &mut HostIdle, elapsed: Duration) {
+    for seat in loops.iter_mut() {
+        seat.load.sample(elapsed);
+    }
+    let spare_cores = host.sample();
+    let views = views(loops);
+    for (seat, connections) in loops
+        .iter_mut()
+        .zip(connections_to_shed(&views, spare_cores))
+    {
+        seat.shedding
+            .ask(after_a_streak(&mut seat.shed_streak, connections));
+    }
+}
+
+/// `connections` once the loop should have shed for
+/// [`limits::EVENT_LOOP_SHED_AFTER_SAMPLES`] samples in a row, else none; then
+/// the count starts over, so that the next step is decided on a window of
+/// idle time measured after this one took effect (no overshoot).
+fn after_a_streak(streak: &mut u32, connections: usize) -> usize {
+    if connections == 0 {
+        *streak = 0;
+        return 0;
+    }
+    *streak += 1;
+    if *streak >= limits::EVENT_LOOP_SHED_AFTER_SAMPLES {
+        *streak = 0;
+        connections
+    } else {
+        0
+    }
+}
+
+/// What the dealing rules look at for one loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LoopView {
+    open: bool,
+    live: usize,
+    busy_percent: u32,
+}
+
+impl LoopView {
+    fn has_room(&self) -> bool {
+        self.open && (self.live == 0 || self.busy_percent < limits::EVENT_LOOP_FULL_PERCENT)
+    }
+}
+
+fn views(loops: &[LoopSeat]) -> Vec<LoopView> {
+    loops
+        .iter()
+        .map(|seat| LoopView {
+            open: !seat.handover.is_closed(),
+            live: seat.live.load(Ordering::Relaxed),
+            busy_percent: seat.load.busy_percent,
+        })
+        .collect()
+}
+
+/// The loop for a new connection: the first with room, else the least busy
+/// (then the one with the fewest connections); `None` when every loop has ended.
+fn choose_loop(loops: &[LoopView]) -> Option<usize> {
+    if let Some(first) = loops.iter().position(LoopView::has_room) {
+        return Some(first);
+    }
+    loops
+        .iter()
+        .enumerate()
+        .filter(|(_, view)| view.open)
+        .min_by_key(|(_, view)| (view.busy_percent, view.live))
+        .map(|(index, _)| index)
+}
+
+/// How many connections each loop should close: only while the machine has a
+/// core to spare and some loop has room, from each saturated loop holding more
+/// than one connection, `1/SHED_FRACTION` of them (at least one) per sample.
+fn connections_to_shed(loops: &[LoopView], spare_cores: Option<f64>) -> Vec<usize> {
+    let spreading = spare_cores.is_some_and(|spare| spare >= limits::SPARE_CORES_TO_SPREAD)
+        && loops.iter().any(LoopView::has_room);
+    loops
+        .iter()
+        .map(|view| {
+            let saturated = view.open
+                && view.live > 1
+                && view.busy_percent >= limits::EVENT_LOOP_SATURATED_PERCENT;
+            if spreading && saturated {
+                (view.live / limits::EVENT_LOOP_SHED_FRACTION).max(1)
+            } else {
+                0
+            }
+        })
+        .collect()
+}
+
+/// Idle cores of the machine over the last [`limits::EVENT_LOOP_SHED_AFTER_SAMPLES`]
+/// samples, from `/proc/stat` (`None` where it cannot be read: then loops are
+/// never asked to shed). One 100 ms window is too noisy to act on.
+#[derive(Default)]
+struct HostIdle {
+    window: std::collections::VecDeque<CpuTimes>,
+}
+
+impl HostIdle {
+    fn sample(&mut self) -> Option<f64> {
+        let Some(now) = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|text| CpuTimes::parse(&text))
+        else {
+            self.window.clear();
+            return None;
+        };
+        self.record(now)
+    }
+
+    fn record(&mut self, now: CpuTimes) -> Option<f64> {
+        let span = limits::EVENT_LOOP_SHED_AFTER_SAMPLES as usize;
+        if self.window.len() > span {
+            self.window.pop_front();
+        }
+        self.window.push_back(now);
+        if self.window.len() <= span {
+            return None;
+        }
+        now.idle_cores_since(self.window.front()?)
+    }
+}
+
+/// The machine-wide CPU counters of `/proc/stat`, in clock ticks.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct CpuTimes {
+    idle: u64,
+    total: u64,
+    cores: usize,
+}
+
+impl CpuTimes {
+    /// The `cpu` line (user nice system idle iowait irq softirq steal…) and
+    /// the number of `cpuN` lines.
+    fn parse(text: &str) -> Option<CpuTimes> {
+        let mut lines = text.lines();
+        let mut fields = lines.next()?.split_ascii_whitespace();
+        if fields.next()? != "cpu" {
+            return None;
+        }
+        let ticks: Vec<u64> = fields
+            .take(8)
+            .map(|f| f.parse().ok())
+            .collect::<Option<_>>()?;
+        let (idle, iowait) = (*ticks.get(3)?, ticks.get(4).copied().unwrap_or(0));
+        let cores = lines
+            .take_while(|line| line.starts_with("cpu"))
+            .filter(|line| line.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+            .count();
+        Some(CpuTimes {
+            idle: idle + iowait,
+            total: ticks.iter().sum(),
+            cores: cores.max(1),
+        })
+    }
+
+    fn idle_cores_since(&self, before: &CpuTimes) -> Option<f64> {
+        let total = self.total.checked_sub(before.total)?;
+        let idle = self.idle.checked_sub(before.idle)?;
+        if total == 0 {
+            return None;
+        }
+        Some(idle as f64 / total as f64 * self.cores as f64)
+    }
+}
+
+impl DealtConnections {
+    /// This loop's [`Shedding`], for its front door.
+    pub fn shedding(&self) -> Shedding {
+        self.shedding.clone()
+    }
 }
 
 impl axum::serve::Listener for DealtConnections {
@@ -221,85 +494,199 @@ mod tests {
     use axum::serve::Listener as _;
     use tokio::task::JoinHandle;
 
-    /// A dealer for two loops on a free port, running until `stop`.
-    struct Running {
-        addr: SocketAddr,
-        loops: Vec<DealtConnections>,
-        seats: Vec<Arc<AtomicUsize>>,
-        stop: CancellationToken,
-        acceptor: JoinHandle<io::Result<()>>,
+    const WAIT: Duration = Duration::from_secs(5);
+
+    fn view(live: usize, busy_percent: u32) -> LoopView {
+        LoopView {
+            open: true,
+            live,
+            busy_percent,
+        }
     }
 
-    fn start_dealing() -> Running {
+    #[test]
+    fn connections_go_to_the_first_loop_with_room() {
+        assert_eq!(choose_loop(&[view(0, 0), view(0, 0)]), Some(0), "packed");
+        assert_eq!(choose_loop(&[view(40, 74), view(0, 0)]), Some(0));
+        assert_eq!(choose_loop(&[view(40, 75), view(3, 10)]), Some(1), "full");
+        // Busy without connections (its last ones just closed): room again.
+        assert_eq!(choose_loop(&[view(0, 95), view(3, 10)]), Some(0));
+        let ended = LoopView {
+            open: false,
+            ..view(0, 0)
+        };
+        assert_eq!(choose_loop(&[ended, view(9, 99), view(9, 80)]), Some(2));
+        // All full: the least busy, then the one with the fewest connections.
+        assert_eq!(choose_loop(&[view(9, 99), view(9, 80)]), Some(1));
+        assert_eq!(choose_loop(&[view(9, 90), view(4, 90)]), Some(1));
+        assert_eq!(choose_loop(&[ended, ended]), None);
+    }
+
+    #[test]
+    fn a_saturated_loop_sheds_only_while_a_core_is_spare_and_a_loop_has_room() {
+        let loops = [view(64, 97), view(0, 0)];
+        assert_eq!(connections_to_shed(&loops, Some(1.2)), [4, 0]);
+        assert_eq!(
+            connections_to_shed(&loops, Some(0.4)),
+            [0, 0],
+            "the machine's cores are busy with other work: one loop stays best"
+        );
+        assert_eq!(connections_to_shed(&loops, None), [0, 0], "not measured");
+        assert_eq!(
+            connections_to_shed(&[view(64, 97), view(30, 95)], Some(1.2)),
+            [0, 0],
+            "no loop has room"
+        );
+        assert_eq!(
+            connections_to_shed(&[view(1, 100), view(0, 0)], Some(1.2)),
+            [0, 0],
+            "one connection busy on its own stays"
+        );
+        assert_eq!(
+            connections_to_shed(&[view(5, 90), view(2, 30)], Some(1.2)),
+            [1, 0]
+        );
+    }
+
+    #[test]
+    fn shedding_waits_for_a_streak_of_samples() {
+        let mut streak = 0;
+        for _ in 0..2 {
+            for _ in 1..limits::EVENT_LOOP_SHED_AFTER_SAMPLES {
+                assert_eq!(after_a_streak(&mut streak, 4), 0);
+            }
+            assert_eq!(after_a_streak(&mut streak, 4), 4, "then waits again");
+        }
+        assert_eq!(after_a_streak(&mut streak, 4), 0);
+        assert_eq!(after_a_streak(&mut streak, 0), 0);
+        for _ in 1..limits::EVENT_LOOP_SHED_AFTER_SAMPLES {
+            assert_eq!(after_a_streak(&mut streak, 4), 0, "a break starts over");
+        }
+        assert_eq!(after_a_streak(&mut streak, 4), 4);
+    }
+
+    #[test]
+    fn shedding_counts_down_what_was_asked() {
+        let shedding = Shedding::default();
+        assert!(!shedding.take_one());
+        shedding.ask(2);
+        assert!(shedding.take_one() && shedding.take_one());
+        assert!(!shedding.take_one());
+        shedding.ask(5);
+        shedding.ask(0);
+        assert!(
+            !shedding.take_one(),
+            "each sample replaces the last request"
+        );
+    }
+
+    #[test]
+    fn idle_cores_come_from_proc_stat() {
+        let before = "cpu  100 0 50 1000 10 0 0 0 0 0\ncpu0 50 0 25 500 5 0 0 0 0 0\ncpu1 50 0 25 500 5 0 0 0 0 0\nintr 1 2 3\n";
+        let after = "cpu  200 0 100 1140 20 0 0 0 0 0\ncpu0 100 0 50 570 10 0 0 0 0 0\ncpu1 100 0 50 570 10 0 0 0 0 0\nintr 1 2 3\n";
+        let (before, after) = (
+            CpuTimes::parse(before).unwrap(),
+            CpuTimes::parse(after).unwrap(),
+        );
+        assert_eq!(before.cores, 2);
+        // 300 ticks passed, 150 of them idle or waiting for I/O, on 2 cores.
+        let idle = after.idle_cores_since(&before).unwrap();
+        assert!((idle - 1.0).abs() < 1e-9, "{idle}");
+        assert_eq!(after.idle_cores_since(&after), None, "no time passed");
+        assert_eq!(before.idle_cores_since(&after), None, "counters went back");
+        assert_eq!(CpuTimes::parse(""), None);
+
+        // The machine's idle cores are measured over a window of samples.
+        let mut host = HostIdle::default();
+        let at = |idle, total| CpuTimes {
+            idle,
+            total,
+            cores: 2,
+        };
+        for i in 0..limits::EVENT_LOOP_SHED_AFTER_SAMPLES as u64 {
+            assert_eq!(
+                host.record(at(i * 10, i * 20)),
+                None,
+                "not a full window yet"
+            );
+        }
+        let span = u64::from(limits::EVENT_LOOP_SHED_AFTER_SAMPLES);
+        let full = host.record(at(span * 10, span * 20)).unwrap();
+        assert!((full - 1.0).abs() < 1e-9, "{full}");
+        // The next sample drops the oldest: a window of busy samples since.
+        let busy = host.record(at(span * 10, span * 20 + 20)).unwrap();
+        assert!((busy - 0.9).abs() < 1e-9, "{busy}");
+        assert_eq!(CpuTimes::parse("intr 1 2\n"), None);
+        assert_eq!(CpuTimes::parse("cpu  1 2 x 4\n"), None);
+    }
+
+    #[test]
+    fn busy_time_is_a_bounded_share_of_the_sample() {
+        let ms = Duration::from_millis;
+        assert_eq!(busy_percent(ms(50), ms(100)), 50);
+        assert_eq!(busy_percent(ms(130), ms(100)), 100);
+        assert_eq!(busy_percent(ms(5), Duration::ZERO), 0);
+    }
+
+    /// Metrics of idle loops: runtimes that never run (dropped on a thread of
+    /// their own; their metrics stay readable).
+    fn idle_loops(n: usize) -> Vec<RuntimeMetrics> {
+        std::thread::spawn(move || {
+            (0..n)
+                .map(|_| {
+                    tokio::runtime::Builder::new_current_thread()
+                        .build()
+                        .unwrap()
+                        .metrics()
+                })
+                .collect()
+        })
+        .join()
+        .unwrap()
+    }
+
+    fn listener() -> (std::net::TcpListener, SocketAddr) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
-        let (dealer, loops) = deal(listener, 2).unwrap();
-        let seats = dealer.loops.iter().map(|s| Arc::clone(&s.live)).collect();
-        let stop = CancellationToken::new();
-        let acceptor = tokio::spawn(dealer.run(stop.clone()));
-        Running {
-            addr,
-            loops,
-            seats,
-            stop,
-            acceptor,
-        }
+        (listener, addr)
     }
 
     #[tokio::test]
-    async fn connections_are_dealt_evenly_and_counted_while_open() {
-        let Running {
-            addr,
-            mut loops,
-            seats,
-            stop,
-            acceptor,
-        } = start_dealing();
-
-        let mut clients = Vec::new();
-        for _ in 0..6 {
-            clients.push(TcpStream::connect(addr).await.unwrap());
-        }
-        let mut served = Vec::new();
-        for _ in 0..3 {
-            for connections in &mut loops {
-                served.push(connections.accept().await.0);
-            }
-        }
+    async fn idle_loops_get_every_connection_on_the_first_counted_while_open() {
+        let (listener, addr) = listener();
+        let (dealer, mut loops) = deal(listener, idle_loops(2)).unwrap();
+        let seats: Vec<_> = dealer.loops.iter().map(|s| Arc::clone(&s.live)).collect();
+        let stop = CancellationToken::new();
+        let acceptor = tokio::spawn(dealer.run(stop.clone()));
         let counts = || {
             seats
                 .iter()
                 .map(|s| s.load(Ordering::Relaxed))
                 .collect::<Vec<_>>()
         };
-        assert_eq!(counts(), [3, 3], "six connections, three per loop");
 
-        // Two connections of the first loop close: the next two go to it.
-        let first_loop_ones: Vec<usize> = (0..served.len()).step_by(2).take(2).collect();
-        for index in first_loop_ones.into_iter().rev() {
-            drop(served.remove(index));
-        }
-        assert_eq!(counts(), [1, 3]);
-        for _ in 0..2 {
+        let mut clients = Vec::new();
+        let mut served = Vec::new();
+        for _ in 0..4 {
             clients.push(TcpStream::connect(addr).await.unwrap());
-            served.push(loops[0].accept().await.0);
+            let accepted = tokio::time::timeout(WAIT, loops[0].accept()).await;
+            served.push(accepted.expect("the first loop has room").0);
         }
-        assert_eq!(counts(), [3, 3]);
+        assert_eq!(counts(), [4, 0]);
+        served.truncate(1);
+        assert_eq!(counts(), [1, 0], "closed connections are no longer counted");
 
         stop.cancel();
         acceptor.await.unwrap().unwrap();
-        assert_eq!(loops[0].local_addr().unwrap(), addr);
+        assert_eq!(loops[1].local_addr().unwrap(), addr);
     }
 
     #[tokio::test]
     async fn a_loop_that_has_ended_is_skipped() {
-        let Running {
-            addr,
-            mut loops,
-            acceptor,
-            ..
-        } = start_dealing();
+        let (listener, addr) = listener();
+        let (dealer, mut loops) = deal(listener, idle_loops(2)).unwrap();
+        let acceptor = tokio::spawn(dealer.run(CancellationToken::new()));
         let mut survivor = loops.pop().unwrap();
         drop(loops);
 
@@ -307,8 +694,7 @@ mod tests {
         let mut served = Vec::new();
         for _ in 0..3 {
             clients.push(TcpStream::connect(addr).await.unwrap());
-            let accepted =
-                tokio::time::timeout(std::time::Duration::from_secs(5), survivor.accept()).await;
+            let accepted = tokio::time::timeout(WAIT, survivor.accept()).await;
             served.push(
                 accepted
                     .expect("the remaining loop is dealt every connection")
@@ -320,10 +706,109 @@ mod tests {
         // With no loop left, the dealer ends at the next connection.
         drop(survivor);
         clients.push(TcpStream::connect(addr).await.unwrap());
-        tokio::time::timeout(std::time::Duration::from_secs(5), acceptor)
+        tokio::time::timeout(WAIT, acceptor)
             .await
             .expect("the dealer ends when no loop is left")
             .unwrap()
             .unwrap();
+    }
+
+    /// Two event loops serving on threads of their own, reporting each
+    /// connection they are dealt (and keeping it open) on `dealt`.
+    struct RunningLoops {
+        addr: SocketAddr,
+        handles: Vec<tokio::runtime::Handle>,
+        dealt: mpsc::UnboundedReceiver<(usize, LiveConnection)>,
+        stop: CancellationToken,
+        acceptor: JoinHandle<io::Result<()>>,
+        threads: Vec<std::thread::JoinHandle<()>>,
+    }
+
+    fn run_two_loops() -> RunningLoops {
+        let (listener, addr) = listener();
+        let runtimes: Vec<_> = (0..2)
+            .map(|_| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        let handles = runtimes.iter().map(|r| r.handle().clone()).collect();
+        let (dealer, loops) =
+            deal(listener, runtimes.iter().map(|r| r.metrics()).collect()).unwrap();
+        let (report, dealt) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        let threads = loops
+            .into_iter()
+            .zip(runtimes)
+            .enumerate()
+            .map(|(index, (mut connections, runtime))| {
+                let (report, stop) = (report.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    runtime.block_on(async move {
+                        loop {
+                            tokio::select! {
+                                (connection, _) = connections.accept() => {
+                                    let _ = report.send((index, connection));
+                                }
+                                () = stop.cancelled() => return,
+                            }
+                        }
+                    });
+                })
+            })
+            .collect();
+        let acceptor = tokio::spawn(dealer.run(stop.clone()));
+        RunningLoops {
+            addr,
+            handles,
+            dealt,
+            stop,
+            acceptor,
+            threads,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_busy_loop_is_passed_over_for_the_next() {
+        let RunningLoops {
+            addr,
+            handles,
+            mut dealt,
+            stop,
+            acceptor,
+            threads,
+        } = run_two_loops();
+        let mut kept = Vec::new();
+        kept.push(TcpStream::connect(addr).await.unwrap());
+        let (first, connection) = tokio::time::timeout(WAIT, dealt.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(first, 0, "idle loops: the first one");
+
+        // The first loop, holding a connection, becomes busy nearly all the time.
+        let busy_until = Instant::now() + Duration::from_secs(3);
+        handles[0].spawn(async move {
+            while Instant::now() < busy_until {
+                std::thread::sleep(Duration::from_millis(5));
+                tokio::task::yield_now().await;
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(4 * limits::EVENT_LOOP_SAMPLE_MS)).await;
+        kept.push(TcpStream::connect(addr).await.unwrap());
+        let (second, _) = tokio::time::timeout(WAIT, dealt.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(second, 1, "the busy loop is full: the next loop takes it");
+
+        drop(connection);
+        stop.cancel();
+        acceptor.await.unwrap().unwrap();
+        for thread in threads {
+            thread.join().unwrap();
+        }
     }
 }

@@ -108,10 +108,15 @@ impl Service<Request> for FrontDoor {
     fn call(&mut self, mut request: Request) -> Served {
         request.extensions_mut().insert(ConnectInfo(self.remote));
         let shared = self.shared.clone();
+        let closing = closes_to_shed(&shared.local, &request);
         let direct = shared.gateway_direct && request.uri().path().starts_with(GATEWAY_PREFIX);
         if !direct {
             // The router is always ready (axum's `Router::poll_ready`).
-            return Box::pin(shared.router.clone().call(request));
+            let routed = shared.router.clone().call(request);
+            if !closing {
+                return Box::pin(routed);
+            }
+            return Box::pin(routed.map(|response| response.map(close_connection)));
         }
         Box::pin(async move {
             let Shared { state, local, .. } = &*shared;
@@ -122,9 +127,30 @@ impl Service<Request> for FrontDoor {
                     .map(|served| served.unwrap_or_else(edge::panic_to_problem))
             })
             .await;
-            Ok(response)
+            Ok(if closing {
+                close_connection(response)
+            } else {
+                response
+            })
         })
     }
+}
+
+/// Whether this request's response closes its connection because the dealer
+/// asked this loop to shed one (`http::dealer`). HTTP/1.1 only: an HTTP/2
+/// connection carries many clients' streams and has no `Connection` header.
+fn closes_to_shed(local: &EventLoopLocal, request: &Request) -> bool {
+    request.version() == axum::http::Version::HTTP_11 && local.shedding.take_one()
+}
+
+/// Marks a response as the connection's last: hyper closes it once sent, and
+/// the client's next request reconnects, to a loop with room.
+fn close_connection(mut response: Response) -> Response {
+    response.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    response
 }
 
 /// The router's pattern for a gateway path, so that metrics label the door's
@@ -141,6 +167,39 @@ fn gateway_route_label(path: &str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::Version;
+
+    #[test]
+    fn a_shedding_loop_closes_http1_connections_as_asked() {
+        let local = EventLoopLocal {
+            upstream: gateway::client::build(&crate::config::Config::defaults().gateway),
+            auth: crate::authz::cache::LoopAuthCache::default(),
+            shedding: crate::http::dealer::Shedding::default(),
+        };
+        let request = |version| {
+            Request::builder()
+                .version(version)
+                .uri("/api/gateway/bench/ping")
+                .body(axum::body::Body::empty())
+                .unwrap()
+        };
+        assert!(
+            !closes_to_shed(&local, &request(Version::HTTP_11)),
+            "not asked"
+        );
+        local.shedding.ask(1);
+        assert!(
+            !closes_to_shed(&local, &request(Version::HTTP_2)),
+            "an HTTP/2 connection is not closed, and does not count"
+        );
+        assert!(closes_to_shed(&local, &request(Version::HTTP_11)));
+        assert!(
+            !closes_to_shed(&local, &request(Version::HTTP_11)),
+            "one asked, one closed"
+        );
+        let closed = close_connection(Response::new(axum::body::Body::empty()));
+        assert_eq!(closed.headers()[axum::http::header::CONNECTION], "close");
+    }
 
     #[test]
     fn gateway_calls_are_labelled_by_the_routers_patterns() {
