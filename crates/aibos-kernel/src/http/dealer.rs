@@ -226,30 +226,33 @@ fn sample(loops: &mut [LoopSeat], host: &mut HostIdle, elapsed: Duration) {
     }
     let spare_cores = host.sample();
     let views = views(loops);
-    for (seat, connections) in loops
+    for (seat, wanted) in loops
         .iter_mut()
         .zip(connections_to_shed(&views, spare_cores))
     {
-        seat.shedding
-            .ask(after_a_streak(&mut seat.shed_streak, connections));
+        if let Some(connections) = shed_request(&mut seat.shed_streak, wanted) {
+            seat.shedding.ask(connections);
+        }
     }
 }
 
-/// `connections` once the loop should have shed for
-/// [`limits::EVENT_LOOP_SHED_AFTER_SAMPLES`] samples in a row, else none; then
-/// the count starts over, so that the next step is decided on a window of
-/// idle time measured after this one took effect (no overshoot).
-fn after_a_streak(streak: &mut u32, connections: usize) -> usize {
-    if connections == 0 {
+/// What to ask of a loop at this sample, given the `wanted` closes: `Some(0)`
+/// (stop) as soon as it should no longer shed; `Some(wanted)` once it should
+/// have shed for [`limits::EVENT_LOOP_SHED_AFTER_SAMPLES`] samples in a row,
+/// after which the count starts over, so that the next step is decided on a
+/// window of idle time measured after this one took effect (no overshoot);
+/// `None` (leave what was asked) in between.
+fn shed_request(streak: &mut u32, wanted: usize) -> Option<usize> {
+    if wanted == 0 {
         *streak = 0;
-        return 0;
+        return Some(0);
     }
     *streak += 1;
     if *streak >= limits::EVENT_LOOP_SHED_AFTER_SAMPLES {
         *streak = 0;
-        connections
+        Some(wanted)
     } else {
-        0
+        None
     }
 }
 
@@ -316,17 +319,32 @@ fn connections_to_shed(loops: &[LoopView], spare_cores: Option<f64>) -> Vec<usiz
 /// Idle cores of the machine over the last [`limits::EVENT_LOOP_SHED_AFTER_SAMPLES`]
 /// samples, from `/proc/stat` (`None` where it cannot be read: then loops are
 /// never asked to shed). One 100 ms window is too noisy to act on.
-#[derive(Default)]
 struct HostIdle {
+    /// Reads the machine's counters: `/proc/stat`, or a test's script.
+    read: Box<dyn FnMut() -> Option<CpuTimes> + Send>,
     window: std::collections::VecDeque<CpuTimes>,
 }
 
+impl Default for HostIdle {
+    fn default() -> HostIdle {
+        HostIdle::reading(Box::new(|| {
+            std::fs::read_to_string("/proc/stat")
+                .ok()
+                .and_then(|text| CpuTimes::parse(&text))
+        }))
+    }
+}
+
 impl HostIdle {
+    fn reading(read: Box<dyn FnMut() -> Option<CpuTimes> + Send>) -> HostIdle {
+        HostIdle {
+            read,
+            window: std::collections::VecDeque::new(),
+        }
+    }
+
     fn sample(&mut self) -> Option<f64> {
-        let Some(now) = std::fs::read_to_string("/proc/stat")
-            .ok()
-            .and_then(|text| CpuTimes::parse(&text))
-        else {
+        let Some(now) = (self.read)() else {
             self.window.clear();
             return None;
         };
@@ -553,16 +571,16 @@ mod tests {
         let mut streak = 0;
         for _ in 0..2 {
             for _ in 1..limits::EVENT_LOOP_SHED_AFTER_SAMPLES {
-                assert_eq!(after_a_streak(&mut streak, 4), 0);
+                assert_eq!(shed_request(&mut streak, 4), None, "what was asked stays");
             }
-            assert_eq!(after_a_streak(&mut streak, 4), 4, "then waits again");
+            assert_eq!(shed_request(&mut streak, 4), Some(4), "then waits again");
         }
-        assert_eq!(after_a_streak(&mut streak, 4), 0);
-        assert_eq!(after_a_streak(&mut streak, 0), 0);
+        assert_eq!(shed_request(&mut streak, 4), None);
+        assert_eq!(shed_request(&mut streak, 0), Some(0), "stops at once");
         for _ in 1..limits::EVENT_LOOP_SHED_AFTER_SAMPLES {
-            assert_eq!(after_a_streak(&mut streak, 4), 0, "a break starts over");
+            assert_eq!(shed_request(&mut streak, 4), None, "a break starts over");
         }
-        assert_eq!(after_a_streak(&mut streak, 4), 4);
+        assert_eq!(shed_request(&mut streak, 4), Some(4));
     }
 
     #[test]
@@ -718,13 +736,32 @@ mod tests {
     struct RunningLoops {
         addr: SocketAddr,
         handles: Vec<tokio::runtime::Handle>,
+        sheddings: Vec<Shedding>,
         dealt: mpsc::UnboundedReceiver<(usize, LiveConnection)>,
         stop: CancellationToken,
         acceptor: JoinHandle<io::Result<()>>,
         threads: Vec<std::thread::JoinHandle<()>>,
     }
 
-    fn run_two_loops() -> RunningLoops {
+    /// A machine whose cores are all idle, as `/proc/stat` would show it.
+    fn idle_machine() -> HostIdle {
+        let mut ticks = 0;
+        HostIdle::reading(Box::new(move || {
+            ticks += 200;
+            Some(CpuTimes {
+                idle: ticks,
+                total: ticks,
+                cores: 2,
+            })
+        }))
+    }
+
+    /// A machine whose counters cannot be read: loops are never asked to shed.
+    fn unmeasured_machine() -> HostIdle {
+        HostIdle::reading(Box::new(|| None))
+    }
+
+    fn run_two_loops(host: HostIdle) -> RunningLoops {
         let (listener, addr) = listener();
         let runtimes: Vec<_> = (0..2)
             .map(|_| {
@@ -735,8 +772,10 @@ mod tests {
             })
             .collect();
         let handles = runtimes.iter().map(|r| r.handle().clone()).collect();
-        let (dealer, loops) =
+        let (mut dealer, loops) =
             deal(listener, runtimes.iter().map(|r| r.metrics()).collect()).unwrap();
+        dealer.host = host;
+        let sheddings = loops.iter().map(DealtConnections::shedding).collect();
         let (report, dealt) = mpsc::unbounded_channel();
         let stop = CancellationToken::new();
         let threads = loops
@@ -763,6 +802,7 @@ mod tests {
         RunningLoops {
             addr,
             handles,
+            sheddings,
             dealt,
             stop,
             acceptor,
@@ -779,7 +819,8 @@ mod tests {
             stop,
             acceptor,
             threads,
-        } = run_two_loops();
+            ..
+        } = run_two_loops(unmeasured_machine());
         let mut kept = Vec::new();
         kept.push(TcpStream::connect(addr).await.unwrap());
         let (first, connection) = tokio::time::timeout(WAIT, dealt.recv())
@@ -789,13 +830,7 @@ mod tests {
         assert_eq!(first, 0, "idle loops: the first one");
 
         // The first loop, holding a connection, becomes busy nearly all the time.
-        let busy_until = Instant::now() + Duration::from_secs(3);
-        handles[0].spawn(async move {
-            while Instant::now() < busy_until {
-                std::thread::sleep(Duration::from_millis(5));
-                tokio::task::yield_now().await;
-            }
-        });
+        keep_busy(&handles[0], Duration::from_secs(3));
         tokio::time::sleep(Duration::from_millis(4 * limits::EVENT_LOOP_SAMPLE_MS)).await;
         kept.push(TcpStream::connect(addr).await.unwrap());
         let (second, _) = tokio::time::timeout(WAIT, dealt.recv())
@@ -805,6 +840,61 @@ mod tests {
         assert_eq!(second, 1, "the busy loop is full: the next loop takes it");
 
         drop(connection);
+        stop.cancel();
+        acceptor.await.unwrap().unwrap();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+    }
+
+    /// Keeps an event loop busy for `how_long` in slices of 5 ms, yielding in
+    /// between so that its runtime records the busy time as it goes.
+    fn keep_busy(handle: &tokio::runtime::Handle, how_long: Duration) {
+        let busy_until = Instant::now() + how_long;
+        handle.spawn(async move {
+            while Instant::now() < busy_until {
+                std::thread::sleep(Duration::from_millis(5));
+                tokio::task::yield_now().await;
+            }
+        });
+    }
+
+    #[tokio::test]
+    async fn a_saturated_loop_beside_idle_cores_is_asked_to_shed() {
+        let RunningLoops {
+            addr,
+            handles,
+            sheddings,
+            mut dealt,
+            stop,
+            acceptor,
+            threads,
+        } = run_two_loops(idle_machine());
+        let (mut clients, mut held) = (Vec::new(), Vec::new());
+        for _ in 0..2 {
+            clients.push(TcpStream::connect(addr).await.unwrap());
+            let (index, connection) = tokio::time::timeout(WAIT, dealt.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(index, 0, "idle loops: the first one");
+            held.push(connection);
+        }
+        assert!(!sheddings[0].take_one(), "nothing asked while idle");
+
+        keep_busy(&handles[0], Duration::from_secs(8));
+        // A full window of idle time, then a streak of saturated samples.
+        let asked = async {
+            while !sheddings[0].take_one() {
+                tokio::time::sleep(Duration::from_millis(limits::EVENT_LOOP_SAMPLE_MS)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(6), asked)
+            .await
+            .expect("the saturated loop is asked to close a connection");
+        assert!(!sheddings[1].take_one(), "the loop with room is not");
+
+        drop(held);
         stop.cancel();
         acceptor.await.unwrap().unwrap();
         for thread in threads {
