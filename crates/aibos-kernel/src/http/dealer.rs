@@ -821,25 +821,38 @@ mod tests {
             threads,
             ..
         } = run_two_loops(unmeasured_machine());
-        let mut kept = Vec::new();
-        kept.push(TcpStream::connect(addr).await.unwrap());
-        let (first, connection) = tokio::time::timeout(WAIT, dealt.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let (first_client, first, connection) = connect_and_deal(addr, &mut dealt).await;
         assert_eq!(first, 0, "idle loops: the first one");
 
         // The first loop, holding a connection, becomes busy nearly all the time.
         keep_busy(&handles[0], Duration::from_secs(3));
         tokio::time::sleep(Duration::from_millis(4 * limits::EVENT_LOOP_SAMPLE_MS)).await;
-        kept.push(TcpStream::connect(addr).await.unwrap());
-        let (second, _) = tokio::time::timeout(WAIT, dealt.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let (_second_client, second, _) = connect_and_deal(addr, &mut dealt).await;
         assert_eq!(second, 1, "the busy loop is full: the next loop takes it");
 
-        drop(connection);
+        drop((first_client, connection));
+        shut_down(stop, acceptor, threads).await;
+    }
+
+    /// Connects a client; returns it, the loop its connection was dealt to,
+    /// and the loop's side of the connection (counted while held).
+    async fn connect_and_deal(
+        addr: SocketAddr,
+        dealt: &mut mpsc::UnboundedReceiver<(usize, LiveConnection)>,
+    ) -> (TcpStream, usize, LiveConnection) {
+        let client = TcpStream::connect(addr).await.unwrap();
+        let (index, connection) = tokio::time::timeout(WAIT, dealt.recv())
+            .await
+            .expect("the connection is dealt")
+            .unwrap();
+        (client, index, connection)
+    }
+
+    async fn shut_down(
+        stop: CancellationToken,
+        acceptor: JoinHandle<io::Result<()>>,
+        threads: Vec<std::thread::JoinHandle<()>>,
+    ) {
         stop.cancel();
         acceptor.await.unwrap().unwrap();
         for thread in threads {
@@ -870,15 +883,11 @@ mod tests {
             acceptor,
             threads,
         } = run_two_loops(idle_machine());
-        let (mut clients, mut held) = (Vec::new(), Vec::new());
+        let mut held = Vec::new();
         for _ in 0..2 {
-            clients.push(TcpStream::connect(addr).await.unwrap());
-            let (index, connection) = tokio::time::timeout(WAIT, dealt.recv())
-                .await
-                .unwrap()
-                .unwrap();
+            let (client, index, connection) = connect_and_deal(addr, &mut dealt).await;
             assert_eq!(index, 0, "idle loops: the first one");
-            held.push(connection);
+            held.push((client, connection));
         }
         assert!(!sheddings[0].take_one(), "nothing asked while idle");
 
@@ -895,10 +904,6 @@ mod tests {
         assert!(!sheddings[1].take_one(), "the loop with room is not");
 
         drop(held);
-        stop.cancel();
-        acceptor.await.unwrap().unwrap();
-        for thread in threads {
-            thread.join().unwrap();
-        }
+        shut_down(stop, acceptor, threads).await;
     }
 }
