@@ -10,8 +10,9 @@
 #      with wrk and the upstream, nginx itself serves nearly all 64 connections
 #      from one worker; docs/performance.md, gateway).
 # Prints medians, the kernel/nginx ratios of rps and p99 (the targets are the
-# default kernel's, row 3), and each proxy's CPU time per call (user + system,
-# from /proc, around its own wrk runs; for the direct row, the upstream's).
+# default kernel's, row 3), each proxy's CPU time per call (user + system,
+# from /proc, around its own wrk runs; for the direct row, the upstream's), and
+# how the default kernel's CPU split between its event loops.
 #
 #   bench/gateway.sh                  # ROUNDS=5 SECONDS_PER_ROUND=10 CONNECTIONS=64
 #
@@ -102,6 +103,11 @@ col() { cut -d' ' -f"$1" "$2" | median; }
 # ratio FILE COLUMN: the median over rounds of FILE's COLUMN (1 rps, 2 p99) over nginx's.
 ratio() { paste -d' ' "$1" "$work/nginx.txt" | awk -v c="$2" '{ printf "%.3f\n", $c / $(c + NF / 2) }' | median; }
 rss_kib=$(awk '/VmRSS/ { print $2 }' "/proc/$default_pid/status")
+# How the default kernel's work split between its event loops over the whole
+# run: packed onto one, or spread (http/dealer.rs sheds only beside idle cores).
+loop_shares=$(for task in /proc/"$default_pid"/task/*; do
+  if [[ $(cat "$task/comm") == aibos-http-* ]]; then awk '{ print $14 + $15 }' "$task/stat"; fi
+done | awk '{ t[NR] = $1; s += $1 } END { for (i = 1; i <= NR; i++) printf "%s%.0f%%", (i > 1 ? " / " : ""), (s ? 100 * t[i] / s : 0) }')
 
 echo
 echo "gateway  ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $ROUNDS rounds x ${SECONDS_PER_ROUND}s, wrk -c$CONNECTIONS, medians; ratios paired per round)"
@@ -116,3 +122,4 @@ printf '%-46s %10s\n' "kernel / nginx p99" "$(ratio "$work/kernel.txt" 2)x"
 printf '%-46s %10s\n' "  one loop / nginx rps" "$(ratio "$work/one_loop.txt" 1)x"
 printf '%-46s %10s\n' "  one loop / nginx p99" "$(ratio "$work/one_loop.txt" 2)x"
 printf '%-46s %10s\n' "kernel RSS after the load" "$((rss_kib / 1024)) MiB"
+printf '%-46s %10s\n' "kernel CPU by event loop" "$loop_shares"
