@@ -295,9 +295,10 @@ fn choose_loop(loops: &[LoopView]) -> Option<usize> {
         .map(|(index, _)| index)
 }
 
-/// How many connections each loop should close: only while the machine has a
-/// core to spare and some loop has room, from each saturated loop holding more
-/// than one connection, `1/SHED_FRACTION` of them (at least one) per sample.
+/// How many connections each loop should close at its next step (see
+/// [`shed_request`]): only while the machine has a core to spare and some loop
+/// has room, from each saturated loop holding more than one connection,
+/// `1/EVENT_LOOP_SHED_FRACTION` of them (at least one).
 fn connections_to_shed(loops: &[LoopView], spare_cores: Option<f64>) -> Vec<usize> {
     let spreading = spare_cores.is_some_and(|spare| spare >= limits::SPARE_CORES_TO_SPREAD)
         && loops.iter().any(LoopView::has_room);
