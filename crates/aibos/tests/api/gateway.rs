@@ -27,6 +27,20 @@ struct Fixture {
     secret: String,
 }
 
+/// [`fixture`] on a kernel of `engine` started with extra configuration `env`
+/// (environment variables, as an operator would set them).
+async fn fixture_configured(engine: Engine, upstream: &Upstream, env: &[(&str, &str)]) -> Fixture {
+    let options = KernelOptions {
+        env: env
+            .iter()
+            .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
+            .collect(),
+        ..KernelOptions::default()
+    };
+    let k = spawn_kernel_with(engine, options).await.unwrap();
+    fixture(k, upstream).await
+}
+
 async fn fixture(k: TestKernel, upstream: &Upstream) -> Fixture {
     let root = k.platform_admin().await;
     let (canon_id, secret) = k
@@ -298,18 +312,14 @@ async fn traversal_attempts_never_reach_the_cell() {
 both_engines! {
     async fn failures_timeouts_and_the_circuit_breaker(engine: Engine) {
         let upstream = Upstream::start().await;
-        let options = KernelOptions {
-            env: vec![("AIBOS_GATEWAY__BREAKER_OPEN_SECONDS".into(), "1".into())],
-            ..KernelOptions::default()
-        };
-        let k = spawn_kernel_with(engine, options).await.unwrap();
         let Fixture {
             k,
             root,
             user,
             canon_id,
             ..
-        } = fixture(k, &upstream).await;
+        } = fixture_configured(engine, &upstream, &[("AIBOS_GATEWAY__BREAKER_OPEN_SECONDS", "1")])
+            .await;
         k.route(
             &root,
             &canon_id,
@@ -442,18 +452,14 @@ both_engines! {
 both_engines! {
     async fn health_checks_mark_a_failing_cell_and_bring_it_back(engine: Engine) {
         let upstream = Upstream::start().await;
-        let options = KernelOptions {
-            env: vec![("AIBOS_GATEWAY__HEALTH_INTERVAL_SECONDS".into(), "1".into())],
-            ..KernelOptions::default()
-        };
-        let k = spawn_kernel_with(engine, options).await.unwrap();
         let Fixture {
             k,
             root,
             user,
             canon_id,
             ..
-        } = fixture(k, &upstream).await;
+        } = fixture_configured(engine, &upstream, &[("AIBOS_GATEWAY__HEALTH_INTERVAL_SECONDS", "1")])
+            .await;
         let status = || async {
             let canon: Value = k
                 .as_(
@@ -763,15 +769,15 @@ async fn gateway_calls_pass_the_same_edge_as_every_endpoint() {
 #[tokio::test]
 async fn with_cors_configured_gateway_calls_get_cors_answers() {
     let upstream = Upstream::start().await;
-    let options = KernelOptions {
-        env: vec![(
-            "AIBOS_SERVER__CORS_ALLOWED_ORIGINS".into(),
-            "[\"https://app.example.com\"]".into(),
+    let Fixture { k, user, .. } = fixture_configured(
+        Engine::Sqlite,
+        &upstream,
+        &[(
+            "AIBOS_SERVER__CORS_ALLOWED_ORIGINS",
+            "[\"https://app.example.com\"]",
         )],
-        ..KernelOptions::default()
-    };
-    let k = spawn_kernel_with(Engine::Sqlite, options).await.unwrap();
-    let Fixture { k, user, .. } = fixture(k, &upstream).await;
+    )
+    .await;
     let preflight = k
         .client
         .request(Method::OPTIONS, k.url("/api/gateway/payments/payments/7"))
@@ -809,23 +815,16 @@ both_engines! {
     /// first attempt did (identity headers and a valid assertion), and is counted.
     async fn a_refused_connection_is_retried_with_the_same_identity(engine: Engine) {
         let upstream = Upstream::start().await;
-        let options = KernelOptions {
-            env: vec![
-                // No periodic health check marks the stopped cell unhealthy mid-test.
-                (
-                    "AIBOS_GATEWAY__HEALTH_INTERVAL_SECONDS".into(),
-                    "3600".into(),
-                ),
-                ("AIBOS_GATEWAY__RETRY_MAX".into(), "5".into()),
-                ("AIBOS_GATEWAY__RETRY_BACKOFF_BASE_MS".into(), "200".into()),
-                ("AIBOS_GATEWAY__RETRY_BACKOFF_MAX_MS".into(), "1000".into()),
-            ],
-            ..KernelOptions::default()
-        };
-        let k = spawn_kernel_with(engine, options).await.unwrap();
+        let configuration = [
+            // No periodic health check marks the stopped cell unhealthy mid-test.
+            ("AIBOS_GATEWAY__HEALTH_INTERVAL_SECONDS", "3600"),
+            ("AIBOS_GATEWAY__RETRY_MAX", "5"),
+            ("AIBOS_GATEWAY__RETRY_BACKOFF_BASE_MS", "200"),
+            ("AIBOS_GATEWAY__RETRY_BACKOFF_MAX_MS", "1000"),
+        ];
         let Fixture {
             k, user, secret, ..
-        } = fixture(k, &upstream).await;
+        } = fixture_configured(engine, &upstream, &configuration).await;
         let call = || {
             k.as_(&user, Method::GET, "/api/gateway/payments/payments/7")
                 .send()
