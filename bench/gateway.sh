@@ -66,24 +66,6 @@ upstream_pids=$(pgrep -P "$(cat "$work/upstream/nginx.pid")" | tr '\n' ' ')
 proxy_pids=$(pgrep -P "$(cat "$work/proxy/nginx.pid")" | tr '\n' ' ')
 one_loop_pid=$kernel_pid
 
-# cpu_ticks PID…: user + system clock ticks of all the processes' threads so far.
-cpu_ticks() {
-  for pid in "$@"; do cat /proc/"$pid"/task/*/stat 2>/dev/null; done | awk '{ s += $14 + $15 } END { print s + 0 }'
-}
-# measured FILE "PID…" URL [wrk args…]: one round against URL, appending
-# "<requests/s> <p99 ms> <CPU µs per call of PID…>" to FILE.
-measured() {
-  local file=$1 pids=$2 url=$3 before after line
-  shift 3
-  # shellcheck disable=SC2086 # a list of pids
-  before=$(cpu_ticks $pids)
-  line=$(wrk_run "$url" "$CONNECTIONS" "$SECONDS_PER_ROUND" "$@")
-  # shellcheck disable=SC2086
-  after=$(cpu_ticks $pids)
-  echo "$line" | awk -v ticks=$((after - before)) -v hz="$(getconf CLK_TCK)" -v secs="$SECONDS_PER_ROUND" \
-    '{ printf "%s %s %.1f\n", $1, $2, ticks / hz * 1e6 / ($1 * secs) }' >>"$file"
-}
-
 direct="http://127.0.0.1:$upstream_port/ping"
 proxied="http://127.0.0.1:$proxy_port/ping"
 for url in "$direct" "$proxied"; do wrk_run "$url" "$CONNECTIONS" 2 >/dev/null; done

@@ -2,9 +2,11 @@
 # A/B of two kernel builds on the gateway path: the same upstream (nginx
 # `return 200`), both kernels set up alike (a canon, a route requiring a
 # permission, a token holding it), wrk rounds alternating A and B. Prints each
-# round and the median B/A ratio of requests per second. For judging a change to
-# the hot path on a noisy machine, where two runs of bench/gateway.sh minutes
-# apart differ more than the change does.
+# round and the median B/A ratios of requests per second and of the kernel's
+# CPU time per call (user + system; steadier than requests per second when the
+# machine is shared). For judging a change to the hot path on a noisy machine,
+# where two runs of bench/gateway.sh minutes apart differ more than the change
+# does.
 #
 #   git stash; cargo build --release -p aibos; cp target/release/aibos /tmp/aibos-a
 #   git stash pop; cargo build --release -p aibos; cp target/release/aibos /tmp/aibos-b
@@ -39,17 +41,19 @@ wait_http "http://127.0.0.1:$upstream_port/"
 # Both kernels set up alike; each warmed up for 2 s.
 loops=(${EVENT_LOOPS:+"AIBOS_SERVER__EVENT_LOOPS=$EVENT_LOOPS"})
 AIBOS_BIN=$A gateway_canon "$work/a" "$upstream_port" "${loops[@]}"
-pids+=("$kernel_pid"); url_a=$gateway_url; token_a=$gateway_token
+pids+=("$kernel_pid"); pid_a=$kernel_pid url_a=$gateway_url token_a=$gateway_token
 AIBOS_BIN=$B gateway_canon "$work/b" "$upstream_port" "${loops[@]}"
-pids+=("$kernel_pid"); url_b=$gateway_url; token_b=$gateway_token
+pids+=("$kernel_pid"); pid_b=$kernel_pid url_b=$gateway_url token_b=$gateway_token
 wrk_run "$url_a" "$CONNECTIONS" 2 -H "Authorization: Bearer $token_a" >/dev/null
 wrk_run "$url_b" "$CONNECTIONS" 2 -H "Authorization: Bearer $token_b" >/dev/null
 
-: >"$work/ratios.txt"
+: >"$work/a.txt"; : >"$work/b.txt"; : >"$work/ratios.txt"; : >"$work/cpu_ratios.txt"
 for round in $(seq 1 "$ROUNDS"); do
-  a=$(wrk_run "$url_a" "$CONNECTIONS" "$SECONDS_PER_ROUND" -H "Authorization: Bearer $token_a")
-  b=$(wrk_run "$url_b" "$CONNECTIONS" "$SECONDS_PER_ROUND" -H "Authorization: Bearer $token_b")
-  echo "$a $b" | awk '{ printf "%.3f\n", $3 / $1 }' >>"$work/ratios.txt"
-  echo "round $round: A $a  B $b  (rps p99_ms)  B/A $(tail -n1 "$work/ratios.txt")"
+  measured "$work/a.txt" "$pid_a" "$url_a" -H "Authorization: Bearer $token_a"
+  measured "$work/b.txt" "$pid_b" "$url_b" -H "Authorization: Bearer $token_b"
+  a=$(tail -n1 "$work/a.txt") b=$(tail -n1 "$work/b.txt")
+  echo "$a $b" | awk '{ printf "%.3f\n", $4 / $1 }' >>"$work/ratios.txt"
+  echo "$a $b" | awk '{ printf "%.3f\n", $6 / $3 }' >>"$work/cpu_ratios.txt"
+  echo "round $round: A $a  B $b  (rps p99_ms cpu_us_per_call)  B/A rps $(tail -n1 "$work/ratios.txt") cpu $(tail -n1 "$work/cpu_ratios.txt")"
 done
-echo "gateway A/B ($(date -u +%Y-%m-%dT%H:%MZ), $ROUNDS rounds x ${SECONDS_PER_ROUND}s, wrk -c$CONNECTIONS${EVENT_LOOPS:+, event loops $EVENT_LOOPS}): median B/A rps $(median <"$work/ratios.txt")x"
+echo "gateway A/B ($(date -u +%Y-%m-%dT%H:%MZ), $ROUNDS rounds x ${SECONDS_PER_ROUND}s, wrk -c$CONNECTIONS${EVENT_LOOPS:+, event loops $EVENT_LOOPS}): median B/A rps $(median <"$work/ratios.txt")x, CPU per call $(median <"$work/cpu_ratios.txt")x"

@@ -171,9 +171,12 @@ impl AppState {
         let principal = match cache.principal(&claims.sid, now) {
             Some(principal) => principal,
             None => {
-                let principal = crate::authz::store::load_principal(self.db(), &claims, now)
-                    .await?
-                    .ok_or_else(|| ApiError::unauthorized("The session has ended."))?;
+                // Boxed: a cache miss's queries are rare, and their large future
+                // would otherwise sit in every authenticated request's.
+                let principal =
+                    Box::pin(crate::authz::store::load_principal(self.db(), &claims, now))
+                        .await?
+                        .ok_or_else(|| ApiError::unauthorized("The session has ended."))?;
                 let principal = Arc::new(principal);
                 cache.store_principal(generation, principal.clone());
                 principal

@@ -138,7 +138,10 @@ impl Caller {
 }
 
 fn bearer_token(parts: &Parts) -> Option<&str> {
-    let value = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    // `from_utf8` rather than `to_str`: a token is long, and this check runs
+    // wide where `to_str`'s goes byte by byte. Any text that is not a
+    // well-formed token fails its verification alike.
+    let value = std::str::from_utf8(parts.headers.get(header::AUTHORIZATION)?.as_bytes()).ok()?;
     let (scheme, token) = value.split_once(' ')?;
     (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty()).then(|| token.trim())
 }
@@ -178,7 +181,9 @@ impl Caller {
             .outcome("deny")
             .severity("warning")
             .details(serde_json::json!({ "required_permissions": permissions, "missing_permissions": missing }));
-        state.audit_alone(self.audit_context(), event).await?;
+        // Boxed: the denial's database write would otherwise make every
+        // caller's future (the gateway's hot one included) as large as itself.
+        Box::pin(state.audit_alone(self.audit_context(), event)).await?;
         Err(ApiError::forbidden(missing))
     }
 

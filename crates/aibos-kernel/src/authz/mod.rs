@@ -13,8 +13,6 @@ pub mod listener;
 pub mod routes;
 pub mod store;
 
-use std::collections::HashSet;
-
 pub use caller::Caller;
 
 /// The kernel's own permissions (seeded by migration 0002).
@@ -135,7 +133,9 @@ pub fn is_grant(grant: &str) -> bool {
 /// grants and O(prefixes) for prefix grants.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PermissionSet {
-    exact: HashSet<String>,
+    /// A fast hash: the names are the registry's and the roles', and every
+    /// authorized request looks one up.
+    exact: foldhash::HashSet<String>,
     prefixes: Vec<String>,
 }
 

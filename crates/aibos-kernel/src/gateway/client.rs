@@ -15,7 +15,6 @@
 //! extension), so its pools are never shared between threads: their locks are
 //! uncontended and a connection's task runs on the loop that uses it.
 
-use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
@@ -90,7 +89,7 @@ impl From<UpstreamError> for SendFailure {
 pub fn build(config: &GatewayConfig) -> UpstreamClient {
     UpstreamClient(Arc::new(Clients {
         http1: Arc::new(Http1Pool {
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::new(foldhash::HashMap::default()),
             max_idle_per_host: usize::try_from(config.pool_max_idle_per_host).unwrap_or(usize::MAX),
             idle_timeout: Duration::from_secs(config.pool_idle_timeout_seconds),
             connect_timeout: Duration::from_millis(config.connect_timeout_ms),
@@ -113,7 +112,7 @@ impl UpstreamClient {
             request
                 .headers_mut()
                 .insert(header::HOST, base.host_header.clone());
-            return Http1Pool::send(&self.0.http1, &base.authority, request).await;
+            return Http1Pool::send(&self.0.http1, base, request).await;
         }
         let path_and_query = request
             .uri()
@@ -176,10 +175,24 @@ fn build_general(config: &GatewayConfig, http2_only: bool) -> GeneralClient {
 /// sooner themselves; what stays behind for a cell no longer called is bounded
 /// by `max_idle_per_host` per address.
 struct Http1Pool {
-    idle: Mutex<HashMap<Authority, Vec<IdleConnection>>>,
+    /// A fast hash: the addresses are the registry's, looked up twice per call.
+    idle: Mutex<foldhash::HashMap<PoolKey, Vec<IdleConnection>>>,
     max_idle_per_host: usize,
     idle_timeout: Duration,
     connect_timeout: Duration,
+}
+
+/// A cell's address as the pools' key: its authority's text, lowercased once
+/// when the route table is built. (`Authority` itself hashes and compares byte
+/// by byte, ignoring case, at every lookup.)
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey(Arc<str>);
+
+impl PoolKey {
+    /// The key of the cell at `authority`.
+    pub fn of(authority: &Authority) -> PoolKey {
+        PoolKey(authority.as_str().to_ascii_lowercase().into())
+    }
 }
 
 struct IdleConnection {
@@ -190,7 +203,7 @@ struct IdleConnection {
 impl Http1Pool {
     async fn send(
         pool: &Arc<Http1Pool>,
-        authority: &Authority,
+        base: &BaseUrl,
         mut request: Request<Body>,
     ) -> Result<Response<Body>, SendFailure> {
         // Each reused connection that turns out closed costs one pass; the pool
@@ -201,9 +214,11 @@ impl Http1Pool {
             unsent: Some(request),
         };
         loop {
-            let (mut sender, reused) = match pool.checkout(authority) {
+            let (mut sender, reused) = match pool.checkout(&base.pool_key) {
                 Some(sender) => (sender, true),
-                None => match pool.connect(authority).await {
+                // Boxed: connecting (resolve, connect, handshake) is rare on
+                // a warm pool, and its future would otherwise sit in every call's.
+                None => match Box::pin(pool.connect(&base.authority)).await {
                     Ok(sender) => (sender, false),
                     Err(e) => return Err(unsent(e, request)),
                 },
@@ -220,7 +235,7 @@ impl Http1Pool {
                 Ok(response) => {
                     let release = Release {
                         pool: Arc::clone(pool),
-                        authority: authority.clone(),
+                        key: base.pool_key.clone(),
                         sender,
                     };
                     return Ok(response.map(|incoming| {
@@ -240,9 +255,9 @@ impl Http1Pool {
         }
     }
 
-    fn checkout(&self, authority: &Authority) -> Option<SendRequest<Body>> {
+    fn checkout(&self, key: &PoolKey) -> Option<SendRequest<Body>> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let connections = idle.get_mut(authority)?;
+        let connections = idle.get_mut(key)?;
         let now = Instant::now();
         let fresh = |c: &IdleConnection| now - c.since < self.idle_timeout;
         // Newest first among those whose connection task has already finished the
@@ -259,13 +274,18 @@ impl Http1Pool {
         Some(connections.swap_remove(index).sender)
     }
 
-    fn checkin(&self, authority: Authority, sender: SendRequest<Body>) {
+    fn checkin(&self, key: PoolKey, sender: SendRequest<Body>) {
         if sender.is_closed() {
             return;
         }
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let connections = idle.entry(authority).or_default();
+        // Looked up before `entry`, which would take the key (a reference
+        // count) even when the address is there, as it nearly always is.
+        let connections = match idle.get_mut(&key) {
+            Some(connections) => connections,
+            None => idle.entry(key).or_default(),
+        };
         connections.retain(|c| !c.sender.is_closed() && now - c.since < self.idle_timeout);
         if connections.len() < self.max_idle_per_host {
             connections.push(IdleConnection { sender, since: now });
@@ -305,7 +325,7 @@ impl Http1Pool {
 /// Gives a connection back to its pool.
 struct Release {
     pool: Arc<Http1Pool>,
-    authority: Authority,
+    key: PoolKey,
     sender: SendRequest<Body>,
 }
 
@@ -318,7 +338,7 @@ struct PooledBody {
 impl PooledBody {
     fn release(&mut self) {
         if let Some(release) = self.release.take() {
-            release.pool.checkin(release.authority, release.sender);
+            release.pool.checkin(release.key, release.sender);
         }
     }
 }

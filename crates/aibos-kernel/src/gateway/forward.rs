@@ -68,14 +68,12 @@ pub struct Identity<'a> {
 /// One pass finds the few present (a cell's response usually has one, its own
 /// `Connection`), so that only those are removed: each removal hashes its name.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let present: Vec<HeaderName> = {
-        let connection = headers.get_all(header::CONNECTION);
-        headers
-            .keys()
-            .filter(|name| is_hop_by_hop(name) || listed(connection.iter(), name))
-            .cloned()
-            .collect()
-    };
+    let listed = listed_by_connection(headers);
+    let present: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| is_hop_by_hop(name) || is_listed(&listed, name))
+        .cloned()
+        .collect();
     for name in &present {
         headers.remove(name);
     }
@@ -85,25 +83,36 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name) || name == header::UPGRADE
 }
 
-/// Whether the `Connection` header's values list `name` (a hop-by-hop header
-/// by that listing). Compared as text: no header name is built per token.
-fn listed<'v>(connection: impl IntoIterator<Item = &'v HeaderValue>, name: &HeaderName) -> bool {
-    connection
-        .into_iter()
+/// The header names the `Connection` header's values list (hop-by-hop by that
+/// listing), lowercased, leaving out `keep-alive`, hop-by-hop anyway. Read once
+/// per message: usually there are none (`Connection: keep-alive`), and then
+/// nothing is allocated and no header is compared against them.
+fn listed_by_connection(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
+        .map(str::trim)
+        .filter(|token| !token.is_empty() && !token.eq_ignore_ascii_case("keep-alive"))
+        .map(str::to_ascii_lowercase)
+        .collect()
+}
+
+/// Whether `name` is among the `listed` names (header names are lowercase).
+fn is_listed(listed: &[String], name: &HeaderName) -> bool {
+    listed.iter().any(|token| token == name.as_str())
 }
 
 /// Whether a client header may reach the cell. One pass over the client's
 /// headers with this test is cheaper than removing each forbidden name (every
 /// removal hashes it), and a proxied request has few headers.
-fn forwardable(name: &HeaderName, forward_cookies: bool, connection: &[HeaderValue]) -> bool {
+fn forwardable(name: &HeaderName, forward_cookies: bool, listed: &[String]) -> bool {
     if is_hop_by_hop(name)
         || name == header::HOST
         || name == header::AUTHORIZATION
         || (name == header::COOKIE && !forward_cookies)
-        || listed(connection, name)
+        || is_listed(listed, name)
     {
         return false;
     }
@@ -119,18 +128,14 @@ pub fn upstream_headers(
     forward_cookies: bool,
     assertion: Option<String>,
 ) -> HeaderMap {
-    // Kept aside (a reference count each) while the map is consumed below.
-    let connection: Vec<HeaderValue> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .cloned()
-        .collect();
+    // Read before the map is consumed below.
+    let listed = listed_by_connection(&headers);
     let mut out = HeaderMap::with_capacity(headers.len() + 8);
     let mut current: Option<HeaderName> = None;
     for (name, value) in headers {
         // `into_iter` names a header once, then yields its further values with `None`.
         if let Some(name) = name {
-            current = forwardable(&name, forward_cookies, &connection).then_some(name);
+            current = forwardable(&name, forward_cookies, &listed).then_some(name);
         }
         if let Some(name) = &current {
             out.append(name.clone(), value);
@@ -189,8 +194,10 @@ fn address_value(ip: IpAddr) -> HeaderValue {
 }
 
 /// [`AssertionClaims`] by reference: signing allocates no copies of the values.
-/// A test keeps the two serialising alike.
-#[derive(serde::Serialize)]
+/// Written as JSON by hand ([`BorrowedClaims::write_json`]); a property test
+/// keeps the text identical to serde's for the shared claims.
+///
+/// [`AssertionClaims`]: aibos_wire::assertion::AssertionClaims
 struct BorrowedClaims<'a> {
     iss: &'a str,
     aud: &'a str,
@@ -205,6 +212,85 @@ struct BorrowedClaims<'a> {
     jti: &'a str,
 }
 
+impl BorrowedClaims<'_> {
+    /// The claims as compact JSON in serde's field order, appended to `out`.
+    /// By hand because this runs once per proxied call, where serde's
+    /// serializer state machine and its byte-by-byte escaping of every value
+    /// cost more than the rest of the payload's making.
+    fn write_json(&self, out: &mut Vec<u8>) {
+        let strings = [
+            ("{\"iss\":", self.iss),
+            (",\"aud\":", self.aud),
+            (",\"tid\":", self.tid),
+            (",\"sub\":", self.sub),
+            (",\"act\":", self.act),
+            (",\"cid\":", self.cid),
+            (",\"htm\":", self.htm),
+            (",\"htu\":", self.htu),
+        ];
+        for (key, value) in strings {
+            out.extend_from_slice(key.as_bytes());
+            write_json_string(out, value);
+        }
+        let mut digits = itoa::Buffer::new();
+        out.extend_from_slice(b",\"iat\":");
+        out.extend_from_slice(digits.format(self.iat).as_bytes());
+        out.extend_from_slice(b",\"exp\":");
+        out.extend_from_slice(digits.format(self.exp).as_bytes());
+        out.extend_from_slice(b",\"jti\":");
+        write_json_string(out, self.jti);
+        out.push(b'}');
+    }
+}
+
+/// Appends `value` as a JSON string, escaped as serde_json escapes it: `"`,
+/// `\\` and control characters; everything else, UTF-8 included, as is.
+fn write_json_string(out: &mut Vec<u8>, value: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push(b'"');
+    let bytes = value.as_bytes();
+    // The usual case (ids, names, a path): nothing to escape. A fold without an
+    // early exit, which the compiler turns into wide compares.
+    let needs_escape = bytes.iter().fold(false, |any, &b| {
+        any | (b < 0x20) | (b == b'"') | (b == b'\\')
+    });
+    if !needs_escape {
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+        return;
+    }
+    let mut plain_from = 0;
+    for (i, &byte) in bytes.iter().enumerate() {
+        let escape: &[u8] = match byte {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0x00..=0x1f => &[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[usize::from(byte >> 4)],
+                HEX[usize::from(byte & 0xf)],
+            ],
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[plain_from..i]);
+        out.extend_from_slice(escape);
+        plain_from = i + 1;
+    }
+    out.extend_from_slice(&bytes[plain_from..]);
+    out.push(b'"');
+}
+
+/// The most a proxied call's claims take beyond the variable values: field
+/// names, quotes, two timestamps and a UUID.
+const CLAIMS_FIXED_BYTES: usize = 192;
+
 /// Signs the assertion for one forwarded call.
 pub fn sign_assertion(
     signer: &Signer,
@@ -212,7 +298,7 @@ pub fn sign_assertion(
     identity: &Identity<'_>,
     method: &str,
     path_and_query: &str,
-) -> Result<String, serde_json::Error> {
+) -> String {
     // One clock read for both; and no `Uuid::now_v7()`, whose counter sits
     // behind a process-wide mutex (see `CorrelationId::generate`).
     let since_epoch = std::time::SystemTime::now()
@@ -238,7 +324,16 @@ pub fn sign_assertion(
         exp: now.saturating_add(ASSERTION_LIFETIME_SECONDS),
         jti: jti.hyphenated().encode_lower(&mut jti_text),
     };
-    signer.sign(&claims)
+    let mut payload = Vec::with_capacity(
+        CLAIMS_FIXED_BYTES
+            + canon.len()
+            + identity.tenant_id.len()
+            + identity.subject.len()
+            + identity.correlation_id.len()
+            + path_and_query.len(),
+    );
+    claims.write_json(&mut payload);
+    signer.sign_json(&payload)
 }
 
 #[cfg(test)]
@@ -257,37 +352,82 @@ mod tests {
         }
     }
 
+    proptest! {
+        /// Any values, control characters, quotes, backslashes and non-ASCII
+        /// text included: the hand-written JSON is serde's, byte for byte.
+        #[test]
+        fn claims_are_written_as_serde_writes_the_shared_claims(
+            values in proptest::collection::vec(any::<String>(), 9),
+            iat in any::<i64>(),
+            exp in any::<i64>(),
+        ) {
+            let owned = AssertionClaims {
+                iss: values[0].clone(),
+                aud: values[1].clone(),
+                tid: values[2].clone(),
+                sub: values[3].clone(),
+                act: values[4].clone(),
+                cid: values[5].clone(),
+                htm: values[6].clone(),
+                htu: values[7].clone(),
+                iat,
+                exp,
+                jti: values[8].clone(),
+            };
+            let borrowed = BorrowedClaims {
+                iss: &values[0],
+                aud: &values[1],
+                tid: &values[2],
+                sub: &values[3],
+                act: &values[4],
+                cid: &values[5],
+                htm: &values[6],
+                htu: &values[7],
+                iat,
+                exp,
+                jti: &values[8],
+            };
+            let mut written = Vec::new();
+            borrowed.write_json(&mut written);
+            prop_assert_eq!(String::from_utf8(written).unwrap(), serde_json::to_string(&owned).unwrap());
+        }
+    }
+
     #[test]
-    fn borrowed_claims_serialise_like_the_shared_claims() {
-        let owned = AssertionClaims {
-            iss: "i".into(),
-            aud: "a".into(),
-            tid: "t".into(),
-            sub: "s".into(),
-            act: "user".into(),
-            cid: "c".into(),
-            htm: "GET".into(),
-            htu: "/x".into(),
-            iat: 1,
-            exp: 61,
-            jti: "j".into(),
-        };
-        let borrowed = BorrowedClaims {
-            iss: "i",
-            aud: "a",
-            tid: "t",
-            sub: "s",
-            act: "user",
-            cid: "c",
-            htm: "GET",
-            htu: "/x",
-            iat: 1,
-            exp: 61,
-            jti: "j",
-        };
+    fn every_control_character_is_escaped_as_serde_escapes_it() {
+        let all: String = (0u8..=0x7f).map(char::from).collect();
+        let mut written = Vec::new();
+        write_json_string(&mut written, &all);
         assert_eq!(
-            serde_json::to_string(&owned).unwrap(),
-            serde_json::to_string(&borrowed).unwrap()
+            String::from_utf8(written).unwrap(),
+            serde_json::to_string(&all).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_cells_hop_by_hop_headers_never_reach_the_client() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "close, X-Cell-Hop"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("x-cell-hop", "1"),
+            ("content-type", "application/json"),
+            ("x-request-id", "r1"),
+        ] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        strip_hop_by_hop(&mut h);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["content-type", "x-request-id"]);
+        let mut plain = HeaderMap::new();
+        plain.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        plain.append(header::CONTENT_LENGTH, HeaderValue::from_static("2"));
+        strip_hop_by_hop(&mut plain);
+        assert_eq!(
+            plain.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            ["content-length"]
         );
     }
 
@@ -303,7 +443,7 @@ mod tests {
             ("x-kernel-assertion", "forged"),
             ("x-forwarded-for", "10.0.0.1"),
             ("forwarded", "for=10.0.0.1"),
-            ("connection", "keep-alive, x-secret-hop"),
+            ("connection", "keep-alive, X-Secret-Hop"),
             ("x-secret-hop", "1"),
             ("te", "trailers"),
             ("upgrade", "websocket"),

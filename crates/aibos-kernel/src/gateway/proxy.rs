@@ -144,8 +144,7 @@ async fn forward_call(
         &identity,
         parts.method.as_str(),
         &forwarded,
-    )
-    .map_err(ApiError::internal)?;
+    );
     let retryable = is_safe_to_repeat(&parts) && gateway.retry_max > 0;
     // The headers of the next attempt. A retry needs them again: the pool
     // hands back a request it could not send; for other clients a copy is
@@ -395,7 +394,9 @@ async fn audit_failure(
             "status": failure.status,
             "latency_ms": u64::try_from(failure.latency.as_millis()).unwrap_or(u64::MAX),
         }));
-    if let Err(e) = state.audit_alone(caller.audit_context(), event).await {
+    // Boxed: a database write's future is large, and unboxed it would sit in
+    // the state of every proxied call's future, copied whole at each move.
+    if let Err(e) = Box::pin(state.audit_alone(caller.audit_context(), event)).await {
         tracing::error!(error = ?e.code(), canon = %canon.name, "could not audit a gateway failure");
     }
 }

@@ -12,6 +12,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use super::client::PoolKey;
 use super::state::CanonState;
 use super::telemetry::RouteMetrics;
 use crate::registry::Route;
@@ -21,7 +22,9 @@ use crate::telemetry::Metrics;
 /// Every canon by name.
 #[derive(Default)]
 pub struct RouteTable {
-    canons: HashMap<String, Arc<CanonEntry>>,
+    /// Keyed by names an administrator chose, never by a client: a fast hash
+    /// without DoS hardening (looked up on every proxied call).
+    canons: foldhash::HashMap<String, Arc<CanonEntry>>,
 }
 
 impl RouteTable {
@@ -56,7 +59,10 @@ impl RouteTable {
                 .push(route);
         }
         states.retain(|id, _| snapshot.canons.iter().any(|c| &c.id == id));
-        let mut canons = HashMap::with_capacity(snapshot.canons.len());
+        let mut canons = foldhash::HashMap::with_capacity_and_hasher(
+            snapshot.canons.len(),
+            foldhash::fast::RandomState::default(),
+        );
         for row in snapshot.canons {
             let Some(base) = BaseUrl::parse(&row.base_url) else {
                 // Validated on the way in; a row edited by hand is skipped, loudly.
@@ -168,6 +174,8 @@ pub struct BaseUrl {
     pub path_prefix: String,
     /// `Host` of HTTP/1.1 requests to the cell.
     pub host_header: HeaderValue,
+    /// The cell's key in the event loops' connection pools.
+    pub pool_key: PoolKey,
 }
 
 impl BaseUrl {
@@ -179,6 +187,7 @@ impl BaseUrl {
         Some(BaseUrl {
             scheme,
             host_header: HeaderValue::from_str(authority.as_str()).ok()?,
+            pool_key: PoolKey::of(&authority),
             authority,
             path_prefix: uri.path().trim_end_matches('/').to_owned(),
         })
@@ -211,18 +220,23 @@ impl Signer {
 
     /// The compact JWS of `claims`.
     pub fn sign<T: serde::Serialize>(&self, claims: &T) -> Result<String, serde_json::Error> {
-        let payload = serde_json::to_vec(claims)?;
+        Ok(self.sign_json(&serde_json::to_vec(claims)?))
+    }
+
+    /// The compact JWS of `payload`, claims already written as JSON (the
+    /// gateway writes its own, `gateway::forward`).
+    pub fn sign_json(&self, payload: &[u8]) -> String {
         // Encoded straight into the token's buffer (`encode_string` goes through a
         // chunked writer that checks every chunk is UTF-8); checked once at the end.
         let mut token = Vec::with_capacity(self.header_b64.len() + payload.len() * 4 / 3 + 48);
         token.extend_from_slice(self.header_b64.as_bytes());
-        append_base64url(&mut token, &payload);
+        append_base64url(&mut token, payload);
         let mut mac = self.mac.clone();
         mac.update(&token);
         let signature = mac.finalize().into_bytes();
         token.push(b'.');
         append_base64url(&mut token, &signature);
-        Ok(String::from_utf8(token).expect("base64url and the JWS header are ASCII"))
+        String::from_utf8(token).expect("base64url and the JWS header are ASCII")
     }
 }
 
@@ -241,7 +255,8 @@ fn append_base64url(out: &mut Vec<u8>, bytes: &[u8]) {
 /// Method-specific matchers first, then `ANY`. `HEAD` falls back to `GET`.
 #[derive(Default)]
 struct Matcher {
-    by_method: HashMap<Method, matchit::Router<usize>>,
+    /// A fast hash: the keys are the route table's methods, looked up per call.
+    by_method: foldhash::HashMap<Method, matchit::Router<usize>>,
     any: matchit::Router<usize>,
 }
 
