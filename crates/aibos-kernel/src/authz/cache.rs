@@ -12,6 +12,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use axum::http::HeaderValue;
 use quick_cache::sync::Cache;
 use time::OffsetDateTime;
 
@@ -47,6 +48,28 @@ pub struct Principal {
     pub delegable: PermissionSet,
     /// When the earliest time-bound grant (or the session) ends; the entry is rebuilt then.
     pub valid_until: Option<OffsetDateTime>,
+    /// `tenant_id` and `subject_id` as header values, for the identity the
+    /// gateway forwards with every call: made once per session, not per call.
+    pub id_headers: IdHeaders,
+}
+
+/// A principal's ids as header values (`x-tenant-id`, `x-user-sub`).
+#[derive(Debug, Clone)]
+pub struct IdHeaders {
+    /// The tenant id.
+    pub tenant: HeaderValue,
+    /// The user or service account id.
+    pub subject: HeaderValue,
+}
+
+impl IdHeaders {
+    /// `None` for an id that is not valid header text (ids are UUIDs, so never).
+    pub fn new(tenant_id: &str, subject_id: &str) -> Option<IdHeaders> {
+        Some(IdHeaders {
+            tenant: HeaderValue::from_str(tenant_id).ok()?,
+            subject: HeaderValue::from_str(subject_id).ok()?,
+        })
+    }
 }
 
 impl Principal {
@@ -242,6 +265,7 @@ mod tests {
             permissions: PermissionSet::default(),
             delegable: PermissionSet::default(),
             valid_until,
+            id_headers: IdHeaders::new("t1", "u1").unwrap(),
         })
     }
 

@@ -63,6 +63,19 @@ impl ClientInfo {
     }
 }
 
+/// A user agent cut to [`limits::USER_AGENT_CHARS_MAX`] characters. One that
+/// has no more bytes than that (nearly all) is copied whole, without walking
+/// its characters.
+fn truncated_user_agent(ua: &str) -> String {
+    if ua.len() <= limits::USER_AGENT_CHARS_MAX {
+        return ua.to_owned();
+    }
+    match ua.char_indices().nth(limits::USER_AGENT_CHARS_MAX) {
+        Some((end, _)) => ua[..end].to_owned(),
+        None => ua.to_owned(),
+    }
+}
+
 impl<S: Send + Sync> FromRequestParts<S> for ClientInfo {
     type Rejection = ApiError;
 
@@ -80,7 +93,7 @@ fn client_info(parts: &Parts) -> ClientInfo {
         .headers
         .get(header::USER_AGENT)
         .and_then(|v| v.to_str().ok())
-        .map(|ua| ua.chars().take(limits::USER_AGENT_CHARS_MAX).collect());
+        .map(truncated_user_agent);
     let correlation_id = parts
         .extensions
         .get::<RequestContext>()
@@ -236,5 +249,24 @@ impl Caller {
             user_agent: self.user_agent.clone(),
             correlation_id: Some(self.correlation_id.clone()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_agents_are_cut_by_characters() {
+        let max = limits::USER_AGENT_CHARS_MAX;
+        assert_eq!(truncated_user_agent("curl/8.5"), "curl/8.5");
+        assert_eq!(truncated_user_agent(&"a".repeat(max + 10)), "a".repeat(max));
+        let accented = "é".repeat(max - 10);
+        assert_eq!(
+            truncated_user_agent(&accented),
+            accented,
+            "more bytes than the limit, fewer characters"
+        );
+        assert_eq!(truncated_user_agent(&"é".repeat(max + 10)), "é".repeat(max));
     }
 }

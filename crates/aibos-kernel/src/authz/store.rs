@@ -7,7 +7,7 @@ use time::OffsetDateTime;
 use utoipa::ToSchema;
 
 use super::PermissionSet;
-use super::cache::Principal;
+use super::cache::{IdHeaders, Principal};
 use crate::db::{Db, Tx};
 use crate::identity::tokens::Claims;
 use crate::{timestamp, with_db, with_tx};
@@ -99,6 +99,11 @@ pub async fn load_principal(
     if status != "active" {
         return Ok(None);
     }
+    // Ids are UUIDs the kernel made; one that could not be forwarded as a
+    // header is refused rather than forwarded without it.
+    let Some(id_headers) = IdHeaders::new(&tenant_id, &subject_id) else {
+        return Ok(None);
+    };
 
     let mut valid_until = timestamp::parse(&expires_at);
     let mut earliest = |t: Option<OffsetDateTime>| {
@@ -146,6 +151,7 @@ pub async fn load_principal(
         permissions: all,
         delegable: own,
         valid_until,
+        id_headers,
     }))
 }
 

@@ -10,6 +10,7 @@ use aibos_wire::assertion::{
 use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 
 use super::table::Signer;
+use crate::authz::cache::IdHeaders;
 use crate::identity::tokens::ISSUER;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded in either direction.
@@ -54,6 +55,8 @@ pub struct Identity<'a> {
     pub tenant_id: &'a str,
     /// From the token's `sub`.
     pub subject: &'a str,
+    /// Both as header values, made once per session.
+    pub id_headers: &'a IdHeaders,
     /// `user` or `service`.
     pub actor_type: &'static str,
     /// The request's correlation id.
@@ -146,10 +149,10 @@ pub fn upstream_headers(
             out.insert(name.clone(), v);
         }
     };
-    set(&names::TENANT, identity.tenant_id);
-    set(&names::USER, identity.subject);
     set(&names::CORRELATION, identity.correlation_id);
     set(&names::TRACEPARENT, identity.traceparent);
+    out.insert(names::TENANT, identity.id_headers.tenant.clone());
+    out.insert(names::USER, identity.id_headers.subject.clone());
     // A fixed word (`user` or `service`): no copy.
     out.insert(
         names::ACTOR_TYPE,
@@ -453,9 +456,11 @@ mod tests {
         ] {
             h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
         }
+        let ids = IdHeaders::new("t1", "u1").unwrap();
         let identity = Identity {
             tenant_id: "t1",
             subject: "u1",
+            id_headers: &ids,
             actor_type: "user",
             correlation_id: "c1",
             client_ip: Some("127.0.0.1".parse().unwrap()),

@@ -127,6 +127,7 @@ async fn forward_call(
     let identity = Identity {
         tenant_id: caller.tenant_id(),
         subject: caller.subject_id(),
+        id_headers: &caller.principal.id_headers,
         actor_type: caller.principal.actor_type,
         correlation_id: &caller.correlation_id,
         client_ip: caller.client_ip,
