@@ -10,7 +10,7 @@ source "$(dirname "$0")/lib.sh"
 N=${N:-1000000}
 RUNS=${RUNS:-3}
 
-build_release
+build_release examples
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 url=${DATABASE_URL:-sqlite://$work/audit.db}

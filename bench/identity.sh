@@ -15,7 +15,7 @@ CONNECTIONS=${CONNECTIONS:-64}
 CORES=$(nproc)
 
 ensure_packages wrk:wrk curl:curl
-build_release
+build_release examples
 
 work=$(mktemp -d)
 cleanup() {

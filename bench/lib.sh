@@ -20,8 +20,13 @@ ensure_packages() {
   fi
 }
 
+# build_release [examples]: the release binary, and the kernel's example
+# programs when a script runs one (each is a whole-program LTO link of its own).
 build_release() {
-  (cd "$BENCH_ROOT" && cargo build --release -q -p aibos && cargo build --release -q -p aibos-kernel --examples)
+  (cd "$BENCH_ROOT" && cargo build --release -q -p aibos)
+  if [ "${1:-}" = examples ]; then
+    (cd "$BENCH_ROOT" && cargo build --release -q -p aibos-kernel --examples)
+  fi
 }
 
 # start_kernel DIR PORT [ENV=VALUE…]: the release kernel on its embedded default

@@ -145,7 +145,7 @@ impl AppState {
     /// does not hold. `front` is the calling event loop's own cache, tried first.
     pub async fn authenticate(
         &self,
-        token: &str,
+        token: &[u8],
         front: Option<&LoopAuthCache>,
     ) -> Result<Arc<Principal>, ApiError> {
         let now = crate::timestamp::now();
@@ -156,6 +156,8 @@ impl AppState {
         if let Some(principal) = front.and_then(|f| f.get(token, now, generation)) {
             return Ok(principal);
         }
+        let token = std::str::from_utf8(token)
+            .map_err(|_| ApiError::unauthorized("The access token is not valid."))?;
         let claims = match cache.verified_claims(token, now.unix_timestamp()) {
             Some(claims) => claims,
             None => {
@@ -183,7 +185,7 @@ impl AppState {
             }
         };
         if let Some(front) = front {
-            front.insert(token, &claims, principal.clone(), generation);
+            front.insert(token.as_bytes(), &claims, principal.clone(), generation);
         }
         Ok(principal)
     }

@@ -200,7 +200,8 @@ impl AuthCache {
 /// rotation all bump the generation, so they take effect on the next request
 /// exactly as without this cache.
 pub struct LoopAuthCache {
-    entries: Mutex<quick_cache::unsync::Cache<String, FrontEntry>>,
+    /// Keyed by the token's bytes: a hit needs no check that they are text.
+    entries: Mutex<quick_cache::unsync::Cache<Box<[u8]>, FrontEntry>>,
 }
 
 #[derive(Clone)]
@@ -223,7 +224,12 @@ impl Default for LoopAuthCache {
 
 impl LoopAuthCache {
     /// The principal of `token`, if cached at `generation` and still valid at `now`.
-    pub fn get(&self, token: &str, now: OffsetDateTime, generation: u64) -> Option<Arc<Principal>> {
+    pub fn get(
+        &self,
+        token: &[u8],
+        now: OffsetDateTime,
+        generation: u64,
+    ) -> Option<Arc<Principal>> {
         let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         let entry = entries.get(token)?;
         let valid = entry.generation == generation
@@ -234,7 +240,13 @@ impl LoopAuthCache {
 
     /// Remembers `token`'s principal, resolved from the shared caches or the
     /// database after [`AuthCache::generation`] returned `generation`.
-    pub fn insert(&self, token: &str, claims: &Claims, principal: Arc<Principal>, generation: u64) {
+    pub fn insert(
+        &self,
+        token: &[u8],
+        claims: &Claims,
+        principal: Arc<Principal>,
+        generation: u64,
+    ) {
         let entry = FrontEntry {
             principal,
             usable_until: usable_until(claims),
@@ -243,7 +255,7 @@ impl LoopAuthCache {
         self.entries
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(token.to_owned(), entry);
+            .insert(token.into(), entry);
     }
 }
 
@@ -291,17 +303,17 @@ mod tests {
         let front = LoopAuthCache::default();
         let generation = shared.generation();
         let exp = now.unix_timestamp() + 600;
-        front.insert("tok", &claims(exp), principal("s1", None), generation);
-        assert!(front.get("tok", now, shared.generation()).is_some());
-        assert!(front.get("other", now, shared.generation()).is_none());
+        front.insert(b"tok", &claims(exp), principal("s1", None), generation);
+        assert!(front.get(b"tok", now, shared.generation()).is_some());
+        assert!(front.get(b"other", now, shared.generation()).is_none());
 
         // Any invalidation, even of another session, voids what was filled before it.
         shared.invalidate(&Invalidation::Session("s2".into()));
-        assert!(front.get("tok", now, shared.generation()).is_none());
+        assert!(front.get(b"tok", now, shared.generation()).is_none());
         shared.invalidate(&Invalidation::Registry);
-        front.insert("tok", &claims(exp), principal("s1", None), generation);
+        front.insert(b"tok", &claims(exp), principal("s1", None), generation);
         assert!(
-            front.get("tok", now, shared.generation()).is_none(),
+            front.get(b"tok", now, shared.generation()).is_none(),
             "an entry resolved before an invalidation never becomes valid"
         );
     }
@@ -312,16 +324,19 @@ mod tests {
         let front = LoopAuthCache::default();
         let leeway = i64::try_from(crate::identity::tokens::LEEWAY_SECONDS).unwrap_or(0);
         let exp = now.unix_timestamp() + 60;
-        front.insert("tok", &claims(exp), principal("s1", None), 7);
-        assert!(front.get("tok", now, 7).is_some());
+        front.insert(b"tok", &claims(exp), principal("s1", None), 7);
+        assert!(front.get(b"tok", now, 7).is_some());
         let after_expiry = now + Duration::seconds(60 + leeway);
-        assert!(front.get("tok", after_expiry, 7).is_none(), "expired token");
+        assert!(
+            front.get(b"tok", after_expiry, 7).is_none(),
+            "expired token"
+        );
 
         let grant_ends = now + Duration::seconds(30);
-        front.insert("tok", &claims(exp), principal("s1", Some(grant_ends)), 7);
-        assert!(front.get("tok", now, 7).is_some());
+        front.insert(b"tok", &claims(exp), principal("s1", Some(grant_ends)), 7);
+        assert!(front.get(b"tok", now, 7).is_some());
         assert!(
-            front.get("tok", grant_ends, 7).is_none(),
+            front.get(b"tok", grant_ends, 7).is_none(),
             "a time-bound grant ended: rebuilt from the shared cache"
         );
     }

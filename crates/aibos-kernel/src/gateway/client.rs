@@ -171,7 +171,7 @@ fn build_general(config: &GatewayConfig, http2_only: bool) -> GeneralClient {
 /// connection unusable; hyper closes it). Idle connections are reused newest
 /// first among those ready for a request; at most `max_idle_per_host` are kept
 /// per address, and one idle longer than `idle_timeout` is dropped (closing it)
-/// at the next check-in for its address. Most cells close idle connections
+/// at the next check-in for its address (or never used: a check-out skips it). Most cells close idle connections
 /// sooner themselves; what stays behind for a cell no longer called is bounded
 /// by `max_idle_per_host` per address.
 struct Http1Pool {
@@ -271,7 +271,9 @@ impl Http1Pool {
                     .iter()
                     .rposition(|c| fresh(c) && !c.sender.is_closed())
             })?;
-        Some(connections.swap_remove(index).sender)
+        // `remove`, not `swap_remove`: the list stays in check-in order (the
+        // newest, nearly always the one taken, is last: nothing moves).
+        Some(connections.remove(index).sender)
     }
 
     fn checkin(&self, key: PoolKey, sender: SendRequest<Body>) {
@@ -286,7 +288,16 @@ impl Http1Pool {
             Some(connections) => connections,
             None => idle.entry(key).or_default(),
         };
-        connections.retain(|c| !c.sender.is_closed() && now - c.since < self.idle_timeout);
+        // In check-in order, so the stalest is first: closed and stale entries
+        // are swept when that one is stale or the list is full, not at every
+        // check-in (a closed one is never checked out meanwhile).
+        let sweep = connections.len() >= self.max_idle_per_host
+            || connections
+                .first()
+                .is_some_and(|c| now - c.since >= self.idle_timeout);
+        if sweep {
+            connections.retain(|c| !c.sender.is_closed() && now - c.since < self.idle_timeout);
+        }
         if connections.len() < self.max_idle_per_host {
             connections.push(IdleConnection { sender, since: now });
         }
@@ -507,6 +518,42 @@ mod tests {
             call(&client, &base).await;
         }
         assert_eq!(accepted.load(Ordering::SeqCst), opened, "no new connection");
+    }
+
+    #[tokio::test]
+    async fn stale_connections_are_not_reused_and_the_idle_list_stays_bounded() {
+        let (base, accepted) = cell(Cell::KeepAlive).await;
+        let pool = Arc::new(Http1Pool {
+            idle: Mutex::new(foldhash::HashMap::default()),
+            max_idle_per_host: 2,
+            idle_timeout: Duration::from_millis(100),
+            connect_timeout: Duration::from_secs(1),
+        });
+        let call = || async {
+            let response = Http1Pool::send(&pool, &base, get())
+                .await
+                .expect("an answer");
+            response.into_body().collect().await.unwrap().to_bytes()
+        };
+        let idle = || pool.idle.lock().unwrap()[&base.pool_key].len();
+        assert_eq!(call().await, "ok");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(call().await, "ok");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "the stale one was passed over"
+        );
+        assert_eq!(idle(), 1, "and swept at the next check-in");
+        assert_eq!(call().await, "ok");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "the fresh one is reused"
+        );
+        let (a, b, c) = tokio::join!(call(), call(), call());
+        assert!([a, b, c].iter().all(|body| body == "ok"));
+        assert!(idle() <= 2, "never more than max_idle_per_host");
     }
 
     #[tokio::test]

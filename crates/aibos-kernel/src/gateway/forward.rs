@@ -252,12 +252,12 @@ fn write_json_string(out: &mut Vec<u8>, value: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push(b'"');
     let bytes = value.as_bytes();
-    // The usual case (ids, names, a path): nothing to escape. A fold without an
-    // early exit, which the compiler turns into wide compares.
-    let needs_escape = bytes.iter().fold(false, |any, &b| {
-        any | (b < 0x20) | (b == b'"') | (b == b'\\')
+    // The usual case (ids, names, a path): nothing to escape. A fold of bytes
+    // without an early exit, which the compiler turns into wide compares.
+    let needs_escape = bytes.iter().fold(0u8, |any, &b| {
+        any | u8::from(b < 0x20) | u8::from(b == b'"') | u8::from(b == b'\\')
     });
-    if !needs_escape {
+    if needs_escape == 0 {
         out.extend_from_slice(bytes);
         out.push(b'"');
         return;
