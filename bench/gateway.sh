@@ -42,15 +42,13 @@ trap cleanup EXIT
 # so that both proxies (nginx and the kernel) reach the upstream in another
 # process. (In one instance nginx could proxy to itself on the same worker
 # without a context switch, which no real deployment of a gateway does.)
-upstream_port=$(free_port)
+start_fixed_upstream "$work/upstream"
 proxy_port=$(free_port)
-start_nginx "$work/upstream" "$(fixed_upstream "$upstream_port")"
 start_nginx "$work/proxy" "upstream cell { server 127.0.0.1:$upstream_port; keepalive 128; }
   server {
     listen 127.0.0.1:$proxy_port;
     location / { proxy_pass http://cell; proxy_http_version 1.1; proxy_set_header Connection \"\"; }
   }"
-wait_http "http://127.0.0.1:$upstream_port/"
 wait_http "http://127.0.0.1:$proxy_port/"
 
 # --- the kernel on its embedded default: a canon in front of the upstream. ---

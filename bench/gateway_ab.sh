@@ -34,9 +34,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-upstream_port=$(free_port)
-start_nginx "$work/upstream" "$(fixed_upstream "$upstream_port")"
-wait_http "http://127.0.0.1:$upstream_port/"
+start_fixed_upstream "$work/upstream"
 
 # Both kernels set up alike; each warmed up for 2 s.
 loops=(${EVENT_LOOPS:+"AIBOS_SERVER__EVENT_LOOPS=$EVENT_LOOPS"})

@@ -31,9 +31,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-upstream_port=$(free_port)
-start_nginx "$work/upstream" "$(fixed_upstream "$upstream_port")"
-wait_http "http://127.0.0.1:$upstream_port/"
+start_fixed_upstream "$work/upstream"
 
 # count BIN: prints "<calls> <instructions per call> <of which SHA-256>".
 count() {

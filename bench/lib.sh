@@ -107,6 +107,14 @@ fixed_upstream() {
   echo "server { listen 127.0.0.1:$1; location / { default_type application/json; return 200 '{\"ok\":true}'; } }"
 }
 
+# start_fixed_upstream DIR: nginx serving the fixed upstream from DIR, once it
+# answers; sets upstream_port.
+start_fixed_upstream() {
+  upstream_port=$(free_port)
+  start_nginx "$1" "$(fixed_upstream "$upstream_port")"
+  wait_http "http://127.0.0.1:$upstream_port/"
+}
+
 # gateway_canon DIR UPSTREAM_PORT [ENV=VALUE…]: in the kernel started with
 # start_kernel in DIR (created there with `admin create` first; ENV passed to
 # it), registers canon `bench` in front of the upstream with route GET /ping
