@@ -71,6 +71,7 @@ wrk_run "$gateway" "$CONNECTIONS" 2 -H "Authorization: Bearer $token" >/dev/null
 wrk_run "$one_loop" "$CONNECTIONS" 2 -H "Authorization: Bearer $one_loop_token" >/dev/null
 
 : >"$work/direct.txt"; : >"$work/nginx.txt"; : >"$work/kernel.txt"; : >"$work/one_loop.txt"
+steal_before=$(steal_ticks) rounds_started=$SECONDS
 for round in $(seq 1 "$ROUNDS"); do
   measured "$work/direct.txt" "$upstream_pids" "$direct"
   measured "$work/nginx.txt" "$proxy_pids" "$proxied"
@@ -82,6 +83,7 @@ done
 col() { cut -d' ' -f"$1" "$2" | median; }
 # ratio FILE COLUMN: the median over rounds of FILE's COLUMN (1 rps, 2 p99) over nginx's.
 ratio() { paste -d' ' "$1" "$work/nginx.txt" | awk -v c="$2" '{ printf "%.3f\n", $c / $(c + NF / 2) }' | median; }
+steal_share=$(steal_share "$steal_before" "$(steal_ticks)" $((SECONDS - rounds_started)))
 rss_kib=$(awk '/VmRSS/ { print $2 }' "/proc/$default_pid/status")
 # How the default kernel's work split between its event loops over the whole
 # run: packed onto one, or spread (http/dealer.rs sheds only beside idle cores).
@@ -103,3 +105,4 @@ printf '%-46s %10s\n' "  one loop / nginx rps" "$(ratio "$work/one_loop.txt" 1)x
 printf '%-46s %10s\n' "  one loop / nginx p99" "$(ratio "$work/one_loop.txt" 2)x"
 printf '%-46s %10s\n' "kernel RSS after the load" "$((rss_kib / 1024)) MiB"
 printf '%-46s %10s\n' "kernel CPU by event loop" "$loop_shares"
+printf '%-46s %10s\n' "host steal during the rounds" "$steal_share"

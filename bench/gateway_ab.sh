@@ -46,6 +46,7 @@ wrk_run "$url_a" "$CONNECTIONS" 2 -H "Authorization: Bearer $token_a" >/dev/null
 wrk_run "$url_b" "$CONNECTIONS" 2 -H "Authorization: Bearer $token_b" >/dev/null
 
 : >"$work/a.txt"; : >"$work/b.txt"; : >"$work/ratios.txt"; : >"$work/cpu_ratios.txt"
+steal_before=$(steal_ticks) rounds_started=$SECONDS
 for round in $(seq 1 "$ROUNDS"); do
   measured "$work/a.txt" "$pid_a" "$url_a" -H "Authorization: Bearer $token_a"
   measured "$work/b.txt" "$pid_b" "$url_b" -H "Authorization: Bearer $token_b"
@@ -54,4 +55,4 @@ for round in $(seq 1 "$ROUNDS"); do
   echo "$a $b" | awk '{ printf "%.3f\n", $6 / $3 }' >>"$work/cpu_ratios.txt"
   echo "round $round: A $a  B $b  (rps p99_ms cpu_us_per_call)  B/A rps $(tail -n1 "$work/ratios.txt") cpu $(tail -n1 "$work/cpu_ratios.txt")"
 done
-echo "gateway A/B ($(date -u +%Y-%m-%dT%H:%MZ), $ROUNDS rounds x ${SECONDS_PER_ROUND}s, wrk -c$CONNECTIONS${EVENT_LOOPS:+, event loops $EVENT_LOOPS}): median B/A rps $(median <"$work/ratios.txt")x, CPU per call $(median <"$work/cpu_ratios.txt")x"
+echo "gateway A/B ($(date -u +%Y-%m-%dT%H:%MZ), $ROUNDS rounds x ${SECONDS_PER_ROUND}s, wrk -c$CONNECTIONS${EVENT_LOOPS:+, event loops $EVENT_LOOPS}): median B/A rps $(median <"$work/ratios.txt")x, CPU per call $(median <"$work/cpu_ratios.txt")x; host steal $(steal_share "$steal_before" "$(steal_ticks)" $((SECONDS - rounds_started)))"

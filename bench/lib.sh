@@ -167,3 +167,16 @@ measured() {
   echo "$line" | awk -v ticks=$((after - before)) -v hz="$(getconf CLK_TCK)" -v secs="$SECONDS_PER_ROUND" \
     '{ printf "%s %s %.1f\n", $1, $2, ticks / hz * 1e6 / ($1 * secs) }' >>"$file"
 }
+
+# steal_ticks: the CPU time the hypervisor gave to others so far (all cores,
+# clock ticks; /proc/stat's 8th cpu field). A shared host's steal stalls a busy
+# event loop and moves requests per second far more than most changes do.
+steal_ticks() {
+  awk '/^cpu / { print $9 }' /proc/stat
+}
+# steal_share BEFORE AFTER SECONDS: the share of the machine's CPU stolen over
+# SECONDS of wall time, e.g. "3.1 %".
+steal_share() {
+  awk -v d=$(($2 - $1)) -v hz="$(getconf CLK_TCK)" -v s="$3" -v n="$(nproc)" \
+    'BEGIN { printf "%.1f %%", 100 * d / (hz * s * n) }'
+}
