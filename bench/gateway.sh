@@ -73,11 +73,12 @@ wrk_run "$one_loop" "$CONNECTIONS" 2 -H "Authorization: Bearer $one_loop_token" 
 : >"$work/direct.txt"; : >"$work/nginx.txt"; : >"$work/kernel.txt"; : >"$work/one_loop.txt"
 steal_before=$(steal_ticks) rounds_started=$SECONDS
 for round in $(seq 1 "$ROUNDS"); do
+  round_steal=$(steal_ticks) round_started=$SECONDS
   measured "$work/direct.txt" "$upstream_pids" "$direct"
   measured "$work/nginx.txt" "$proxy_pids" "$proxied"
   measured "$work/kernel.txt" "$default_pid" "$gateway" -H "Authorization: Bearer $token"
   measured "$work/one_loop.txt" "$one_loop_pid" "$one_loop" -H "Authorization: Bearer $one_loop_token"
-  echo "round $round: direct $(tail -n1 "$work/direct.txt")  nginx $(tail -n1 "$work/nginx.txt")  kernel $(tail -n1 "$work/kernel.txt")  one loop $(tail -n1 "$work/one_loop.txt")  (rps p99_ms cpu_us_per_call)" >&2
+  echo "round $round: direct $(tail -n1 "$work/direct.txt")  nginx $(tail -n1 "$work/nginx.txt")  kernel $(tail -n1 "$work/kernel.txt")  one loop $(tail -n1 "$work/one_loop.txt")  (rps p99_ms cpu_us_per_call)  steal $(steal_share "$round_steal" "$(steal_ticks)" $((SECONDS - round_started)))" >&2
 done
 
 col() { cut -d' ' -f"$1" "$2" | median; }
