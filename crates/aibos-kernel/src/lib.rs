@@ -29,6 +29,7 @@ pub mod gateway;
 pub mod health;
 pub mod http;
 pub mod identity;
+pub mod json_text;
 pub mod limits;
 pub mod registry;
 pub mod state;

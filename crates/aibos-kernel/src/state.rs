@@ -196,16 +196,19 @@ impl AppState {
     }
 
     /// Writes one audit entry in a transaction of its own (denials, failed logins).
+    ///
+    /// The write is boxed: these entries are written on rare paths (a denial, a
+    /// failed call) of hot handlers, and a database transaction's future would
+    /// otherwise sit in every one of their futures, copied whole at each move.
     pub async fn audit_alone(&self, ctx: AuditContext, event: AuditEvent) -> Result<(), ApiError> {
         let keys = self.redact_keys();
-        self.db()
-            .write(move |tx| {
-                Box::pin(async move {
-                    audit::record(tx, &ctx, event, &keys).await?;
-                    Ok::<_, ApiError>(())
-                })
+        Box::pin(self.db().write(move |tx| {
+            Box::pin(async move {
+                audit::record(tx, &ctx, event, &keys).await?;
+                Ok::<_, ApiError>(())
             })
-            .await
+        }))
+        .await
     }
 
     /// The gateway.

@@ -10,6 +10,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::AuditEntry;
+use crate::json_text::push_string;
 
 /// `prev_hash` of a tenant's first entry.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -87,11 +88,11 @@ pub fn canonical_form(entry: &AuditEntry) -> String {
 pub fn write_canonical(out: &mut Vec<u8>, f: &Fields<'_>) {
     // Members in JCS order: keys sorted by UTF-16 code unit (all ours are ASCII).
     out.extend_from_slice(b"{\"action\":");
-    push_json_string(out, f.action);
+    push_string(out, f.action);
     out.extend_from_slice(b",\"actor_id\":");
     push_optional(out, f.actor_id);
     out.extend_from_slice(b",\"actor_type\":");
-    push_json_string(out, f.actor_type);
+    push_string(out, f.actor_type);
     out.extend_from_slice(b",\"client_ip\":");
     push_optional(out, f.client_ip);
     out.extend_from_slice(b",\"correlation_id\":");
@@ -99,13 +100,13 @@ pub fn write_canonical(out: &mut Vec<u8>, f: &Fields<'_>) {
     out.extend_from_slice(b",\"details\":");
     write_details(out, f.details);
     out.extend_from_slice(b",\"id\":");
-    push_json_string(out, f.id);
+    push_string(out, f.id);
     out.extend_from_slice(b",\"occurred_at\":");
-    push_json_string(out, f.occurred_at);
+    push_string(out, f.occurred_at);
     out.extend_from_slice(b",\"outcome\":");
-    push_json_string(out, f.outcome);
+    push_string(out, f.outcome);
     out.extend_from_slice(b",\"prev_hash\":");
-    push_json_string(out, f.prev_hash);
+    push_string(out, f.prev_hash);
     out.extend_from_slice(b",\"resource_id\":");
     push_optional(out, f.resource_id);
     out.extend_from_slice(b",\"resource_type\":");
@@ -113,9 +114,9 @@ pub fn write_canonical(out: &mut Vec<u8>, f: &Fields<'_>) {
     out.extend_from_slice(b",\"seq\":");
     out.extend_from_slice(f.seq.to_string().as_bytes());
     out.extend_from_slice(b",\"severity\":");
-    push_json_string(out, f.severity);
+    push_string(out, f.severity);
     out.extend_from_slice(b",\"tenant_id\":");
-    push_json_string(out, f.tenant_id);
+    push_string(out, f.tenant_id);
     out.extend_from_slice(b",\"user_agent\":");
     push_optional(out, f.user_agent);
     out.push(b'}');
@@ -169,23 +170,9 @@ pub fn hash_matches(f: &Fields<'_>, stored: &str, buffer: &mut Vec<u8>) -> bool 
 
 fn push_optional(out: &mut Vec<u8>, value: Option<&str>) {
     match value {
-        Some(s) => push_json_string(out, s),
+        Some(s) => push_string(out, s),
         None => out.extend_from_slice(b"null"),
     }
-}
-
-/// A JSON string as RFC 8785 writes it (which is also how serde_json writes it):
-/// `"` and `\` escaped, control characters as `\b \t \n \f \r` or `\u00xx`.
-fn push_json_string(out: &mut Vec<u8>, s: &str) {
-    // Fast path: nothing to escape (ids, hashes, times, most names).
-    if !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
-        out.push(b'"');
-        out.extend_from_slice(s.as_bytes());
-        out.push(b'"');
-        return;
-    }
-    // serde_json's string escaping is the JCS one; reuse it rather than re-implement.
-    let _ = s.serialize(&mut serde_json::Serializer::new(&mut *out));
 }
 
 /// The hash of `entry` as it should be stored.

@@ -196,9 +196,7 @@ impl Caller {
             .outcome("deny")
             .severity("warning")
             .details(serde_json::json!({ "required_permissions": permissions, "missing_permissions": missing }));
-        // Boxed: the denial's database write would otherwise make every
-        // caller's future (the gateway's hot one included) as large as itself.
-        Box::pin(state.audit_alone(self.audit_context(), event)).await?;
+        state.audit_alone(self.audit_context(), event).await?;
         Err(ApiError::forbidden(missing))
     }
 

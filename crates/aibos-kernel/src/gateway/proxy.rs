@@ -395,9 +395,7 @@ async fn audit_failure(
             "status": failure.status,
             "latency_ms": u64::try_from(failure.latency.as_millis()).unwrap_or(u64::MAX),
         }));
-    // Boxed: a database write's future is large, and unboxed it would sit in
-    // the state of every proxied call's future, copied whole at each move.
-    if let Err(e) = Box::pin(state.audit_alone(caller.audit_context(), event)).await {
+    if let Err(e) = state.audit_alone(caller.audit_context(), event).await {
         tracing::error!(error = ?e.code(), canon = %canon.name, "could not audit a gateway failure");
     }
 }

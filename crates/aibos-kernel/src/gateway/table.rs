@@ -196,8 +196,8 @@ impl BaseUrl {
 
 /// Signs `x-kernel-assertion` (a compact HS256 JWS) with a canon's active
 /// secret. The encoded header and the keyed HMAC state are computed once per
-/// table build, so a signature costs one JSON serialisation, two base64
-/// encodings and two SHA-256 compressions of a few blocks.
+/// table build, so a signature costs two base64 encodings and the SHA-256
+/// compressions of a few blocks.
 pub struct Signer {
     /// `base64url({"alg":"HS256","typ":"JWT","kid":…})` followed by `.`.
     header_b64: String,
@@ -218,14 +218,9 @@ impl Signer {
         }
     }
 
-    /// The compact JWS of `claims`.
-    pub fn sign<T: serde::Serialize>(&self, claims: &T) -> Result<String, serde_json::Error> {
-        Ok(self.sign_json(&serde_json::to_vec(claims)?))
-    }
-
-    /// The compact JWS of `payload`, claims already written as JSON (the
-    /// gateway writes its own, `gateway::forward`).
-    pub fn sign_json(&self, payload: &[u8]) -> String {
+    /// The compact JWS of `payload`, the claims as JSON (the gateway writes
+    /// them itself, `gateway::forward`).
+    pub fn sign(&self, payload: &[u8]) -> String {
         // Encoded straight into the token's buffer (`encode_string` goes through a
         // chunked writer that checks every chunk is UTF-8); checked once at the end.
         let mut token = Vec::with_capacity(self.header_b64.len() + payload.len() * 4 / 3 + 48);
@@ -370,7 +365,7 @@ mod tests {
         let secret = "kas_0123456789abcdef_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789-_xyz";
         let signer = Signer::new("0123456789abcdef".into(), secret);
         let claims = serde_json::json!({ "aud": "payments", "exp": 4_000_000_000u64, "sub": "u" });
-        let token = signer.sign(&claims).unwrap();
+        let token = signer.sign(&serde_json::to_vec(&claims).unwrap());
         let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
         validation.set_audience(&["payments"]);
         let decoded = jsonwebtoken::decode::<serde_json::Value>(
