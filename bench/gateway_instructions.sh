@@ -15,6 +15,9 @@
 # cycles on the real machine); it is reported apart.
 #
 #   bench/gateway_instructions.sh target/release/aibos /tmp/aibos-before   # ~1 min per build
+#
+# KEEP_PROFILES=DIR keeps each build's callgrind profile there (DIR/<n>.callgrind,
+# in argument order) for callgrind_annotate --inclusive=yes.
 source "$(dirname "$0")/lib.sh"
 
 SECONDS_COUNTED=${SECONDS_COUNTED:-10}
@@ -63,12 +66,18 @@ count() {
   total=$(awk '/^summary:/ { print $2 }' "$dir/callgrind.out.1")
   sha=$(callgrind_annotate --auto=no --inclusive=no "$dir/callgrind.out.1" |
     awk '/sha2::sha256::compress256/ { gsub(",", "", $1); s += $1 } END { print s + 0 }')
+  if [ -n "${KEEP_PROFILES:-}" ]; then
+    mkdir -p "$KEEP_PROFILES"
+    cp "$dir/callgrind.out.1" "$KEEP_PROFILES/$profile_number.callgrind"
+  fi
   echo "$calls $((total / calls)) $((sha / calls))"
 }
 
 echo "gateway instructions per call ($(date -u +%Y-%m-%dT%H:%MZ), callgrind, ${SECONDS_COUNTED}s counted, wrk -c16, one event loop)"
 printf '%-40s %8s %14s %14s %16s\n' build calls "instr/call" "of it SHA-256" "without SHA-256"
+profile_number=0
 for bin in "$@"; do
+  profile_number=$((profile_number + 1))
   count "$bin" >"$work/counted"
   read -r calls per_call sha_per_call <"$work/counted"
   printf '%-40s %8s %14s %14s %16s\n' "$bin" "$calls" "$per_call" "$sha_per_call" "$((per_call - sha_per_call))"
