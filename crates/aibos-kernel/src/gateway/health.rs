@@ -1,8 +1,14 @@
 //! Active health checks: every `gateway.health_interval_seconds`, and right
 //! after the route table changes, each canon's `health_path` is called. A canon
 //! that does not answer 2xx within `gateway.health_timeout_ms` is marked
-//! unhealthy and not called until it answers again; each change of state (other
-//! than the first success after start) is audited as `canon.health_changed`.
+//! unhealthy and not called until it answers again.
+//!
+//! Each instance keeps its own view (it is the one calling the cell), and
+//! records a change of it in `canon_health`, shared by all instances: a change
+//! of the recorded state is audited as `canon.health_changed` by the one
+//! instance that recorded it, so several instances seeing the same failure
+//! write one entry, and a restart does not forget a canon that was down. A
+//! canon's first recorded state is audited only if it is a failure.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,8 +20,10 @@ use tokio_util::sync::CancellationToken;
 use super::client::{self, UpstreamClient};
 use super::state::Health;
 use super::table::CanonEntry;
-use crate::audit::{AuditContext, AuditEvent};
+use crate::audit::{self, AuditContext, AuditEvent};
+use crate::error::ApiError;
 use crate::identity::SYSTEM_TENANT_ID;
+use crate::registry::store::{self, HealthRecord};
 use crate::state::AppState;
 
 /// Runs until `stop`.
@@ -66,30 +74,46 @@ async fn check_one(
         Health::Unhealthy
     };
     // Only this task writes a canon's health (one check per canon at a time),
-    // so reading it and setting it after the audit entry is no race. The entry
-    // is written first so that whoever sees the new state can find its entry;
-    // a failed audit write is logged and does not hold the state back.
+    // so reading it and setting it after recording the change is no race. The
+    // change is recorded (and audited) first so that whoever sees the new state
+    // can find its entry; a failed write is logged and does not hold the state back.
     let before = canon.state.health();
-    if before != now && !(before == Health::Unknown && now == Health::Healthy) {
-        audit_change(state, canon, before, now).await;
+    if before != now {
+        tracing::warn!(canon = %canon.name, from = before.as_str(), to = now.as_str(), "canon health changed");
+        record_change(state, canon, now).await;
     }
     canon.state.set_health(now);
 }
 
-async fn audit_change(state: &AppState, canon: &CanonEntry, before: Health, now: Health) {
+/// Records the canon's new state for all instances, and audits it if it is a
+/// change of the recorded state.
+async fn record_change(state: &AppState, canon: &CanonEntry, now: Health) {
     let healthy = now == Health::Healthy;
-    tracing::warn!(canon = %canon.name, from = before.as_str(), to = now.as_str(), "canon health changed");
-    let event = AuditEvent::new("canon.health_changed")
-        .severity(if healthy { "info" } else { "warning" })
-        .outcome(if healthy { "success" } else { "failure" })
-        .resource("canon", &canon.id)
-        .details(
-            serde_json::json!({ "canon": canon.name, "from": before.as_str(), "to": now.as_str() }),
-        );
-    if let Err(e) = state
-        .audit_alone(AuditContext::system(SYSTEM_TENANT_ID), event)
-        .await
-    {
-        tracing::error!(error = ?e.code(), canon = %canon.name, "could not audit a health change");
+    let (canon_id, name) = (canon.id.clone(), canon.name.clone());
+    let keys = state.redact_keys();
+    let written = state
+        .db()
+        .write(move |tx| {
+            Box::pin(async move {
+                let from = match store::record_health(tx, &canon_id, now.as_str()).await? {
+                    HealthRecord::Changed if healthy => Health::Unhealthy,
+                    HealthRecord::Changed => Health::Healthy,
+                    // Healthy is what a new canon is expected to be; only a
+                    // failure is news.
+                    HealthRecord::First if !healthy => Health::Unknown,
+                    HealthRecord::First | HealthRecord::Unchanged => return Ok(()),
+                };
+                let event = AuditEvent::new("canon.health_changed")
+                    .severity(if healthy { "info" } else { "warning" })
+                    .outcome(if healthy { "success" } else { "failure" })
+                    .resource("canon", &canon_id)
+                    .details(serde_json::json!({ "canon": name, "from": from.as_str(), "to": now.as_str() }));
+                audit::record(tx, &AuditContext::system(SYSTEM_TENANT_ID), event, &keys).await?;
+                Ok::<_, ApiError>(())
+            })
+        })
+        .await;
+    if let Err(e) = written {
+        tracing::error!(error = ?e.code(), canon = %canon.name, "could not record a health change");
     }
 }

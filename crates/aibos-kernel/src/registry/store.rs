@@ -403,6 +403,47 @@ pub struct Snapshot {
     pub routes: Vec<Route>,
 }
 
+/// What recording a canon's observed health found in the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthRecord {
+    /// The other state was stored: a change of state, recorded by this instance.
+    Changed,
+    /// Nothing was stored yet: the canon's first recorded state.
+    First,
+    /// This state was stored already (another instance recorded it first), or
+    /// the canon is gone.
+    Unchanged,
+}
+
+/// Records `status` (`healthy` or `unhealthy`) as the canon's last known
+/// health. Of several instances recording the same change at once, exactly one
+/// gets [`HealthRecord::Changed`]: the conditional update takes the row's lock,
+/// and the others, re-reading it after that commit, find nothing to change.
+pub async fn record_health(
+    tx: &mut Tx,
+    canon_id: &str,
+    status: &str,
+) -> Result<HealthRecord, sqlx::Error> {
+    let now = timestamp::now_text();
+    let changed = with_tx!(tx, conn => {
+        sqlx::query("UPDATE canon_health SET status = $2, changed_at = $3 WHERE canon_id = $1 AND status <> $2")
+            .bind(canon_id).bind(status).bind(&now).execute(&mut *conn).await?.rows_affected()
+    });
+    if changed == 1 {
+        return Ok(HealthRecord::Changed);
+    }
+    // The canon may have been deleted since the route table was built.
+    let inserted = with_tx!(tx, conn => {
+        sqlx::query("INSERT INTO canon_health (canon_id, status, changed_at) SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM canons WHERE id = $1) ON CONFLICT (canon_id) DO NOTHING")
+            .bind(canon_id).bind(status).bind(&now).execute(&mut *conn).await?.rows_affected()
+    });
+    Ok(if inserted == 1 {
+        HealthRecord::First
+    } else {
+        HealthRecord::Unchanged
+    })
+}
+
 /// Reads the whole registry (bounded by the canon and route limits).
 pub async fn snapshot(db: &Db) -> Result<Snapshot, sqlx::Error> {
     let canons_sql = format!("SELECT {CANON_COLUMNS} FROM canons WHERE tenant_id = $1 ORDER BY id");

@@ -520,15 +520,82 @@ both_engines! {
                 )
             })
             .collect();
-        assert!(
-            moves.contains(&("healthy".into(), "unhealthy".into()))
-                && moves.contains(&("unhealthy".into(), "healthy".into())),
-            "{moves:?}"
+        assert_eq!(
+            moves,
+            [
+                ("healthy".to_owned(), "unhealthy".to_owned()),
+                ("unhealthy".to_owned(), "healthy".to_owned())
+            ],
+            "the first success after start is not news"
         );
         let metrics = k.metrics_text().await;
         assert!(
             metrics.contains("aibos_gateway_canon_healthy{canon=\"payments\"} 1"),
             "{metrics}"
+        );
+    }
+}
+
+both_engines! {
+    async fn several_instances_audit_one_change_of_health_once(engine: Engine) {
+        let upstream = Upstream::start().await;
+        let every_second = [("AIBOS_GATEWAY__HEALTH_INTERVAL_SECONDS", "1")];
+        let Fixture { k, root, canon_id, .. } =
+            fixture_configured(engine, &upstream, &every_second).await;
+        // A second instance on the same database, as behind a load balancer.
+        let second = spawn_kernel_with(
+            engine,
+            KernelOptions {
+                env: every_second
+                    .iter()
+                    .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
+                    .collect(),
+                database_url: Some(k.db.url().to_owned()),
+                ..KernelOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        let status = |instance: &TestKernel| {
+            let request = instance.as_(&root, Method::GET, &format!("/api/kernel/canons/{canon_id}"));
+            async move {
+                let canon: Value = request.send().await.unwrap().json().await.unwrap();
+                canon["status"].as_str().unwrap().to_owned()
+            }
+        };
+        let both_see = |want: &'static str| {
+            let (k, second) = (&k, &second);
+            async move {
+                for _ in 0..50 {
+                    if status(k).await == want && status(second).await == want {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                panic!("the instances never both saw the canon {want}");
+            }
+        };
+        both_see("healthy").await;
+        upstream.set_healthy(false);
+        both_see("unhealthy").await;
+        upstream.set_healthy(true);
+        both_see("healthy").await;
+        // Each instance has had a check since, which records nothing new.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let changes = k.audit(&root, "action=canon.health_changed").await;
+        let moves: Vec<(&str, &str)> = changes
+            .iter()
+            .map(|c| {
+                (
+                    c["details"]["from"].as_str().unwrap(),
+                    c["details"]["to"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            moves,
+            [("healthy", "unhealthy"), ("unhealthy", "healthy")],
+            "one entry per change, whichever instance saw it first"
         );
     }
 }
