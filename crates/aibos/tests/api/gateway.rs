@@ -8,7 +8,7 @@ use aibos_cell::AssertionVerifier;
 use aibos_testkit::api::{PASSWORD, Session};
 use aibos_testkit::process::KernelProcess;
 use aibos_testkit::upstream::{BIG_RESPONSE_BYTES, Upstream};
-use aibos_testkit::{Engine, KernelOptions, TestKernel, spawn_kernel, spawn_kernel_with};
+use aibos_testkit::{Engine, KernelOptions, TestDb, TestKernel, spawn_kernel, spawn_kernel_with};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -460,34 +460,10 @@ both_engines! {
             ..
         } = fixture_configured(engine, &upstream, &[("AIBOS_GATEWAY__HEALTH_INTERVAL_SECONDS", "1")])
             .await;
-        let status = || async {
-            let canon: Value = k
-                .as_(
-                    &root,
-                    Method::GET,
-                    &format!("/api/kernel/canons/{canon_id}"),
-                )
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            canon["status"].as_str().unwrap().to_owned()
-        };
-        let wait_for = |want: &'static str| async move {
-            for _ in 0..50 {
-                if status().await == want {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            panic!("the canon never became {want}");
-        };
-        wait_for("healthy").await;
+        wait_for_status(&k, &root, &canon_id, "healthy").await;
         assert!(upstream.health_checks() >= 1);
         upstream.set_healthy(false);
-        wait_for("unhealthy").await;
+        wait_for_status(&k, &root, &canon_id, "unhealthy").await;
         let before = upstream.received().len();
         let refused = k
             .as_(&user, Method::GET, "/api/gateway/payments/payments/1")
@@ -501,7 +477,7 @@ both_engines! {
             "an unhealthy cell is not called"
         );
         upstream.set_healthy(true);
-        wait_for("healthy").await;
+        wait_for_status(&k, &root, &canon_id, "healthy").await;
         assert_eq!(
             k.as_(&user, Method::GET, "/api/gateway/payments/payments/1")
                 .send()
@@ -510,22 +486,10 @@ both_engines! {
                 .status(),
             200
         );
-        let changes = k.audit(&root, "action=canon.health_changed").await;
-        let moves: Vec<(String, String)> = changes
-            .iter()
-            .map(|c| {
-                (
-                    c["details"]["from"].as_str().unwrap().to_owned(),
-                    c["details"]["to"].as_str().unwrap().to_owned(),
-                )
-            })
-            .collect();
+        let moves = health_moves(&k, &root).await;
         assert_eq!(
             moves,
-            [
-                ("healthy".to_owned(), "unhealthy".to_owned()),
-                ("unhealthy".to_owned(), "healthy".to_owned())
-            ],
+            [["healthy", "unhealthy"], ["unhealthy", "healthy"]],
             "the first success after start is not news"
         );
         let metrics = k.metrics_text().await;
@@ -556,24 +520,10 @@ both_engines! {
         )
         .await
         .unwrap();
-        let status = |instance: &TestKernel| {
-            let request = instance.as_(&root, Method::GET, &format!("/api/kernel/canons/{canon_id}"));
-            async move {
-                let canon: Value = request.send().await.unwrap().json().await.unwrap();
-                canon["status"].as_str().unwrap().to_owned()
-            }
-        };
-        let both_see = |want: &'static str| {
-            let (k, second) = (&k, &second);
-            async move {
-                for _ in 0..50 {
-                    if status(k).await == want && status(second).await == want {
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                panic!("the instances never both saw the canon {want}");
-            }
+        let (k_ref, second_ref, root_ref, canon_ref) = (&k, &second, &root, canon_id.as_str());
+        let both_see = |want| async move {
+            wait_for_status(k_ref, root_ref, canon_ref, want).await;
+            wait_for_status(second_ref, root_ref, canon_ref, want).await;
         };
         both_see("healthy").await;
         upstream.set_healthy(false);
@@ -582,22 +532,71 @@ both_engines! {
         both_see("healthy").await;
         // Each instance has had a check since, which records nothing new.
         tokio::time::sleep(Duration::from_millis(1200)).await;
-        let changes = k.audit(&root, "action=canon.health_changed").await;
-        let moves: Vec<(&str, &str)> = changes
-            .iter()
-            .map(|c| {
-                (
-                    c["details"]["from"].as_str().unwrap(),
-                    c["details"]["to"].as_str().unwrap(),
-                )
-            })
-            .collect();
+        let moves = health_moves(&k, &root).await;
         assert_eq!(
             moves,
-            [("healthy", "unhealthy"), ("unhealthy", "healthy")],
+            [["healthy", "unhealthy"], ["unhealthy", "healthy"]],
             "one entry per change, whichever instance saw it first"
         );
     }
+}
+
+both_engines! {
+    async fn a_restarted_kernel_remembers_a_canon_that_was_down(engine: Engine) {
+        let upstream = Upstream::start().await;
+        let db = TestDb::create(engine).await.unwrap();
+        let on_the_database = || KernelOptions {
+            env: vec![("AIBOS_GATEWAY__HEALTH_INTERVAL_SECONDS".to_owned(), "1".to_owned())],
+            database_url: Some(db.url().to_owned()),
+            ..KernelOptions::default()
+        };
+        let first = spawn_kernel_with(engine, on_the_database()).await.unwrap();
+        let Fixture { k, root, canon_id, .. } = fixture(first, &upstream).await;
+        wait_for_status(&k, &root, &canon_id, "healthy").await;
+        upstream.set_healthy(false);
+        wait_for_status(&k, &root, &canon_id, "unhealthy").await;
+        k.shutdown().await.unwrap();
+
+        // The cell is still down when the kernel comes back: nothing new to
+        // record. Its recovery is a change from the failure recorded before.
+        let restarted = spawn_kernel_with(engine, on_the_database()).await.unwrap();
+        wait_for_status(&restarted, &root, &canon_id, "unhealthy").await;
+        upstream.set_healthy(true);
+        wait_for_status(&restarted, &root, &canon_id, "healthy").await;
+        let moves = health_moves(&restarted, &root).await;
+        assert_eq!(moves, [["healthy", "unhealthy"], ["unhealthy", "healthy"]]);
+    }
+}
+
+/// The `[from, to]` of every `canon.health_changed` entry, oldest first.
+async fn health_moves(instance: &TestKernel, root: &Session) -> Vec<[String; 2]> {
+    let changes = instance.audit(root, "action=canon.health_changed").await;
+    changes
+        .iter()
+        .map(|c| {
+            let word = |field: &str| c["details"][field].as_str().unwrap().to_owned();
+            [word("from"), word("to")]
+        })
+        .collect()
+}
+
+/// Waits (up to 5 s) until `instance` reports the canon's health as `want`.
+async fn wait_for_status(instance: &TestKernel, root: &Session, canon_id: &str, want: &str) {
+    for _ in 0..50 {
+        let canon: Value = instance
+            .as_(root, Method::GET, &format!("/api/kernel/canons/{canon_id}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if canon["status"] == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{} never saw the canon {want}", instance.base_url);
 }
 
 /// Peak resident memory of a process, in KiB.
