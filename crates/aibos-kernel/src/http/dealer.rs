@@ -14,7 +14,8 @@
 //!
 //! How: every [`limits::EVENT_LOOP_SAMPLE_MS`] the dealer reads how busy each
 //! loop's runtime was (Tokio's busy time) and how much of the machine was idle
-//! (`/proc/stat`). A new connection goes to the first loop (in order) that is
+//! (`/proc/stat`, and no more than the process's cgroup v2 CPU quota leaves
+//! unused). A new connection goes to the first loop (in order) that is
 //! not full ([`limits::EVENT_LOOP_FULL_PERCENT`] busy, and holding connections);
 //! when all are full, to the least busy. Keep-alive connections dealt in a burst
 //! would stay on the first loop for good, so a saturated loop
@@ -319,7 +320,9 @@ fn connections_to_shed(loops: &[LoopView], spare_cores: Option<f64>) -> Vec<usiz
 
 /// Idle cores of the machine over the last [`limits::EVENT_LOOP_SHED_AFTER_SAMPLES`]
 /// samples, from `/proc/stat` (`None` where it cannot be read: then loops are
-/// never asked to shed). One 100 ms window is too noisy to act on.
+/// never asked to shed), and no more than the kernel's cgroup quota leaves it
+/// (in a container limited to 1 CPU on a 16-core host, the host's idle cores
+/// are not the kernel's to use). One 100 ms window is too noisy to act on.
 struct HostIdle {
     /// Reads the machine's counters: `/proc/stat`, or a test's script.
     read: Box<dyn FnMut() -> Option<CpuTimes> + Send>,
@@ -328,12 +331,29 @@ struct HostIdle {
 
 impl Default for HostIdle {
     fn default() -> HostIdle {
-        HostIdle::reading(Box::new(|| {
-            std::fs::read_to_string("/proc/stat")
-                .ok()
-                .and_then(|text| CpuTimes::parse(&text))
+        let cgroup = own_cgroup_dir();
+        // The cgroup's usage is set against this clock's time (the reader's own).
+        let clock = Instant::now();
+        HostIdle::reading(Box::new(move || {
+            let text = std::fs::read_to_string("/proc/stat").ok()?;
+            let mut times = CpuTimes::parse(&text)?;
+            times.quota = cgroup.as_deref().and_then(|dir| {
+                let max = std::fs::read_to_string(dir.join("cpu.max")).ok()?;
+                let stat = std::fs::read_to_string(dir.join("cpu.stat")).ok()?;
+                let at_usec = u64::try_from(clock.elapsed().as_micros()).unwrap_or(u64::MAX);
+                CgroupCpu::parse(&max, &stat, at_usec)
+            });
+            Some(times)
         }))
     }
+}
+
+/// The process's cgroup v2 directory (the `0::/path` line of `/proc/self/cgroup`),
+/// where its CPU quota is; `None` outside cgroup v2.
+fn own_cgroup_dir() -> Option<std::path::PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = text.lines().find_map(|line| line.strip_prefix("0::"))?;
+    Some(std::path::Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/')))
 }
 
 impl HostIdle {
@@ -365,12 +385,58 @@ impl HostIdle {
     }
 }
 
-/// The machine-wide CPU counters of `/proc/stat`, in clock ticks.
+/// The machine-wide CPU counters of `/proc/stat`, in clock ticks, and the
+/// kernel's cgroup quota and usage where it has a quota.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct CpuTimes {
     idle: u64,
     total: u64,
     cores: usize,
+    quota: Option<CgroupCpu>,
+}
+
+/// The CPU quota of the kernel's cgroup (v2) and what the cgroup has used.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct CgroupCpu {
+    /// The quota in cores (`cpu.max`: quota / period).
+    cores: f64,
+    /// CPU time the cgroup has used (`cpu.stat`'s `usage_usec`).
+    used_usec: u64,
+    /// When that was read, in µs of the reader's own monotonic clock.
+    at_usec: u64,
+}
+
+impl CgroupCpu {
+    /// `cpu.max` (`max PERIOD` when there is no quota: `None`) and `cpu.stat`.
+    fn parse(max: &str, stat: &str, at_usec: u64) -> Option<CgroupCpu> {
+        let mut fields = max.split_ascii_whitespace();
+        let quota: f64 = fields.next()?.parse().ok()?;
+        let period: f64 = fields.next()?.parse().ok()?;
+        if !(quota > 0.0 && period > 0.0) {
+            return None;
+        }
+        let used_usec = stat
+            .lines()
+            .find_map(|line| line.strip_prefix("usage_usec "))?
+            .trim()
+            .parse()
+            .ok()?;
+        Some(CgroupCpu {
+            cores: quota / period,
+            used_usec,
+            at_usec,
+        })
+    }
+
+    /// The cores of the quota left unused since `before`.
+    fn spare_cores_since(&self, before: &CgroupCpu) -> Option<f64> {
+        let elapsed = self.at_usec.checked_sub(before.at_usec)?;
+        let used = self.used_usec.checked_sub(before.used_usec)?;
+        if elapsed == 0 {
+            return None;
+        }
+        Some((self.cores - used as f64 / elapsed as f64).max(0.0))
+    }
 }
 
 impl CpuTimes {
@@ -395,6 +461,7 @@ impl CpuTimes {
             idle: idle + iowait,
             total: ticks.iter().sum(),
             cores: cores.max(1),
+            quota: None,
         })
     }
 
@@ -404,7 +471,11 @@ impl CpuTimes {
         if total == 0 {
             return None;
         }
-        Some(idle as f64 / total as f64 * self.cores as f64)
+        let host = idle as f64 / total as f64 * self.cores as f64;
+        match (&self.quota, &before.quota) {
+            (Some(now), Some(then)) => Some(host.min(now.spare_cores_since(then)?)),
+            _ => Some(host),
+        }
     }
 }
 
@@ -621,6 +692,7 @@ mod tests {
             idle,
             total,
             cores: 2,
+            quota: None,
         };
         for i in 0..limits::EVENT_LOOP_SHED_AFTER_SAMPLES as u64 {
             assert_eq!(
@@ -637,6 +709,51 @@ mod tests {
         assert!((busy - 0.9).abs() < 1e-9, "{busy}");
         assert_eq!(CpuTimes::parse("intr 1 2\n"), None);
         assert_eq!(CpuTimes::parse("cpu  1 2 x 4\n"), None);
+    }
+
+    #[test]
+    fn a_cgroup_quota_caps_the_idle_cores() {
+        let stat = |used| format!("usage_usec {used}\nuser_usec 1\nsystem_usec 2\n");
+        assert_eq!(
+            CgroupCpu::parse("max 100000\n", &stat(5), 0),
+            None,
+            "no quota"
+        );
+        assert_eq!(CgroupCpu::parse("", &stat(5), 0), None);
+        assert_eq!(
+            CgroupCpu::parse("150000 100000\n", "nr_periods 3\n", 0),
+            None
+        );
+        let quota = CgroupCpu::parse("150000 100000\n", &stat(1_000_000), 2_000_000).unwrap();
+        assert!((quota.cores - 1.5).abs() < 1e-9);
+        // A 16-core host, 12 cores idle over the second; the cgroup may use 1.5
+        // cores and used 1.2 of them: 0.3 is what the kernel has to spare.
+        let at = |idle, total, used, at_usec| CpuTimes {
+            idle,
+            total,
+            cores: 16,
+            quota: CgroupCpu::parse("150000 100000", &stat(used), at_usec),
+        };
+        let before = at(0, 0, 1_000_000, 1_000_000);
+        let after = at(1200, 1600, 2_200_000, 2_000_000);
+        let spare = after.idle_cores_since(&before).unwrap();
+        assert!((spare - 0.3).abs() < 1e-9, "{spare}");
+        // Over its quota (throttled): nothing to spare, not less than nothing.
+        let throttled = at(1200, 1600, 3_000_000, 2_000_000);
+        assert_eq!(throttled.idle_cores_since(&before), Some(0.0));
+        // Without a quota the host's idle cores count.
+        let (free_before, free_after) = (
+            CpuTimes {
+                quota: None,
+                ..before
+            },
+            CpuTimes {
+                quota: None,
+                ..after
+            },
+        );
+        let host = free_after.idle_cores_since(&free_before).unwrap();
+        assert!((host - 12.0).abs() < 1e-9, "{host}");
     }
 
     #[test]
@@ -753,6 +870,7 @@ mod tests {
                 idle: ticks,
                 total: ticks,
                 cores: 2,
+                quota: None,
             })
         }))
     }
