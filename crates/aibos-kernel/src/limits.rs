@@ -48,6 +48,13 @@ pub const UPSTREAM_TIMEOUT_MS_MAX: u64 = 600_000;
 /// Largest circuit-breaker window: outcomes are kept as bits of one `u64`.
 pub const BREAKER_WINDOW_MAX: u64 = 64;
 
+/// A reused upstream connection idle at least this long gets a copy of a
+/// body-less idempotent request sent on it, to send again on a fresh connection
+/// if the cell closes the old one unanswered (cells close idle connections
+/// after their own keep-alive timeout, often 5 s). A connection reused sooner
+/// is not at risk, so the hot path copies nothing.
+pub const UPSTREAM_RESEND_AFTER_IDLE_MS: u64 = 1_000;
+
 /// Most retries of one gateway call.
 pub const GATEWAY_RETRIES_MAX: u64 = 5;
 

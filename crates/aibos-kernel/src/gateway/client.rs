@@ -31,6 +31,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::table::BaseUrl;
 use crate::config::GatewayConfig;
+use crate::limits;
 
 /// hyper-util's client, for `https` and `h2c` cells.
 type GeneralClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
@@ -93,6 +94,7 @@ pub fn build(config: &GatewayConfig) -> UpstreamClient {
             max_idle_per_host: usize::try_from(config.pool_max_idle_per_host).unwrap_or(usize::MAX),
             idle_timeout: Duration::from_secs(config.pool_idle_timeout_seconds),
             connect_timeout: Duration::from_millis(config.connect_timeout_ms),
+            resend_after_idle: Duration::from_millis(limits::UPSTREAM_RESEND_AFTER_IDLE_MS),
         }),
         general: build_general(config, false),
         h2c: build_general(config, true),
@@ -180,6 +182,8 @@ struct Http1Pool {
     max_idle_per_host: usize,
     idle_timeout: Duration,
     connect_timeout: Duration,
+    /// See [`limits::UPSTREAM_RESEND_AFTER_IDLE_MS`].
+    resend_after_idle: Duration,
 }
 
 /// A cell's address as the pools' key: its authority's text, lowercased once
@@ -214,15 +218,16 @@ impl Http1Pool {
             unsent: Some(request),
         };
         loop {
-            let (mut sender, reused) = match pool.checkout(&base.pool_key) {
-                Some(sender) => (sender, true),
+            let (mut sender, idle_for) = match pool.checkout(&base.pool_key) {
+                Some((sender, idle_for)) => (sender, Some(idle_for)),
                 // Boxed: connecting (resolve, connect, handshake) is rare on
                 // a warm pool, and its future would otherwise sit in every call's.
                 None => match Box::pin(pool.connect(&base.authority)).await {
-                    Ok(sender) => (sender, false),
+                    Ok(sender) => (sender, None),
                     Err(e) => return Err(unsent(e, request)),
                 },
             };
+            let reused = idle_for.is_some();
             // A connection checked in as its last response ended may still be
             // finishing that exchange; this waits for it (or learns it closed).
             if let Err(e) = sender.ready().await {
@@ -231,6 +236,15 @@ impl Http1Pool {
                 }
                 return Err(unsent(UpstreamError::Connect(e.to_string()), request));
             }
+            // A cell may close a connection idle past its own keep-alive
+            // timeout just as the request reaches it, unanswered. A body-less
+            // idempotent request may then go out again (RFC 9110 §9.2.2); for
+            // that it is copied first, only on a connection idle long enough
+            // to be at risk.
+            let copy = idle_for
+                .is_some_and(|idle| idle >= pool.resend_after_idle)
+                .then(|| copy_if_resendable(&request))
+                .flatten();
             match sender.try_send_request(request).await {
                 Ok(response) => {
                     let release = Release {
@@ -245,17 +259,22 @@ impl Http1Pool {
                         })
                     }));
                 }
-                Err(mut e) => match e.take_message() {
+                Err(mut e) => match (e.take_message(), copy) {
                     // The cell closed an idle connection as we picked it: the
                     // request was not sent and goes out on another one.
-                    Some(unsent) if reused => request = unsent,
+                    (Some(unsent), _) if reused => request = unsent,
+                    (None, Some(copy)) if closed_unanswered(e.error()) => {
+                        tracing::debug!(error = %e.error(), "the cell closed an idle connection unanswered; sending again");
+                        request = *copy;
+                    }
                     _ => return Err(UpstreamError::Request(e.into_error().to_string()).into()),
                 },
             }
         }
     }
 
-    fn checkout(&self, key: &PoolKey) -> Option<SendRequest<Body>> {
+    /// An idle connection for `key`, and how long it was idle.
+    fn checkout(&self, key: &PoolKey) -> Option<(SendRequest<Body>, Duration)> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let connections = idle.get_mut(key)?;
         let now = Instant::now();
@@ -273,7 +292,8 @@ impl Http1Pool {
             })?;
         // `remove`, not `swap_remove`: the list stays in check-in order (the
         // newest, nearly always the one taken, is last: nothing moves).
-        Some(connections.remove(index).sender)
+        let idle = connections.remove(index);
+        Some((idle.sender, now - idle.since))
     }
 
     fn checkin(&self, key: PoolKey, sender: SendRequest<Body>) {
@@ -331,6 +351,36 @@ impl Http1Pool {
         });
         Ok(sender)
     }
+}
+
+/// A copy of `request` to send again, if it is body-less and idempotent.
+/// Boxed: the copy is rare, and held across the send it would otherwise
+/// enlarge every call's future.
+fn copy_if_resendable(request: &Request<Body>) -> Option<Box<Request<Body>>> {
+    if !request.method().is_idempotent() || !request.body().is_end_stream() {
+        return None;
+    }
+    let mut copy = Request::new(Body::empty());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    Some(Box::new(copy))
+}
+
+/// Whether the cell closed or reset the connection before answering.
+fn closed_unanswered(error: &hyper::Error) -> bool {
+    if error.is_incomplete_message() {
+        return true;
+    }
+    std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+            )
+        })
 }
 
 /// Gives a connection back to its pool.
@@ -407,6 +457,12 @@ mod tests {
         Closing,
         /// Keep-alive with a 1 MiB body.
         Big,
+        /// Keep-alive, closes a connection idle for 20 ms.
+        ClosesIdle,
+        /// Answers the first request of a connection; at the second, closes
+        /// without a word (as a cell closing an idle connection just as the
+        /// request arrives does).
+        DropsSecond,
     }
 
     const KEEP_ALIVE_ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
@@ -426,16 +482,33 @@ mod tests {
                 tokio::spawn(async move {
                     let mut buffer = Vec::new();
                     let mut chunk = [0u8; 1024];
+                    let mut answered = 0;
                     loop {
                         while !buffer.windows(4).any(|w| w == b"\r\n\r\n") {
-                            match socket.read(&mut chunk).await {
+                            let read = socket.read(&mut chunk);
+                            let read = match kind {
+                                Cell::ClosesIdle => {
+                                    match tokio::time::timeout(Duration::from_millis(20), read)
+                                        .await
+                                    {
+                                        Ok(read) => read,
+                                        Err(_) => return,
+                                    }
+                                }
+                                _ => read.await,
+                            };
+                            match read {
                                 Ok(0) | Err(_) => return,
                                 Ok(n) => buffer.extend_from_slice(&chunk[..n]),
                             }
                         }
                         buffer.clear();
+                        answered += 1;
                         let answer = match kind {
-                            Cell::KeepAlive => KEEP_ALIVE_ANSWER.to_vec(),
+                            Cell::DropsSecond if answered == 2 => return,
+                            Cell::KeepAlive | Cell::ClosesIdle | Cell::DropsSecond => {
+                                KEEP_ALIVE_ANSWER.to_vec()
+                            }
                             Cell::Closing => CLOSING_ANSWER.to_vec(),
                             Cell::Big => {
                                 let mut answer = BIG_ANSWER_HEAD.to_vec();
@@ -487,6 +560,60 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_idle_connection_the_cell_closed_is_passed_over_without_a_failure() {
+        let (base, accepted) = cell(Cell::ClosesIdle).await;
+        let client = build(&Config::defaults().gateway);
+        assert_eq!(call(&client, &base).await, "ok");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(call(&client, &base).await, "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    fn pool_resending_after(idle: Duration) -> Arc<Http1Pool> {
+        Arc::new(Http1Pool {
+            idle: Mutex::new(foldhash::HashMap::default()),
+            max_idle_per_host: 8,
+            idle_timeout: Duration::from_secs(90),
+            connect_timeout: Duration::from_secs(1),
+            resend_after_idle: idle,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_get_dropped_unanswered_on_a_long_idle_connection_goes_out_again() {
+        let (base, accepted) = cell(Cell::DropsSecond).await;
+        let pool = pool_resending_after(Duration::ZERO);
+        let send = |request| Http1Pool::send(&pool, &base, request);
+        let body = |response: Response<Body>| async move {
+            assert_eq!(response.status(), 200);
+            response.into_body().collect().await.unwrap().to_bytes()
+        };
+        assert_eq!(body(send(get()).await.unwrap()).await, "ok");
+        assert_eq!(
+            body(send(get()).await.expect("sent again, answered")).await,
+            "ok"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        // The second connection, whose first request that was, drops its
+        // second: a POST, which may have been acted on, is not sent again.
+        let post = Request::post("/x").body(Body::from("pay")).unwrap();
+        let failure = send(post).await.unwrap_err();
+        assert!(!failure.error.is_connect(), "{}", failure.error);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_reused_at_once_costs_no_copy_and_gets_no_resend() {
+        let (base, accepted) = cell(Cell::DropsSecond).await;
+        let pool = pool_resending_after(Duration::from_secs(60));
+        let first = Http1Pool::send(&pool, &base, get()).await.unwrap();
+        assert_eq!(first.into_body().collect().await.unwrap().to_bytes(), "ok");
+        let failure = Http1Pool::send(&pool, &base, get()).await.unwrap_err();
+        assert!(!failure.error.is_connect(), "{}", failure.error);
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
     async fn a_body_dropped_half_read_gives_up_its_connection() {
         let (base, accepted) = cell(Cell::Big).await;
         let client = build(&Config::defaults().gateway);
@@ -528,6 +655,7 @@ mod tests {
             max_idle_per_host: 2,
             idle_timeout: Duration::from_millis(100),
             connect_timeout: Duration::from_secs(1),
+            resend_after_idle: Duration::from_secs(1),
         });
         let call = || async {
             let response = Http1Pool::send(&pool, &base, get())
