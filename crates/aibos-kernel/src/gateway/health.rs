@@ -8,7 +8,8 @@
 //! of the recorded state is audited as `canon.health_changed` by the one
 //! instance that recorded it, so several instances seeing the same failure
 //! write one entry, and a restart does not forget a canon that was down. A
-//! canon's first recorded state is audited only if it is a failure.
+//! canon's first recorded state is audited only if it is a failure. See
+//! `record_change` for a record left behind by an instance that stopped.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +26,7 @@ use crate::error::ApiError;
 use crate::identity::SYSTEM_TENANT_ID;
 use crate::registry::store::{self, HealthRecord};
 use crate::state::AppState;
+use crate::timestamp;
 
 /// Runs until `stop`.
 pub async fn run(state: AppState, stop: CancellationToken) {
@@ -80,24 +82,39 @@ async fn check_one(
     let before = canon.state.health();
     if before != now {
         tracing::warn!(canon = %canon.name, from = before.as_str(), to = now.as_str(), "canon health changed");
-        record_change(state, canon, now).await;
+        record_change(state, canon, before, now).await;
     }
     canon.state.set_health(now);
 }
 
-/// Records the canon's new state for all instances, and audits it if it is a
-/// change of the recorded state.
-async fn record_change(state: &AppState, canon: &CanonEntry, now: Health) {
+/// Records the canon's new state for all instances, and audits it if no other
+/// instance has recorded this change.
+///
+/// Every instance checks every canon each `health_interval_seconds`, so all
+/// that see one change see it within an interval and a timeout of each other.
+/// The same state recorded longer ago than twice that is another change's
+/// record, left by an instance that stopped before the canon changed back: an
+/// instance that saw the other state before records and audits this change.
+async fn record_change(state: &AppState, canon: &CanonEntry, before: Health, now: Health) {
     let healthy = now == Health::Healthy;
+    let stale_before = (before != Health::Unknown).then(|| {
+        let gateway = &state.config_ref().gateway;
+        let same_change_within = 2 * Duration::from_secs(gateway.health_interval_seconds)
+            + Duration::from_millis(gateway.health_timeout_ms);
+        timestamp::format(timestamp::now() - same_change_within)
+    });
     let (canon_id, name) = (canon.id.clone(), canon.name.clone());
     let keys = state.redact_keys();
     let written = state
         .db()
         .write(move |tx| {
             Box::pin(async move {
-                let from = match store::record_health(tx, &canon_id, now.as_str()).await? {
-                    HealthRecord::Changed if healthy => Health::Unhealthy,
-                    HealthRecord::Changed => Health::Healthy,
+                let recorded =
+                    store::record_health(tx, &canon_id, now.as_str(), stale_before.as_deref())
+                        .await?;
+                let from = match recorded {
+                    HealthRecord::Changed | HealthRecord::Renewed if healthy => Health::Unhealthy,
+                    HealthRecord::Changed | HealthRecord::Renewed => Health::Healthy,
                     // Healthy is what a new canon is expected to be; only a
                     // failure is news.
                     HealthRecord::First if !healthy => Health::Unknown,

@@ -408,21 +408,29 @@ pub struct Snapshot {
 pub enum HealthRecord {
     /// The other state was stored: a change of state, recorded by this instance.
     Changed,
+    /// This state was stored, but before the cut-off: no instance recorded this
+    /// change (the one that recorded that state stopped before the canon
+    /// changed back, unrecorded), so this instance did.
+    Renewed,
     /// Nothing was stored yet: the canon's first recorded state.
     First,
-    /// This state was stored already (another instance recorded it first), or
-    /// the canon is gone.
+    /// This state was stored already (another instance recorded this change),
+    /// or the canon is gone.
     Unchanged,
 }
 
 /// Records `status` (`healthy` or `unhealthy`) as the canon's last known
-/// health. Of several instances recording the same change at once, exactly one
-/// gets [`HealthRecord::Changed`]: the conditional update takes the row's lock,
-/// and the others, re-reading it after that commit, find nothing to change.
+/// health. With `stale_before` (a time, when this instance saw the other state
+/// before), the same state recorded before then is renewed as a new change.
+/// Of several instances recording the same change at once, exactly one gets
+/// [`HealthRecord::Changed`] or [`HealthRecord::Renewed`]: the conditional
+/// update takes the row's lock, and the others, re-reading the row after that
+/// commit, find nothing left to change.
 pub async fn record_health(
     tx: &mut Tx,
     canon_id: &str,
     status: &str,
+    stale_before: Option<&str>,
 ) -> Result<HealthRecord, sqlx::Error> {
     let now = timestamp::now_text();
     let changed = with_tx!(tx, conn => {
@@ -431,6 +439,16 @@ pub async fn record_health(
     });
     if changed == 1 {
         return Ok(HealthRecord::Changed);
+    }
+    if let Some(cutoff) = stale_before {
+        // Times are stored as fixed-width UTC text, which sorts as the time does.
+        let renewed = with_tx!(tx, conn => {
+            sqlx::query("UPDATE canon_health SET changed_at = $3 WHERE canon_id = $1 AND status = $2 AND changed_at < $4")
+                .bind(canon_id).bind(status).bind(&now).bind(cutoff).execute(&mut *conn).await?.rows_affected()
+        });
+        if renewed == 1 {
+            return Ok(HealthRecord::Renewed);
+        }
     }
     // The canon may have been deleted since the route table was built.
     let inserted = with_tx!(tx, conn => {

@@ -380,18 +380,7 @@ both_engines! {
             reached,
             "an open circuit does not call the cell"
         );
-        let circuit: Value = k
-            .as_(
-                &root,
-                Method::GET,
-                &format!("/api/kernel/canons/{canon_id}"),
-            )
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let circuit = canon_json(&k, &root, &canon_id).await;
         assert_eq!(circuit["circuit"], "open");
 
         // After the half-open delay a healthy cell is used again.
@@ -568,6 +557,35 @@ both_engines! {
     }
 }
 
+both_engines! {
+    async fn a_stale_record_left_by_a_stopped_instance_does_not_hide_a_new_failure(engine: Engine) {
+        let upstream = Upstream::start().await;
+        let Fixture { k, root, canon_id, .. } =
+            fixture_configured(engine, &upstream, &[("AIBOS_GATEWAY__HEALTH_INTERVAL_SECONDS", "1")]).await;
+        wait_for_status(&k, &root, &canon_id, "healthy").await;
+        // An instance that stopped long ago recorded a failure, and the canon
+        // recovered after it had gone: the record says unhealthy, from then.
+        let db = k.state.db();
+        let recorded = aibos_kernel::with_db!(db, pool => sqlx::query(
+            "UPDATE canon_health SET status = 'unhealthy', changed_at = '2020-01-01T00:00:00.000Z' WHERE canon_id = $1",
+        )
+        .bind(&canon_id)
+        .execute(pool)
+        .await
+        .map(|done| done.rows_affected())
+        .unwrap());
+        assert_eq!(recorded, 1, "the first healthy check was recorded");
+        upstream.set_healthy(false);
+        wait_for_status(&k, &root, &canon_id, "unhealthy").await;
+        // Recorded within the same check: the entry is there once the status is.
+        assert_eq!(
+            health_moves(&k, &root).await,
+            [["healthy", "unhealthy"]],
+            "the failure this instance saw is audited"
+        );
+    }
+}
+
 /// The `[from, to]` of every `canon.health_changed` entry, oldest first.
 async fn health_moves(instance: &TestKernel, root: &Session) -> Vec<[String; 2]> {
     let changes = instance.audit(root, "action=canon.health_changed").await;
@@ -580,18 +598,22 @@ async fn health_moves(instance: &TestKernel, root: &Session) -> Vec<[String; 2]>
         .collect()
 }
 
+/// `GET /api/kernel/canons/{canon_id}` on `instance`, as JSON.
+async fn canon_json(instance: &TestKernel, root: &Session, canon_id: &str) -> Value {
+    instance
+        .as_(root, Method::GET, &format!("/api/kernel/canons/{canon_id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// Waits (up to 5 s) until `instance` reports the canon's health as `want`.
 async fn wait_for_status(instance: &TestKernel, root: &Session, canon_id: &str, want: &str) {
     for _ in 0..50 {
-        let canon: Value = instance
-            .as_(root, Method::GET, &format!("/api/kernel/canons/{canon_id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if canon["status"] == want {
+        if canon_json(instance, root, canon_id).await["status"] == want {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
