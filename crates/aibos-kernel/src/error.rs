@@ -91,6 +91,12 @@ impl ApiError {
         e
     }
 
+    /// The same error with another detail for the client.
+    pub fn with_detail(mut self, detail: impl Into<String>) -> ApiError {
+        self.0.detail = detail.into();
+        self
+    }
+
     /// 409 with a detail.
     pub fn conflict(detail: impl Into<String>) -> ApiError {
         ApiError::new(ErrorCode::Conflict, detail)

@@ -44,8 +44,9 @@ pub struct Principal {
     pub name: String,
     /// Everything the caller may do now: roles, delegations received, break-glass.
     pub permissions: PermissionSet,
-    /// What the caller holds through its own roles (and so may delegate).
-    pub delegable: PermissionSet,
+    /// What the caller holds through its own roles, never through a delegation
+    /// or break-glass: all it may give (roles, assignments, delegations).
+    pub grantable: PermissionSet,
     /// When the earliest time-bound grant (or the session) ends; the entry is rebuilt then.
     pub valid_until: Option<OffsetDateTime>,
     /// `tenant_id` and `subject_id` as header values, for the identity the
@@ -127,6 +128,12 @@ pub struct AuthCache {
     /// repeated token skips the Ed25519 check. Keyed by the whole token text.
     verified: Cache<String, Arc<Claims>>,
     generation: AtomicU64,
+    /// Makes "still at the generation it was loaded at? then store it" one
+    /// step against an invalidation's "remove, then move the generation":
+    /// without it a principal loaded before a change could pass the check, the
+    /// invalidation run, and the stale principal land after it. Taken only on a
+    /// miss and by invalidations, never on a cache hit.
+    store_or_invalidate: Mutex<()>,
 }
 
 impl Default for AuthCache {
@@ -135,6 +142,7 @@ impl Default for AuthCache {
             principals: Cache::new(limits::PRINCIPAL_CACHE_ENTRIES_MAX),
             verified: Cache::new(limits::VERIFIED_TOKEN_CACHE_ENTRIES_MAX),
             generation: AtomicU64::new(0),
+            store_or_invalidate: Mutex::new(()),
         }
     }
 }
@@ -152,6 +160,10 @@ impl AuthCache {
 
     /// Stores a principal loaded at `generation`, unless an invalidation happened since.
     pub fn store_principal(&self, generation: u64, principal: Arc<Principal>) {
+        let _step = self
+            .store_or_invalidate
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if self.generation.load(Ordering::Acquire) == generation {
             self.principals
                 .insert(principal.session_id.clone(), principal);
@@ -173,7 +185,15 @@ impl AuthCache {
     /// Applies an invalidation (which also voids every [`LoopAuthCache`] entry
     /// filled before it).
     pub fn invalidate(&self, what: &Invalidation) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        // Stale entries go first, the generation moves after: a request that
+        // reads the new generation can then no longer find a stale principal
+        // here to copy into its loop's front cache at that generation (the
+        // other order left a window in which a revoked principal was refilled
+        // into a front cache as current, until the next invalidation).
+        let _step = self
+            .store_or_invalidate
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         match what {
             Invalidation::Tenant(tenant) => self.principals.retain(|_, p| &p.tenant_id != tenant),
             Invalidation::Session(session) => {
@@ -186,6 +206,7 @@ impl AuthCache {
             // Nothing cached here depends on canons or routes.
             Invalidation::Registry => {}
         }
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -275,7 +296,7 @@ mod tests {
             email: None,
             name: "Ada".into(),
             permissions: PermissionSet::default(),
-            delegable: PermissionSet::default(),
+            grantable: PermissionSet::default(),
             valid_until,
             id_headers: IdHeaders::new("t1", "u1").unwrap(),
         })
@@ -339,5 +360,73 @@ mod tests {
             front.get(b"tok", grant_ends, 7).is_none(),
             "a time-bound grant ended: rebuilt from the shared cache"
         );
+    }
+
+    /// The request path of `AppState::authenticate` over both caches, with a
+    /// "database" that is a version number: the principal's name.
+    fn resolve(
+        shared: &AuthCache,
+        front: &LoopAuthCache,
+        db: &std::sync::atomic::AtomicU64,
+        exp: i64,
+        now: OffsetDateTime,
+    ) -> u64 {
+        let generation = shared.generation();
+        if let Some(p) = front.get(b"tok", now, generation) {
+            return p.name.parse().unwrap();
+        }
+        let p = match shared.principal("s1", now) {
+            Some(p) => p,
+            None => {
+                let mut loaded = (*principal("s1", None)).clone();
+                loaded.name = db.load(Ordering::Acquire).to_string();
+                let loaded = Arc::new(loaded);
+                shared.store_principal(generation, loaded.clone());
+                loaded
+            }
+        };
+        front.insert(b"tok", &claims(exp), p.clone(), generation);
+        p.name.parse().unwrap()
+    }
+
+    #[test]
+    fn no_request_after_an_invalidation_sees_what_it_revoked() {
+        use std::sync::atomic::AtomicBool;
+        let now = OffsetDateTime::now_utc();
+        let exp = now.unix_timestamp() + 600;
+        let shared = Arc::new(AuthCache::default());
+        let db = Arc::new(AtomicU64::new(0));
+        // The newest version whose invalidation has returned: any request that
+        // starts after must see it or a newer one.
+        let invalidated = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = (0..3)
+            .map(|_| {
+                let (shared, db, invalidated, stop) =
+                    (shared.clone(), db.clone(), invalidated.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let front = LoopAuthCache::default();
+                    let mut stale = 0u32;
+                    while !stop.load(Ordering::Acquire) {
+                        let floor = invalidated.load(Ordering::Acquire);
+                        if resolve(&shared, &front, &db, exp, now) < floor {
+                            stale += 1;
+                        }
+                    }
+                    stale
+                })
+            })
+            .collect();
+        for version in 1..=3_000u64 {
+            db.store(version, Ordering::Release); // the change commits…
+            shared.invalidate(&Invalidation::Session("s1".into())); // …then invalidates
+            invalidated.store(version, Ordering::Release);
+            // Let the readers run at this generation, so that a stale entry
+            // filled at it would be served rather than voided by the next.
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
+        stop.store(true, Ordering::Release);
+        let stale: u32 = readers.into_iter().map(|r| r.join().unwrap()).sum();
+        assert_eq!(stale, 0, "requests served a revoked principal after its invalidation returned");
     }
 }

@@ -189,13 +189,61 @@ impl Caller {
             .filter(|p| !self.holds(p))
             .map(str::to_owned)
             .collect();
+        self.deny_if_missing(state, permissions, missing).await
+    }
+
+    /// The one check of every path that gives rights (role create and update,
+    /// assignment, service-account roles, delegation): everything `grants`
+    /// gives must be within the caller's grantable set — what it holds through
+    /// its own roles, never through a delegation or break-glass; a `prefix.*`
+    /// only for a holder of that prefix or a wider one. Otherwise 403 with
+    /// `missing_permissions` and an `authz.deny` entry.
+    pub async fn require_grantable(
+        &self,
+        state: &AppState,
+        grants: &super::PermissionSet,
+    ) -> Result<(), ApiError> {
+        let missing = grants.outside(&self.principal.grantable);
+        self.deny_if_missing(state, &grants.grants(), missing).await
+    }
+
+    /// Acting on another subject of the tenant (password reset, suspension,
+    /// role removal, session revocation, secret rotation) is allowed only when
+    /// everything it holds is within the caller's grantable set: otherwise a
+    /// user manager could take over an administrator's account. Acting on
+    /// oneself gains nothing and is not checked.
+    pub async fn require_over(&self, state: &AppState, subject_id: &str) -> Result<(), ApiError> {
+        if subject_id == self.subject_id() {
+            return Ok(());
+        }
+        let held = Box::pin(super::store::subject_permissions(
+            state.db(),
+            self.tenant_id(),
+            subject_id,
+            crate::timestamp::now(),
+        ))
+        .await?;
+        let missing = held.all.outside(&self.principal.grantable);
+        self.deny_if_missing(state, &held.all.grants(), missing)
+            .await
+    }
+
+    async fn deny_if_missing<P>(
+        &self,
+        state: &AppState,
+        required: &[P],
+        missing: Vec<String>,
+    ) -> Result<(), ApiError>
+    where
+        P: serde::Serialize + Sync,
+    {
         if missing.is_empty() {
             return Ok(());
         }
         let event = AuditEvent::new("authz.deny")
             .outcome("deny")
             .severity("warning")
-            .details(serde_json::json!({ "required_permissions": permissions, "missing_permissions": missing }));
+            .details(serde_json::json!({ "required_permissions": required, "missing_permissions": missing }));
         state.audit_alone(self.audit_context(), event).await?;
         Err(ApiError::forbidden(missing))
     }

@@ -98,6 +98,44 @@ pub fn tenant_admin_permissions(tenant_id: &str) -> Vec<String> {
         .collect()
 }
 
+/// What the built-in [`TENANT_ADMIN_ROLE`] does not hold in `tenant_id`:
+/// tenant management anywhere, and the other platform permissions outside the
+/// system tenant. Everything else of its tenant it holds, the permissions canons
+/// register included, so that it can give them (no one gives what they lack).
+pub fn tenant_admin_exclusions(tenant_id: &str) -> &'static [&'static str] {
+    if tenant_id == crate::identity::SYSTEM_TENANT_ID {
+        &[perm::TENANT_MANAGE]
+    } else {
+        perm::PLATFORM
+    }
+}
+
+/// The permissions a role gives in `tenant_id`: its grants, or for the built-in
+/// [`TENANT_ADMIN_ROLE`] everything but [`tenant_admin_exclusions`].
+pub fn role_permissions(
+    tenant_id: &str,
+    name: &str,
+    builtin: bool,
+    grants: &[String],
+) -> PermissionSet {
+    let mut set = PermissionSet::of(grants);
+    if builtin && name == TENANT_ADMIN_ROLE {
+        set.add_everything_but(tenant_admin_exclusions(tenant_id));
+    }
+    set
+}
+
+/// Permissions break-glass never grants: those that manage identities or
+/// permissions, through which a time-bound elevation could make itself lasting.
+pub const BREAK_GLASS_EXCLUDED: &[&str] = &[
+    perm::TENANT_MANAGE,
+    perm::USER_MANAGE,
+    perm::ROLE_MANAGE,
+    perm::DELEGATION_CREATE,
+    perm::SERVICE_ACCOUNT_MANAGE,
+    perm::BREAKGLASS_REQUEST,
+];
+
 /// Whether `grant` (a name or a prefix grant) covers a platform permission.
 pub fn covers_platform_permission(grant: &str) -> bool {
     let mut set = PermissionSet::default();
@@ -137,9 +175,21 @@ pub struct PermissionSet {
     /// authorized request looks one up.
     exact: foldhash::HashSet<String>,
     prefixes: Vec<String>,
+    /// The built-in `tenant.admin` holds every permission of its tenant, those
+    /// canons register later included, but these (the platform's): `Some` then.
+    everything_but: Option<Vec<String>>,
 }
 
 impl PermissionSet {
+    /// The set of these grants (exact names and `prefix.*`).
+    pub fn of(grants: &[String]) -> PermissionSet {
+        let mut set = PermissionSet::default();
+        for grant in grants {
+            set.add(grant);
+        }
+        set
+    }
+
     /// Adds a grant (exact name or `prefix.*`).
     pub fn add(&mut self, grant: &str) {
         match grant.strip_suffix('*') {
@@ -154,6 +204,34 @@ impl PermissionSet {
         }
     }
 
+    /// Adds every permission but `excluded` (the built-in administrator's hold).
+    /// Two such holds make one that excludes only what both exclude.
+    pub fn add_everything_but(&mut self, excluded: &[&str]) {
+        let excluded: Vec<String> = match &self.everything_but {
+            Some(before) => before
+                .iter()
+                .filter(|p| excluded.contains(&p.as_str()))
+                .cloned()
+                .collect(),
+            None => excluded.iter().map(|p| p.to_string()).collect(),
+        };
+        self.everything_but = Some(excluded);
+    }
+
+    /// Adds everything `other` holds.
+    pub fn extend(&mut self, other: &PermissionSet) {
+        for grant in other.exact.iter().chain(&other.prefixes) {
+            match grant.ends_with('.') {
+                true => self.add(&format!("{grant}*")),
+                false => self.add(grant),
+            }
+        }
+        if let Some(excluded) = &other.everything_but {
+            let excluded: Vec<&str> = excluded.iter().map(String::as_str).collect();
+            self.add_everything_but(&excluded);
+        }
+    }
+
     /// Whether `permission` is granted.
     pub fn contains(&self, permission: &str) -> bool {
         self.exact.contains(permission)
@@ -161,6 +239,63 @@ impl PermissionSet {
                 .prefixes
                 .iter()
                 .any(|p| permission.starts_with(p.as_str()))
+            || self
+                .everything_but
+                .as_ref()
+                .is_some_and(|excluded| !excluded.iter().any(|p| p == permission))
+    }
+
+    /// Whether holding this set allows giving `grant` (an exact name, or a
+    /// `prefix.*` that only a holder of that prefix or a wider one may give:
+    /// holding every permission under it today does not cover those a canon
+    /// registers tomorrow).
+    pub fn covers(&self, grant: &str) -> bool {
+        let Some(prefix) = grant.strip_suffix('*').filter(|p| p.ends_with('.')) else {
+            return self.contains(grant);
+        };
+        self.prefixes.iter().any(|p| prefix.starts_with(p.as_str()))
+            || self
+                .everything_but
+                .as_ref()
+                .is_some_and(|excluded| !excluded.iter().any(|p| p.starts_with(prefix)))
+    }
+
+    /// What of `self` lies outside `other`: empty when everything this set
+    /// holds, `other` holds (and may give) too.
+    pub fn outside(&self, other: &PermissionSet) -> Vec<String> {
+        let mut missing: Vec<String> = self
+            .exact
+            .iter()
+            .filter(|g| !other.covers(g))
+            .cloned()
+            .collect();
+        missing.extend(
+            self.prefixes
+                .iter()
+                .map(|p| format!("{p}*"))
+                .filter(|g| !other.covers(g)),
+        );
+        if let Some(excluded) = &self.everything_but {
+            let within = other.everything_but.as_ref().is_some_and(|theirs| {
+                theirs.iter().all(|p| excluded.contains(p))
+            });
+            if !within {
+                missing.push(crate::authz::TENANT_ADMIN_ROLE.to_owned());
+            }
+        }
+        missing.sort();
+        missing.dedup();
+        missing
+    }
+
+    /// Whether it holds everything but a few (the built-in administrator).
+    pub fn contains_everything_but_some(&self) -> bool {
+        self.everything_but.is_some()
+    }
+
+    /// Whether it holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.prefixes.is_empty() && self.everything_but.is_none()
     }
 
     /// The grants, sorted (exact names and `prefix.*`).

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::cache::{Invalidation, NOTIFY_CHANNEL};
 use super::store::{self, Grant, Permission, Role};
-use super::{Caller, is_grant, perm};
+use super::{BREAK_GLASS_EXCLUDED, Caller, PermissionSet, is_grant, perm};
 use crate::audit::{self, AuditEvent};
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::http::extract::{AppJson, IfMatch, ListQuery, parse_id, with_etag};
@@ -99,12 +99,6 @@ async fn check_grants(
     Ok(sorted)
 }
 
-fn covers_tenant_management(grant: &str) -> bool {
-    let mut set = super::PermissionSet::default();
-    set.add(grant);
-    set.contains(perm::TENANT_MANAGE)
-}
-
 /// `POST /api/kernel/roles` body.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -139,6 +133,9 @@ pub async fn create_role(
     caller.require(&state, &[perm::ROLE_MANAGE]).await?;
     let name = parse_role_name(&body.name)?;
     let grants = check_grants(&state, caller.tenant_id(), &body.permissions, "permissions").await?;
+    caller
+        .require_grantable(&state, &PermissionSet::of(&grants))
+        .await?;
     let ctx = caller.audit_context();
     let keys = state.redact_keys();
     let tenant_id = caller.tenant_id().to_owned();
@@ -216,6 +213,13 @@ pub async fn update_role(
     if existing.builtin {
         return Err(ApiError::conflict("Built-in roles cannot be changed."));
     }
+    // Changing a role changes what its holders hold: both what it gave and what
+    // it will give must be the caller's to give.
+    let mut gives = existing.gives(caller.tenant_id());
+    if let Some(grants) = &grants {
+        gives.extend(&PermissionSet::of(grants));
+    }
+    caller.require_grantable(&state, &gives).await?;
     let ctx = caller.audit_context();
     let keys = state.redact_keys();
     let tenant_id = caller.tenant_id().to_owned();
@@ -259,6 +263,9 @@ pub async fn delete_role(
     if existing.builtin {
         return Err(ApiError::conflict("Built-in roles cannot be deleted."));
     }
+    caller
+        .require_grantable(&state, &existing.gives(caller.tenant_id()))
+        .await?;
     let ctx = caller.audit_context();
     let keys = state.redact_keys();
     let tenant_id = caller.tenant_id().to_owned();
@@ -332,9 +339,12 @@ pub async fn assign_role(
     identity_store::user(state.db(), caller.tenant_id(), &user_id)
         .await?
         .ok_or_else(|| ApiError::not_found("No such user."))?;
-    store::role(state.db(), caller.tenant_id(), &role_id)
+    let role = store::role(state.db(), caller.tenant_id(), &role_id)
         .await?
         .ok_or_else(|| ApiError::not_found("No such role."))?;
+    caller
+        .require_grantable(&state, &role.gives(caller.tenant_id()))
+        .await?;
     let ctx = caller.audit_context();
     let keys = state.redact_keys();
     let tenant_id = caller.tenant_id().to_owned();
@@ -368,7 +378,7 @@ pub async fn assign_role(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Removes a role from a user; effective on the user's next request.
+/// Removes a role from a user; their sessions end with it (they log in again with what remains).
 #[utoipa::path(delete, path = "/api/kernel/users/{id}/roles/{role_id}", tag = "authz", security(("bearer" = ["kernel.role.manage"])),
     responses((status = 204), (status = 400), (status = 401), (status = 403), (status = 404)))]
 pub async fn unassign_role(
@@ -379,6 +389,7 @@ pub async fn unassign_role(
     caller.require(&state, &[perm::ROLE_MANAGE]).await?;
     let user_id = parse_id("id", &id)?;
     let role_id = parse_id("role_id", &role_id)?;
+    caller.require_over(&state, &user_id).await?;
     let ctx = caller.audit_context();
     let keys = state.redact_keys();
     let tenant_id = caller.tenant_id().to_owned();
@@ -389,12 +400,14 @@ pub async fn unassign_role(
                 if !store::unassign_role(tx, &tenant_id, &user_id, &role_id).await? {
                     return Err(ApiError::not_found("The user does not hold that role."));
                 }
+                // Its sessions end with it: what they were opened with is gone.
+                let sessions = identity_store::revoke_subject_sessions(tx, &tenant_id, &user_id, None, "role_removed").await?;
                 audit::record(
                     tx,
                     &ctx,
                     AuditEvent::new("role.unassigned")
                         .resource("user", &user_id)
-                        .details(serde_json::json!({ "role_id": role_id })),
+                        .details(serde_json::json!({ "role_id": role_id, "sessions_revoked": sessions })),
                     &keys,
                 )
                 .await?;
@@ -475,16 +488,9 @@ pub async fn create_delegation(
         ));
     }
     // Only what one holds through one's own roles: delegated permissions cannot be delegated again.
-    let missing: Vec<String> = grants
-        .iter()
-        .filter(|g| g.ends_with(".*") || !caller.principal.delegable.contains(g))
-        .cloned()
-        .collect();
-    if !missing.is_empty() {
-        let event = AuditEvent::new("authz.deny").outcome("deny").severity("warning").details(serde_json::json!({ "required_permissions": grants, "missing_permissions": missing }));
-        state.audit_alone(caller.audit_context(), event).await?;
-        return Err(ApiError::forbidden(missing));
-    }
+    caller
+        .require_grantable(&state, &PermissionSet::of(&grants))
+        .await?;
     identity_store::user(state.db(), caller.tenant_id(), &to)
         .await?
         .ok_or_else(|| ApiError::not_found("No such user."))?;
@@ -605,18 +611,26 @@ pub async fn activate_break_glass(
             format!("must be between 1 and {}", limits::BREAK_GLASS_MINUTES_MAX),
         ));
     }
-    // Exact permission names only, and never tenant management, whichever tenant.
-    if body.permissions.iter().any(|p| covers_tenant_management(p)) {
-        return Err(ApiError::invalid_field(
-            "permissions",
-            "break-glass never grants kernel.tenant.manage",
-        ));
-    }
     if body.permissions.iter().any(|p| p.ends_with(".*")) {
         return Err(ApiError::invalid_field(
             "permissions",
             "break-glass names exact permissions, not prefix grants",
         ));
+    }
+    // Never what manages identities or permissions, whichever tenant: through
+    // those a 60-minute elevation could give itself lasting rights.
+    let excluded: Vec<&str> = BREAK_GLASS_EXCLUDED
+        .iter()
+        .copied()
+        .filter(|p| body.permissions.iter().any(|asked| asked == p))
+        .collect();
+    if !excluded.is_empty() {
+        let event = AuditEvent::new("authz.deny").outcome("deny").severity("warning").details(serde_json::json!({ "required_permissions": body.permissions, "missing_permissions": excluded, "reason": "break-glass never grants these" }));
+        state.audit_alone(caller.audit_context(), event).await?;
+        return Err(ApiError::forbidden(
+            excluded.iter().map(|p| p.to_string()).collect(),
+        )
+        .with_detail("Break-glass never grants permissions that manage identities or permissions."));
     }
     let grants = check_grants(&state, caller.tenant_id(), &body.permissions, "permissions").await?;
     if grants.is_empty() {

@@ -31,6 +31,13 @@ pub struct Role {
     pub updated_at: String,
 }
 
+impl Role {
+    /// What holding this role gives in `tenant_id`.
+    pub fn gives(&self, tenant_id: &str) -> PermissionSet {
+        super::role_permissions(tenant_id, &self.name, self.builtin, &self.permissions)
+    }
+}
+
 #[derive(FromRow)]
 struct RoleRow {
     id: String,
@@ -105,35 +112,16 @@ pub async fn load_principal(
         return Ok(None);
     };
 
-    let mut valid_until = timestamp::parse(&expires_at);
-    let mut earliest = |t: Option<OffsetDateTime>| {
-        if let Some(t) = t {
-            valid_until = Some(valid_until.map_or(t, |v| v.min(t)));
+    let held = subject_permissions(db, &tenant_id, &subject_id, now).await?;
+    let valid_until = earliest(timestamp::parse(&expires_at), held.valid_until);
+    let mut all = held.all;
+    if held.own.contains_everything_but_some() {
+        // The built-in administrator: list what the registry holds, so that
+        // `/auth/me` shows names rather than "everything".
+        let names: Vec<String> = with_db!(db, pool => sqlx::query_scalar("SELECT name FROM permissions").fetch_all(pool).await?);
+        for name in names.iter().filter(|n| held.own.contains(n)) {
+            all.add(name);
         }
-    };
-    let mut own = PermissionSet::default();
-    let roles: Vec<(String, Option<String>)> = with_db!(db, pool => {
-        sqlx::query_as("SELECT r.permissions, a.expires_at FROM role_assignments a JOIN roles r ON r.id = a.role_id \
-                        WHERE a.tenant_id = $1 AND a.subject_id = $2 AND (a.expires_at IS NULL OR a.expires_at > $3)")
-            .bind(&tenant_id).bind(&subject_id).bind(&now_text).fetch_all(pool).await?
-    });
-    for (permissions, expires) in roles {
-        for grant in serde_json::from_str::<Vec<String>>(&permissions).unwrap_or_default() {
-            own.add(&grant);
-        }
-        earliest(expires.as_deref().and_then(timestamp::parse));
-    }
-    let mut all = own.clone();
-    let granted: Vec<(String, String)> = with_db!(db, pool => {
-        sqlx::query_as("SELECT permissions, expires_at FROM delegations WHERE tenant_id = $1 AND to_user_id = $2 AND revoked_at IS NULL AND expires_at > $3 \
-                        UNION ALL SELECT permissions, expires_at FROM break_glass WHERE tenant_id = $1 AND user_id = $2 AND ended_at IS NULL AND expires_at > $3")
-            .bind(&tenant_id).bind(&subject_id).bind(&now_text).fetch_all(pool).await?
-    });
-    for (permissions, expires) in granted {
-        for grant in serde_json::from_str::<Vec<String>>(&permissions).unwrap_or_default() {
-            all.add(&grant);
-        }
-        earliest(timestamp::parse(&expires));
     }
     Ok(Some(Principal {
         tenant_id,
@@ -149,10 +137,105 @@ pub async fn load_principal(
         email,
         name,
         permissions: all,
-        delegable: own,
+        grantable: held.own,
         valid_until,
         id_headers,
     }))
+}
+
+/// What a subject holds at `now`.
+#[derive(Debug, Default)]
+pub struct SubjectPermissions {
+    /// Through its own role assignments: what it may give (its grantable set).
+    pub own: PermissionSet,
+    /// Everything in force: its roles, delegations it received (while each
+    /// delegator is active and still holds them as grantable), break-glass.
+    pub all: PermissionSet,
+    /// When the earliest time-bound part of `all` ends.
+    pub valid_until: Option<OffsetDateTime>,
+}
+
+fn earliest(a: Option<OffsetDateTime>, b: Option<OffsetDateTime>) -> Option<OffsetDateTime> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// A subject's permissions through its own unexpired role assignments, and
+/// when the first of those assignments ends.
+async fn own_permissions(
+    db: &Db,
+    tenant_id: &str,
+    subject_id: &str,
+    now_text: &str,
+) -> Result<(PermissionSet, Option<OffsetDateTime>), sqlx::Error> {
+    let roles: Vec<(String, String, bool, Option<String>)> = with_db!(db, pool => {
+        sqlx::query_as("SELECT r.permissions, r.name, r.builtin, a.expires_at FROM role_assignments a JOIN roles r ON r.id = a.role_id \
+                        WHERE a.tenant_id = $1 AND a.subject_id = $2 AND (a.expires_at IS NULL OR a.expires_at > $3)")
+            .bind(tenant_id).bind(subject_id).bind(now_text).fetch_all(pool).await?
+    });
+    let mut own = PermissionSet::default();
+    let mut until = None;
+    for (permissions, name, builtin, expires) in roles {
+        let grants = serde_json::from_str::<Vec<String>>(&permissions).unwrap_or_default();
+        own.extend(&super::role_permissions(tenant_id, &name, builtin, &grants));
+        until = earliest(until, expires.as_deref().and_then(timestamp::parse));
+    }
+    Ok((own, until))
+}
+
+/// Everything `subject_id` (a user or service account of `tenant_id`) holds at
+/// `now`. A delegation counts only while its delegator is an active user who
+/// still holds each delegated permission through their own roles; it ends with
+/// the first of the delegator's assignments to end.
+pub async fn subject_permissions(
+    db: &Db,
+    tenant_id: &str,
+    subject_id: &str,
+    now: OffsetDateTime,
+) -> Result<SubjectPermissions, sqlx::Error> {
+    let now_text = timestamp::format(now);
+    let (own, mut valid_until) = own_permissions(db, tenant_id, subject_id, &now_text).await?;
+    let mut all = own.clone();
+    let delegations: Vec<(String, String, String, Option<String>)> = with_db!(db, pool => {
+        sqlx::query_as("SELECT d.from_user_id, d.permissions, d.expires_at, u.status FROM delegations d LEFT JOIN users u ON u.tenant_id = d.tenant_id AND u.id = d.from_user_id \
+                        WHERE d.tenant_id = $1 AND d.to_user_id = $2 AND d.revoked_at IS NULL AND d.expires_at > $3")
+            .bind(tenant_id).bind(subject_id).bind(&now_text).fetch_all(pool).await?
+    });
+    for (from_user_id, permissions, expires, delegator_status) in delegations {
+        if delegator_status.as_deref() != Some("active") {
+            continue;
+        }
+        let (delegator, delegator_until) =
+            own_permissions(db, tenant_id, &from_user_id, &now_text).await?;
+        let mut in_force = false;
+        for grant in serde_json::from_str::<Vec<String>>(&permissions).unwrap_or_default() {
+            if delegator.covers(&grant) {
+                all.add(&grant);
+                in_force = true;
+            }
+        }
+        if in_force {
+            valid_until = earliest(valid_until, timestamp::parse(&expires));
+            valid_until = earliest(valid_until, delegator_until);
+        }
+    }
+    let elevations: Vec<(String, String)> = with_db!(db, pool => {
+        sqlx::query_as("SELECT permissions, expires_at FROM break_glass WHERE tenant_id = $1 AND user_id = $2 AND ended_at IS NULL AND expires_at > $3")
+            .bind(tenant_id).bind(subject_id).bind(&now_text).fetch_all(pool).await?
+    });
+    for (permissions, expires) in elevations {
+        for grant in serde_json::from_str::<Vec<String>>(&permissions).unwrap_or_default() {
+            all.add(&grant);
+        }
+        valid_until = earliest(valid_until, timestamp::parse(&expires));
+    }
+    Ok(SubjectPermissions {
+        own,
+        all,
+        valid_until,
+    })
 }
 
 /// The names among `names` that are not in the registry.

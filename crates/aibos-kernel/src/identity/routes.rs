@@ -37,6 +37,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(create_user, list_users))
         .routes(routes!(get_user, update_user))
         .routes(routes!(change_password))
+        .routes(routes!(revoke_user_sessions))
         .routes(routes!(login))
         .routes(routes!(refresh))
         .routes(routes!(logout))
@@ -44,6 +45,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(token))
         .routes(routes!(create_service_account, list_service_accounts))
         .routes(routes!(rotate_service_account_secret))
+        .routes(routes!(get_service_account, update_service_account))
         .routes(routes!(jwks))
 }
 
@@ -474,6 +476,11 @@ pub async fn update_user(
         .map(parse_name)
         .transpose()
         .map_err(|m| ApiError::invalid_field("name", m))?;
+    if status.is_some() {
+        // Suspending (or reactivating) someone who holds more than the caller
+        // may give is acting beyond the caller's own rights.
+        caller.require_over(&state, &id).await?;
+    }
     let ctx = caller.audit_context();
     let keys = state.redact_keys();
     let tenant_id = caller.tenant_id().to_owned();
@@ -488,7 +495,14 @@ pub async fn update_user(
                 else {
                     return Ok(None);
                 };
-                let action = if status == Some("suspended") {
+                let suspended = status == Some("suspended");
+                // A suspension ends every session, so that a reactivation
+                // does not bring the old ones (and their refresh tokens) back.
+                let sessions = match suspended {
+                    true => store::revoke_subject_sessions(tx, &tenant_id, &id, None, "suspended").await?,
+                    false => 0,
+                };
+                let action = if suspended {
                     "user.suspended"
                 } else {
                     "user.updated"
@@ -498,7 +512,7 @@ pub async fn update_user(
                     &ctx,
                     AuditEvent::new(action)
                         .resource("user", &user.id)
-                        .details(serde_json::json!({ "name": user.name, "status": user.status })),
+                        .details(serde_json::json!({ "name": user.name, "status": user.status, "sessions_revoked": sessions })),
                     &keys,
                 )
                 .await?;
@@ -539,6 +553,7 @@ pub async fn change_password(
 ) -> ApiResult<StatusCode> {
     caller.require(&state, &[perm::USER_MANAGE]).await?;
     let id = parse_id("id", &id)?;
+    caller.require_over(&state, &id).await?;
     let pw = password::Password::parse(body.password)
         .map_err(|m| ApiError::invalid_field("password", m))?;
     let hash = state
@@ -549,6 +564,9 @@ pub async fn change_password(
     let ctx = caller.audit_context();
     let keys = state.redact_keys();
     let tenant_id = caller.tenant_id().to_owned();
+    // Whoever knew the old password may hold a session: all end, but the
+    // caller's own when it changes its own password.
+    let keep = (id == caller.subject_id()).then(|| caller.principal.session_id.clone());
     state
         .db()
         .write(move |tx| {
@@ -556,18 +574,94 @@ pub async fn change_password(
                 if !store::set_password(tx, &tenant_id, &id, &hash).await? {
                     return Err(ApiError::not_found("No such user."));
                 }
+                let sessions = store::revoke_subject_sessions(tx, &tenant_id, &id, keep.as_deref(), "password_changed").await?;
                 audit::record(
                     tx,
                     &ctx,
-                    AuditEvent::new("user.password_changed").resource("user", &id),
+                    AuditEvent::new("user.password_changed")
+                        .resource("user", &id)
+                        .details(serde_json::json!({ "sessions_revoked": sessions })),
                     &keys,
+                )
+                .await?;
+                tx.notify(
+                    crate::authz::cache::NOTIFY_CHANNEL,
+                    &Invalidation::Tenant(tenant_id.clone()).payload(),
                 )
                 .await?;
                 Ok(())
             })
         })
         .await?;
+    state.invalidate(&Invalidation::Tenant(caller.tenant_id().to_owned()));
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// What `POST /api/kernel/users/{id}/sessions/revoke` ended.
+#[derive(Serialize, ToSchema)]
+pub struct RevokedSessions {
+    /// How many open sessions were revoked.
+    revoked_sessions: u64,
+}
+
+/// Ends every session of a user (their access and refresh tokens stop working on the next request).
+#[utoipa::path(post, path = "/api/kernel/users/{id}/sessions/revoke", tag = "identity", security(("bearer" = ["kernel.user.manage"])),
+    responses((status = 200, body = RevokedSessions), (status = 400), (status = 401), (status = 403), (status = 404)))]
+pub async fn revoke_user_sessions(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<RevokedSessions>> {
+    caller.require(&state, &[perm::USER_MANAGE]).await?;
+    let id = parse_id("id", &id)?;
+    caller.require_over(&state, &id).await?;
+    store::user(state.db(), caller.tenant_id(), &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("No such user."))?;
+    let revoked = revoke_all_sessions(&state, &caller, "user", id, "revoked").await?;
+    Ok(Json(RevokedSessions {
+        revoked_sessions: revoked,
+    }))
+}
+
+/// Revokes every session of a user or service account of the caller's
+/// tenant, audited as `session.revoked` on the subject, and drops their
+/// cached principals here and (by NOTIFY) on every instance.
+async fn revoke_all_sessions(
+    state: &AppState,
+    caller: &Caller,
+    resource_type: &'static str,
+    subject_id: String,
+    reason: &'static str,
+) -> ApiResult<u64> {
+    let ctx = caller.audit_context();
+    let keys = state.redact_keys();
+    let tenant_id = caller.tenant_id().to_owned();
+    let revoked = state
+        .db()
+        .write(move |tx| {
+            Box::pin(async move {
+                let n = store::revoke_subject_sessions(tx, &tenant_id, &subject_id, None, reason).await?;
+                audit::record(
+                    tx,
+                    &ctx,
+                    AuditEvent::new("session.revoked")
+                        .resource(resource_type, &subject_id)
+                        .details(serde_json::json!({ "reason": reason, "sessions_revoked": n })),
+                    &keys,
+                )
+                .await?;
+                tx.notify(
+                    crate::authz::cache::NOTIFY_CHANNEL,
+                    &Invalidation::Tenant(tenant_id.clone()).payload(),
+                )
+                .await?;
+                Ok::<_, ApiError>(n)
+            })
+        })
+        .await?;
+    state.invalidate(&Invalidation::Tenant(caller.tenant_id().to_owned()));
+    Ok(revoked)
 }
 
 /// `POST /api/kernel/auth/login` body.
@@ -1095,13 +1189,16 @@ pub async fn create_service_account(
         return Err(ApiError::invalid_field("role_ids", "too many roles"));
     }
     let mut role_ids = Vec::new();
+    let mut gives = crate::authz::PermissionSet::default();
     for id in &body.role_ids {
         let id = parse_id("role_ids", id)?;
-        authz_store::role(state.db(), caller.tenant_id(), &id)
+        let role = authz_store::role(state.db(), caller.tenant_id(), &id)
             .await?
             .ok_or_else(|| ApiError::not_found("No such role."))?;
+        gives.extend(&role.gives(caller.tenant_id()));
         role_ids.push(id);
     }
+    caller.require_grantable(&state, &gives).await?;
     let secret = new_secret("kcs_");
     let (hash, client_id) = (
         secret_hash(&secret),
@@ -1164,6 +1261,9 @@ pub async fn rotate_service_account_secret(
         .require(&state, &[perm::SERVICE_ACCOUNT_MANAGE])
         .await?;
     let id = parse_id("id", &id)?;
+    // Whoever holds the new secret acts as the account: only for a caller who
+    // may give everything it holds.
+    caller.require_over(&state, &id).await?;
     let secret = new_secret("kcs_");
     let hash = secret_hash(&secret);
     let ctx = caller.audit_context();
@@ -1178,18 +1278,27 @@ pub async fn rotate_service_account_secret(
                 else {
                     return Err(ApiError::not_found("No such service account."));
                 };
+                // A rotation answers a leaked secret: tokens it obtained end too.
+                let sessions = store::revoke_subject_sessions(tx, &tenant_id, &id, None, "secret_rotated").await?;
                 audit::record(
                     tx,
                     &ctx,
                     AuditEvent::new("service_account.secret_rotated")
-                        .resource("service_account", &account.id),
+                        .resource("service_account", &account.id)
+                        .details(serde_json::json!({ "sessions_revoked": sessions })),
                     &keys,
+                )
+                .await?;
+                tx.notify(
+                    crate::authz::cache::NOTIFY_CHANNEL,
+                    &Invalidation::Tenant(tenant_id.clone()).payload(),
                 )
                 .await?;
                 Ok(account)
             })
         })
         .await?;
+    state.invalidate(&Invalidation::Tenant(caller.tenant_id().to_owned()));
     let version = account.version;
     Ok(no_store(with_etag(
         StatusCode::OK,
@@ -1199,6 +1308,90 @@ pub async fn rotate_service_account_secret(
         },
         version,
     )))
+}
+
+/// One service account of the caller's tenant (never its secret).
+#[utoipa::path(get, path = "/api/kernel/service-accounts/{id}", tag = "identity", security(("bearer" = ["kernel.service_account.manage"])),
+    responses((status = 200, body = ServiceAccount), (status = 400), (status = 401), (status = 403), (status = 404)))]
+pub async fn get_service_account(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    caller
+        .require(&state, &[perm::SERVICE_ACCOUNT_MANAGE])
+        .await?;
+    let id = parse_id("id", &id)?;
+    let account = store::service_account(state.db(), caller.tenant_id(), &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("No such service account."))?;
+    Ok(with_etag(StatusCode::OK, &account, account.version))
+}
+
+/// `PATCH /api/kernel/service-accounts/{id}` body.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateServiceAccount {
+    name: Option<String>,
+    /// `active` or `suspended`.
+    status: Option<String>,
+}
+
+/// Renames, suspends or reactivates a service account; a suspension ends its sessions and refuses its credentials.
+#[utoipa::path(patch, path = "/api/kernel/service-accounts/{id}", tag = "identity", request_body = UpdateServiceAccount, security(("bearer" = ["kernel.service_account.manage"])),
+    responses((status = 200, body = ServiceAccount), (status = 400), (status = 401), (status = 403), (status = 404), (status = 409), (status = 412)))]
+pub async fn update_service_account(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    if_match: IfMatch,
+    AppJson(body): AppJson<UpdateServiceAccount>,
+) -> ApiResult<Response> {
+    caller
+        .require(&state, &[perm::SERVICE_ACCOUNT_MANAGE])
+        .await?;
+    let id = parse_id("id", &id)?;
+    let status = parse_status(body.status.as_deref())?;
+    let name = body
+        .name
+        .as_deref()
+        .map(parse_name)
+        .transpose()
+        .map_err(|m| ApiError::invalid_field("name", m))?;
+    if status.is_some() {
+        caller.require_over(&state, &id).await?;
+    }
+    let ctx = caller.audit_context();
+    let keys = state.redact_keys();
+    let tenant_id = caller.tenant_id().to_owned();
+    let (tid, sid) = (tenant_id.clone(), id.clone());
+    let account = state
+        .db()
+        .write(move |tx| {
+            Box::pin(async move {
+                let Some(account) = store::update_service_account(tx, &tenant_id, &id, name.as_deref(), status, if_match.0).await? else {
+                    return Ok(None);
+                };
+                let suspended = status == Some("suspended");
+                let sessions = match suspended {
+                    true => store::revoke_subject_sessions(tx, &tenant_id, &id, None, "suspended").await?,
+                    false => 0,
+                };
+                let action = if suspended { "service_account.suspended" } else { "service_account.updated" };
+                audit::record(tx, &ctx, AuditEvent::new(action).resource("service_account", &account.id).details(serde_json::json!({ "name": account.name, "status": account.status, "sessions_revoked": sessions })), &keys).await?;
+                tx.notify(crate::authz::cache::NOTIFY_CHANNEL, &Invalidation::Tenant(tenant_id.clone()).payload()).await?;
+                Ok::<_, ApiError>(Some(account))
+            })
+        })
+        .await?;
+    state.invalidate(&Invalidation::Tenant(tid.clone()));
+    match account {
+        Some(a) => Ok(with_etag(StatusCode::OK, &a, a.version)),
+        None => Err(missing_or_changed(
+            store::service_account(state.db(), &tid, &sid).await?.is_some(),
+            "service account",
+        )),
+    }
 }
 
 /// The public keys that verify access tokens (RFC 7517).

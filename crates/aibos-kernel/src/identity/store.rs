@@ -332,6 +332,53 @@ pub async fn revoke_session(
     Ok(n == 1)
 }
 
+/// Revokes every open session of a subject but `keep` (its refresh tokens die
+/// with them: a refresh needs an unrevoked session); returns how many.
+pub async fn revoke_subject_sessions(
+    tx: &mut Tx,
+    tenant_id: &str,
+    subject_id: &str,
+    keep: Option<&str>,
+    reason: &str,
+) -> Result<u64, sqlx::Error> {
+    let now = timestamp::now_text();
+    let n = with_tx!(tx, conn => {
+        sqlx::query("UPDATE sessions SET revoked_at = $3, revoked_reason = $4 WHERE tenant_id = $1 AND subject_id = $2 AND revoked_at IS NULL AND ($5 IS NULL OR id <> $5)")
+            .bind(tenant_id).bind(subject_id).bind(&now).bind(reason).bind(keep).execute(&mut *conn).await?.rows_affected()
+    });
+    Ok(n)
+}
+
+/// Renames, suspends or reactivates a service account under optimistic concurrency.
+pub async fn update_service_account(
+    tx: &mut Tx,
+    tenant_id: &str,
+    id: &str,
+    name: Option<&str>,
+    status: Option<&str>,
+    expected_version: Option<i64>,
+) -> Result<Option<ServiceAccount>, sqlx::Error> {
+    let now = timestamp::now_text();
+    with_tx!(tx, conn => {
+        sqlx::query_as("UPDATE service_accounts SET name = COALESCE($3, name), status = COALESCE($4, status), version = version + 1, updated_at = $5 \
+                        WHERE tenant_id = $1 AND id = $2 AND ($6 IS NULL OR version = $6) \
+                        RETURNING id, tenant_id, name, client_id, status, version, created_at")
+            .bind(tenant_id).bind(id).bind(name).bind(status).bind(&now).bind(expected_version).fetch_optional(&mut *conn).await
+    })
+}
+
+/// One service account of the tenant.
+pub async fn service_account(
+    db: &Db,
+    tenant_id: &str,
+    id: &str,
+) -> Result<Option<ServiceAccount>, sqlx::Error> {
+    with_db!(db, pool => {
+        sqlx::query_as("SELECT id, tenant_id, name, client_id, status, version, created_at FROM service_accounts WHERE tenant_id = $1 AND id = $2")
+            .bind(tenant_id).bind(id).fetch_optional(pool).await
+    })
+}
+
 /// Stores a refresh token's hash as the session's current one.
 pub async fn insert_refresh_token(
     tx: &mut Tx,
