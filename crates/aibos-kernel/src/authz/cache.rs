@@ -402,8 +402,12 @@ mod tests {
         let stop = Arc::new(AtomicBool::new(false));
         let readers: Vec<_> = (0..3)
             .map(|_| {
-                let (shared, db, invalidated, stop) =
-                    (shared.clone(), db.clone(), invalidated.clone(), stop.clone());
+                let (shared, db, invalidated, stop) = (
+                    shared.clone(),
+                    db.clone(),
+                    invalidated.clone(),
+                    stop.clone(),
+                );
                 std::thread::spawn(move || {
                     let front = LoopAuthCache::default();
                     let mut stale = 0u32;
@@ -427,6 +431,9 @@ mod tests {
         }
         stop.store(true, Ordering::Release);
         let stale: u32 = readers.into_iter().map(|r| r.join().unwrap()).sum();
-        assert_eq!(stale, 0, "requests served a revoked principal after its invalidation returned");
+        assert_eq!(
+            stale, 0,
+            "requests served a revoked principal after its invalidation returned"
+        );
     }
 }

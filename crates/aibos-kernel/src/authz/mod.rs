@@ -276,9 +276,10 @@ impl PermissionSet {
                 .filter(|g| !other.covers(g)),
         );
         if let Some(excluded) = &self.everything_but {
-            let within = other.everything_but.as_ref().is_some_and(|theirs| {
-                theirs.iter().all(|p| excluded.contains(p))
-            });
+            let within = other
+                .everything_but
+                .as_ref()
+                .is_some_and(|theirs| theirs.iter().all(|p| excluded.contains(p)));
             if !within {
                 missing.push(crate::authz::TENANT_ADMIN_ROLE.to_owned());
             }

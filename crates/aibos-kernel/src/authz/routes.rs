@@ -401,13 +401,22 @@ pub async fn unassign_role(
                     return Err(ApiError::not_found("The user does not hold that role."));
                 }
                 // Its sessions end with it: what they were opened with is gone.
-                let sessions = identity_store::revoke_subject_sessions(tx, &tenant_id, &user_id, None, "role_removed").await?;
+                let sessions = identity_store::revoke_subject_sessions(
+                    tx,
+                    &tenant_id,
+                    &user_id,
+                    None,
+                    "role_removed",
+                )
+                .await?;
                 audit::record(
                     tx,
                     &ctx,
                     AuditEvent::new("role.unassigned")
                         .resource("user", &user_id)
-                        .details(serde_json::json!({ "role_id": role_id, "sessions_revoked": sessions })),
+                        .details(
+                            serde_json::json!({ "role_id": role_id, "sessions_revoked": sessions }),
+                        ),
                     &keys,
                 )
                 .await?;
@@ -627,10 +636,11 @@ pub async fn activate_break_glass(
     if !excluded.is_empty() {
         let event = AuditEvent::new("authz.deny").outcome("deny").severity("warning").details(serde_json::json!({ "required_permissions": body.permissions, "missing_permissions": excluded, "reason": "break-glass never grants these" }));
         state.audit_alone(caller.audit_context(), event).await?;
-        return Err(ApiError::forbidden(
-            excluded.iter().map(|p| p.to_string()).collect(),
-        )
-        .with_detail("Break-glass never grants permissions that manage identities or permissions."));
+        return Err(
+            ApiError::forbidden(excluded.iter().map(|p| p.to_string()).collect()).with_detail(
+                "Break-glass never grants permissions that manage identities or permissions.",
+            ),
+        );
     }
     let grants = check_grants(&state, caller.tenant_id(), &body.permissions, "permissions").await?;
     if grants.is_empty() {

@@ -574,7 +574,14 @@ pub async fn change_password(
                 if !store::set_password(tx, &tenant_id, &id, &hash).await? {
                     return Err(ApiError::not_found("No such user."));
                 }
-                let sessions = store::revoke_subject_sessions(tx, &tenant_id, &id, keep.as_deref(), "password_changed").await?;
+                let sessions = store::revoke_subject_sessions(
+                    tx,
+                    &tenant_id,
+                    &id,
+                    keep.as_deref(),
+                    "password_changed",
+                )
+                .await?;
                 audit::record(
                     tx,
                     &ctx,
@@ -641,7 +648,8 @@ async fn revoke_all_sessions(
         .db()
         .write(move |tx| {
             Box::pin(async move {
-                let n = store::revoke_subject_sessions(tx, &tenant_id, &subject_id, None, reason).await?;
+                let n = store::revoke_subject_sessions(tx, &tenant_id, &subject_id, None, reason)
+                    .await?;
                 audit::record(
                     tx,
                     &ctx,
@@ -1279,7 +1287,9 @@ pub async fn rotate_service_account_secret(
                     return Err(ApiError::not_found("No such service account."));
                 };
                 // A rotation answers a leaked secret: tokens it obtained end too.
-                let sessions = store::revoke_subject_sessions(tx, &tenant_id, &id, None, "secret_rotated").await?;
+                let sessions =
+                    store::revoke_subject_sessions(tx, &tenant_id, &id, None, "secret_rotated")
+                        .await?;
                 audit::record(
                     tx,
                     &ctx,
@@ -1388,7 +1398,9 @@ pub async fn update_service_account(
     match account {
         Some(a) => Ok(with_etag(StatusCode::OK, &a, a.version)),
         None => Err(missing_or_changed(
-            store::service_account(state.db(), &tid, &sid).await?.is_some(),
+            store::service_account(state.db(), &tid, &sid)
+                .await?
+                .is_some(),
             "service account",
         )),
     }

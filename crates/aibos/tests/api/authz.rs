@@ -63,6 +63,9 @@ crate::both_engines! {
         assert_eq!(kernel.as_(&erin, Method::GET, "/api/kernel/roles").send().await.unwrap().status(), 200);
         let r = kernel.as_(&admin, Method::DELETE, &format!("/api/kernel/users/{user}/roles/{readers}")).send().await.unwrap();
         assert_eq!(r.status(), 204);
+        // The removal ends Erin's session; a new one holds what remains.
+        expect_problem(kernel.as_(&erin, Method::GET, "/api/kernel/roles").send().await.unwrap(), 401, "UNAUTHORIZED").await;
+        let erin = kernel.login("acme", "erin@acme.example", PASSWORD).await.unwrap();
         expect_problem(kernel.as_(&erin, Method::GET, "/api/kernel/roles").send().await.unwrap(), 403, "FORBIDDEN").await;
 
         let actions: Vec<String> = kernel.audit(&admin, "").await.iter().map(|e| e["action"].as_str().unwrap().to_owned()).collect();
@@ -119,12 +122,20 @@ crate::both_engines! {
         for (body, why) in [
             (json!({"permissions": ["kernel.user.manage"], "reason": "too short", "duration_minutes": 30}), "short reason"),
             (json!({"permissions": ["kernel.user.manage"], "reason": "incident 4521: payroll stuck", "duration_minutes": 61}), "too long"),
-            (json!({"permissions": ["kernel.tenant.manage"], "reason": "incident 4521: payroll stuck", "duration_minutes": 30}), "tenant management"),
+            (json!({"permissions": ["kernel.*"], "reason": "incident 4521: payroll stuck", "duration_minutes": 30}), "a prefix grant"),
         ] {
             let r = kernel.as_(&henry, Method::POST, "/api/kernel/break-glass").json(&body).send().await.unwrap();
-            expect_problem(r, 400, "VALIDATION_ERROR").await;
-            let _ = why;
+            let problem = expect_problem(r, 400, "VALIDATION_ERROR").await;
+            assert!(problem["errors"].as_array().is_some_and(|e| !e.is_empty()), "{why}: {problem}");
         }
+        // Never what manages identities or permissions: an elevation must not make itself lasting.
+        for excluded in ["kernel.tenant.manage", "kernel.user.manage", "kernel.role.manage", "kernel.delegation.create", "kernel.service_account.manage", "kernel.breakglass.request"] {
+            let r = kernel.as_(&henry, Method::POST, "/api/kernel/break-glass")
+                .json(&json!({"permissions": ["kernel.user.read", excluded], "reason": "incident 4521: payroll stuck", "duration_minutes": 30})).send().await.unwrap();
+            let problem = expect_problem(r, 403, "FORBIDDEN").await;
+            assert_eq!(problem["missing_permissions"], json!([excluded]));
+        }
+        assert_eq!(kernel.audit(&admin, "action=authz.deny").await.len(), 6);
         let r = kernel.as_(&henry, Method::POST, "/api/kernel/break-glass")
             .json(&json!({"permissions": ["kernel.user.read"], "reason": "incident 4521: payroll stuck", "duration_minutes": 30})).send().await.unwrap();
         assert_eq!(r.status(), 201);

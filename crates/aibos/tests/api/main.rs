@@ -11,6 +11,7 @@ mod authz;
 mod cancellation;
 mod cli;
 mod conventions;
+mod escalation;
 mod gateway;
 mod health;
 mod identity;
