@@ -289,6 +289,8 @@ pub struct ServerConfig {
     pub cors_allowed_origins: Vec<String>,
     /// HTTP event loops; 0 means one per core.
     pub event_loops: u64,
+    /// Proxies whose `X-Forwarded-For` is believed (SPEC §4, **Client address**).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl ServerConfig {
@@ -445,6 +447,7 @@ struct RawServer {
     shutdown_grace_seconds: i64,
     cors_allowed_origins: Vec<String>,
     event_loops: i64,
+    trusted_proxies: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -773,6 +776,30 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config>
         }
     }
 
+    if raw.server.trusted_proxies.len() > limits::TRUSTED_PROXIES_MAX {
+        problem(
+            "server.trusted_proxies",
+            format!("at most {} ranges", limits::TRUSTED_PROXIES_MAX),
+        );
+    }
+    let mut trusted_proxies = Vec::new();
+    for range in &raw.server.trusted_proxies {
+        // A bare address is a range of one.
+        let parsed = range
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| range.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+        match parsed {
+            Ok(net) => trusted_proxies.push(net.trunc()),
+            Err(_) => problem(
+                "server.trusted_proxies",
+                format!(
+                    "{:?} is not an address or a CIDR range such as 10.0.0.0/8",
+                    truncate(range)
+                ),
+            ),
+        }
+    }
+
     let url = match DatabaseUrl::parse(&raw.database.url) {
         Ok(url) => Some(url),
         Err(message) => {
@@ -1028,6 +1055,7 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config>
             shutdown_grace_seconds: shutdown_grace_seconds?,
             cors_allowed_origins: raw.server.cors_allowed_origins,
             event_loops: event_loops?,
+            trusted_proxies,
         },
         database: DatabaseConfig {
             url: url?,

@@ -147,6 +147,12 @@ pub const LOGIN_FAILURES_PER_ACCOUNT_MAX: u32 = 5;
 pub const LOGIN_FAILURES_PER_ADDRESS_MAX: u32 = 100;
 /// The throttling window.
 pub const LOGIN_FAILURE_WINDOW_SECONDS: u64 = 15 * 60;
+/// Ranges in `server.trusted_proxies`: each request walks them per
+/// `X-Forwarded-For` hop, and a deployment has a handful of proxy ranges.
+pub const TRUSTED_PROXIES_MAX: usize = 64;
+/// `X-Forwarded-For` hops read, from the right, before the client address is
+/// taken as the leftmost one read: a header of thousands of hops costs no more.
+pub const FORWARDED_HOPS_MAX: usize = 16;
 
 /// Longest a delegation may last.
 pub const DELEGATION_DAYS_MAX: i64 = 30;

@@ -41,6 +41,9 @@ struct Inner {
     auth: AuthCache,
     /// Login-failure counts.
     login_throttle: LoginThrottle,
+    /// `server.trusted_proxies`, read once at start (a restart key), so the
+    /// client address of a request costs no configuration load.
+    trusted_proxies: Box<[ipnet::IpNet]>,
     /// Argon2, bounded to one hash per core.
     hasher: crate::identity::password::Hasher,
     /// The gateway's route table and per-canon state.
@@ -78,8 +81,10 @@ impl AppState {
         openapi_json: String,
         keys: KeyRing,
     ) -> AppState {
+        let trusted_proxies = config.server.trusted_proxies.clone().into_boxed_slice();
         AppState {
             inner: Arc::new(Inner {
+                trusted_proxies,
                 db,
                 config: ArcSwap::from_pointee(config),
                 sources,
@@ -124,6 +129,11 @@ impl AppState {
     /// Password hashing.
     pub fn hasher(&self) -> &crate::identity::password::Hasher {
         &self.inner.hasher
+    }
+
+    /// The proxies whose `X-Forwarded-For` is believed.
+    pub fn trusted_proxies(&self) -> &[ipnet::IpNet] {
+        &self.inner.trusted_proxies
     }
 
     /// The login throttle.

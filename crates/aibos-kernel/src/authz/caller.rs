@@ -9,8 +9,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, FromRequestParts};
-use axum::http::header;
+use axum::http::HeaderMap;
+use axum::http::header::{self, HeaderName};
 use axum::http::request::Parts;
+use ipnet::IpNet;
 
 use super::cache::{LoopAuthCache, Principal};
 use crate::audit::{AuditContext, AuditEvent};
@@ -76,19 +78,61 @@ fn truncated_user_agent(ua: &str) -> String {
     }
 }
 
-impl<S: Send + Sync> FromRequestParts<S> for ClientInfo {
+impl FromRequestParts<AppState> for ClientInfo {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        Ok(client_info(parts))
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(client_info(parts, state.trusted_proxies()))
     }
 }
 
-fn client_info(parts: &Parts) -> ClientInfo {
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+/// The client's address as SPEC §4 defines it: the peer's, or, when the peer
+/// is a trusted proxy, the last hop of `X-Forwarded-For` (all its lines, in
+/// order) that is not one. Hops are read from the right, at most
+/// [`limits::FORWARDED_HOPS_MAX`]; a hop that is not an address stops the walk
+/// at the last trusted one (what a client wrote left of it is not believed).
+pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    let mut current = peer.to_canonical();
+    if trusted.is_empty() || !is_trusted(&current) {
+        return current;
+    }
+    let lines: Vec<&str> = headers
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let hops = lines
+        .iter()
+        .rev()
+        .flat_map(|line| line.rsplit(','))
+        .take(limits::FORWARDED_HOPS_MAX);
+    for hop in hops {
+        let hop = hop.trim();
+        let parsed = hop
+            .parse::<IpAddr>()
+            .or_else(|_| hop.parse::<SocketAddr>().map(|s| s.ip()));
+        let Ok(ip) = parsed.map(|ip| ip.to_canonical()) else {
+            return current;
+        };
+        if !is_trusted(&ip) {
+            return ip;
+        }
+        current = ip;
+    }
+    current
+}
+
+fn client_info(parts: &Parts, trusted: &[IpNet]) -> ClientInfo {
     let client_ip = parts
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip());
+        .map(|c| client_address(c.0.ip(), &parts.headers, trusted));
     let user_agent = parts
         .headers
         .get(header::USER_AGENT)
@@ -140,7 +184,7 @@ impl Caller {
                 "The tenant is suspended.",
             ));
         }
-        let info = client_info(parts);
+        let info = client_info(parts, state.trusted_proxies());
         Ok(Caller {
             principal,
             correlation_id: info.correlation_id,
@@ -303,6 +347,86 @@ impl Caller {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn headers(lines: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for line in lines {
+            h.append(X_FORWARDED_FOR, line.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn the_client_address_believes_only_trusted_proxies() {
+        let trusted: Vec<IpNet> = vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "2001:db8::1/128".parse().unwrap(),
+        ];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let proxy = ip("10.1.2.3");
+        let spoofed = headers(&["6.6.6.6"]);
+        // An untrusted peer is the client, whatever it claims.
+        assert_eq!(
+            client_address(ip("203.0.113.9"), &spoofed, &trusted),
+            ip("203.0.113.9")
+        );
+        assert_eq!(
+            client_address(proxy, &spoofed, &[]),
+            proxy,
+            "no trusted proxies: the peer"
+        );
+        // A trusted peer: the last hop that is not trusted, from the right.
+        assert_eq!(
+            client_address(proxy, &headers(&["6.6.6.6, 198.51.100.7"]), &trusted),
+            ip("198.51.100.7")
+        );
+        assert_eq!(
+            client_address(
+                proxy,
+                &headers(&["6.6.6.6, 198.51.100.7, 10.9.9.9"]),
+                &trusted
+            ),
+            ip("198.51.100.7")
+        );
+        assert_eq!(
+            client_address(
+                proxy,
+                &headers(&["6.6.6.6", "198.51.100.7", "10.9.9.9"]),
+                &trusted
+            ),
+            ip("198.51.100.7"),
+            "several header lines"
+        );
+        assert_eq!(
+            client_address(proxy, &headers(&["[2001:db8::7]:443"]), &trusted),
+            ip("2001:db8::7")
+        );
+        assert_eq!(
+            client_address(
+                ip("2001:db8::1"),
+                &headers(&["198.51.100.7:5000"]),
+                &trusted
+            ),
+            ip("198.51.100.7")
+        );
+        // Garbage stops the walk at the last trusted hop; no header leaves the proxy.
+        assert_eq!(
+            client_address(proxy, &headers(&["6.6.6.6, not-an-ip, 10.9.9.9"]), &trusted),
+            ip("10.9.9.9")
+        );
+        assert_eq!(client_address(proxy, &HeaderMap::new(), &trusted), proxy);
+        // A mapped IPv4 peer is the IPv4 address.
+        assert_eq!(
+            client_address(ip("::ffff:203.0.113.9"), &spoofed, &trusted),
+            ip("203.0.113.9")
+        );
+        // Thousands of hops cost no more than the cap.
+        let long = vec!["10.0.0.1"; 5000].join(",");
+        assert_eq!(
+            client_address(proxy, &headers(&[&long]), &trusted),
+            ip("10.0.0.1")
+        );
+    }
 
     #[test]
     fn user_agents_are_cut_by_characters() {

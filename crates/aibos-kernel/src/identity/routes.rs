@@ -739,16 +739,18 @@ pub async fn login(
         .chars()
         .take(254)
         .collect::<String>();
-    if let Some(retry) = state
-        .login_throttle()
-        .check(&tenant_key, &email, info.client_ip)
-    {
-        return Err(ApiError::rate_limited(
-            "Too many failed logins; try again later.",
-            retry.0,
-        ));
-    }
     let found = store::login_lookup(state.db(), &tenant_key, &email).await?;
+    // Counted before the password is checked: parallel guesses share one budget.
+    // A tenant's slug and id are one bucket; an unknown tenant is its text's.
+    let bucket = found
+        .as_ref()
+        .map_or_else(|| tenant_key.to_ascii_lowercase(), |f| f.tenant_id.clone());
+    let attempt = state
+        .login_throttle()
+        .reserve(&bucket, &email, info.client_ip)
+        .map_err(|retry| {
+            ApiError::rate_limited("Too many failed logins; try again later.", retry.0)
+        })?;
     let phc = found.as_ref().and_then(|f| f.password_hash.clone());
     // Always one Argon2 verification, against a dummy hash when there is no such user.
     let verified = state
@@ -774,6 +776,7 @@ pub async fn login(
     }
     let ctx = info.audit_context(&tenant_id, "user", Some(user_id.clone()));
     let response = open_session(&state, ctx, &tenant_id, &user_id, "user", true, keys).await?;
+    attempt.succeeded();
     state.metrics().login("success");
     Ok(no_store(Json(response)))
 }
@@ -788,9 +791,6 @@ async fn login_refused(
     found: Option<store::LoginLookup>,
     verified: bool,
 ) -> ApiError {
-    state
-        .login_throttle()
-        .record_failure(&tenant_key, &email, info.client_ip);
     let chain = found
         .as_ref()
         .map(|f| f.tenant_id.clone())

@@ -333,3 +333,80 @@ crate::both_engines! {
         assert_eq!(status_of(&kernel, &b, Method::GET, "/api/kernel/users").await, 200);
     }
 }
+
+crate::both_engines! {
+    async fn fifty_parallel_guesses_get_at_most_five_verifications(engine: Engine) {
+        let kernel = spawn_kernel(engine).await.unwrap();
+        let platform = kernel.platform_admin().await;
+        let admin = kernel.tenant_with_admin(&platform, "acme").await;
+        kernel.user(&admin, "ivy@acme.example").await;
+        let guesses = (0..50).map(|i| {
+            let request = kernel.client.post(kernel.url("/api/kernel/auth/login"))
+                .json(&json!({"tenant": "acme", "email": "ivy@acme.example", "password": format!("guess number {i:04}")}));
+            async move { request.send().await.unwrap().status().as_u16() }
+        });
+        let statuses = futures_join_all(guesses).await;
+        let verified = statuses.iter().filter(|s| **s == 401).count();
+        let throttled = statuses.iter().filter(|s| **s == 429).count();
+        assert!(verified <= 5, "{verified} guesses were verified: {statuses:?}");
+        assert_eq!(verified + throttled, 50, "{statuses:?}");
+        let failures = kernel.audit(&admin, "action=auth.login_failed").await;
+        assert!(failures.len() <= 5, "{} failures audited", failures.len());
+
+        // The tenant's slug and its id are one bucket: the right password is refused too.
+        let by_id = kernel.client.post(kernel.url("/api/kernel/auth/login"))
+            .json(&json!({"tenant": admin.tenant_id, "email": "ivy@acme.example", "password": PASSWORD})).send().await.unwrap();
+        expect_problem(by_id, 429, "RATE_LIMITED").await;
+    }
+}
+
+/// Joins futures without a dependency: each is spawned on the test's runtime.
+async fn futures_join_all<F>(futures: impl Iterator<Item = F>) -> Vec<u16>
+where
+    F: std::future::Future<Output = u16> + Send + 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for handle in handles {
+        out.push(handle.await.unwrap());
+    }
+    out
+}
+
+/// SPEC §4 **Client address**: `X-Forwarded-For` is believed from trusted proxies only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_address_comes_from_trusted_proxies_only() {
+    use aibos_testkit::{Engine, KernelOptions, spawn_kernel_with};
+    let login_from = |kernel: &TestKernel, forwarded: &'static str| {
+        kernel.client.post(kernel.url("/api/kernel/auth/login"))
+            .header("x-forwarded-for", forwarded)
+            .json(&json!({"tenant": "system", "email": "root@example.com", "password": "not the password"}))
+            .send()
+    };
+    // The test client connects from 127.0.0.1: trusted here…
+    let behind_proxy = spawn_kernel_with(
+        Engine::Sqlite,
+        KernelOptions {
+            env: vec![(
+                "AIBOS_SERVER__TRUSTED_PROXIES".into(),
+                "[\"127.0.0.0/8\", \"10.0.0.0/8\"]".into(),
+            )],
+            ..KernelOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let admin = behind_proxy.platform_admin().await;
+    login_from(&behind_proxy, "6.6.6.6, 198.51.100.7, 10.1.1.1")
+        .await
+        .unwrap();
+    let entries = behind_proxy.audit(&admin, "action=auth.login_failed").await;
+    assert_eq!(entries[0]["client_ip"], "198.51.100.7");
+
+    // …and an ordinary peer otherwise, whatever it claims.
+    let direct = spawn_kernel(Engine::Sqlite).await.unwrap();
+    let admin = direct.platform_admin().await;
+    login_from(&direct, "198.51.100.7").await.unwrap();
+    let entries = direct.audit(&admin, "action=auth.login_failed").await;
+    assert_eq!(entries[0]["client_ip"], "127.0.0.1");
+}
