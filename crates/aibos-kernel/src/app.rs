@@ -303,12 +303,17 @@ fn spawn_background(state: &AppState, stop: CancellationToken) -> tokio::task::J
         }
     });
     tasks.spawn(crate::gateway::health::run(state.clone(), stop.clone()));
-    if let crate::db::Db::Postgres(pool) = state.db() {
-        tasks.spawn(crate::authz::listener::run(
-            pool.clone(),
-            state.clone(),
-            stop,
-        ));
+    match state.db() {
+        crate::db::Db::Postgres(pool) => {
+            tasks.spawn(crate::authz::listener::run(
+                pool.clone(),
+                state.clone(),
+                stop,
+            ));
+        }
+        crate::db::Db::Sqlite(_) => {
+            tasks.spawn(crate::authz::listener::poll_log(state.clone(), stop));
+        }
     }
     tasks
 }

@@ -147,6 +147,14 @@ pub const LOGIN_FAILURES_PER_ACCOUNT_MAX: u32 = 5;
 pub const LOGIN_FAILURES_PER_ADDRESS_MAX: u32 = 100;
 /// The throttling window.
 pub const LOGIN_FAILURE_WINDOW_SECONDS: u64 = 15 * 60;
+/// How often a kernel on SQLite reads the invalidation log: the delay before a
+/// change made by the offline command line (another process, no NOTIFY) is
+/// seen; one indexed read of nothing, most of the time.
+pub const INVALIDATION_POLL_MS: u64 = 1_000;
+/// Invalidation-log entries applied per poll; more wait for the next.
+pub const INVALIDATION_POLL_BATCH_MAX: u32 = 1_000;
+/// How long invalidation-log entries are kept: far longer than any poll gap.
+pub const INVALIDATION_LOG_RETENTION_SECONDS: i64 = 3_600;
 /// Ranges in `server.trusted_proxies`: each request walks them per
 /// `X-Forwarded-For` hop, and a deployment has a handful of proxy ranges.
 pub const TRUSTED_PROXIES_MAX: usize = 64;

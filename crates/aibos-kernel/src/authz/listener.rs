@@ -1,9 +1,12 @@
-//! Cross-instance invalidation on PostgreSQL: `LISTEN aibos_authz`.
+//! Invalidations from other processes: on PostgreSQL `LISTEN aibos_authz`,
+//! on SQLite a poll of `invalidation_log`.
 //!
 //! Every change that affects permissions sends `NOTIFY aibos_authz` in its own
-//! transaction; this task applies the same invalidation in this instance. If
-//! the listening connection drops, notifications may have been missed, so the
-//! whole cache is cleared before listening again.
+//! transaction (on SQLite, appends the same payload to the log); this task
+//! applies the same invalidation in this instance. If the listening connection
+//! drops, notifications may have been missed, so the whole cache is cleared
+//! before listening again. On SQLite the other process is the offline command
+//! line (`aibos tenant suspend`, `keys rotate`), seen within a poll interval.
 
 use std::time::Duration;
 
@@ -11,6 +14,7 @@ use sqlx::postgres::{PgListener, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use super::cache::{Invalidation, NOTIFY_CHANNEL};
+use crate::limits;
 use crate::state::AppState;
 
 /// Pause before reconnecting a failed listener.
@@ -27,16 +31,7 @@ pub async fn run(pool: PgPool, state: AppState, stop: CancellationToken) {
             rebuild_gateway(&state).await;
             loop {
                 let notification = listener.recv().await?;
-                let what = Invalidation::parse(notification.payload());
-                if what == Invalidation::All {
-                    state.refresh_keys().await;
-                    rebuild_gateway(&state).await;
-                }
-                if what == Invalidation::Registry {
-                    rebuild_gateway(&state).await;
-                    continue;
-                }
-                state.invalidate(&what);
+                apply(&state, Invalidation::parse(notification.payload())).await;
             }
             #[allow(unreachable_code)]
             Ok::<(), sqlx::Error>(())
@@ -52,6 +47,69 @@ pub async fn run(pool: PgPool, state: AppState, stop: CancellationToken) {
         tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(RECONNECT_DELAY_MS)) => {}
             () = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Applies one invalidation another process sent.
+async fn apply(state: &AppState, what: Invalidation) {
+    match what {
+        Invalidation::All => {
+            state.refresh_keys().await;
+            rebuild_gateway(state).await;
+            state.invalidate(&what);
+        }
+        Invalidation::Registry => rebuild_gateway(state).await,
+        what => state.invalidate(&what),
+    }
+}
+
+/// Runs until `stop` on SQLite: reads the invalidation log every
+/// [`limits::INVALIDATION_POLL_MS`] and applies what other processes (and
+/// this one: harmless, a second invalidation) wrote since the last read;
+/// forgets entries older than [`limits::INVALIDATION_LOG_RETENTION_SECONDS`].
+pub async fn poll_log(state: AppState, stop: CancellationToken) {
+    let mut last = match super::store::last_invalidation(state.db()).await {
+        Ok(seq) => seq,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the invalidation log; reading it all");
+            0
+        }
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(limits::INVALIDATION_POLL_MS));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Pruning is a write: once a minute is plenty for an hour's retention.
+    let prune_every = (60_000 / limits::INVALIDATION_POLL_MS).max(1);
+    let mut polls = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        match super::store::invalidations_after(
+            state.db(),
+            last,
+            limits::INVALIDATION_POLL_BATCH_MAX,
+        )
+        .await
+        {
+            Ok(entries) => {
+                for (seq, payload) in entries {
+                    apply(&state, Invalidation::parse(&payload)).await;
+                    last = seq;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the invalidation log"),
+        }
+        polls += 1;
+        if polls % prune_every == 0 {
+            let before = crate::timestamp::format(
+                crate::timestamp::now()
+                    - time::Duration::seconds(limits::INVALIDATION_LOG_RETENTION_SECONDS),
+            );
+            if let Err(e) = super::store::prune_invalidations(state.db(), &before).await {
+                tracing::warn!(error = %e, "cannot prune the invalidation log");
+            }
         }
     }
 }

@@ -523,3 +523,23 @@ pub async fn end_break_glass(
     });
     Ok(row.map(grant))
 }
+
+/// The newest entry of the invalidation log (SQLite), 0 when empty.
+pub async fn last_invalidation(db: &Db) -> Result<i64, sqlx::Error> {
+    with_db!(db, pool => sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM invalidation_log").fetch_one(pool).await)
+}
+
+/// Invalidation-log entries after `seq`, oldest first, at most `limit`.
+pub async fn invalidations_after(
+    db: &Db,
+    seq: i64,
+    limit: u32,
+) -> Result<Vec<(i64, String)>, sqlx::Error> {
+    with_db!(db, pool => sqlx::query_as("SELECT seq, payload FROM invalidation_log WHERE seq > $1 ORDER BY seq LIMIT $2")
+        .bind(seq).bind(i64::from(limit)).fetch_all(pool).await)
+}
+
+/// Forgets invalidation-log entries written before `before` (RFC 3339).
+pub async fn prune_invalidations(db: &Db, before: &str) -> Result<u64, sqlx::Error> {
+    with_db!(db, pool => Ok(sqlx::query("DELETE FROM invalidation_log WHERE created_at < $1").bind(before).execute(pool).await?.rows_affected()))
+}

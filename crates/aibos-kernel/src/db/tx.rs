@@ -60,15 +60,27 @@ impl Tx {
         }
     }
 
-    /// Sends a NOTIFY on `channel`, delivered when this transaction commits
-    /// (PostgreSQL only: SQLite serves one kernel instance, which invalidates locally).
+    /// Sends a NOTIFY on `channel`, delivered when this transaction commits.
+    /// SQLite has no NOTIFY: there the payload is appended to
+    /// `invalidation_log` in the same transaction, which every kernel on the
+    /// file polls — so a change written by the offline command line, another
+    /// process, reaches a running kernel too (`authz::listener::poll_log`).
     pub async fn notify(&mut self, channel: &str, payload: &str) -> Result<(), sqlx::Error> {
-        if let Tx::Postgres(t) = self {
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(channel)
-                .bind(payload)
-                .execute(&mut **t)
-                .await?;
+        match self {
+            Tx::Postgres(t) => {
+                sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(channel)
+                    .bind(payload)
+                    .execute(&mut **t)
+                    .await?;
+            }
+            Tx::Sqlite(t) => {
+                sqlx::query("INSERT INTO invalidation_log (payload, created_at) VALUES ($1, $2)")
+                    .bind(payload)
+                    .bind(crate::timestamp::now_text())
+                    .execute(&mut **t)
+                    .await?;
+            }
         }
         Ok(())
     }

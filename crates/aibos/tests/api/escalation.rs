@@ -410,3 +410,282 @@ async fn the_client_address_comes_from_trusted_proxies_only() {
     let entries = direct.audit(&admin, "action=auth.login_failed").await;
     assert_eq!(entries[0]["client_ip"], "127.0.0.1");
 }
+
+crate::both_engines! {
+    // SQLite has no NOTIFY: the offline command line's changes travel by the invalidation log.
+    async fn offline_command_line_changes_reach_a_running_kernel_within_seconds(engine: Engine) {
+        let kernel = spawn_kernel(engine).await.unwrap();
+        let platform = kernel.platform_admin().await;
+        let admin = kernel.tenant_with_admin(&platform, "acme").await;
+        assert_eq!(status_of(&kernel, &admin, Method::GET, "/api/kernel/auth/me").await, 200, "cached");
+        let cwd = tempfile::tempdir().unwrap();
+        let cli = |args: &[&str]| {
+            let output = std::process::Command::new(env!("CARGO_BIN_EXE_aibos"))
+                .args(args)
+                .current_dir(cwd.path())
+                .env_clear()
+                .env("PATH", std::env::var("PATH").unwrap_or_default())
+                .env("AIBOS_DATABASE__URL", kernel.db.url())
+                .output()
+                .unwrap();
+            assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        };
+        let within = |seconds: u64| std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+
+        cli(&["tenant", "suspend", "acme"]);
+        let deadline = within(5);
+        loop {
+            let r = kernel.as_(&admin, Method::GET, "/api/kernel/auth/me").send().await.unwrap();
+            if r.status() == 403 {
+                expect_problem(r, 403, "TENANT_SUSPENDED").await;
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the suspension did not reach the kernel");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+
+        cli(&["keys", "rotate"]);
+        let deadline = within(5);
+        loop {
+            let jwks: Value = kernel.client.get(kernel.url("/.well-known/jwks.json")).send().await.unwrap().json().await.unwrap();
+            if jwks["keys"].as_array().unwrap().len() == 2 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the rotation did not reach the kernel");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// The property of SPEC §4 **No escalation**, over random role sets,
+/// delegations, break-glass grants and calls: whatever a user does through the
+/// API, their own grantable permissions do not grow, and no other subject ends
+/// up holding anything outside what the user could give (or held already).
+mod no_escalation_property {
+    use aibos_kernel::authz::PermissionSet;
+    use aibos_kernel::authz::store::subject_permissions;
+    use aibos_testkit::Engine;
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+
+    use super::*;
+
+    const POOL: &[&str] = &[
+        "kernel.user.read",
+        "kernel.user.manage",
+        "kernel.role.read",
+        "kernel.role.manage",
+        "kernel.audit.read",
+        "kernel.delegation.create",
+        "kernel.breakglass.request",
+        "kernel.service_account.manage",
+        "kernel.event.read",
+    ];
+    const PREFIXES: &[&str] = &["kernel.user.*", "kernel.role.*", "kernel.event.*"];
+
+    fn pick(mask: u16) -> Vec<&'static str> {
+        POOL.iter()
+            .enumerate()
+            .filter(|(i, _)| mask & (1 << i) != 0)
+            .map(|(_, p)| *p)
+            .collect()
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        CreateRole(u16, Option<usize>),
+        UpdateRole(usize, u16),
+        AssignToSelf(usize),
+        AssignToVictim(usize),
+        UnassignFromVictim(usize),
+        Delegate(u16),
+        BreakGlass(u16),
+        ResetVictimPassword,
+        SuspendVictim,
+        RevokeVictimSessions,
+        ServiceAccount(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (any::<u16>(), proptest::option::of(0..PREFIXES.len()))
+                .prop_map(|(m, p)| Op::CreateRole(m, p)),
+            (0..8usize, any::<u16>()).prop_map(|(r, m)| Op::UpdateRole(r, m)),
+            (0..8usize).prop_map(Op::AssignToSelf),
+            (0..8usize).prop_map(Op::AssignToVictim),
+            (0..8usize).prop_map(Op::UnassignFromVictim),
+            any::<u16>().prop_map(Op::Delegate),
+            any::<u16>().prop_map(Op::BreakGlass),
+            Just(Op::ResetVictimPassword),
+            Just(Op::SuspendVictim),
+            Just(Op::RevokeVictimSessions),
+            (0..8usize).prop_map(Op::ServiceAccount),
+        ]
+    }
+
+    async fn held(
+        kernel: &TestKernel,
+        tenant: &str,
+        subject: &str,
+    ) -> aibos_kernel::authz::store::SubjectPermissions {
+        subject_permissions(
+            kernel.state.db(),
+            tenant,
+            subject,
+            time::OffsetDateTime::now_utc(),
+        )
+        .await
+        .unwrap()
+    }
+
+    async fn case(
+        engine: Engine,
+        masks: (u16, u16, u16, u16),
+        ops: Vec<Op>,
+    ) -> Result<(), TestCaseError> {
+        let (attacker_mask, victim_mask, other_mask, delegated_mask) = masks;
+        let kernel = spawn_kernel(engine).await.unwrap();
+        let platform = kernel.platform_admin().await;
+        let admin = kernel.tenant_with_admin(&platform, "acme").await;
+        let attacker = user_with(&kernel, &admin, "a@acme.example", &pick(attacker_mask)).await;
+        let victim_id = kernel.user(&admin, "v@acme.example").await;
+        let mut roles = vec![tenant_admin_role(&kernel, &admin).await];
+        for (name, mask) in [("victim", victim_mask), ("other", other_mask)] {
+            if !pick(mask).is_empty() {
+                roles.push(kernel.role(&admin, name, &pick(mask)).await);
+            }
+        }
+        if let Some(victim_role) = roles
+            .get(1)
+            .cloned()
+            .filter(|_| !pick(victim_mask).is_empty())
+        {
+            kernel.assign(&admin, &victim_id, &victim_role).await;
+        }
+        if !pick(delegated_mask).is_empty() {
+            let r = kernel.as_(&admin, Method::POST, "/api/kernel/delegations")
+                .json(&json!({"to_user_id": attacker.subject_id, "permissions": pick(delegated_mask), "expires_at": in_minutes(60), "reason": "cover"})).send().await.unwrap();
+            prop_assert_eq!(r.status().as_u16(), 201);
+        }
+        // The user acts with the session it has, refreshed after its own
+        // session-ending calls (it may remove its own role, say).
+        let attacker = kernel
+            .login("acme", "a@acme.example", PASSWORD)
+            .await
+            .unwrap();
+        let tenant = admin.tenant_id.clone();
+        let before = held(&kernel, &tenant, &attacker.subject_id).await;
+        let grantable = before.own;
+        let victim_before = held(&kernel, &tenant, &victim_id).await;
+        let mut victim_may_hold = victim_before.all.clone();
+        victim_may_hold.extend(&grantable);
+        let mut accounts = Vec::new();
+
+        for op in ops {
+            let role = |i: usize| roles[i % roles.len()].clone();
+            let send = |method: Method, path: String, body: Value| {
+                kernel.as_(&attacker, method, &path).json(&body).send()
+            };
+            let status = match &op {
+                Op::CreateRole(mask, prefix) => {
+                    let mut permissions: Vec<&str> = pick(*mask);
+                    permissions.extend(prefix.map(|p| PREFIXES[p]));
+                    let r = send(Method::POST, "/api/kernel/roles".into(), json!({"name": format!("r{}", roles.len()), "permissions": permissions})).await.unwrap();
+                    let status = r.status().as_u16();
+                    if status == 201 {
+                        let body: Value = r.json().await.unwrap();
+                        roles.push(body["id"].as_str().unwrap().to_owned());
+                    }
+                    status
+                }
+                Op::UpdateRole(i, mask) => send(Method::PATCH, format!("/api/kernel/roles/{}", role(*i)), json!({"permissions": pick(*mask)})).await.unwrap().status().as_u16(),
+                Op::AssignToSelf(i) => send(Method::POST, format!("/api/kernel/users/{}/roles", attacker.subject_id), json!({"role_id": role(*i)})).await.unwrap().status().as_u16(),
+                Op::AssignToVictim(i) => send(Method::POST, format!("/api/kernel/users/{victim_id}/roles"), json!({"role_id": role(*i)})).await.unwrap().status().as_u16(),
+                Op::UnassignFromVictim(i) => send(Method::DELETE, format!("/api/kernel/users/{victim_id}/roles/{}", role(*i)), json!({})).await.unwrap().status().as_u16(),
+                Op::Delegate(mask) => send(Method::POST, "/api/kernel/delegations".into(), json!({"to_user_id": victim_id, "permissions": pick(*mask), "expires_at": in_minutes(60), "reason": "cover"})).await.unwrap().status().as_u16(),
+                Op::BreakGlass(mask) => send(Method::POST, "/api/kernel/break-glass".into(), json!({"permissions": pick(*mask), "reason": "incident 4521: payroll stuck", "duration_minutes": 30})).await.unwrap().status().as_u16(),
+                Op::ResetVictimPassword => {
+                    let victim_now = held(&kernel, &tenant, &victim_id).await;
+                    let status = send(Method::POST, format!("/api/kernel/users/{victim_id}/password"), json!({"password": "taken over by the user"})).await.unwrap().status().as_u16();
+                    if status == 204 {
+                        prop_assert!(victim_now.all.outside(&grantable).is_empty(), "took over an account holding {:?} with {:?}", victim_now.all.grants(), grantable.grants());
+                    }
+                    status
+                }
+                Op::SuspendVictim => send(Method::PATCH, format!("/api/kernel/users/{victim_id}"), json!({"status": "suspended"})).await.unwrap().status().as_u16(),
+                Op::RevokeVictimSessions => send(Method::POST, format!("/api/kernel/users/{victim_id}/sessions/revoke"), json!({})).await.unwrap().status().as_u16(),
+                Op::ServiceAccount(i) => {
+                    let r = send(Method::POST, "/api/kernel/service-accounts".into(), json!({"name": format!("sa{}", accounts.len()), "role_ids": [role(*i)]})).await.unwrap();
+                    let status = r.status().as_u16();
+                    if status == 201 {
+                        let body: Value = r.json().await.unwrap();
+                        accounts.push(body["id"].as_str().unwrap().to_owned());
+                    }
+                    status
+                }
+            };
+            prop_assert!(status < 500, "{op:?} answered {status}");
+
+            let now = held(&kernel, &tenant, &attacker.subject_id).await;
+            prop_assert!(
+                now.own.outside(&grantable).is_empty(),
+                "after {:?} the user's grantable set grew to {:?} from {:?}",
+                op,
+                now.own.grants(),
+                grantable.grants()
+            );
+            let victim_now = held(&kernel, &tenant, &victim_id).await;
+            prop_assert!(
+                victim_now.all.outside(&victim_may_hold).is_empty(),
+                "after {:?} the other user holds {:?}",
+                op,
+                victim_now.all.grants()
+            );
+            for account in &accounts {
+                let sa = held(&kernel, &tenant, account).await;
+                prop_assert!(
+                    sa.all.outside(&grantable).is_empty(),
+                    "a service account holds {:?}",
+                    sa.all.grants()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn run(engine: Engine, cases: u32) {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut runner = TestRunner::new(Config {
+            cases,
+            failure_persistence: None,
+            ..Config::default()
+        });
+        let strategy = (
+            (any::<u16>(), any::<u16>(), any::<u16>(), any::<u16>()),
+            proptest::collection::vec(op(), 1..8),
+        );
+        runner
+            .run(&strategy, |(masks, ops)| {
+                runtime.block_on(case(engine, masks, ops))
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn sqlite() {
+        run(Engine::Sqlite, 24);
+    }
+
+    #[test]
+    fn postgres() {
+        if Engine::postgres_admin_url().is_none() {
+            eprintln!("skipped: AIBOS_TEST_DATABASE_URL is not set");
+            return;
+        }
+        run(Engine::Postgres, 8);
+    }
+}

@@ -163,8 +163,10 @@ both_engines! {
         let Some(k) = spawn_kernel(engine).await else { return };
         let Fixture { k, root, user, .. } = fixture(k, &upstream).await;
         let tenant_admin = k.login("acme", "admin@acme.example", PASSWORD).await.unwrap();
+        k.user(&tenant_admin, "clerk@acme.example").await;
+        let clerk = k.login("acme", "clerk@acme.example", PASSWORD).await.unwrap();
         expect_problem(k.client.get(k.url("/api/gateway/payments/payments/1")).send().await.unwrap(), 401, "UNAUTHORIZED").await;
-        let denied = expect_problem(k.as_(&tenant_admin, Method::GET, "/api/gateway/payments/payments/1").send().await.unwrap(), 403, "FORBIDDEN").await;
+        let denied = expect_problem(k.as_(&clerk, Method::GET, "/api/gateway/payments/payments/1").send().await.unwrap(), 403, "FORBIDDEN").await;
         assert_eq!(denied["missing_permissions"], json!(["finance.payment.read"]));
         expect_problem(k.as_(&user, Method::GET, "/api/gateway/nope/payments/1").send().await.unwrap(), 404, "ROUTE_NOT_FOUND").await;
         expect_problem(k.as_(&user, Method::GET, "/api/gateway/payments/refunds/1").send().await.unwrap(), 404, "ROUTE_NOT_FOUND").await;
