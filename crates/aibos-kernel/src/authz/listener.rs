@@ -102,7 +102,7 @@ pub async fn poll_log(state: AppState, stop: CancellationToken) {
             Err(e) => tracing::warn!(error = %e, "cannot read the invalidation log"),
         }
         polls += 1;
-        if polls % prune_every == 0 {
+        if polls.is_multiple_of(prune_every) {
             let before = crate::timestamp::format(
                 crate::timestamp::now()
                     - time::Duration::seconds(limits::INVALIDATION_LOG_RETENTION_SECONDS),
