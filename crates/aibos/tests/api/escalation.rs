@@ -462,7 +462,6 @@ crate::both_engines! {
 /// API, their own grantable permissions do not grow, and no other subject ends
 /// up holding anything outside what the user could give (or held already).
 mod no_escalation_property {
-    use aibos_kernel::authz::PermissionSet;
     use aibos_kernel::authz::store::subject_permissions;
     use aibos_testkit::Engine;
     use proptest::prelude::*;
