@@ -361,7 +361,74 @@ mod tests {
         );
     }
 
+    #[test]
+    fn the_built_in_administrator_covers_all_but_the_platform() {
+        let tenant = role_permissions("t1", TENANT_ADMIN_ROLE, true, &[]);
+        assert!(
+            tenant.contains("finance.payment.execute"),
+            "canon permissions, later ones too"
+        );
+        assert!(tenant.covers("finance.*") && tenant.covers("kernel.user.*"));
+        assert!(!tenant.contains(perm::TENANT_MANAGE) && !tenant.contains(perm::CANON_MANAGE));
+        assert!(!tenant.covers("kernel.*") && !tenant.covers("kernel.canon.*"));
+        let system = role_permissions(
+            crate::identity::SYSTEM_TENANT_ID,
+            TENANT_ADMIN_ROLE,
+            true,
+            &[],
+        );
+        assert!(system.contains(perm::CANON_MANAGE) && !system.contains(perm::TENANT_MANAGE));
+        // A role named like it but not built in is an ordinary role.
+        assert!(!role_permissions("t1", TENANT_ADMIN_ROLE, false, &[]).contains("a.b"));
+        // Only a holder of as much may act on an administrator.
+        assert!(tenant.outside(&tenant).is_empty());
+        assert!(
+            !tenant
+                .outside(&PermissionSet::of(&["kernel.user.manage".into()]))
+                .is_empty()
+        );
+        assert!(
+            !system.outside(&tenant).is_empty(),
+            "the system's excludes less"
+        );
+        assert!(tenant.outside(&system).is_empty());
+    }
+
+    fn grant_strategy() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "(a|b)\\.(x|y)\\.(p|q)",
+            "(a|b)\\.\\*",
+            "(a|b)\\.(x|y)\\.\\*",
+        ]
+    }
+
     proptest! {
+        /// What `outside` calls within is within: a set all of whose grants
+        /// another covers holds nothing that other does not.
+        #[test]
+        fn covered_sets_hold_nothing_more(
+            mine in proptest::collection::vec(grant_strategy(), 0..6),
+            theirs in proptest::collection::vec(grant_strategy(), 0..6),
+            admin in any::<bool>(),
+            names in proptest::collection::vec("(a|b|c)\\.(x|y)\\.(p|q)", 1..20),
+        ) {
+            let mut giver = PermissionSet::of(&mine);
+            if admin {
+                giver.add_everything_but(&["a.x.p"]);
+            }
+            let given = PermissionSet::of(&theirs);
+            if given.outside(&giver).is_empty() {
+                for name in &names {
+                    prop_assert!(!given.contains(name) || giver.contains(name), "{name}");
+                }
+            }
+            for grant in &theirs {
+                if giver.covers(grant) && !grant.ends_with('*') {
+                    prop_assert!(giver.contains(grant));
+                }
+            }
+        }
+
         #[test]
         fn every_accepted_name_is_also_a_grant(name in "[a-z][a-z0-9_]{0,5}(\\.[a-z][a-z0-9_]{0,5}){1,4}") {
             prop_assert!(is_permission_name(&name));
