@@ -55,6 +55,13 @@ crate::both_engines! {
         assert_eq!(body["database"]["status"], "up");
         if engine == Engine::Sqlite {
             assert!(cwd.path().join("data/aibos.db").is_file(), "the default database file is created with its folder");
+            // With no master key configured, one is generated beside the database, private, and its path logged.
+            let key_file = cwd.path().join("data/master.key");
+            use std::os::unix::fs::PermissionsExt as _;
+            assert_eq!(std::fs::metadata(&key_file).expect("the master key file is generated").permissions().mode() & 0o777, 0o600);
+            let logged = kernel.all_logs();
+            assert!(logged.contains("generated a new master key") && logged.contains(&*key_file.to_string_lossy()), "{logged}");
+            assert!(!logged.contains(std::fs::read_to_string(&key_file).unwrap().trim()), "the key is never logged");
         }
         assert_eq!(exit_code_after_sigterm(kernel).await, Some(0));
     }
