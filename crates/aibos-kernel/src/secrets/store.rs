@@ -111,19 +111,6 @@ pub async fn replace(
     Ok(n == 1)
 }
 
-/// The stored value of one place (tests read rows raw with it).
-pub async fn raw(db: &Db, place: &Place) -> Result<Option<String>, sqlx::Error> {
-    match place {
-        Place::SigningKey { kid } => with_db!(db, pool => {
-            sqlx::query_scalar("SELECT private_key FROM signing_keys WHERE kid = $1").bind(kid).fetch_optional(pool).await
-        }),
-        Place::AssertionSecret { canon_id, kid } => with_db!(db, pool => {
-            sqlx::query_scalar("SELECT secret FROM canon_assertion_secrets WHERE canon_id = $1 AND kid = $2")
-                .bind(canon_id).bind(kid).fetch_optional(pool).await
-        }),
-    }
-}
-
 /// The distinct ids of the master keys that sealed stored values (empty when
 /// nothing is sealed yet: a new database, or one from before sealing).
 pub async fn sealing_key_ids(db: &Db) -> Result<Vec<String>, sqlx::Error> {

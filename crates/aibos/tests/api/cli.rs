@@ -140,6 +140,10 @@ fn config_show_redacts_secrets() {
             "AIBOS_DATABASE__URL",
             "postgres://aibos:hunter2hunter2@db.example:5432/aibos",
         ),
+        (
+            "AIBOS_AUTH__MASTER_KEY",
+            "bWFzdGVyLWtleS10aGF0LW11c3Qtbm90LWxlYWsuLi4=",
+        ),
     ];
     for args in [&["config", "show"][..], &["config", "show", "--json"][..]] {
         let out = aibos(cwd.path(), args, &env);
@@ -148,9 +152,21 @@ fn config_show_redacts_secrets() {
         assert!(text.contains("[REDACTED]"), "{text}");
         assert!(!text.contains("bootstrap-key-that-must-not-leak"), "{text}");
         assert!(!text.contains("hunter2hunter2"), "{text}");
+        assert!(!text.contains("bWFzdGVyLWtleS10aGF0"), "{text}");
     }
     let out = aibos(cwd.path(), &["config", "validate"], &env);
     assert!(out.status.success());
+
+    // A malformed master key is named, never echoed.
+    let bad = [("AIBOS_AUTH__MASTER_KEY", "c2hvcnQtYnV0LXNlY3JldA==")];
+    let out = aibos(cwd.path(), &["config", "validate"], &bad);
+    assert_eq!(out.status.code(), Some(78));
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("auth.master_key") && text.contains("32 bytes"),
+        "{text}"
+    );
+    assert!(!text.contains("c2hvcnQtYnV0LXNlY3JldA"), "{text}");
 }
 
 #[tokio::test]

@@ -299,6 +299,48 @@ crate::both_engines! {
         let both = build(test_db.url(), &[("AIBOS_AUTH__MASTER_KEY", new_text.trim()), ("AIBOS_AUTH__PREVIOUS_MASTER_KEY", old_text.trim())]).await;
         assert!(both.is_ok(), "{:?}", both.err().map(|e| e.to_string()));
     }
+
+    async fn an_online_rotation_opens_both_keys_then_finishes_under_the_new_one(engine: Engine) {
+        let test_db = TestDb::create(engine).await.unwrap();
+        let (old, new) = (new_key(), new_key());
+        let first = kernel(test_db.url(), &[("AIBOS_AUTH__MASTER_KEY", &old)]).await;
+        let admin = first.platform_admin().await;
+        let (_, ledger_secret) = first.canon(&admin, "ledger", "http://127.0.0.1:9", &[]).await;
+        first.shutdown().await.unwrap();
+
+        // Step 1: every instance gets the new key, the old one as previous.
+        let switching = [("AIBOS_AUTH__MASTER_KEY", new.as_str()), ("AIBOS_AUTH__PREVIOUS_MASTER_KEY", old.as_str())];
+        let second = kernel(test_db.url(), &switching).await;
+        assert_eq!(me_status(&second, &admin.access_token).await, 200, "values sealed by the old key open");
+        let (_, billing_secret) = second.canon(&admin, "billing", "http://127.0.0.1:9", &[]).await;
+        let (_, secrets) = raw_rows(second.state.db()).await;
+        let ids: Vec<Option<&str>> = secrets.iter().map(|(_, v)| aibos_kernel::secrets::sealed_by(v)).collect();
+        assert!(ids.contains(&Some(key_id(&old).as_str())) && ids.contains(&Some(key_id(&new).as_str())), "{ids:?}");
+        assert_eq!(signature_of(&second, "ledger"), expected_signature(&secrets.iter().find(|(_, v)| aibos_kernel::secrets::sealed_by(v) == Some(key_id(&old).as_str())).unwrap().0, &ledger_secret));
+
+        // Step 2: rotate-master with the same configuration re-seals what the old key still holds.
+        let out = std::process::Command::new(BINARY)
+            .args(["keys", "rotate-master", "--json"])
+            .current_dir(tempfile::tempdir().unwrap().path())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("AIBOS_DATABASE__URL", test_db.url())
+            .env("AIBOS_AUTH__MASTER_KEY", &new)
+            .env("AIBOS_AUTH__PREVIOUS_MASTER_KEY", &old)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["resealed"], 2, "the signing key and the ledger's secret, not billing's: {report}");
+        let key = active_key(&second);
+        second.shutdown().await.unwrap();
+
+        // Step 3: the new key alone.
+        let third = kernel(test_db.url(), &[("AIBOS_AUTH__MASTER_KEY", &new)]).await;
+        assert_sealed(third.state.db(), &key, &ledger_secret, &key_id(&new)).await;
+        assert_sealed(third.state.db(), &key, &billing_secret, &key_id(&new)).await;
+        assert_eq!(me_status(&third, &admin.access_token).await, 200);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
