@@ -56,6 +56,9 @@ pub enum StartError {
         "the database lacks {0} migration(s); run `aibos migrate up` or start without --no-migrate"
     )]
     MigrationsPending(usize),
+    /// No usable master key, or stored secrets that do not open with it.
+    #[error("secrets at rest: {0}")]
+    MasterKey(#[from] crate::secrets::source::MasterKeyError),
     /// The token-signing keys could not be loaded or created.
     #[error("cannot load the token-signing keys: {0}")]
     Keys(String),
@@ -111,7 +114,24 @@ impl App {
         openapi.merge(<crate::gateway::proxy::GatewayApi as utoipa::OpenApi>::openapi());
         http::openapi::add_common_problems(&mut openapi);
         let openapi_json = openapi.to_json().unwrap_or_else(|_| "{}".to_owned());
-        let keys = crate::identity::admin::load_key_ring(&db, &config.auth)
+        let master_keys = std::sync::Arc::new(
+            crate::secrets::source::load(
+                &config.auth,
+                &config.database,
+                &options.sources.base_dir,
+                &db,
+            )
+            .await?,
+        );
+        let sealed = crate::secrets::source::seal_and_check(&db, &master_keys).await?;
+        if sealed > 0 {
+            tracing::info!(
+                sealed,
+                key_id = master_keys.current().id(),
+                "sealed secrets stored in clear by an older kernel"
+            );
+        }
+        let keys = crate::identity::admin::load_key_ring(&db, &config.auth, &master_keys)
             .await
             .map_err(StartError::Keys)?;
         let state = AppState::new(
@@ -121,11 +141,11 @@ impl App {
             options.log,
             Metrics::new(),
             openapi_json,
-            keys,
+            (keys, master_keys),
         );
         state
             .gateway()
-            .rebuild(state.db(), state.metrics())
+            .rebuild(state.db(), state.master_keys(), state.metrics())
             .await
             .map_err(StartError::Registry)?;
         let routes = match options.extra_routes {

@@ -335,6 +335,15 @@ pub struct AuthConfig {
     pub jwt_secret: Option<Secret>,
     /// Access-token lifetime.
     pub access_token_ttl_seconds: u64,
+    /// The master key that seals stored secrets (base64 or hex of 32 bytes);
+    /// wins over `master_key_file`.
+    pub master_key: Option<Secret>,
+    /// The file holding the master key; unset: `master.key` beside the SQLite
+    /// database, or `data/master.key` in the working directory for PostgreSQL
+    /// (see `secrets::source`). Generated there on first start when missing.
+    pub master_key_file: Option<PathBuf>,
+    /// During a rotation: the old master key, which opens values but never seals.
+    pub previous_master_key: Option<Secret>,
 }
 
 /// `[http]`: request handling limits.
@@ -468,6 +477,9 @@ struct RawAuth {
     jwt_algorithm: String,
     jwt_secret: Option<Secret>,
     access_token_ttl_seconds: i64,
+    master_key: Option<Secret>,
+    master_key_file: Option<String>,
+    previous_master_key: Option<Secret>,
 }
 
 #[derive(Deserialize)]
@@ -875,6 +887,32 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config>
             Some(_) => {}
         }
     }
+    // Parsed here only to report a malformed key with the others; the key is
+    // parsed again where it is used and never kept in the configuration in clear.
+    for (name, key) in [
+        ("auth.master_key", &raw.auth.master_key),
+        ("auth.previous_master_key", &raw.auth.previous_master_key),
+    ] {
+        if let Some(key) = key
+            && let Err(why) = crate::secrets::MasterKey::parse(key.expose())
+        {
+            problem(name, why);
+        }
+    }
+    if raw.auth.master_key.is_some() && raw.auth.master_key_file.is_some() {
+        problem(
+            "auth.master_key_file",
+            "set auth.master_key or auth.master_key_file, not both".to_owned(),
+        );
+    }
+    if raw
+        .auth
+        .master_key_file
+        .as_deref()
+        .is_some_and(|f| f.trim().is_empty())
+    {
+        problem("auth.master_key_file", "must name a file".to_owned());
+    }
     if let Some(key) = &raw.auth.bootstrap_key
         && key.expose().len() < limits::BOOTSTRAP_KEY_BYTES_MIN
     {
@@ -1070,6 +1108,9 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config>
             jwt_algorithm: jwt_algorithm?,
             jwt_secret: raw.auth.jwt_secret,
             access_token_ttl_seconds: access_token_ttl_seconds?,
+            master_key: raw.auth.master_key,
+            master_key_file: raw.auth.master_key_file.map(PathBuf::from),
+            previous_master_key: raw.auth.previous_master_key,
         },
         http: HttpConfig {
             max_body_bytes: max_body_bytes?,

@@ -11,6 +11,7 @@
 //! - [`authz`]: permissions, roles, delegation, break-glass, the `Caller` extractor and its cache.
 //! - [`registry`]: canons (cells), their assertion secrets and routes.
 //! - [`gateway`]: `/api/gateway/{canon}/…`: the route table, the proxy, breakers and health checks.
+//! - [`secrets`]: secrets at rest, sealed under the master key (XChaCha20-Poly1305).
 //! - [`audit`]: the tamper-evident audit trail, its verification and signed checkpoints.
 //! - [`health`]: liveness, readiness and metrics endpoints.
 //! - [`telemetry`]: logs and metrics.
@@ -32,6 +33,7 @@ pub mod identity;
 pub mod json_text;
 pub mod limits;
 pub mod registry;
+pub mod secrets;
 pub mod state;
 pub mod telemetry;
 pub mod timestamp;

@@ -12,6 +12,7 @@ use crate::db::Db;
 use crate::error::ApiError;
 use crate::identity::throttle::LoginThrottle;
 use crate::identity::tokens::{KeyRing, SharedKeyRing};
+use crate::secrets::MasterKeys;
 use crate::telemetry::{LogControl, Metrics};
 
 /// Shared by every handler; clone freely (everything inside is an `Arc` or a pool handle).
@@ -37,6 +38,8 @@ struct Inner {
     openapi_json: Arc<str>,
     /// Signing and verifying keys; swapped whole after a rotation.
     keys: SharedKeyRing,
+    /// The master keys that seal and open stored secrets (read once at start).
+    master_keys: Arc<MasterKeys>,
     /// Verified tokens and session principals.
     auth: AuthCache,
     /// Login-failure counts.
@@ -79,7 +82,7 @@ impl AppState {
         log: LogControl,
         metrics: Metrics,
         openapi_json: String,
-        keys: KeyRing,
+        (keys, master_keys): (KeyRing, Arc<MasterKeys>),
     ) -> AppState {
         let trusted_proxies = config.server.trusted_proxies.clone().into_boxed_slice();
         AppState {
@@ -93,6 +96,7 @@ impl AppState {
                 started_at: Instant::now(),
                 openapi_json: openapi_json.into(),
                 keys: Arc::new(ArcSwap::from_pointee(keys)),
+                master_keys,
                 auth: AuthCache::default(),
                 login_throttle: LoginThrottle::default(),
                 hasher: crate::identity::password::Hasher::per_core(),
@@ -115,7 +119,8 @@ impl AppState {
     /// Re-reads the signing keys; a changed set replaces the ring.
     pub async fn refresh_keys(&self) {
         let auth = self.config().auth.clone();
-        match crate::identity::admin::load_key_ring(self.db(), &auth).await {
+        match crate::identity::admin::load_key_ring(self.db(), &auth, &self.inner.master_keys).await
+        {
             Ok(ring) => {
                 if ring.jwks() != self.keys().jwks() {
                     tracing::info!("token-signing keys changed; new ring in force");
@@ -124,6 +129,11 @@ impl AppState {
             }
             Err(e) => tracing::warn!(error = %e, "cannot refresh the token-signing keys"),
         }
+    }
+
+    /// The master keys that seal and open stored secrets.
+    pub fn master_keys(&self) -> &Arc<MasterKeys> {
+        &self.inner.master_keys
     }
 
     /// Password hashing.
@@ -231,7 +241,7 @@ impl AppState {
     pub async fn rebuild_gateway(&self) -> Result<(), ApiError> {
         self.inner
             .gateway
-            .rebuild(&self.inner.db, &self.inner.metrics)
+            .rebuild(&self.inner.db, &self.inner.master_keys, &self.inner.metrics)
             .await
             .map_err(ApiError::from)
     }
@@ -326,6 +336,10 @@ fn diff(old: &Config, new: &Config) -> ReloadOutcome {
         "server.event_loops",
         "database.",
         "auth.jwt_algorithm",
+        // The master keys are read once at start (a changed key shows here
+        // only as a changed file path: secrets compare as equal).
+        "auth.master_key",
+        "auth.previous_master_key",
         "events.",
         "rate_limit.redis_url",
     ];

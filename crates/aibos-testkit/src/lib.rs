@@ -31,6 +31,10 @@ pub mod axum_free {
     pub type Router = axum::Router<aibos_kernel::state::AppState>;
 }
 
+/// The master key of test kernels that do not choose one (32 bytes of 0x2a,
+/// base64): test data only, never a real deployment's.
+pub const TEST_MASTER_KEY: &str = "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=";
+
 /// How to start a test kernel beyond the defaults.
 #[derive(Default)]
 pub struct KernelOptions {
@@ -157,6 +161,20 @@ pub async fn spawn_kernel_with(engine: Engine, options: KernelOptions) -> Option
             "10".to_owned(),
         ),
     ];
+    // Several kernels of one test share a database (and so must share the
+    // master key) but not a working directory, where a generated key file would
+    // land with PostgreSQL: every test kernel gets the same fixed key unless the
+    // test chooses its own (tests/api/secrets.rs covers generation).
+    if !options
+        .env
+        .iter()
+        .any(|(k, _)| k.starts_with("AIBOS_AUTH__MASTER_KEY"))
+    {
+        env.push((
+            "AIBOS_AUTH__MASTER_KEY".to_owned(),
+            TEST_MASTER_KEY.to_owned(),
+        ));
+    }
     env.extend(options.env);
     let sources = ConfigSources::new(config_dir.path(), env);
     let config = Config::load(&sources).expect("the test configuration is valid");

@@ -3,9 +3,16 @@
 //!
 //! A checkpoint signs the canonical JSON of `{tenant_id, seq, head_hash, signed_at}`
 //! with the kernel's active Ed25519 key. `aibos audit verify --checkpoint FILE`
-//! checks the signature with the public key in the file (which must be one of
-//! the kernel's keys, as published at `/.well-known/jwks.json`), then recomputes
-//! the chain up to `seq` and compares the hash there with `head_hash`.
+//! checks the signature, then recomputes the chain up to `seq` and compares the
+//! hash there with `head_hash`. Which key the signature must verify under:
+//! - with `--public-key KEY`, that key, pinned outside the database (taken from
+//!   `/.well-known/jwks.json` or `aibos keys rotate --json` when it was made and
+//!   kept with the checkpoints). Someone who can write the database can add a
+//!   key of their own to `signing_keys` and re-sign a forged checkpoint; they
+//!   cannot make it verify under a key they do not hold.
+//! - without it, the public key in the file, which must be one of the keys in
+//!   the database: this catches a changed chain, not a forger who also wrote
+//!   their key into the database.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -106,24 +113,68 @@ pub struct CheckpointVerification {
     pub first_bad_seq: Option<i64>,
 }
 
-/// Checks the signature, then that the chain up to `seq` still ends in `head_hash`.
-/// `known_public_keys` are the kernel's keys (base64url), so a file signed by
-/// some other key is refused.
+/// Which public key a checkpoint's signature must verify under.
+#[derive(Debug, Clone)]
+pub enum TrustedKeys {
+    /// The kernel's keys as stored in the database (base64url): the file's key must be one.
+    Database(Vec<String>),
+    /// One key given by the verifier, from outside the database.
+    Pinned([u8; 32]),
+}
+
+/// Parses a pinned Ed25519 public key: the JWK the kernel publishes
+/// (`{"kty":"OKP","crv":"Ed25519","x":…}`), or the 32 raw bytes as base64url
+/// (a JWK's `x`), standard base64, or 64 hex digits.
+pub fn parse_public_key(text: &str) -> Result<[u8; 32], String> {
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE};
+    let text = text.trim();
+    let raw = if text.starts_with('{') {
+        let jwk: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| format!("not a JWK: {e}"))?;
+        if jwk["kty"] != "OKP" || jwk["crv"] != "Ed25519" {
+            return Err("the JWK is not an Ed25519 key (kty OKP, crv Ed25519)".to_owned());
+        }
+        jwk["x"].as_str().ok_or("the JWK has no \"x\"")?.to_owned()
+    } else {
+        text.to_owned()
+    };
+    let bytes = if raw.len() == 64 && raw.bytes().all(|b| b.is_ascii_hexdigit()) {
+        (0..32)
+            .map(|i| u8::from_str_radix(&raw[i * 2..i * 2 + 2], 16).ok())
+            .collect::<Option<Vec<u8>>>()
+    } else {
+        [URL_SAFE_NO_PAD, URL_SAFE, STANDARD, STANDARD_NO_PAD]
+            .iter()
+            .find_map(|e| e.decode(&raw).ok())
+    };
+    bytes
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .ok_or_else(|| "an Ed25519 public key is 32 bytes: give the JWK, its \"x\" (base64url) or 64 hex digits".to_owned())
+}
+
+/// Checks the signature under `trusted`, then that the chain up to `seq` still
+/// ends in `head_hash`.
 pub async fn verify(
     db: &Db,
     checkpoint: &Checkpoint,
-    known_public_keys: &[String],
+    trusted: &TrustedKeys,
 ) -> Result<CheckpointVerification, CheckpointError> {
-    if !known_public_keys.contains(&checkpoint.public_key) {
-        return Err(CheckpointError::Signature(
-            "the public key is not one of this kernel's keys".to_owned(),
-        ));
-    }
-    let public: [u8; 32] = URL_SAFE_NO_PAD
-        .decode(&checkpoint.public_key)
-        .ok()
-        .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| CheckpointError::Signature("malformed public key".to_owned()))?;
+    let public: [u8; 32] = match trusted {
+        TrustedKeys::Database(known) => {
+            if !known.contains(&checkpoint.public_key) {
+                return Err(CheckpointError::Signature(
+                    "the public key is not one of this kernel's keys".to_owned(),
+                ));
+            }
+            URL_SAFE_NO_PAD
+                .decode(&checkpoint.public_key)
+                .ok()
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| CheckpointError::Signature("malformed public key".to_owned()))?
+        }
+        // The file's own `public_key` is not looked at: a forger writes what they like there.
+        TrustedKeys::Pinned(key) => *key,
+    };
     let signature: [u8; 64] = URL_SAFE_NO_PAD
         .decode(&checkpoint.signature)
         .ok()
@@ -136,9 +187,10 @@ pub async fn verify(
         &checkpoint.signed_at,
     );
     if !verify_signature(&public, &message, &signature) {
-        return Err(CheckpointError::Signature(
-            "the signature does not match the checkpoint's content".to_owned(),
-        ));
+        return Err(CheckpointError::Signature(match trusted {
+            TrustedKeys::Pinned(_) => "it does not verify under the pinned public key: the checkpoint was altered, or signed by another key".to_owned(),
+            TrustedKeys::Database(_) => "the signature does not match the checkpoint's content".to_owned(),
+        }));
     }
     let verification =
         store::verify_tenant(db, &checkpoint.tenant_id, Some(checkpoint.seq)).await?;

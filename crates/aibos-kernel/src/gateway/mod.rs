@@ -66,9 +66,14 @@ impl Gateway {
     }
 
     /// Rebuilds the route table from the registry and swaps it in.
-    pub async fn rebuild(&self, db: &Db, metrics: &Metrics) -> Result<(), sqlx::Error> {
+    pub async fn rebuild(
+        &self,
+        db: &Db,
+        master: &crate::secrets::MasterKeys,
+        metrics: &Metrics,
+    ) -> Result<(), sqlx::Error> {
         let _one_at_a_time = self.rebuilding.lock().await;
-        let snapshot = store::snapshot(db).await?;
+        let snapshot = store::snapshot(db, master).await?;
         let table = {
             let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
             RouteTable::compile(snapshot, &mut states, metrics)

@@ -1,6 +1,8 @@
 //! Operations the API and the offline CLI share, so `aibos admin create` and
 //! `POST /api/kernel/bootstrap` cannot drift apart.
 
+use std::sync::Arc;
+
 use uuid::Uuid;
 
 use super::store::{self, Tenant, User};
@@ -9,6 +11,7 @@ use crate::audit::{self, AuditContext, AuditEvent};
 use crate::authz::{self, PLATFORM_ADMIN_ROLE, TENANT_ADMIN_ROLE, store as authz_store};
 use crate::db::{Db, Tx};
 use crate::error::ApiError;
+use crate::secrets::MasterKeys;
 
 /// Creates the tenant's built-in roles if missing; returns `(tenant.admin id, platform.admin id)`.
 pub async fn ensure_builtin_roles(
@@ -158,14 +161,18 @@ pub async fn create_tenant(
 pub async fn load_key_ring(
     db: &Db,
     auth: &crate::config::AuthConfig,
+    master: &Arc<MasterKeys>,
 ) -> Result<super::tokens::KeyRing, String> {
-    let mut keys = store::signing_keys(db).await.map_err(|e| e.to_string())?;
+    let mut keys = store::signing_keys(db, master)
+        .await
+        .map_err(|e| e.to_string())?;
     if auth.jwt_algorithm == crate::config::JwtAlgorithm::EdDSA && !keys.iter().any(|k| k.active) {
         let key = super::tokens::StoredKey::generate();
         let stored = key.clone();
+        let sealing = master.clone();
         db.write(move |tx| {
             Box::pin(async move {
-                store::rotate_signing_key(tx, &stored)
+                store::rotate_signing_key(tx, &sealing, &stored)
                     .await
                     .map_err(crate::db::DbError::Query)
             })
@@ -173,15 +180,20 @@ pub async fn load_key_ring(
         .await
         .map_err(|e| e.to_string())?;
         tracing::info!(kid = %key.kid, "generated the first token-signing key");
-        keys = store::signing_keys(db).await.map_err(|e| e.to_string())?;
+        keys = store::signing_keys(db, master)
+            .await
+            .map_err(|e| e.to_string())?;
     }
     super::tokens::KeyRing::new(auth, &keys)
 }
 
 /// The Ed25519 key that signs audit checkpoints: the active token key (created if none,
 /// which happens only when tokens use HS256).
-pub async fn checkpoint_key(db: &Db) -> Result<super::tokens::StoredKey, ApiError> {
-    if let Some(key) = store::signing_keys(db)
+pub async fn checkpoint_key(
+    db: &Db,
+    master: &Arc<MasterKeys>,
+) -> Result<super::tokens::StoredKey, ApiError> {
+    if let Some(key) = store::signing_keys(db, master)
         .await?
         .into_iter()
         .find(|k| k.active)
@@ -190,9 +202,10 @@ pub async fn checkpoint_key(db: &Db) -> Result<super::tokens::StoredKey, ApiErro
     }
     let key = super::tokens::StoredKey::generate();
     let stored = key.clone();
+    let master = master.clone();
     db.write(move |tx| {
         Box::pin(async move {
-            store::rotate_signing_key(tx, &stored)
+            store::rotate_signing_key(tx, &master, &stored)
                 .await
                 .map_err(ApiError::from)
         })
@@ -249,13 +262,15 @@ pub async fn set_tenant_status(
 /// `aibos keys rotate`: a new active key; the previous one keeps verifying its tokens.
 pub async fn rotate_keys(
     db: &Db,
+    master: &Arc<MasterKeys>,
     redact_keys: Vec<String>,
 ) -> Result<super::tokens::StoredKey, ApiError> {
     let key = super::tokens::StoredKey::generate();
     let stored = key.clone();
+    let master = master.clone();
     db.write(move |tx| {
         Box::pin(async move {
-            store::rotate_signing_key(tx, &stored).await?;
+            store::rotate_signing_key(tx, &master, &stored).await?;
             let ctx = AuditContext::system(SYSTEM_TENANT_ID);
             audit::record(
                 tx,

@@ -434,24 +434,46 @@ pub async fn rotate_refresh_token(tx: &mut Tx, token_hash: &str) -> Result<bool,
     Ok(n == 1)
 }
 
-/// Every signing key that may still verify tokens (active, or retired less than a day ago).
-pub async fn signing_keys(db: &Db) -> Result<Vec<StoredKey>, sqlx::Error> {
+/// Every signing key that may still verify tokens (active, or retired less than a
+/// day ago), their seeds opened with the master keys. A seed that does not open
+/// is an error, never a key silently left out (that would make a new one).
+pub async fn signing_keys(
+    db: &Db,
+    master: &crate::secrets::MasterKeys,
+) -> Result<Vec<StoredKey>, sqlx::Error> {
     let rows: Vec<(String, String, String)> = with_db!(db, pool => {
         sqlx::query_as("SELECT kid, private_key, status FROM signing_keys WHERE status = 'active' OR retired_at > $1 ORDER BY created_at DESC")
             .bind(timestamp::format(timestamp::now() - time::Duration::seconds(i64::try_from(crate::limits::ACCESS_TOKEN_TTL_SECONDS_MAX).unwrap_or(86_400))))
             .fetch_all(pool).await?
     });
-    Ok(rows
-        .into_iter()
-        .filter_map(|(kid, seed, status)| {
-            use base64::Engine as _;
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(seed)
-                .ok()?;
-            let seed: [u8; 32] = bytes.try_into().ok()?;
-            Some(StoredKey::from_seed(kid, seed, status == "active"))
-        })
-        .collect())
+    let mut keys = Vec::with_capacity(rows.len());
+    for (kid, stored, status) in rows {
+        use base64::Engine as _;
+        // Before the first start with a master key, seeds were stored in clear;
+        // start-up seals them (secrets::source::seal_and_check).
+        let seed_text = if crate::secrets::is_sealed(&stored) {
+            master
+                .open(&stored, &crate::secrets::store::signing_key_place(&kid))
+                .map_err(|reason| {
+                    sqlx::Error::Decode(Box::new(crate::secrets::source::MasterKeyError::Open {
+                        place: format!("token-signing key {kid}"),
+                        reason,
+                    }))
+                })?
+        } else {
+            stored
+        };
+        let Some(seed) = base64::engine::general_purpose::STANDARD
+            .decode(seed_text)
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        else {
+            tracing::error!(%kid, "a stored signing key's seed is not 32 bytes of base64; it is skipped");
+            continue;
+        };
+        keys.push(StoredKey::from_seed(kid, seed, status == "active"));
+    }
+    Ok(keys)
 }
 
 /// The public half of every signing key the kernel ever had (checkpoints may be old).
@@ -465,13 +487,22 @@ pub async fn all_tenants(db: &Db) -> Result<Vec<Tenant>, sqlx::Error> {
     with_db!(db, pool => sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(pool).await)
 }
 
-/// Adds `key` as the active signing key and retires the previous one.
-pub async fn rotate_signing_key(tx: &mut Tx, key: &StoredKey) -> Result<(), sqlx::Error> {
+/// Adds `key` as the active signing key (its seed sealed with the master key)
+/// and retires the previous one.
+pub async fn rotate_signing_key(
+    tx: &mut Tx,
+    master: &crate::secrets::MasterKeys,
+    key: &StoredKey,
+) -> Result<(), sqlx::Error> {
     let now = timestamp::now_text();
+    let sealed = master.seal(
+        &key.seed_text(),
+        &crate::secrets::store::signing_key_place(&key.kid),
+    );
     with_tx!(tx, conn => {
         sqlx::query("UPDATE signing_keys SET status = 'retired', retired_at = $1 WHERE status = 'active'").bind(&now).execute(&mut *conn).await?;
         sqlx::query("INSERT INTO signing_keys (kid, algorithm, private_key, public_key, status, created_at) VALUES ($1, 'EdDSA', $2, $3, 'active', $4)")
-            .bind(&key.kid).bind(key.seed_text()).bind(key.public_text()).bind(&now).execute(&mut *conn).await?;
+            .bind(&key.kid).bind(&sealed).bind(key.public_text()).bind(&now).execute(&mut *conn).await?;
     });
     Ok(())
 }

@@ -160,6 +160,7 @@ pub async fn create_canon(
     let secret = new_assertion_secret();
     let (name, permissions, timeout_ms) = (body.name, body.permissions, body.timeout_ms);
     let shown = secret.clone();
+    let master = state.master_keys().clone();
     let row = registry_write(&state, &caller, move |tx| {
         Box::pin(async move {
             if store::canon_count(tx).await? >= limits::CANONS_MAX {
@@ -168,7 +169,7 @@ pub async fn create_canon(
             let fields = CanonFields { base_url: &base_url, health_path: &health_path, protocol: &protocol, timeout_ms, permissions: &permissions };
             let row = store::insert_canon(tx, &Uuid::now_v7().to_string(), &name, &fields).await?;
             store::sync_canon_permissions(tx, &name, &permissions).await?.map_err(ApiError::conflict)?;
-            store::insert_secret(tx, &row.id, &secret.kid, &secret.secret, true).await?;
+            store::insert_secret(tx, &master, &row.id, &secret.kid, &secret.secret, true).await?;
             let event = AuditEvent::new("canon.created").resource("canon", &row.id).details(serde_json::json!({
                 "name": row.name, "base_url": row.base_url, "health_path": row.health_path, "protocol": row.protocol, "timeout_ms": row.timeout_ms,
                 "permissions": permissions.iter().map(|p| &p.name).collect::<Vec<_>>(), "assertion_kid": secret.kid,
@@ -333,6 +334,7 @@ pub async fn create_secret(
     let canon = existing_canon(&state, &id).await?;
     let secret = new_assertion_secret();
     let shown = secret.clone();
+    let master = state.master_keys().clone();
     registry_write(&state, &caller, move |tx| {
         Box::pin(async move {
             if store::secret_count(tx, &canon.id).await? >= limits::ASSERTION_SECRETS_PER_CANON_MAX
@@ -342,7 +344,8 @@ pub async fn create_secret(
                     limits::ASSERTION_SECRETS_PER_CANON_MAX
                 )));
             }
-            store::insert_secret(tx, &canon.id, &secret.kid, &secret.secret, false).await?;
+            store::insert_secret(tx, &master, &canon.id, &secret.kid, &secret.secret, false)
+                .await?;
             let event = AuditEvent::new("canon.secret_created")
                 .resource("canon", &canon.id)
                 .details(serde_json::json!({ "name": canon.name, "kid": secret.kid }));

@@ -6,6 +6,9 @@ use sqlx::FromRow;
 use super::{AssertionSecretInfo, CanonPermission, Route, RouteRateLimit};
 use crate::db::{Db, Tx};
 use crate::identity::SYSTEM_TENANT_ID;
+use crate::secrets::source::MasterKeyError;
+use crate::secrets::store::assertion_secret_place;
+use crate::secrets::{MasterKeys, is_sealed};
 use crate::{timestamp, with_db, with_tx};
 
 /// A canon row (status and circuit come from the gateway's memory).
@@ -153,9 +156,10 @@ pub async fn delete_canon_permissions(tx: &mut Tx, owner: &str) -> Result<(), sq
     Ok(())
 }
 
-/// Adds an assertion secret to a canon, active or not.
+/// Adds an assertion secret to a canon, active or not, sealed with the master key.
 pub async fn insert_secret(
     tx: &mut Tx,
+    master: &MasterKeys,
     canon_id: &str,
     kid: &str,
     secret: &str,
@@ -163,9 +167,10 @@ pub async fn insert_secret(
 ) -> Result<(), sqlx::Error> {
     let now = timestamp::now_text();
     let activated = active.then(|| now.clone());
+    let sealed = master.seal(secret, &assertion_secret_place(canon_id, kid));
     with_tx!(tx, conn => {
         sqlx::query("INSERT INTO canon_assertion_secrets (canon_id, tenant_id, kid, secret, active, created_at, activated_at) VALUES ($1, $2, $3, $4, $5, $6, $7)")
-            .bind(canon_id).bind(SYSTEM_TENANT_ID).bind(kid).bind(secret).bind(active).bind(&now).bind(activated)
+            .bind(canon_id).bind(SYSTEM_TENANT_ID).bind(kid).bind(&sealed).bind(active).bind(&now).bind(activated)
             .execute(&mut *conn).await?;
     });
     Ok(())
@@ -398,7 +403,7 @@ pub async fn delete_route(
 /// Everything the gateway's route table is compiled from, read in one snapshot.
 pub struct Snapshot {
     pub canons: Vec<CanonRow>,
-    /// `(canon_id, kid, secret)` of each canon's active secret.
+    /// `(canon_id, kid, secret)` of each canon's active secret, opened.
     pub active_secrets: Vec<(String, String, String)>,
     pub routes: Vec<Route>,
 }
@@ -462,8 +467,10 @@ pub async fn record_health(
     })
 }
 
-/// Reads the whole registry (bounded by the canon and route limits).
-pub async fn snapshot(db: &Db) -> Result<Snapshot, sqlx::Error> {
+/// Reads the whole registry (bounded by the canon and route limits), opening
+/// the active assertion secrets with the master keys; one that does not open
+/// fails the snapshot (the table in force stays).
+pub async fn snapshot(db: &Db, master: &MasterKeys) -> Result<Snapshot, sqlx::Error> {
     let canons_sql = format!("SELECT {CANON_COLUMNS} FROM canons WHERE tenant_id = $1 ORDER BY id");
     let routes_sql = format!("SELECT {ROUTE_COLUMNS} FROM routes WHERE tenant_id = $1 ORDER BY id");
     type Rows = (Vec<CanonRow>, Vec<(String, String, String)>, Vec<RouteRow>);
@@ -474,6 +481,24 @@ pub async fn snapshot(db: &Db) -> Result<Snapshot, sqlx::Error> {
         let routes = sqlx::query_as(sqlx::AssertSqlSafe(routes_sql)).bind(SYSTEM_TENANT_ID).fetch_all(pool).await?;
         (canons, secrets, routes)
     });
+    let active_secrets = active_secrets
+        .into_iter()
+        .map(|(canon_id, kid, stored)| {
+            let secret = if is_sealed(&stored) {
+                master
+                    .open(&stored, &assertion_secret_place(&canon_id, &kid))
+                    .map_err(|reason| {
+                        sqlx::Error::Decode(Box::new(MasterKeyError::Open {
+                            place: format!("assertion secret {kid} of canon {canon_id}"),
+                            reason,
+                        }))
+                    })?
+            } else {
+                stored
+            };
+            Ok((canon_id, kid, secret))
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
     Ok(Snapshot {
         canons,
         active_secrets,

@@ -1,16 +1,19 @@
 //! Operator commands that work on the database directly, without a running
 //! kernel: `admin create`, `tenant create|list|suspend|activate`, `keys rotate`,
-//! `audit verify`, `audit checkpoint`. Each applies pending migrations first,
+//! `keys rotate-master`, `audit verify`, `audit checkpoint`. Each applies pending migrations first,
 //! as `serve` does, and audits what it changes as the `system` actor.
 
 use std::io::BufRead;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use aibos_kernel::audit::AuditContext;
-use aibos_kernel::audit::checkpoint::{self, Checkpoint};
+use aibos_kernel::audit::checkpoint::{self, Checkpoint, TrustedKeys};
 use aibos_kernel::config::{Config, ConfigSources};
 use aibos_kernel::db::{Db, migrate};
 use aibos_kernel::identity::{SYSTEM_TENANT_ID, admin, password, store as identity_store};
+use aibos_kernel::secrets::source as secrets_source;
+use aibos_kernel::secrets::{MasterKey, MasterKeys};
 use clap::{Args, Subcommand};
 
 use super::{EXIT_FAILURE, EXIT_OK, load_config, print_json};
@@ -71,6 +74,18 @@ pub enum TenantCommand {
 pub enum KeysCommand {
     /// Add a new token-signing key; older keys keep verifying until their tokens expire.
     Rotate(JsonFlag),
+    /// Re-seal every stored secret under a new master key, in one transaction
+    /// (docs/security.md, "Master key"). Opens them with the configured key
+    /// (and auth.previous_master_key).
+    RotateMaster {
+        /// The new key's file; created with a new random key (mode 0600) if it
+        /// does not exist. Without it: the configured auth.master_key, to finish
+        /// a rotation begun by configuring the old key as auth.previous_master_key.
+        #[arg(long, value_name = "FILE")]
+        new_key_file: Option<PathBuf>,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -83,6 +98,11 @@ pub enum AuditCommand {
         /// Also prove that nothing up to this signed checkpoint changed since it was made.
         #[arg(long, value_name = "FILE")]
         checkpoint: Option<PathBuf>,
+        /// The Ed25519 public key the checkpoint must be signed with, kept outside
+        /// the database: the JWK from /.well-known/jwks.json, its "x" (base64url)
+        /// or 64 hex digits. Without it, any key stored in the database is accepted.
+        #[arg(long, value_name = "KEY", requires = "checkpoint")]
+        public_key: Option<String>,
         #[command(flatten)]
         json: JsonFlag,
     },
@@ -115,6 +135,19 @@ async fn open(sources: &ConfigSources, json: bool) -> Result<(Config, Db), u8> {
         return Err(EXIT_FAILURE);
     }
     Ok((config, db))
+}
+
+/// The master keys of this configuration, as `serve` loads them (generating
+/// the key file on a database that holds no sealed secret yet).
+async fn master_keys(
+    sources: &ConfigSources,
+    config: &Config,
+    db: &Db,
+) -> Result<Arc<MasterKeys>, u8> {
+    secrets_source::load(&config.auth, &config.database, &sources.base_dir, db)
+        .await
+        .map(Arc::new)
+        .map_err(fail)
 }
 
 fn fail(e: impl std::fmt::Debug + std::fmt::Display) -> u8 {
@@ -227,12 +260,24 @@ pub async fn tenant(sources: ConfigSources, command: TenantCommand) -> u8 {
 }
 
 pub async fn keys(sources: ConfigSources, command: KeysCommand) -> u8 {
-    let KeysCommand::Rotate(json) = command;
+    let json = match command {
+        KeysCommand::Rotate(json) => json,
+        KeysCommand::RotateMaster { new_key_file, json } => {
+            return rotate_master(sources, new_key_file, json.json).await;
+        }
+    };
     let (config, db) = match open(&sources, json.json).await {
         Ok(x) => x,
         Err(code) => return code,
     };
-    let result = admin::rotate_keys(&db, config.audit.redact_keys.clone()).await;
+    let master = match master_keys(&sources, &config, &db).await {
+        Ok(m) => m,
+        Err(code) => {
+            db.close().await;
+            return code;
+        }
+    };
+    let result = admin::rotate_keys(&db, &master, config.audit.redact_keys.clone()).await;
     db.close().await;
     match result {
         Ok(key) => {
@@ -250,12 +295,89 @@ pub async fn keys(sources: ConfigSources, command: KeysCommand) -> u8 {
     }
 }
 
+async fn rotate_master(sources: ConfigSources, new_key_file: Option<PathBuf>, json: bool) -> u8 {
+    let (config, db) = match open(&sources, json).await {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let code = rotate_master_on(&sources, &config, &db, new_key_file, json).await;
+    db.close().await;
+    code
+}
+
+async fn rotate_master_on(
+    sources: &ConfigSources,
+    config: &Config,
+    db: &Db,
+    new_key_file: Option<PathBuf>,
+    json: bool,
+) -> u8 {
+    let keys = match master_keys(sources, config, db).await {
+        Ok(k) => k,
+        Err(code) => return code,
+    };
+    let (new, source, created) = match new_key_file {
+        Some(file) => {
+            let path = sources.base_dir.join(file);
+            let created = !path.exists();
+            let key = if created {
+                secrets_source::write_new_key_file(&path)
+            } else {
+                secrets_source::read_key_file(&path)
+            };
+            match key {
+                Ok(k) => (k, path.display().to_string(), created),
+                Err(e) => return fail(e),
+            }
+        }
+        None => {
+            // The configured key seals; re-read it (MasterKeys hands out no copy).
+            let key = match &config.auth.master_key {
+                Some(k) => MasterKey::parse(k.expose()).map_err(|e| e.to_string()),
+                None => secrets_source::read_key_file(&secrets_source::key_file(
+                    &config.auth,
+                    &config.database,
+                    &sources.base_dir,
+                ))
+                .map_err(|e| e.to_string()),
+            };
+            match key {
+                Ok(k) => (k, keys.source().to_owned(), false),
+                Err(e) => return fail(e),
+            }
+        }
+    };
+    let new_id = new.id().to_owned();
+    let new = Arc::new(MasterKeys::single(new));
+    match secrets_source::reseal_all(db, keys, new, config.audit.redact_keys.clone()).await {
+        Ok(count) => {
+            if json {
+                print_json(
+                    &serde_json::json!({ "key_id": new_id, "key_source": source, "key_file_created": created, "resealed": count }),
+                );
+            } else {
+                println!("re-sealed {count} stored secret(s) under master key {new_id} ({source})");
+                if created {
+                    println!(
+                        "the new key was generated into {source} (mode 0600); back it up with the database"
+                    );
+                }
+                println!(
+                    "now configure this key (auth.master_key or auth.master_key_file) on every instance and restart them; the old key is no longer needed once they all run with it"
+                );
+            }
+            EXIT_OK
+        }
+        Err(e) => fail(e),
+    }
+}
+
 pub async fn audit(sources: ConfigSources, command: AuditCommand) -> u8 {
     let json = match &command {
         AuditCommand::Verify { json, .. } => json.json,
         AuditCommand::Checkpoint { .. } => true,
     };
-    let (_config, db) = match open(&sources, json).await {
+    let (config, db) = match open(&sources, json).await {
         Ok(x) => x,
         Err(code) => return code,
     };
@@ -263,9 +385,14 @@ pub async fn audit(sources: ConfigSources, command: AuditCommand) -> u8 {
         AuditCommand::Verify {
             tenant,
             checkpoint,
+            public_key,
             json,
-        } => verify(&db, tenant, checkpoint, json.json).await,
-        AuditCommand::Checkpoint { tenant, out } => make_checkpoint(&db, tenant, out).await,
+        } => verify(&db, tenant, checkpoint, public_key, json.json).await,
+        AuditCommand::Checkpoint { tenant, out } => match master_keys(&sources, &config, &db).await
+        {
+            Ok(master) => make_checkpoint(&db, &master, tenant, out).await,
+            Err(code) => code,
+        },
     };
     db.close().await;
     code
@@ -283,6 +410,7 @@ async fn verify(
     db: &Db,
     tenant: Option<String>,
     checkpoint_file: Option<PathBuf>,
+    public_key: Option<String>,
     json: bool,
 ) -> u8 {
     if let Some(file) = checkpoint_file {
@@ -298,11 +426,17 @@ async fn verify(
                 ));
             }
         };
-        let known = match identity_store::all_public_keys(db).await {
-            Ok(k) => k,
-            Err(e) => return fail(e),
+        let trusted = match public_key {
+            Some(text) => match checkpoint::parse_public_key(&text) {
+                Ok(key) => TrustedKeys::Pinned(key),
+                Err(e) => return fail(format!("--public-key: {e}")),
+            },
+            None => match identity_store::all_public_keys(db).await {
+                Ok(k) => TrustedKeys::Database(k),
+                Err(e) => return fail(e),
+            },
         };
-        return match checkpoint::verify(db, &checkpoint, &known).await {
+        return match checkpoint::verify(db, &checkpoint, &trusted).await {
             Ok(result) => {
                 if json {
                     print_json(&result);
@@ -358,7 +492,12 @@ async fn verify(
     if all_valid { EXIT_OK } else { EXIT_FAILURE }
 }
 
-async fn make_checkpoint(db: &Db, tenant: Option<String>, out: Option<PathBuf>) -> u8 {
+async fn make_checkpoint(
+    db: &Db,
+    master: &Arc<MasterKeys>,
+    tenant: Option<String>,
+    out: Option<PathBuf>,
+) -> u8 {
     let tenant_id = match tenant {
         Some(key) => match resolve_tenant(db, &key).await {
             Ok(id) => id,
@@ -366,7 +505,7 @@ async fn make_checkpoint(db: &Db, tenant: Option<String>, out: Option<PathBuf>) 
         },
         None => SYSTEM_TENANT_ID.to_owned(),
     };
-    let key = match admin::checkpoint_key(db).await {
+    let key = match admin::checkpoint_key(db, master).await {
         Ok(k) => k,
         Err(e) => return fail(format!("{e:?}")),
     };

@@ -52,19 +52,24 @@ async fn drop_triggers(db: &Db) {
 
 /// `aibos audit verify --json` against the kernel's database: (exit code, report).
 fn cli_verify(kernel: &TestKernel, extra: &[&str]) -> (i32, serde_json::Value) {
+    let out = cli_verify_output(kernel, extra);
+    let report = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out.status.code().unwrap_or(-1), report)
+}
+
+/// `aibos audit verify --json` against the kernel's database, as it ran.
+fn cli_verify_output(kernel: &TestKernel, extra: &[&str]) -> std::process::Output {
     let cwd = tempfile::tempdir().unwrap();
     let mut args = vec!["audit", "verify", "--json"];
     args.extend_from_slice(extra);
-    let out = std::process::Command::new(BINARY)
+    std::process::Command::new(BINARY)
         .args(&args)
         .current_dir(cwd.path())
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("AIBOS_DATABASE__URL", kernel.db.url())
         .output()
-        .unwrap();
-    let report = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
-    (out.status.code().unwrap_or(-1), report)
+        .unwrap()
 }
 
 fn system_report(report: &serde_json::Value) -> serde_json::Value {
@@ -151,7 +156,7 @@ crate::both_engines! {
         let kernel = spawn_kernel(engine).await.unwrap();
         write_entries(&kernel, SYSTEM_TENANT_ID, 5).await;
         let db = kernel.state.db();
-        let key = aibos_kernel::identity::admin::checkpoint_key(db).await.unwrap();
+        let key = aibos_kernel::identity::admin::checkpoint_key(db, kernel.state.master_keys()).await.unwrap();
         let checkpoint = aibos_kernel::audit::checkpoint::make(db, &key, SYSTEM_TENANT_ID).await.unwrap();
         assert_eq!(checkpoint.seq, 5);
         let file = tempfile::NamedTempFile::new().unwrap();
@@ -187,6 +192,52 @@ crate::both_engines! {
         std::fs::write(file.path(), serde_json::to_string(&forged).unwrap()).unwrap();
         let (code, _) = cli_verify(&kernel, &["--checkpoint", &path]);
         assert_eq!(code, 1);
+    }
+
+    async fn a_checkpoint_verifies_under_a_pinned_key_and_a_forger_s_stored_key_does_not_pass_it(engine: Engine) {
+        let kernel = spawn_kernel(engine).await.unwrap();
+        write_entries(&kernel, SYSTEM_TENANT_ID, 3).await;
+        let db = kernel.state.db();
+        let key = aibos_kernel::identity::admin::checkpoint_key(db, kernel.state.master_keys()).await.unwrap();
+        let checkpoint = aibos_kernel::audit::checkpoint::make(db, &key, SYSTEM_TENANT_ID).await.unwrap();
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), serde_json::to_string(&checkpoint).unwrap()).unwrap();
+        let path = file.path().to_string_lossy().into_owned();
+
+        // The auditor pinned the kernel's key as published: the JWK, its `x`, or hex.
+        let jwks: serde_json::Value = kernel.client.get(kernel.url("/.well-known/jwks.json")).send().await.unwrap().json().await.unwrap();
+        let jwk = jwks["keys"].as_array().unwrap().iter().find(|k| k["kid"] == key.kid.as_str()).unwrap().clone();
+        let hex: String = key.public.iter().map(|b| format!("{b:02x}")).collect();
+        for pin in [jwk.to_string(), jwk["x"].as_str().unwrap().to_owned(), hex] {
+            let (code, report) = cli_verify(&kernel, &["--checkpoint", &path, &format!("--public-key={pin}")]);
+            assert_eq!(code, 0, "{pin}: {report}");
+            assert_eq!(report["valid"], true);
+        }
+
+        // Another key: refused with a clear message.
+        let other = aibos_kernel::identity::tokens::StoredKey::generate();
+        let out = cli_verify_output(&kernel, &["--checkpoint", &path, &format!("--public-key={}", other.public_text())]);
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("does not verify under the pinned public key"), "{stderr}");
+        let out = cli_verify_output(&kernel, &["--checkpoint", &path, "--public-key=not-a-key"]);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--public-key"));
+
+        // A forger with database write access stores a key of their own and signs
+        // a checkpoint of the (rewritten) chain with it, naming their key in the file.
+        let forger = aibos_kernel::identity::tokens::StoredKey::generate();
+        let insert = format!(
+            "INSERT INTO signing_keys (kid, algorithm, private_key, public_key, status, created_at) VALUES ('{}', 'EdDSA', 'x', '{}', 'retired', '{}')",
+            forger.kid, forger.public_text(), aibos_kernel::timestamp::now_text()
+        );
+        exec(db, &insert).await.unwrap();
+        let forged = aibos_kernel::audit::checkpoint::make(db, &forger, SYSTEM_TENANT_ID).await.unwrap();
+        std::fs::write(file.path(), serde_json::to_string(&forged).unwrap()).unwrap();
+        let (code, report) = cli_verify(&kernel, &["--checkpoint", &path]);
+        assert_eq!(code, 0, "without a pin, a key stored in the database is trusted: {report}");
+        let out = cli_verify_output(&kernel, &["--checkpoint", &path, &format!("--public-key={jwk}")]);
+        assert_eq!(out.status.code(), Some(1), "the pinned key refuses the forgery");
     }
 
     async fn audit_pages_never_skip_or_repeat_and_filters_apply(engine: Engine) {

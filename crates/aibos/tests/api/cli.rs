@@ -55,6 +55,13 @@ crate::both_engines! {
         assert_eq!(body["database"]["status"], "up");
         if engine == Engine::Sqlite {
             assert!(cwd.path().join("data/aibos.db").is_file(), "the default database file is created with its folder");
+            // With no master key configured, one is generated beside the database, private, and its path logged.
+            let key_file = cwd.path().join("data/master.key");
+            use std::os::unix::fs::PermissionsExt as _;
+            assert_eq!(std::fs::metadata(&key_file).expect("the master key file is generated").permissions().mode() & 0o777, 0o600);
+            let logged = kernel.all_logs();
+            assert!(logged.contains("generated a new master key") && logged.contains(&*key_file.to_string_lossy()), "{logged}");
+            assert!(!logged.contains(std::fs::read_to_string(&key_file).unwrap().trim()), "the key is never logged");
         }
         assert_eq!(exit_code_after_sigterm(kernel).await, Some(0));
     }
@@ -133,6 +140,10 @@ fn config_show_redacts_secrets() {
             "AIBOS_DATABASE__URL",
             "postgres://aibos:hunter2hunter2@db.example:5432/aibos",
         ),
+        (
+            "AIBOS_AUTH__MASTER_KEY",
+            "bWFzdGVyLWtleS10aGF0LW11c3Qtbm90LWxlYWsuLi4=",
+        ),
     ];
     for args in [&["config", "show"][..], &["config", "show", "--json"][..]] {
         let out = aibos(cwd.path(), args, &env);
@@ -141,9 +152,21 @@ fn config_show_redacts_secrets() {
         assert!(text.contains("[REDACTED]"), "{text}");
         assert!(!text.contains("bootstrap-key-that-must-not-leak"), "{text}");
         assert!(!text.contains("hunter2hunter2"), "{text}");
+        assert!(!text.contains("bWFzdGVyLWtleS10aGF0"), "{text}");
     }
     let out = aibos(cwd.path(), &["config", "validate"], &env);
     assert!(out.status.success());
+
+    // A malformed master key is named, never echoed.
+    let bad = [("AIBOS_AUTH__MASTER_KEY", "c2hvcnQtYnV0LXNlY3JldA==")];
+    let out = aibos(cwd.path(), &["config", "validate"], &bad);
+    assert_eq!(out.status.code(), Some(78));
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("auth.master_key") && text.contains("32 bytes"),
+        "{text}"
+    );
+    assert!(!text.contains("c2hvcnQtYnV0LXNlY3JldA"), "{text}");
 }
 
 #[tokio::test]

@@ -426,6 +426,7 @@ crate::both_engines! {
                 .env_clear()
                 .env("PATH", std::env::var("PATH").unwrap_or_default())
                 .env("AIBOS_DATABASE__URL", kernel.db.url())
+                .env("AIBOS_AUTH__MASTER_KEY", aibos_testkit::TEST_MASTER_KEY)
                 .output()
                 .unwrap();
             assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));

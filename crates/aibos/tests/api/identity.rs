@@ -253,7 +253,7 @@ crate::both_engines! {
     async fn key_rotation_keeps_old_tokens_valid(engine: Engine) {
         let kernel = spawn_kernel(engine).await.unwrap();
         let admin = kernel.platform_admin().await;
-        aibos_kernel::identity::admin::rotate_keys(kernel.state.db(), kernel.state.redact_keys()).await.unwrap();
+        aibos_kernel::identity::admin::rotate_keys(kernel.state.db(), kernel.state.master_keys(), kernel.state.redact_keys()).await.unwrap();
         kernel.state.refresh_keys().await;
         let jwks: serde_json::Value = kernel.client.get(kernel.url("/.well-known/jwks.json")).send().await.unwrap().json().await.unwrap();
         assert_eq!(jwks["keys"].as_array().unwrap().len(), 2);

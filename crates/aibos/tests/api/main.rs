@@ -18,6 +18,7 @@ mod identity;
 mod migrations;
 mod pg_outage;
 mod registry;
+mod secrets;
 mod shutdown;
 
 /// Writes `async fn name(engine: Engine) { … }` as one test per engine.

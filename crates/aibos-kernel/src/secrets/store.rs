@@ -1,0 +1,130 @@
+//! The SQL over every sealed column, for the start-up sweep (seal values an
+//! older kernel stored in clear, check the rest open) and for re-sealing under
+//! a new master key. Domain stores seal and open their own columns; this file
+//! only walks them all.
+
+use crate::db::{Db, Tx};
+use crate::{with_db, with_tx};
+
+/// Where a sealed value lives; its associated data binds the value to that place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Place {
+    /// `signing_keys.private_key` of key `kid`.
+    SigningKey {
+        /// The key id.
+        kid: String,
+    },
+    /// `canon_assertion_secrets.secret` of a canon's `kid`.
+    AssertionSecret {
+        /// The canon.
+        canon_id: String,
+        /// The secret's id.
+        kid: String,
+    },
+}
+
+impl Place {
+    /// The associated data the value is sealed with.
+    pub fn associated_data(&self) -> String {
+        match self {
+            Place::SigningKey { kid } => signing_key_place(kid),
+            Place::AssertionSecret { canon_id, kid } => assertion_secret_place(canon_id, kid),
+        }
+    }
+}
+
+impl std::fmt::Display for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Place::SigningKey { kid } => write!(f, "token-signing key {kid}"),
+            Place::AssertionSecret { canon_id, kid } => {
+                write!(f, "assertion secret {kid} of canon {canon_id}")
+            }
+        }
+    }
+}
+
+/// Associated data of a token-signing key's seed.
+pub fn signing_key_place(kid: &str) -> String {
+    format!("signing_keys.private_key:{kid}")
+}
+
+/// Associated data of a canon's assertion secret.
+pub fn assertion_secret_place(canon_id: &str, kid: &str) -> String {
+    format!("canon_assertion_secrets.secret:{canon_id}:{kid}")
+}
+
+/// One stored secret, as it is in the row (sealed or, before the upgrade, clear).
+#[derive(Debug, Clone)]
+pub struct StoredValue {
+    /// Where it is.
+    pub place: Place,
+    /// The column's text.
+    pub value: String,
+}
+
+/// `(kid, private_key)` rows and `(canon_id, kid, secret)` rows.
+type Rows = (Vec<(String, String)>, Vec<(String, String, String)>);
+
+/// Every secret the kernel stores, read inside `tx`.
+pub async fn all(tx: &mut Tx) -> Result<Vec<StoredValue>, sqlx::Error> {
+    let (keys, secrets): Rows = with_tx!(tx, conn => {
+        let keys = sqlx::query_as("SELECT kid, private_key FROM signing_keys ORDER BY kid").fetch_all(&mut *conn).await?;
+        let secrets = sqlx::query_as("SELECT canon_id, kid, secret FROM canon_assertion_secrets ORDER BY canon_id, kid").fetch_all(&mut *conn).await?;
+        (keys, secrets)
+    });
+    Ok(keys
+        .into_iter()
+        .map(|(kid, value)| StoredValue {
+            place: Place::SigningKey { kid },
+            value,
+        })
+        .chain(
+            secrets
+                .into_iter()
+                .map(|(canon_id, kid, value)| StoredValue {
+                    place: Place::AssertionSecret { canon_id, kid },
+                    value,
+                }),
+        )
+        .collect())
+}
+
+/// Replaces a stored value, only if it still is `old` (so two instances
+/// sweeping at once cannot overwrite each other's seal); `false` when it was not.
+pub async fn replace(
+    tx: &mut Tx,
+    place: &Place,
+    old: &str,
+    new: &str,
+) -> Result<bool, sqlx::Error> {
+    let n = match place {
+        Place::SigningKey { kid } => with_tx!(tx, conn => {
+            sqlx::query("UPDATE signing_keys SET private_key = $3 WHERE kid = $1 AND private_key = $2")
+                .bind(kid).bind(old).bind(new).execute(&mut *conn).await?.rows_affected()
+        }),
+        Place::AssertionSecret { canon_id, kid } => with_tx!(tx, conn => {
+            sqlx::query("UPDATE canon_assertion_secrets SET secret = $4 WHERE canon_id = $1 AND kid = $2 AND secret = $3")
+                .bind(canon_id).bind(kid).bind(old).bind(new).execute(&mut *conn).await?.rows_affected()
+        }),
+    };
+    Ok(n == 1)
+}
+
+/// The distinct ids of the master keys that sealed stored values (empty when
+/// nothing is sealed yet: a new database, or one from before sealing).
+pub async fn sealing_key_ids(db: &Db) -> Result<Vec<String>, sqlx::Error> {
+    let values: Vec<String> = with_db!(db, pool => {
+        sqlx::query_scalar("SELECT private_key FROM signing_keys WHERE private_key LIKE 'enc:%' \
+                            UNION ALL SELECT secret FROM canon_assertion_secrets WHERE secret LIKE 'enc:%'")
+            .fetch_all(pool).await?
+    });
+    let mut ids: Vec<String> = values
+        .iter()
+        .filter_map(|v| super::sealed_by(v))
+        .map(str::to_owned)
+        .collect();
+    ids.sort();
+    ids.dedup();
+    Ok(ids)
+}
