@@ -345,6 +345,11 @@ pub async fn assign_role(
     caller
         .require_grantable(&state, &role.gives(caller.tenant_id()))
         .await?;
+    if store::holds_role(state.db(), caller.tenant_id(), &user_id, &role_id).await? {
+        // Assigning again replaces the assignment's end: giving a stronger
+        // user an expiry is taking something from them.
+        caller.require_over(&state, &user_id).await?;
+    }
     let ctx = caller.audit_context();
     let keys = state.redact_keys();
     let tenant_id = caller.tenant_id().to_owned();

@@ -372,6 +372,18 @@ pub async fn assign_role(
     Ok(())
 }
 
+/// Whether the subject has an assignment of the role (expired or not).
+pub async fn holds_role(
+    db: &Db,
+    tenant_id: &str,
+    subject_id: &str,
+    role_id: &str,
+) -> Result<bool, sqlx::Error> {
+    let n: i64 = with_db!(db, pool => sqlx::query_scalar("SELECT COUNT(*) FROM role_assignments WHERE tenant_id = $1 AND subject_id = $2 AND role_id = $3")
+        .bind(tenant_id).bind(subject_id).bind(role_id).fetch_one(pool).await?);
+    Ok(n > 0)
+}
+
 /// Removes a role assignment; `false` when there was none.
 pub async fn unassign_role(
     tx: &mut Tx,

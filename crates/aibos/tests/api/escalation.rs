@@ -104,6 +104,12 @@ crate::both_engines! {
         expect_problem(r, 403, "FORBIDDEN").await;
         assert_eq!(status_of(&kernel, &mallory, Method::DELETE, &format!("/api/kernel/roles/{auditors}")).await, 403);
 
+        // Nor put an end date on what a stronger user holds, even a role Mallory may give.
+        kernel.assign(&admin, &admin.subject_id, &own).await;
+        let r = kernel.as_(&mallory, Method::POST, &format!("/api/kernel/users/{}/roles", admin.subject_id))
+            .json(&json!({"role_id": own, "expires_at": in_minutes(1)})).send().await.unwrap();
+        expect_problem(r, 403, "FORBIDDEN").await;
+
         // What Mallory holds, Mallory may give.
         let r = kernel.as_(&mallory, Method::POST, &format!("/api/kernel/users/{}/roles", mallory.subject_id))
             .json(&json!({"role_id": own})).send().await.unwrap();
@@ -112,7 +118,7 @@ crate::both_engines! {
         assert_eq!(status_of(&kernel, &mallory, Method::GET, "/api/kernel/users").await, 403, "still no user.read");
         assert_eq!(status_of(&kernel, &mallory, Method::GET, "/api/kernel/audit").await, 403, "still no audit.read");
         let denies = kernel.audit(&admin, "action=authz.deny").await;
-        assert!(denies.len() >= 7, "every refusal audited: {}", denies.len());
+        assert!(denies.len() >= 8, "every refusal audited: {}", denies.len());
 
         // The tenant administrator gives what it holds, canon permissions and prefixes included.
         let r = kernel.as_(&admin, Method::POST, "/api/kernel/roles").json(&json!({"name": "users", "permissions": ["kernel.user.*"]})).send().await.unwrap();
