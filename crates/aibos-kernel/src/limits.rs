@@ -181,6 +181,11 @@ pub const KEY_REFRESH_SECONDS: u64 = 30;
 /// Longest `base_url` of a canon.
 pub const URL_BYTES_MAX: usize = 2_048;
 
+/// Longest PEM field of a canon's TLS settings (CA bundle, client certificate
+/// chain, client key), in bytes: a bundle of a few dozen certificates fits; the
+/// whole public root store does not belong here (the default roots cover it).
+pub const CANON_TLS_PEM_BYTES_MAX: usize = 64 * 1024;
+
 /// Longest route path or health path.
 pub const ROUTE_PATH_BYTES_MAX: usize = 1_024;
 

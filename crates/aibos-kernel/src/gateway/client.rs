@@ -10,6 +10,10 @@
 //!   (docs/performance.md, gateway).
 //! - `https` cells (HTTP/2 or 1.1 by ALPN) and `h2c` canons (HTTP/2 with prior
 //!   knowledge) use hyper-util's client, which brings TLS and HTTP/2 multiplexing.
+//! - An `https` canon with TLS settings of its own (a CA bundle instead of the
+//!   public roots, a client certificate for mutual TLS; [`CanonTls`]) gets a
+//!   hyper-util client of its own in each event loop, made on its first call and
+//!   replaced when the canon's settings change.
 //!
 //! Each event loop owns one [`UpstreamClient`] (handed to its router as an
 //! extension), so its pools are never shared between threads: their locks are
@@ -46,6 +50,95 @@ struct Clients {
     general: GeneralClient,
     /// `h2c` canons: HTTP/2 with prior knowledge.
     h2c: GeneralClient,
+    /// Canons with TLS settings of their own, by canon id, with the settings
+    /// the client was made from (a rebuilt table brings new ones). Entries of
+    /// deleted canons stay until restart: at most `limits::CANONS_MAX`.
+    custom: Mutex<foldhash::HashMap<Arc<str>, CustomClient>>,
+    /// Pool settings for the custom clients.
+    config: GatewayConfig,
+}
+
+/// A canon's own client and the TLS settings it was made from.
+type CustomClient = (Arc<rustls::ClientConfig>, GeneralClient);
+
+/// A canon's own TLS settings, compiled once per route table.
+#[derive(Clone)]
+pub struct CanonTls {
+    /// The canon's id: its custom client's key.
+    pub canon_id: Arc<str>,
+    /// Roots (the canon's CA bundle, or the public ones) and client certificate.
+    pub config: Arc<rustls::ClientConfig>,
+}
+
+/// Why a canon's TLS settings are unusable: the field and the reason.
+pub type TlsProblem = (&'static str, String);
+
+/// Builds the TLS client configuration of a canon: `ca_bundle_pem` replaces the
+/// public (webpki) roots; `client` is a PEM certificate chain and its PEM
+/// private key for mutual TLS. The registry validates with this same function,
+/// so what was accepted is what the gateway uses.
+pub fn tls_config(
+    ca_bundle_pem: Option<&str>,
+    client: Option<(&str, &str)>,
+) -> Result<rustls::ClientConfig, TlsProblem> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_bundle_pem {
+        Some(pem) => {
+            let field = "tls.ca_bundle_pem";
+            let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| (field, format!("is not PEM certificates: {e}")))?;
+            if certs.is_empty() {
+                return Err((field, "holds no CERTIFICATE block".to_owned()));
+            }
+            for cert in certs {
+                roots
+                    .add(cert)
+                    .map_err(|e| (field, format!("holds an unusable certificate: {e}")))?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| ("tls", e.to_string()))?
+    .with_root_certificates(roots);
+    match client {
+        None => Ok(builder.with_no_client_auth()),
+        Some((cert_pem, key_pem)) => {
+            let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| {
+                    (
+                        "tls.client_cert_pem",
+                        format!("is not PEM certificates: {e}"),
+                    )
+                })?;
+            if chain.is_empty() {
+                return Err((
+                    "tls.client_cert_pem",
+                    "holds no CERTIFICATE block".to_owned(),
+                ));
+            }
+            // The error never quotes the key.
+            let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|_| {
+                (
+                    "tls.client_key_pem",
+                    "is not a PEM private key (PKCS#8, PKCS#1 or SEC1)".to_owned(),
+                )
+            })?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| {
+                (
+                    "tls.client_key_pem",
+                    format!("does not go with tls.client_cert_pem: {e}"),
+                )
+            })
+        }
+    }
 }
 
 /// Why an upstream call got no response.
@@ -98,6 +191,8 @@ pub fn build(config: &GatewayConfig) -> UpstreamClient {
         }),
         general: build_general(config, false),
         h2c: build_general(config, true),
+        custom: Mutex::default(),
+        config: config.clone(),
     }))
 }
 
@@ -108,6 +203,7 @@ impl UpstreamClient {
         &self,
         base: &BaseUrl,
         h2c: bool,
+        tls: Option<&CanonTls>,
         mut request: Request<Body>,
     ) -> Result<Response<Body>, SendFailure> {
         if Self::gives_back_unsent(base, h2c) {
@@ -127,12 +223,37 @@ impl UpstreamClient {
             .path_and_query(path_and_query)
             .build()
             .map_err(|e| UpstreamError::Request(e.to_string()))?;
-        let client = if h2c { &self.0.h2c } else { &self.0.general };
+        let custom;
+        let client = match tls {
+            Some(tls) => {
+                custom = self.custom_client(tls);
+                &custom
+            }
+            None if h2c => &self.0.h2c,
+            None => &self.0.general,
+        };
         match client.request(request).await {
             Ok(response) => Ok(response.map(Body::new)),
             Err(e) if e.is_connect() => Err(UpstreamError::Connect(e.to_string()).into()),
             Err(e) => Err(UpstreamError::Request(e.to_string()).into()),
         }
+    }
+
+    /// This event loop's client for a canon with its own TLS settings (cloning
+    /// a hyper-util client clones handles to its pool).
+    fn custom_client(&self, tls: &CanonTls) -> GeneralClient {
+        let mut custom = self.0.custom.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((config, client)) = custom.get(&tls.canon_id)
+            && Arc::ptr_eq(config, &tls.config)
+        {
+            return client.clone();
+        }
+        let client = build_with_tls(&self.0.config, (*tls.config).clone());
+        custom.insert(
+            Arc::clone(&tls.canon_id),
+            (Arc::clone(&tls.config), client.clone()),
+        );
+        client
     }
 
     /// Whether [`send`](Self::send) hands back a request that could not be
@@ -143,18 +264,41 @@ impl UpstreamClient {
     }
 }
 
-fn build_general(config: &GatewayConfig, http2_only: bool) -> GeneralClient {
+fn http_connector(config: &GatewayConfig) -> HttpConnector {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(Duration::from_millis(config.connect_timeout_ms)));
+    http
+}
+
+fn build_general(config: &GatewayConfig, http2_only: bool) -> GeneralClient {
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
         .expect("ring supports the default TLS versions")
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(http);
+        .wrap_connector(http_connector(config));
+    client_over(config, connector, http2_only)
+}
+
+/// A client for one canon's TLS settings (HTTP/2 or 1.1 by ALPN, https only).
+fn build_with_tls(config: &GatewayConfig, tls: rustls::ClientConfig) -> GeneralClient {
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http_connector(config));
+    client_over(config, connector, false)
+}
+
+fn client_over(
+    config: &GatewayConfig,
+    connector: hyper_rustls::HttpsConnector<HttpConnector>,
+    http2_only: bool,
+) -> GeneralClient {
     Client::builder(TokioExecutor::new())
         // Without a timer the idle timeout is never enforced (linkerd2-proxy #4004).
         .pool_timer(TokioTimer::new())
@@ -534,7 +678,7 @@ mod tests {
     }
 
     async fn call(client: &UpstreamClient, base: &BaseUrl) -> Bytes {
-        let response = client.send(base, false, get()).await.expect("an answer");
+        let response = client.send(base, false, None, get()).await.expect("an answer");
         assert_eq!(response.status(), 200);
         response.into_body().collect().await.unwrap().to_bytes()
     }
@@ -617,7 +761,7 @@ mod tests {
     async fn a_body_dropped_half_read_gives_up_its_connection() {
         let (base, accepted) = cell(Cell::Big).await;
         let client = build(&Config::defaults().gateway);
-        let response = client.send(&base, false, get()).await.unwrap();
+        let response = client.send(&base, false, None, get()).await.unwrap();
         drop(response);
         assert_eq!(call(&client, &base).await.len(), 1_048_576);
         assert_eq!(call(&client, &base).await.len(), 1_048_576);
@@ -694,7 +838,7 @@ mod tests {
         request
             .headers_mut()
             .insert("x-kernel-assertion", "signed".parse().unwrap());
-        let failure = client.send(&base, false, request).await.unwrap_err();
+        let failure = client.send(&base, false, None, request).await.unwrap_err();
         assert!(failure.error.is_connect(), "{}", failure.error);
         assert!(UpstreamClient::gives_back_unsent(&base, false));
         let unsent = failure.unsent.expect("the request never left");
@@ -705,7 +849,7 @@ mod tests {
         );
         // h2c goes through hyper-util's client, which keeps nothing to give back.
         assert!(!UpstreamClient::gives_back_unsent(&base, true));
-        let failure = client.send(&base, true, get()).await.unwrap_err();
+        let failure = client.send(&base, true, None, get()).await.unwrap_err();
         assert!(failure.error.is_connect(), "{}", failure.error);
         assert!(failure.unsent.is_none());
     }

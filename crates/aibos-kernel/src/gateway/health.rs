@@ -65,7 +65,7 @@ async fn check_one(
         .body(Body::empty());
     let healthy = match request {
         Ok(request) => matches!(
-            tokio::time::timeout(timeout, client.send(&canon.base, canon.h2c, request)).await,
+            tokio::time::timeout(timeout, client.send(&canon.base, canon.h2c, canon.tls.as_ref(), request)).await,
             Ok(Ok(response)) if response.status().is_success()
         ),
         Err(_) => false,

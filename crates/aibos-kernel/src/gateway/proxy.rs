@@ -225,7 +225,11 @@ async fn forward_call(
         *upstream.method_mut() = parts.method.clone();
         *upstream.uri_mut() = upstream_uri.clone();
         *upstream.headers_mut() = these_headers;
-        match tokio::time::timeout_at(deadline, client.send(&canon.base, canon.h2c, upstream)).await
+        match tokio::time::timeout_at(
+            deadline,
+            client.send(&canon.base, canon.h2c, canon.tls.as_ref(), upstream),
+        )
+        .await
         {
             Ok(Ok(response)) => break Ok(response),
             Ok(Err(SendFailure { error: e, unsent })) => {

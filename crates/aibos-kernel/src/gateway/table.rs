@@ -12,7 +12,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use super::client::PoolKey;
+use super::client::{CanonTls, PoolKey};
 use super::state::CanonState;
 use super::telemetry::RouteMetrics;
 use crate::registry::Route;
@@ -51,6 +51,8 @@ impl RouteTable {
             .into_iter()
             .map(|(canon, kid, secret)| (canon, (kid, secret)))
             .collect();
+        let mut client_keys: HashMap<String, String> =
+            snapshot.tls_client_keys.into_iter().collect();
         let mut routes_by_canon: HashMap<String, Vec<Route>> = HashMap::new();
         for route in snapshot.routes {
             routes_by_canon
@@ -76,6 +78,26 @@ impl RouteTable {
             let signer = secrets
                 .remove(&row.id)
                 .map(|(kid, secret)| Signer::new(kid, &secret));
+            let client_key = client_keys.remove(&row.id);
+            let tls = if row.tls_ca_pem.is_some() || row.tls_client_cert_pem.is_some() {
+                let client = row
+                    .tls_client_cert_pem
+                    .as_deref()
+                    .zip(client_key.as_deref());
+                match super::client::tls_config(row.tls_ca_pem.as_deref(), client) {
+                    Ok(config) => Some(CanonTls {
+                        canon_id: row.id.as_str().into(),
+                        config: Arc::new(config),
+                    }),
+                    Err((field, why)) => {
+                        // Validated on the way in; a row edited by hand is skipped, loudly.
+                        tracing::error!(canon = %row.name, field, reason = %why, "canon's TLS settings are unusable; it is not routed");
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
             let routes = routes_by_canon.remove(&row.id).unwrap_or_default();
             let matcher = match Matcher::build(&routes) {
                 Ok(m) => m,
@@ -105,6 +127,7 @@ impl RouteTable {
                     h2c: row.protocol == "h2c",
                     timeout: row.timeout_ms.and_then(millis),
                     signer,
+                    tls,
                     state,
                     routes: entries,
                     matcher,
@@ -135,6 +158,8 @@ pub struct CanonEntry {
     pub timeout: Option<Duration>,
     /// Signs assertions with the active secret; `None` only if a DBA removed it.
     pub signer: Option<Signer>,
+    /// The canon's own TLS settings (https cells), if it has any.
+    pub tls: Option<CanonTls>,
     /// Breaker, health, retry budget and metrics, kept across rebuilds.
     pub state: Arc<CanonState>,
     routes: Vec<RouteEntry>,

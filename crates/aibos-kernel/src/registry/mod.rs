@@ -46,6 +46,8 @@ pub struct Canon {
     pub timeout_ms: Option<i64>,
     /// The permissions this canon defines.
     pub permissions: Vec<CanonPermission>,
+    /// The canon's own TLS settings (https cells); `null`: the public roots, no client certificate.
+    pub tls: Option<CanonTls>,
     /// `healthy`, `unhealthy` or `unknown` (not checked yet), as this kernel instance sees it.
     pub status: String,
     /// The circuit breaker: `closed`, `open` or `half_open`.
@@ -56,6 +58,39 @@ pub struct Canon {
     pub created_at: String,
     /// Last change.
     pub updated_at: String,
+}
+
+/// A canon's own TLS settings as sent (https cells only). At least one field.
+#[derive(Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CanonTlsInput {
+    /// PEM certificates that verify the cell's certificate instead of the public roots.
+    pub ca_bundle_pem: Option<String>,
+    /// PEM certificate chain the kernel presents to the cell (mutual TLS), with `client_key_pem`.
+    pub client_cert_pem: Option<String>,
+    /// PEM private key of `client_cert_pem` (PKCS#8, PKCS#1 or SEC1). Stored sealed
+    /// under the master key; never shown again, audited or logged.
+    pub client_key_pem: Option<String>,
+}
+
+impl std::fmt::Debug for CanonTlsInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CanonTlsInput")
+            .field("ca_bundle_pem", &self.ca_bundle_pem.is_some())
+            .field("client_cert_pem", &self.client_cert_pem.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A canon's own TLS settings as shown: never the private key.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct CanonTls {
+    /// The CA bundle that replaces the public roots, if any.
+    pub ca_bundle_pem: Option<String>,
+    /// The client certificate chain for mutual TLS, if any.
+    pub client_cert_pem: Option<String>,
+    /// Whether a client key is stored (it is never shown).
+    pub client_key: bool,
 }
 
 /// How the gateway speaks to a canon.

@@ -13,8 +13,8 @@ use uuid::Uuid;
 use super::store::{self, CanonFields, CanonRow, RouteFields, SecretDeletion};
 use super::validate::{self, FieldProblem};
 use super::{
-    AssertionSecretInfo, Canon, CanonPermission, NewAssertionSecret, Route, RouteRateLimit,
-    new_assertion_secret,
+    AssertionSecretInfo, Canon, CanonPermission, CanonTls, CanonTlsInput, NewAssertionSecret,
+    Route, RouteRateLimit, new_assertion_secret,
 };
 use crate::audit::{self, AuditEvent};
 use crate::authz::cache::{Invalidation, NOTIFY_CHANNEL};
@@ -82,8 +82,14 @@ fn stale(what: &str) -> ApiError {
 /// The API view of a canon row, with this instance's health and circuit state.
 fn canon_view(state: &AppState, row: CanonRow) -> Canon {
     let runtime = state.gateway().canon_state(&row.id);
+    let tls = (row.tls_ca_pem.is_some() || row.tls_client_cert_pem.is_some()).then(|| CanonTls {
+        ca_bundle_pem: row.tls_ca_pem.clone(),
+        client_cert_pem: row.tls_client_cert_pem.clone(),
+        client_key: row.tls_client_key.is_some(),
+    });
     Canon {
         permissions: row.permission_list(),
+        tls,
         status: runtime
             .as_ref()
             .map_or(Health::Unknown, |s| s.health())
@@ -127,6 +133,36 @@ pub struct CreateCanon {
     /// Permissions the canon defines, registered with it.
     #[serde(default)]
     permissions: Vec<CanonPermission>,
+    /// TLS settings of its own (https cells): a CA bundle, a client certificate.
+    tls: Option<CanonTlsInput>,
+}
+
+/// The stored form of TLS settings: `(ca_bundle_pem, client_cert_pem, sealed client key)`.
+type StoredTls = (Option<String>, Option<String>, Option<String>);
+
+/// Seals the client key of `input` for canon `canon_id`.
+fn stored_tls(state: &AppState, canon_id: &str, input: Option<CanonTlsInput>) -> StoredTls {
+    match input {
+        None => (None, None, None),
+        Some(t) => {
+            let key = t.client_key_pem.map(|k| {
+                state
+                    .master_keys()
+                    .seal(&k, &store::canon_tls_key_place(canon_id))
+            });
+            (t.ca_bundle_pem, t.client_cert_pem, key)
+        }
+    }
+}
+
+/// What an audit entry says of TLS settings: which parts are there, never a key.
+fn tls_details(tls: &StoredTls) -> serde_json::Value {
+    match tls {
+        (None, None, _) => serde_json::Value::Null,
+        (ca, cert, _) => {
+            serde_json::json!({ "ca_bundle": ca.is_some(), "client_certificate": cert.is_some() })
+        }
+    }
 }
 
 /// A created canon, with its first assertion secret (shown only now).
@@ -157,6 +193,11 @@ pub async fn create_canon(
     validate::protocol(&protocol, &base_url).map_err(invalid)?;
     validate::timeout_ms("timeout_ms", body.timeout_ms).map_err(invalid)?;
     validate::canon_permissions(&body.permissions).map_err(invalid)?;
+    if let Some(tls) = &body.tls {
+        validate::tls(tls, &base_url).map_err(invalid)?;
+    }
+    let canon_id = Uuid::now_v7().to_string();
+    let tls = stored_tls(&state, &canon_id, body.tls);
     let secret = new_assertion_secret();
     let (name, permissions, timeout_ms) = (body.name, body.permissions, body.timeout_ms);
     let shown = secret.clone();
@@ -166,13 +207,14 @@ pub async fn create_canon(
             if store::canon_count(tx).await? >= limits::CANONS_MAX {
                 return Err(ApiError::conflict(format!("At most {} canons can be registered.", limits::CANONS_MAX)));
             }
-            let fields = CanonFields { base_url: &base_url, health_path: &health_path, protocol: &protocol, timeout_ms, permissions: &permissions };
-            let row = store::insert_canon(tx, &Uuid::now_v7().to_string(), &name, &fields).await?;
+            let fields = CanonFields { base_url: &base_url, health_path: &health_path, protocol: &protocol, timeout_ms, permissions: &permissions,
+                tls_ca_pem: tls.0.as_deref(), tls_client_cert_pem: tls.1.as_deref(), tls_client_key_sealed: tls.2.as_deref() };
+            let row = store::insert_canon(tx, &canon_id, &name, &fields).await?;
             store::sync_canon_permissions(tx, &name, &permissions).await?.map_err(ApiError::conflict)?;
             store::insert_secret(tx, &master, &row.id, &secret.kid, &secret.secret, true).await?;
             let event = AuditEvent::new("canon.created").resource("canon", &row.id).details(serde_json::json!({
                 "name": row.name, "base_url": row.base_url, "health_path": row.health_path, "protocol": row.protocol, "timeout_ms": row.timeout_ms,
-                "permissions": permissions.iter().map(|p| &p.name).collect::<Vec<_>>(), "assertion_kid": secret.kid,
+                "permissions": permissions.iter().map(|p| &p.name).collect::<Vec<_>>(), "assertion_kid": secret.kid, "tls": tls_details(&tls),
             }));
             Ok((row, event))
         })
@@ -236,6 +278,10 @@ pub struct UpdateCanon {
     timeout_ms: Option<Option<i64>>,
     /// Replaces the canon's permissions (removed ones leave the registry).
     permissions: Option<Vec<CanonPermission>>,
+    /// Replaces the canon's TLS settings whole; `null` removes them.
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<CanonTlsInput>)]
+    tls: Option<Option<CanonTlsInput>>,
 }
 
 /// Changes a canon; calls in flight finish on the old table, new calls use the new one.
@@ -268,14 +314,35 @@ pub async fn update_canon(
         .permissions
         .unwrap_or_else(|| current.permission_list());
     validate::canon_permissions(&permissions).map_err(invalid)?;
+    let tls = match body.tls {
+        None => (
+            current.tls_ca_pem.clone(),
+            current.tls_client_cert_pem.clone(),
+            current.tls_client_key.clone(),
+        ),
+        Some(input) => {
+            if let Some(t) = &input {
+                validate::tls(t, &base_url).map_err(invalid)?;
+            }
+            stored_tls(&state, &current.id, input)
+        }
+    };
+    // Settings kept from before must still fit a changed base URL.
+    if (tls.0.is_some() || tls.1.is_some()) && !base_url.starts_with("https://") {
+        return Err(invalid((
+            "tls",
+            "is only for https:// cells; remove the canon's TLS settings with \"tls\": null".into(),
+        )));
+    }
     let row = registry_write(&state, &caller, move |tx| {
         Box::pin(async move {
-            let fields = CanonFields { base_url: &base_url, health_path: &health_path, protocol: &protocol, timeout_ms, permissions: &permissions };
+            let fields = CanonFields { base_url: &base_url, health_path: &health_path, protocol: &protocol, timeout_ms, permissions: &permissions,
+                tls_ca_pem: tls.0.as_deref(), tls_client_cert_pem: tls.1.as_deref(), tls_client_key_sealed: tls.2.as_deref() };
             let row = store::update_canon(tx, &current.id, &fields, if_match.0).await?.ok_or_else(|| stale("canon"))?;
             store::sync_canon_permissions(tx, &row.name, &permissions).await?.map_err(ApiError::conflict)?;
             let event = AuditEvent::new("canon.updated").resource("canon", &row.id).details(serde_json::json!({
                 "name": row.name, "base_url": row.base_url, "health_path": row.health_path, "protocol": row.protocol, "timeout_ms": row.timeout_ms,
-                "permissions": permissions.iter().map(|p| &p.name).collect::<Vec<_>>(), "version": row.version,
+                "permissions": permissions.iter().map(|p| &p.name).collect::<Vec<_>>(), "version": row.version, "tls": tls_details(&tls),
             }));
             Ok((row, event))
         })

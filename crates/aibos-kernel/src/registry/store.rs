@@ -8,6 +8,7 @@ use crate::db::{Db, Tx};
 use crate::identity::SYSTEM_TENANT_ID;
 use crate::secrets::source::MasterKeyError;
 use crate::secrets::store::assertion_secret_place;
+pub use crate::secrets::store::canon_tls_key_place;
 use crate::secrets::{MasterKeys, is_sealed};
 use crate::{timestamp, with_db, with_tx};
 
@@ -24,6 +25,12 @@ pub struct CanonRow {
     pub version: i64,
     pub created_at: String,
     pub updated_at: String,
+    /// PEM CA bundle that replaces the public roots for this https cell.
+    pub tls_ca_pem: Option<String>,
+    /// PEM client certificate chain for mutual TLS.
+    pub tls_client_cert_pem: Option<String>,
+    /// Its private key, sealed (`enc:v1:…`); never shown, opened only for the route table.
+    pub tls_client_key: Option<String>,
 }
 
 impl CanonRow {
@@ -33,7 +40,7 @@ impl CanonRow {
     }
 }
 
-const CANON_COLUMNS: &str = "id, name, base_url, health_path, protocol, timeout_ms, permissions, version, created_at, updated_at";
+const CANON_COLUMNS: &str = "id, name, base_url, health_path, protocol, timeout_ms, permissions, version, created_at, updated_at, tls_ca_pem, tls_client_cert_pem, tls_client_key";
 
 /// The fields of a new or changed canon.
 pub struct CanonFields<'a> {
@@ -42,6 +49,10 @@ pub struct CanonFields<'a> {
     pub protocol: &'a str,
     pub timeout_ms: Option<i64>,
     pub permissions: &'a [CanonPermission],
+    pub tls_ca_pem: Option<&'a str>,
+    pub tls_client_cert_pem: Option<&'a str>,
+    /// Already sealed with [`canon_tls_key_place`] of the canon's id.
+    pub tls_client_key_sealed: Option<&'a str>,
 }
 
 fn permissions_json(list: &[CanonPermission]) -> String {
@@ -57,13 +68,14 @@ pub async fn insert_canon(
 ) -> Result<CanonRow, sqlx::Error> {
     let now = timestamp::now_text();
     let sql = format!(
-        "INSERT INTO canons (id, tenant_id, name, base_url, health_path, timeout_ms, permissions, protocol, version, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $9, 1, $8, $8) RETURNING {CANON_COLUMNS}"
+        "INSERT INTO canons (id, tenant_id, name, base_url, health_path, timeout_ms, permissions, protocol, version, created_at, updated_at, tls_ca_pem, tls_client_cert_pem, tls_client_key) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $9, 1, $8, $8, $10, $11, $12) RETURNING {CANON_COLUMNS}"
     );
     with_tx!(tx, conn => {
         sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(id).bind(SYSTEM_TENANT_ID).bind(name).bind(fields.base_url)
             .bind(fields.health_path).bind(fields.timeout_ms).bind(permissions_json(fields.permissions)).bind(&now)
-            .bind(fields.protocol).fetch_one(&mut *conn).await
+            .bind(fields.protocol).bind(fields.tls_ca_pem).bind(fields.tls_client_cert_pem).bind(fields.tls_client_key_sealed)
+            .fetch_one(&mut *conn).await
     })
 }
 
@@ -76,13 +88,15 @@ pub async fn update_canon(
 ) -> Result<Option<CanonRow>, sqlx::Error> {
     let now = timestamp::now_text();
     let sql = format!(
-        "UPDATE canons SET base_url = $3, health_path = $4, timeout_ms = $5, permissions = $6, protocol = $9, version = version + 1, updated_at = $7 \
+        "UPDATE canons SET base_url = $3, health_path = $4, timeout_ms = $5, permissions = $6, protocol = $9, \
+         tls_ca_pem = $10, tls_client_cert_pem = $11, tls_client_key = $12, version = version + 1, updated_at = $7 \
          WHERE tenant_id = $1 AND id = $2 AND ($8 IS NULL OR version = $8) RETURNING {CANON_COLUMNS}"
     );
     with_tx!(tx, conn => {
         sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(SYSTEM_TENANT_ID).bind(id).bind(fields.base_url).bind(fields.health_path)
             .bind(fields.timeout_ms).bind(permissions_json(fields.permissions)).bind(&now).bind(expected_version)
-            .bind(fields.protocol).fetch_optional(&mut *conn).await
+            .bind(fields.protocol).bind(fields.tls_ca_pem).bind(fields.tls_client_cert_pem).bind(fields.tls_client_key_sealed)
+            .fetch_optional(&mut *conn).await
     })
 }
 
@@ -405,6 +419,8 @@ pub struct Snapshot {
     pub canons: Vec<CanonRow>,
     /// `(canon_id, kid, secret)` of each canon's active secret, opened.
     pub active_secrets: Vec<(String, String, String)>,
+    /// `(canon_id, PEM private key)` of canons with a client certificate, opened.
+    pub tls_client_keys: Vec<(String, String)>,
     pub routes: Vec<Route>,
 }
 
@@ -499,9 +515,25 @@ pub async fn snapshot(db: &Db, master: &MasterKeys) -> Result<Snapshot, sqlx::Er
             Ok((canon_id, kid, secret))
         })
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    let tls_client_keys = canons
+        .iter()
+        .filter_map(|c: &CanonRow| c.tls_client_key.as_ref().map(|k| (c, k)))
+        .map(|(c, sealed)| {
+            master
+                .open(sealed, &canon_tls_key_place(&c.id))
+                .map(|key| (c.id.clone(), key))
+                .map_err(|reason| {
+                    sqlx::Error::Decode(Box::new(MasterKeyError::Open {
+                        place: format!("TLS client key of canon {}", c.id),
+                        reason,
+                    }))
+                })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
     Ok(Snapshot {
         canons,
         active_secrets,
+        tls_client_keys,
         routes: routes.into_iter().map(Route::from).collect(),
     })
 }

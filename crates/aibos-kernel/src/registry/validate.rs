@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use super::{CanonPermission, IDEMPOTENCY_MODES, ROUTE_METHODS, RouteRateLimit};
+use super::{CanonPermission, CanonTlsInput, IDEMPOTENCY_MODES, ROUTE_METHODS, RouteRateLimit};
 use crate::authz::is_permission_name;
 use crate::limits;
 
@@ -96,6 +96,54 @@ pub fn health_path(text: &str) -> Result<(), FieldProblem> {
                 .into(),
         ))
     }
+}
+
+/// A canon's own TLS settings: for `https` cells only, bounded, a client
+/// certificate only with its key, and usable as the gateway would build them.
+pub fn tls(input: &CanonTlsInput, base_url: &str) -> Result<(), FieldProblem> {
+    if !base_url.starts_with("https://") {
+        return Err(("tls", "is only for https:// cells".into()));
+    }
+    let fields = [
+        ("tls.ca_bundle_pem", &input.ca_bundle_pem),
+        ("tls.client_cert_pem", &input.client_cert_pem),
+        ("tls.client_key_pem", &input.client_key_pem),
+    ];
+    if fields.iter().all(|(_, v)| v.is_none()) {
+        return Err((
+            "tls",
+            "names none of ca_bundle_pem, client_cert_pem, client_key_pem; send null to remove it"
+                .into(),
+        ));
+    }
+    for (field, value) in fields {
+        if value
+            .as_ref()
+            .is_some_and(|v| v.len() > limits::CANON_TLS_PEM_BYTES_MAX)
+        {
+            return Err((
+                field,
+                format!("is longer than {} bytes", limits::CANON_TLS_PEM_BYTES_MAX),
+            ));
+        }
+    }
+    let client = match (&input.client_cert_pem, &input.client_key_pem) {
+        (Some(cert), Some(key)) => Some((cert.as_str(), key.as_str())),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err((
+                "tls.client_key_pem",
+                "is required with client_cert_pem".into(),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err((
+                "tls.client_cert_pem",
+                "is required with client_key_pem".into(),
+            ));
+        }
+    };
+    crate::gateway::client::tls_config(input.ca_bundle_pem.as_deref(), client).map(|_| ())
 }
 
 /// Upstream timeouts: 1 ms to ten minutes.

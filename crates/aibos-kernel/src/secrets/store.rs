@@ -21,6 +21,11 @@ pub enum Place {
         /// The secret's id.
         kid: String,
     },
+    /// `canons.tls_client_key`: a canon's private key for mutual TLS.
+    CanonTlsKey {
+        /// The canon.
+        canon_id: String,
+    },
 }
 
 impl Place {
@@ -29,6 +34,7 @@ impl Place {
         match self {
             Place::SigningKey { kid } => signing_key_place(kid),
             Place::AssertionSecret { canon_id, kid } => assertion_secret_place(canon_id, kid),
+            Place::CanonTlsKey { canon_id } => canon_tls_key_place(canon_id),
         }
     }
 }
@@ -40,6 +46,7 @@ impl std::fmt::Display for Place {
             Place::AssertionSecret { canon_id, kid } => {
                 write!(f, "assertion secret {kid} of canon {canon_id}")
             }
+            Place::CanonTlsKey { canon_id } => write!(f, "TLS client key of canon {canon_id}"),
         }
     }
 }
@@ -54,6 +61,11 @@ pub fn assertion_secret_place(canon_id: &str, kid: &str) -> String {
     format!("canon_assertion_secrets.secret:{canon_id}:{kid}")
 }
 
+/// Associated data of a canon's TLS client key.
+pub fn canon_tls_key_place(canon_id: &str) -> String {
+    format!("canons.tls_client_key:{canon_id}")
+}
+
 /// One stored secret, as it is in the row (sealed or, before the upgrade, clear).
 #[derive(Debug, Clone)]
 pub struct StoredValue {
@@ -63,15 +75,20 @@ pub struct StoredValue {
     pub value: String,
 }
 
-/// `(kid, private_key)` rows and `(canon_id, kid, secret)` rows.
-type Rows = (Vec<(String, String)>, Vec<(String, String, String)>);
+/// `(kid, private_key)`, `(canon_id, kid, secret)` and `(canon_id, tls_client_key)` rows.
+type Rows = (
+    Vec<(String, String)>,
+    Vec<(String, String, String)>,
+    Vec<(String, String)>,
+);
 
 /// Every secret the kernel stores, read inside `tx`.
 pub async fn all(tx: &mut Tx) -> Result<Vec<StoredValue>, sqlx::Error> {
-    let (keys, secrets): Rows = with_tx!(tx, conn => {
+    let (keys, secrets, tls_keys): Rows = with_tx!(tx, conn => {
         let keys = sqlx::query_as("SELECT kid, private_key FROM signing_keys ORDER BY kid").fetch_all(&mut *conn).await?;
         let secrets = sqlx::query_as("SELECT canon_id, kid, secret FROM canon_assertion_secrets ORDER BY canon_id, kid").fetch_all(&mut *conn).await?;
-        (keys, secrets)
+        let tls_keys = sqlx::query_as("SELECT id, tls_client_key FROM canons WHERE tls_client_key IS NOT NULL ORDER BY id").fetch_all(&mut *conn).await?;
+        (keys, secrets, tls_keys)
     });
     Ok(keys
         .into_iter()
@@ -87,6 +104,10 @@ pub async fn all(tx: &mut Tx) -> Result<Vec<StoredValue>, sqlx::Error> {
                     value,
                 }),
         )
+        .chain(tls_keys.into_iter().map(|(canon_id, value)| StoredValue {
+            place: Place::CanonTlsKey { canon_id },
+            value,
+        }))
         .collect())
 }
 
@@ -107,6 +128,10 @@ pub async fn replace(
             sqlx::query("UPDATE canon_assertion_secrets SET secret = $4 WHERE canon_id = $1 AND kid = $2 AND secret = $3")
                 .bind(canon_id).bind(kid).bind(old).bind(new).execute(&mut *conn).await?.rows_affected()
         }),
+        Place::CanonTlsKey { canon_id } => with_tx!(tx, conn => {
+            sqlx::query("UPDATE canons SET tls_client_key = $3 WHERE id = $1 AND tls_client_key = $2")
+                .bind(canon_id).bind(old).bind(new).execute(&mut *conn).await?.rows_affected()
+        }),
     };
     Ok(n == 1)
 }
@@ -116,7 +141,8 @@ pub async fn replace(
 pub async fn sealing_key_ids(db: &Db) -> Result<Vec<String>, sqlx::Error> {
     let values: Vec<String> = with_db!(db, pool => {
         sqlx::query_scalar("SELECT private_key FROM signing_keys WHERE private_key LIKE 'enc:%' \
-                            UNION ALL SELECT secret FROM canon_assertion_secrets WHERE secret LIKE 'enc:%'")
+                            UNION ALL SELECT secret FROM canon_assertion_secrets WHERE secret LIKE 'enc:%' \
+                            UNION ALL SELECT tls_client_key FROM canons WHERE tls_client_key LIKE 'enc:%'")
             .fetch_all(pool).await?
     });
     let mut ids: Vec<String> = values

@@ -20,6 +20,7 @@ mod pg_outage;
 mod registry;
 mod secrets;
 mod shutdown;
+mod tls;
 
 /// Writes `async fn name(engine: Engine) { … }` as one test per engine.
 #[macro_export]

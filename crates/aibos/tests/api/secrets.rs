@@ -269,6 +269,17 @@ crate::both_engines! {
         let admin = first.platform_admin().await;
         let (_, secret) = first.canon(&admin, "ledger", "http://127.0.0.1:9", &[]).await;
         let key = active_key(&first);
+        // A canon with a client certificate for mutual TLS: its key is sealed too.
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/api/fixtures/tls");
+        let pem = |name: &str| std::fs::read_to_string(format!("{fixtures}/{name}")).unwrap();
+        let created = first
+            .as_(&admin, reqwest::Method::POST, "/api/kernel/canons")
+            .json(&serde_json::json!({ "name": "mutual", "base_url": "https://cell.example",
+                "tls": { "client_cert_pem": pem("client.pem"), "client_key_pem": pem("client.key") } }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(created.status(), 201);
         first.shutdown().await.unwrap();
 
         let out = std::process::Command::new(BINARY)
@@ -284,11 +295,17 @@ crate::both_engines! {
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let new_text = std::fs::read_to_string(&new_file).expect("the new key file was created");
         assert_eq!(report["key_id"], key_id(&new_text));
-        assert_eq!(report["resealed"], 2, "one signing key and one assertion secret: {report}");
+        assert_eq!(report["resealed"], 4, "one signing key, two assertion secrets, one TLS client key: {report}");
 
         // Only the new key opens them now; during the switch the old one may stay as previous.
         let second = kernel(test_db.url(), &[("AIBOS_AUTH__MASTER_KEY_FILE", &new_file)]).await;
         assert_sealed(second.state.db(), &key, &secret, &key_id(&new_text)).await;
+        let tls_key: String = match second.state.db() {
+            Db::Sqlite(pool) => sqlx::query_scalar("SELECT tls_client_key FROM canons WHERE name = 'mutual'").fetch_one(pool).await.unwrap(),
+            Db::Postgres(pool) => sqlx::query_scalar("SELECT tls_client_key FROM canons WHERE name = 'mutual'").fetch_one(pool).await.unwrap(),
+        };
+        assert!(tls_key.starts_with(&format!("enc:v1:{}:", key_id(&new_text))), "{tls_key}");
+        assert!(second.state.gateway().table().canon("mutual").is_some_and(|c| c.tls.is_some()), "the re-sealed key opens");
         assert_eq!(me_status(&second, &admin.access_token).await, 200);
         let rotated = second.audit(&admin, "action=secrets.resealed").await;
         assert_eq!(rotated.len(), 1, "{rotated:?}");
