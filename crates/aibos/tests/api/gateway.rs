@@ -310,6 +310,38 @@ async fn traversal_attempts_never_reach_the_cell() {
 }
 
 both_engines! {
+    /// `/reports/export;x` would match `/reports/{id}` (and its permission) here,
+    /// while Spring, Tomcat and others serve it as `/reports/export`: a `;`
+    /// anywhere in the path, plain or encoded, is refused before any route is
+    /// matched, and the cell never sees it.
+    async fn a_semicolon_in_the_path_is_refused_before_matching(engine: Engine) {
+        let upstream = Upstream::start().await;
+        let Some(k) = spawn_kernel(engine).await else { return };
+        let Fixture { k, root, user, canon_id, .. } = fixture(k, &upstream).await;
+        k.route(&root, &canon_id, "GET", "/reports/{id}", &["finance.payment.read"], json!({})).await;
+        for path in [
+            "/api/gateway/payments/reports/export;x",
+            "/api/gateway/payments/reports/export%3Bx",
+            "/api/gateway/payments/reports/export%3bx",
+            "/api/gateway/payments/reports;x/export",
+            "/api/gateway/payments/reports/export;",
+            "/api/gateway/payments;x/reports/export",
+            "/api/gateway/payments%3B/reports/export",
+        ] {
+            let problem = expect_problem(k.as_(&user, Method::GET, path).send().await.unwrap(), 400, "VALIDATION_ERROR").await;
+            assert!(problem.to_string().contains("';'"), "{path}: {problem}");
+            // Not even a caller without the permission learns more than 400.
+            let status = raw_status(&k, "GET", path, "not-a-token").await;
+            assert_eq!(status, 400, "{path} before authentication");
+        }
+        assert!(upstream.received().is_empty(), "the cell never saw a ';': {:?}", upstream.received());
+        let plain = k.as_(&user, Method::GET, "/api/gateway/payments/reports/export").send().await.unwrap();
+        assert_eq!(plain.status(), 200);
+        assert_eq!(upstream.received()[0].path_and_query, "/v1/reports/export");
+    }
+}
+
+both_engines! {
     async fn failures_timeouts_and_the_circuit_breaker(engine: Engine) {
         let upstream = Upstream::start().await;
         let Fixture {
