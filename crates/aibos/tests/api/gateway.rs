@@ -342,6 +342,42 @@ both_engines! {
 }
 
 both_engines! {
+    /// Headers that would make the cell serve another method or path than the
+    /// one the gateway matched and authorized never reach it, however spelled.
+    async fn method_and_url_overrides_never_reach_the_cell(engine: Engine) {
+        let upstream = Upstream::start().await;
+        let Some(k) = spawn_kernel(engine).await else { return };
+        let Fixture { k, user, .. } = fixture(k, &upstream).await;
+        let overrides = [
+            ("X-HTTP-Method-Override", "DELETE"),
+            ("x-http-method", "DELETE"),
+            ("X-Method-Override", "PUT"),
+            ("X-Original-URL", "/admin/purge"),
+            ("x-rewrite-url", "/admin/purge"),
+            ("X-Forwarded-Prefix", "/evil"),
+        ];
+        let mut head = format!(
+            "POST /api/gateway/payments/payments HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nConnection: close\r\nContent-Length: 2\r\nContent-Type: application/json\r\nX-Keep-Me: yes\r\n",
+            k.addr, user.access_token
+        );
+        for (name, value) in overrides {
+            head.push_str(&format!("{name}: {value}\r\n{}: {value}\r\n", name.to_ascii_uppercase()));
+        }
+        head.push_str("\r\n{}");
+        let answer = k.raw_exchange(&head, None).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let received = upstream.received();
+        assert_eq!(received.len(), 1);
+        assert_eq!(received[0].method, "POST");
+        let h = &received[0].headers;
+        for (name, _) in overrides {
+            assert!(h.get(name).is_none(), "{name} reached the cell");
+        }
+        assert_eq!(h["x-keep-me"], "yes", "other client headers still do");
+    }
+}
+
+both_engines! {
     async fn failures_timeouts_and_the_circuit_breaker(engine: Engine) {
         let upstream = Upstream::start().await;
         let Fixture {
