@@ -329,6 +329,7 @@ mod tests {
             method: method.into(),
             path: path.into(),
             required_permissions: vec![],
+            public_to_authenticated: true,
             idempotency: "off".into(),
             rate_limit: None,
             timeout_ms: None,

@@ -89,8 +89,12 @@ pub struct Route {
     pub method: String,
     /// Path under the canon, with `{param}` segments (`/payments/{id}`).
     pub path: String,
-    /// Permissions the caller must all hold.
+    /// Permissions the caller must all hold; at least one unless
+    /// `public_to_authenticated`.
     pub required_permissions: Vec<String>,
+    /// The route names no permission on purpose: every authenticated caller of
+    /// every tenant may call it. Never true together with `required_permissions`.
+    pub public_to_authenticated: bool,
     /// `off`, `optional` or `required`.
     pub idempotency: String,
     /// Per-route rate limit, overriding the user default.

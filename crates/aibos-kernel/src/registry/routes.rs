@@ -434,8 +434,13 @@ pub struct CreateRoute {
     canon_id: String,
     method: String,
     path: String,
+    /// At least one, unless `public_to_authenticated` is true.
     #[serde(default)]
     required_permissions: Vec<String>,
+    /// `true` opens the route to every authenticated caller of every tenant:
+    /// then `required_permissions` must be empty. Default `false`.
+    #[serde(default)]
+    public_to_authenticated: bool,
     /// Default `off`.
     idempotency: Option<String>,
     rate_limit: Option<RouteRateLimit>,
@@ -450,6 +455,7 @@ struct CheckedRoute {
     path: String,
     path_shape: String,
     required_permissions: Vec<String>,
+    public_to_authenticated: bool,
     idempotency: String,
     rate_limit: Option<RouteRateLimit>,
     timeout_ms: Option<i64>,
@@ -463,6 +469,7 @@ impl CheckedRoute {
             path: &self.path,
             path_shape: &self.path_shape,
             required_permissions: &self.required_permissions,
+            public_to_authenticated: self.public_to_authenticated,
             idempotency: &self.idempotency,
             rate_limit: &self.rate_limit,
             timeout_ms: self.timeout_ms,
@@ -479,6 +486,7 @@ async fn check_route(
     method: &str,
     path: &str,
     mut required_permissions: Vec<String>,
+    public_to_authenticated: bool,
     idempotency: String,
     rate_limit: Option<RouteRateLimit>,
     timeout_ms: Option<i64>,
@@ -490,6 +498,7 @@ async fn check_route(
     validate::idempotency(&idempotency).map_err(invalid)?;
     validate::rate_limit(&rate_limit).map_err(invalid)?;
     validate::timeout_ms("timeout_ms", timeout_ms).map_err(invalid)?;
+    validate::route_access(&required_permissions, public_to_authenticated).map_err(invalid)?;
     required_permissions.sort();
     required_permissions.dedup();
     let unknown =
@@ -505,6 +514,7 @@ async fn check_route(
         path: path.to_owned(),
         path_shape,
         required_permissions,
+        public_to_authenticated,
         idempotency,
         rate_limit,
         timeout_ms,
@@ -516,6 +526,7 @@ async fn check_route(
         method: checked.method.clone(),
         path: checked.path.clone(),
         required_permissions: vec![],
+        public_to_authenticated: false,
         idempotency: checked.idempotency.clone(),
         rate_limit: None,
         timeout_ms: None,
@@ -542,7 +553,8 @@ async fn check_route(
 fn route_details(route: &Route) -> serde_json::Value {
     serde_json::json!({
         "canon_id": route.canon_id, "method": route.method, "path": route.path,
-        "required_permissions": route.required_permissions, "idempotency": route.idempotency,
+        "required_permissions": route.required_permissions, "public_to_authenticated": route.public_to_authenticated,
+        "idempotency": route.idempotency,
         "rate_limit": route.rate_limit, "timeout_ms": route.timeout_ms, "forward_cookies": route.forward_cookies,
         "version": route.version,
     })
@@ -571,6 +583,7 @@ pub async fn create_route(
         &body.method,
         &body.path,
         body.required_permissions,
+        body.public_to_authenticated,
         body.idempotency.unwrap_or_else(|| "off".to_owned()),
         body.rate_limit,
         body.timeout_ms,
@@ -643,6 +656,7 @@ pub struct UpdateRoute {
     method: Option<String>,
     path: Option<String>,
     required_permissions: Option<Vec<String>>,
+    public_to_authenticated: Option<bool>,
     idempotency: Option<String>,
     /// `null` removes the override.
     #[serde(default, deserialize_with = "double_option")]
@@ -677,6 +691,8 @@ pub async fn update_route(
         body.path.as_deref().unwrap_or(&current.path),
         body.required_permissions
             .unwrap_or_else(|| current.required_permissions.clone()),
+        body.public_to_authenticated
+            .unwrap_or(current.public_to_authenticated),
         body.idempotency
             .unwrap_or_else(|| current.idempotency.clone()),
         body.rate_limit

@@ -394,10 +394,10 @@ both_engines! {
             "GET",
             "/slow",
             &[],
-            json!({ "timeout_ms": 1000 }),
+            json!({ "timeout_ms": 1000, "public_to_authenticated": true }),
         )
         .await;
-        k.route(&root, &canon_id, "GET", "/flaky", &[], json!({}))
+        k.route(&root, &canon_id, "GET", "/flaky", &[], json!({ "public_to_authenticated": true }))
             .await;
 
         // 3 s upstream, 1 s timeout → 504 in 1–1.5 s.
@@ -746,7 +746,7 @@ async fn big_and_live_streams_pass_through_without_buffering() {
         let r = client
             .post(url("/api/kernel/routes"))
             .bearer_auth(&token)
-            .json(&json!({"canon_id": canon["id"], "method": "GET", "path": path}))
+            .json(&json!({"canon_id": canon["id"], "method": "GET", "path": path, "public_to_authenticated": true}))
             .send()
             .await
             .unwrap();
@@ -824,7 +824,7 @@ async fn an_h2c_canon_is_called_over_http2_with_prior_knowledge() {
         "POST",
         "/echo",
         &[],
-        json!({}),
+        json!({ "public_to_authenticated": true }),
     )
     .await;
     let answer = k
