@@ -4,8 +4,9 @@
 //! Canons and routes are platform resources: every tenant's calls go through
 //! them, so only the system tenant's administrators manage them
 //! ([`crate::authz::perm::PLATFORM`]). Every change is audited in the same
-//! transaction, and after it commits the gateway's in-memory route table is
-//! rebuilt here and, on PostgreSQL, in every other instance (NOTIFY).
+//! transaction, in which the gateway's route table is built from the changed
+//! registry (a change it cannot build is refused); after the commit that table
+//! is in force here and, on PostgreSQL, rebuilt in every other instance (NOTIFY).
 //!
 //! - [`validate`]: what a canon or route may look like.
 //! - [`store`]: the SQL.

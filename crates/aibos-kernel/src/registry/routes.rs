@@ -40,9 +40,20 @@ pub fn router() -> OpenApiRouter<AppState> {
 }
 
 /// Runs a registry change: `change` in one transaction with the audit entry it
-/// returns and the cross-instance NOTIFY; after the commit, this instance's
-/// route table is rebuilt. A failed rebuild is logged, not answered: the change
-/// is committed and the next rebuild (any change, a restart) picks it up.
+/// returns and the cross-instance NOTIFY; this instance's route table is built
+/// from the registry as the transaction leaves it, before it commits, and swapped
+/// in after. Fail closed: if the registry cannot be read back, or the table built
+/// from it would leave out something the table in force serves (a canon whose
+/// base URL does not parse or whose routes conflict, a route without permission
+/// that is not public; see `RouteTable::compile`), the transaction rolls back
+/// and the change is refused (500 for a failed read, 409 `CONFLICT` naming what
+/// would be left out, logged as a warning), never answered 2xx with the old
+/// table serving.
+///
+/// The audit entry is written first: it takes the system tenant's chain head
+/// lock, which serialises registry changes across instances, so the registry
+/// read after it holds every committed change (PostgreSQL reads each statement
+/// afresh under READ COMMITTED; SQLite has one writer).
 async fn registry_write<T, F>(state: &AppState, caller: &Caller, change: F) -> ApiResult<T>
 where
     T: Send + 'static,
@@ -50,22 +61,42 @@ where
 {
     let ctx = caller.audit_context();
     let keys = state.redact_keys();
-    let value = state
-        .db()
-        .write(move |tx| {
-            Box::pin(async move {
-                let (value, event) = change(tx).await?;
-                audit::record(tx, &ctx, event, &keys).await?;
-                tx.notify(NOTIFY_CHANNEL, &Invalidation::Registry.payload())
-                    .await?;
-                Ok::<_, ApiError>(value)
+    let state = state.clone();
+    // Spawned: a client hanging up after the commit must not keep its table
+    // out of force.
+    let task = tokio::spawn(async move {
+        let gateway = state.gateway();
+        let exclusive = gateway.exclusive().await;
+        let building = state.clone();
+        let (value, candidate) = state
+            .db()
+            .write(move |tx| {
+                Box::pin(async move {
+                    let (value, event) = change(tx).await?;
+                    audit::record(tx, &ctx, event, &keys).await?;
+                    let snapshot = store::snapshot_in(tx).await?;
+                    let gateway = building.gateway();
+                    let candidate = gateway.candidate(snapshot, building.metrics());
+                    let added = gateway.new_problems(&candidate);
+                    if !added.is_empty() {
+                        tracing::warn!(problems = ?added, "registry change refused: the route table built from it would leave something out");
+                        return Err(ApiError::conflict(format!(
+                            "The change is refused and nothing was changed: the gateway's route table built from the registry it leaves would not be complete: {}.",
+                            added.join("; ")
+                        )));
+                    }
+                    tx.notify(NOTIFY_CHANNEL, &Invalidation::Registry.payload())
+                        .await?;
+                    Ok::<_, ApiError>((value, candidate))
+                })
             })
-        })
-        .await?;
-    if let Err(e) = state.rebuild_gateway().await {
-        tracing::error!(error = ?e.code(), "registry changed but the route table could not be rebuilt");
-    }
-    Ok(value)
+            .await?;
+        gateway.install(&exclusive, candidate);
+        Ok::<_, ApiError>(value)
+    });
+    task.await.map_err(|e| {
+        ApiError::internal(anyhow::anyhow!("the registry change's task failed: {e}"))
+    })?
 }
 
 fn invalid(problem: FieldProblem) -> ApiError {

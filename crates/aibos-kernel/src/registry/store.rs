@@ -465,6 +465,26 @@ pub async fn record_health(
     })
 }
 
+/// [`snapshot`] through a transaction: the registry as a change leaves it,
+/// before it commits (`registry_write` builds the route table from it).
+pub async fn snapshot_in(tx: &mut Tx) -> Result<Snapshot, sqlx::Error> {
+    let canons_sql = format!("SELECT {CANON_COLUMNS} FROM canons WHERE tenant_id = $1 ORDER BY id");
+    let routes_sql = format!("SELECT {ROUTE_COLUMNS} FROM routes WHERE tenant_id = $1 ORDER BY id");
+    type Rows = (Vec<CanonRow>, Vec<(String, String, String)>, Vec<RouteRow>);
+    let (canons, active_secrets, routes): Rows = with_tx!(tx, conn => {
+        let canons = sqlx::query_as(sqlx::AssertSqlSafe(canons_sql)).bind(SYSTEM_TENANT_ID).fetch_all(&mut *conn).await?;
+        let secrets = sqlx::query_as("SELECT canon_id, kid, secret FROM canon_assertion_secrets WHERE tenant_id = $1 AND active = $2")
+            .bind(SYSTEM_TENANT_ID).bind(true).fetch_all(&mut *conn).await?;
+        let routes = sqlx::query_as(sqlx::AssertSqlSafe(routes_sql)).bind(SYSTEM_TENANT_ID).fetch_all(&mut *conn).await?;
+        (canons, secrets, routes)
+    });
+    Ok(Snapshot {
+        canons,
+        active_secrets,
+        routes: routes.into_iter().map(Route::from).collect(),
+    })
+}
+
 /// Reads the whole registry (bounded by the canon and route limits).
 pub async fn snapshot(db: &Db) -> Result<Snapshot, sqlx::Error> {
     let canons_sql = format!("SELECT {CANON_COLUMNS} FROM canons WHERE tenant_id = $1 ORDER BY id");

@@ -378,6 +378,43 @@ both_engines! {
 }
 
 both_engines! {
+    /// Fail closed: the route table is built from the registry a change leaves,
+    /// before it commits; if that table would leave something out the table in
+    /// force serves, the change rolls back and is refused, never answered 2xx
+    /// with the old table serving.
+    async fn a_change_whose_route_table_cannot_be_built_is_refused(engine: Engine) {
+        let upstream = Upstream::start().await;
+        let Some(k) = spawn_kernel(engine).await else { return };
+        let Fixture { k, root, user, canon_id, .. } = fixture(k, &upstream).await;
+        // Someone empties a route's permissions in the database by hand; the
+        // table in force, built before, still requires them.
+        let db = k.state.db();
+        aibos_kernel::with_db!(db, pool => sqlx::query("UPDATE routes SET required_permissions = '[]' WHERE path = '/payments/{id}'")
+            .execute(pool).await.unwrap().rows_affected());
+        let refunds = json!({ "canon_id": canon_id, "method": "GET", "path": "/refunds/{id}", "required_permissions": ["finance.payment.read"] });
+        let create = || k.as_(&root, Method::POST, "/api/kernel/routes").json(&refunds).send();
+        let problem = expect_problem(create().await.unwrap(), 409, "CONFLICT").await;
+        assert!(problem["detail"].as_str().unwrap().contains("GET /payments/{id} names no permission"), "{problem}");
+        // Rolled back: no route, no audit entry; the table in force is unchanged.
+        let routes: Value = k.as_(&root, Method::GET, "/api/kernel/routes?limit=10").send().await.unwrap().json().await.unwrap();
+        assert_eq!(routes["items"].as_array().unwrap().len(), 2, "{routes}");
+        assert_eq!(k.audit(&root, "action=route.created").await.len(), 2);
+        expect_problem(k.as_(&user, Method::GET, "/api/gateway/payments/refunds/1").send().await.unwrap(), 404, "ROUTE_NOT_FOUND").await;
+        let tenant_admin = k.login("acme", "admin@acme.example", PASSWORD).await.unwrap();
+        expect_problem(k.as_(&tenant_admin, Method::GET, "/api/gateway/payments/payments/1").send().await.unwrap(), 403, "FORBIDDEN").await;
+        assert!(upstream.received().is_empty());
+
+        // Repairing the row through the API is a change that builds; then the refused one goes through.
+        let broken = routes["items"].as_array().unwrap().iter().find(|r| r["path"] == "/payments/{id}").unwrap()["id"].as_str().unwrap().to_owned();
+        let repaired = k.as_(&root, Method::PATCH, &format!("/api/kernel/routes/{broken}"))
+            .json(&json!({ "required_permissions": ["finance.payment.read"] })).send().await.unwrap();
+        assert_eq!(repaired.status(), 200);
+        assert_eq!(create().await.unwrap().status(), 201);
+        assert_eq!(k.as_(&user, Method::GET, "/api/gateway/payments/refunds/1").send().await.unwrap().status(), 200);
+    }
+}
+
+both_engines! {
     async fn failures_timeouts_and_the_circuit_breaker(engine: Engine) {
         let upstream = Upstream::start().await;
         let Fixture {
