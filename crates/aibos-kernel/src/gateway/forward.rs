@@ -84,6 +84,13 @@ pub struct Identity<'a> {
     pub traceparent: &'a str,
 }
 
+/// Replaces the assertion in headers made by [`upstream_headers`] (a retry's).
+pub fn set_assertion(headers: &mut HeaderMap, assertion: String) {
+    if let Ok(value) = HeaderValue::try_from(assertion) {
+        headers.insert(names::ASSERTION, value);
+    }
+}
+
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 /// One pass finds the few present (a cell's response usually has one, its own
 /// `Connection`), so that only those are removed: each removal hashes its name.

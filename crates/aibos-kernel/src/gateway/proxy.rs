@@ -218,9 +218,23 @@ async fn forward_call(
     let mut attempt = 0u32;
     let gives_back_unsent = UpstreamClient::gives_back_unsent(&canon.base, canon.h2c);
     let outcome = loop {
-        let (Some(next_body), Some(these_headers)) = (body.next(), headers.take()) else {
+        let (Some(next_body), Some(mut these_headers)) = (body.next(), headers.take()) else {
             break Err("unavailable");
         };
+        if attempt > 0 {
+            // Every attempt carries an assertion of its own (a new `jti`): a
+            // cell's replay cache refuses one it has seen, and an attempt the
+            // gateway counts as failed may still have reached the cell.
+            let path_and_query = upstream_uri.path_and_query().map_or("/", |pq| pq.as_str());
+            let fresh = forward::sign_assertion(
+                signer,
+                &canon.name,
+                &identity,
+                parts.method.as_str(),
+                path_and_query,
+            );
+            forward::set_assertion(&mut these_headers, fresh);
+        }
         if body.may_repeat() && attempt < retry_max && !gives_back_unsent {
             headers = Some(these_headers.clone());
         }
