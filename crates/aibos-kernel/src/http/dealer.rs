@@ -41,7 +41,7 @@ use tokio::runtime::RuntimeMetrics;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::http::conn::{PendingByAddress, PendingSlot};
+use crate::http::conn::{ConnectionWatch, PendingByAddress, PendingSlot};
 use crate::limits;
 
 /// A connection on its way from the acceptor to its event loop.
@@ -510,7 +510,7 @@ impl axum::serve::Listener for DealtConnections {
                         LiveConnection {
                             stream,
                             _live: live,
-                            pending: Arc::new(slot),
+                            watch: Arc::new(ConnectionWatch::new(slot)),
                         },
                         remote,
                     );
@@ -541,18 +541,18 @@ impl Drop for LiveCount {
     }
 }
 
-/// A served connection: the socket, counted while it is open, and among its
-/// address's pending connections until its first request.
+/// A served connection: the socket, counted while it is open, and watched
+/// (`http::conn`: its first request, its idleness; it counts its writes).
 pub struct LiveConnection {
     stream: TcpStream,
     _live: LiveCount,
-    pending: Arc<PendingSlot>,
+    watch: Arc<ConnectionWatch>,
 }
 
 impl LiveConnection {
-    /// Its place among its address's pending connections.
-    pub fn pending_slot(&self) -> Arc<PendingSlot> {
-        Arc::clone(&self.pending)
+    /// What its watchdog and front door share.
+    pub fn watch(&self) -> Arc<ConnectionWatch> {
+        Arc::clone(&self.watch)
     }
 }
 
@@ -572,7 +572,11 @@ impl AsyncWrite for LiveConnection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let written = Pin::new(&mut self.stream).poll_write(cx, buf);
+        if let Poll::Ready(Ok(1..)) = written {
+            self.watch.wrote();
+        }
+        written
     }
 
     fn poll_write_vectored(
@@ -580,7 +584,11 @@ impl AsyncWrite for LiveConnection {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(1..)) = written {
+            self.watch.wrote();
+        }
+        written
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -26,7 +26,7 @@ use futures_util::FutureExt;
 use tower::Service;
 
 use crate::gateway;
-use crate::http::conn::PendingSlot;
+use crate::http::conn::ConnectionWatch;
 use crate::http::edge;
 use crate::state::{AppState, EventLoopLocal};
 
@@ -44,8 +44,8 @@ pub struct FrontDoor {
     shared: Arc<Shared>,
     /// The connection's peer, for `ConnectInfo` (the caller's address).
     remote: SocketAddr,
-    /// Told when the connection's first request head arrived (`http::conn`).
-    pending: Arc<PendingSlot>,
+    /// Told of every request and when its response is ready (`http::conn`).
+    watch: Arc<ConnectionWatch>,
 }
 
 struct Shared {
@@ -77,11 +77,11 @@ impl FrontDoorMaker {
     }
 
     /// The door of the connection from `remote`.
-    pub fn door(&self, remote: SocketAddr, pending: Arc<PendingSlot>) -> FrontDoor {
+    pub fn door(&self, remote: SocketAddr, watch: Arc<ConnectionWatch>) -> FrontDoor {
         FrontDoor {
             shared: self.shared.clone(),
             remote,
-            pending,
+            watch,
         }
     }
 }
@@ -98,7 +98,8 @@ impl Service<Request> for FrontDoor {
     }
 
     fn call(&mut self, mut request: Request) -> Served {
-        self.pending.first_request_arrived();
+        // Pending until the response is ready: the connection is not idle.
+        let in_flight = self.watch.request_started();
         request.extensions_mut().insert(ConnectInfo(self.remote));
         let shared = self.shared.clone();
         let closing = closes_to_shed(&shared.local, &request);
@@ -106,12 +107,17 @@ impl Service<Request> for FrontDoor {
         if !direct {
             // The router is always ready (axum's `Router::poll_ready`).
             let routed = shared.router.clone().call(request);
-            if !closing {
-                return Box::pin(routed);
-            }
-            return Box::pin(routed.map(|response| response.map(close_connection)));
+            return Box::pin(routed.map(move |response| {
+                drop(in_flight);
+                if closing {
+                    response.map(close_connection)
+                } else {
+                    response
+                }
+            }));
         }
         Box::pin(async move {
+            let _in_flight = in_flight;
             let Shared { state, local, .. } = &*shared;
             let label = gateway_route_label(request.uri().path());
             let response = edge::around(state, request, label, |request| {

@@ -124,6 +124,39 @@ both_engines! {
         let idle_from = Instant::now();
         closed_within(&mut stream, GENEROUS).await;
         assert!(idle_from.elapsed() >= Duration::from_millis(3_500), "closed after {:?} idle", idle_from.elapsed());
+
+        // A later request whose head drips in is no activity: bytes read alone
+        // do not keep a connection open.
+        let mut dripping = TcpStream::connect(k.addr).await.unwrap();
+        assert!(exchange(&mut dripping, &k).await.starts_with("HTTP/1.1 200"));
+        let started = Instant::now();
+        dripping.write_all(b"GET /api/health/live HTTP/1.1\r\n").await.unwrap();
+        let drip = async {
+            for n in 0.. {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if dripping.write_all(format!("X-Drip-{n}: 1\r\n").as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut probe = [0u8; 1];
+                if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(Duration::from_millis(1), dripping.read(&mut probe)).await {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(GENEROUS, drip).await.expect("a later head dripping in is cut off");
+        assert!(started.elapsed() >= Duration::from_millis(3_500), "{:?}", started.elapsed());
+    }
+
+    async fn a_slow_request_is_not_cut_by_the_idle_timeout(engine: Engine) {
+        let upstream = aibos_testkit::upstream::Upstream::start().await;
+        let Some(k) = kernel(engine, &[("AIBOS_SERVER__KEEP_ALIVE_IDLE_SECONDS", "1")]).await else { return };
+        let root = k.platform_admin().await;
+        let (canon_id, _) = k.canon(&root, "slowpoke", &upstream.base_url, &[]).await;
+        k.route(&root, &canon_id, "GET", "/slow", &[], serde_json::json!({ "public_to_authenticated": true, "timeout_ms": 10_000 })).await;
+        let started = Instant::now();
+        let answer = k.as_(&root, reqwest::Method::GET, "/api/gateway/slowpoke/slow").send().await.unwrap();
+        assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
+        assert!(started.elapsed() >= Duration::from_millis(1_500), "the cell took its time: {:?}", started.elapsed());
     }
 
     async fn one_address_holds_at_most_its_cap_of_connections_without_a_request(engine: Engine) {
