@@ -67,8 +67,9 @@ pub const SECRETS_MAX: usize = 8;
 
 /// The most assertions a verifier remembers to refuse their replay: the calls
 /// of one assertion lifetime plus leeway (65 s), about 16 000 calls a second
-/// sustained. An entry is a timestamp and a 128-bit id in a B-tree (about 40
-/// bytes), so a full cache holds some 40 MiB. When full, expired entries go
+/// sustained. An entry is a timestamp and a 128-bit id in a B-tree (a 32-byte
+/// key, about 50 bytes with the nodes' overhead), so a full cache holds some
+/// 50 MiB. When full, expired entries go
 /// first; if it is still full the call is refused rather than an unexpired
 /// entry forgotten, since forgetting one would let its assertion be replayed.
 /// [`AssertionVerifier::with_replay_cache_entries`] sets a smaller size.
