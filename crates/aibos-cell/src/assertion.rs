@@ -11,14 +11,16 @@
 //! 4. time: `exp` not passed and `iat` not in the future, each with the leeway;
 //! 5. `htm` equals the request's method and `htu` its path and query, byte for byte;
 //! 6. the plain identity headers, where present, equal the signed claims;
-//! 7. `act` is `user` or `service`, `cid` is a UUID, `tid` and `sub` are not empty.
+//! 7. `act` is `user` or `service`, `cid` is a UUID, `tid` and `sub` are not empty;
+//! 8. `jti` is a UUID not seen before by this verifier (or its clones) within the
+//!    assertion's lifetime: each call through the kernel is accepted once.
 //!
 //! The detailed reason is for the cell's logs; callers see one uniform 401
 //! (see [`crate::extract`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use aibos_wire::CorrelationId;
@@ -63,6 +65,16 @@ pub const ASSERTION_BYTES_MAX: usize = 16 * 1024;
 /// an overlapping second rotation, and anything beyond is a misconfiguration.
 pub const SECRETS_MAX: usize = 8;
 
+/// The most assertions a verifier remembers to refuse their replay: the calls
+/// of one assertion lifetime plus leeway (65 s), about 16 000 calls a second
+/// sustained. An entry is a timestamp and a 128-bit id in a B-tree (a 32-byte
+/// key, about 50 bytes with the nodes' overhead), so a full cache holds some
+/// 50 MiB. When full, expired entries go
+/// first; if it is still full the call is refused rather than an unexpired
+/// entry forgotten, since forgetting one would let its assertion be replayed.
+/// [`AssertionVerifier::with_replay_cache_entries`] sets a smaller size.
+pub const REPLAY_CACHE_ENTRIES_MAX: usize = 1 << 20;
+
 /// Verifies `x-kernel-assertion` headers for one canon.
 ///
 /// Cheap to clone (the keys sit behind an `Arc`), so it can be axum state
@@ -89,6 +101,48 @@ struct Inner {
     /// Pins HS256 and checks `aud` and `iss`; time is checked by us, against an
     /// explicit `now`, so that tests need no clock and errors name the claim.
     validation: Validation,
+    /// The `jti`s accepted and not yet expired, shared by every clone.
+    seen: Arc<ReplayCache>,
+}
+
+/// The assertions accepted within their lifetime, by `(exp, jti)`: a replay
+/// carries the same signed `exp`, and ordering by it lets expired entries be
+/// dropped from the front as time passes, each once.
+struct ReplayCache {
+    capacity: usize,
+    entries: Mutex<BTreeSet<(i64, u128)>>,
+}
+
+impl ReplayCache {
+    fn new(capacity: usize) -> ReplayCache {
+        ReplayCache {
+            capacity,
+            entries: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    /// Records `(exp, jti)` as used at `now`; refuses one already used, or any
+    /// when the cache is full of unexpired entries. Entries whose `exp` plus
+    /// `leeway` has passed are dropped first: their assertions are refused as
+    /// expired anyway.
+    fn record(&self, exp: i64, jti: u128, now: i64, leeway: i64) -> Result<(), AssertionError> {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(&(oldest, _)) = entries.first()
+            && oldest.saturating_add(leeway) < now
+        {
+            entries.pop_first();
+        }
+        if entries.contains(&(exp, jti)) {
+            return Err(AssertionError::Replayed);
+        }
+        if entries.len() >= self.capacity {
+            return Err(AssertionError::ReplayCacheFull {
+                entries: entries.len(),
+            });
+        }
+        entries.insert((exp, jti));
+        Ok(())
+    }
 }
 
 impl AssertionVerifier {
@@ -152,6 +206,7 @@ impl AssertionVerifier {
                 keys,
                 kids,
                 validation,
+                seen: Arc::new(ReplayCache::new(REPLAY_CACHE_ENTRIES_MAX)),
             }),
         })
     }
@@ -188,6 +243,20 @@ impl AssertionVerifier {
             });
         }
         Arc::make_mut(&mut self.inner).leeway_seconds = leeway_seconds;
+        Ok(self)
+    }
+
+    /// Remembers at most `entries` assertions against replay instead of
+    /// [`REPLAY_CACHE_ENTRIES_MAX`] (1 to that bound); the ones remembered so far
+    /// are forgotten. A cell serving fewer calls needs less memory for it.
+    pub fn with_replay_cache_entries(mut self, entries: usize) -> Result<Self, ConfigError> {
+        if entries == 0 || entries > REPLAY_CACHE_ENTRIES_MAX {
+            return Err(ConfigError::ReplayCacheSize {
+                given: entries,
+                max: REPLAY_CACHE_ENTRIES_MAX,
+            });
+        }
+        Arc::make_mut(&mut self.inner).seen = Arc::new(ReplayCache::new(entries));
         Ok(self)
     }
 
@@ -241,6 +310,11 @@ impl AssertionVerifier {
                 now: now_seconds,
             });
         }
+        // The kernel signs for exactly this long; a longer one would also sit in
+        // the replay cache for longer than its bound assumes.
+        if claims.exp.saturating_sub(claims.iat) > ASSERTION_LIFETIME_SECONDS {
+            return Err(AssertionError::InvalidClaim { claim: "exp" });
+        }
 
         // Bind the assertion to this request: a captured assertion cannot be
         // replayed on another path or with another method.
@@ -274,7 +348,16 @@ impl AssertionVerifier {
             }
         }
 
-        KernelCall::from_claims(claims, headers)
+        let jti = CorrelationId::parse(&claims.jti)
+            .ok_or(AssertionError::InvalidClaim { claim: "jti" })?
+            .as_uuid()
+            .as_u128();
+        let exp = claims.exp;
+        let call = KernelCall::from_claims(claims, headers)?;
+        // Last: only an assertion that passed every other check is remembered,
+        // so refused ones cannot fill the cache.
+        self.inner.seen.record(exp, jti, now_seconds, leeway)?;
+        Ok(call)
     }
 
     /// Reads the JOSE header by hand and picks the key its `kid` names.
@@ -463,6 +546,19 @@ pub enum AssertionError {
     HeaderMismatch {
         /// The header's name.
         header: &'static str,
+    },
+    /// This assertion was accepted before: the same signed call sent again.
+    /// Each call through the kernel carries a new one (its `jti`).
+    #[error("the assertion was already used (a replayed call)")]
+    Replayed,
+    /// The replay cache is full of unexpired assertions: the cell takes more
+    /// calls than it was sized for ([`REPLAY_CACHE_ENTRIES_MAX`]).
+    #[error(
+        "the replay cache is full ({entries} unexpired assertions); refused rather than forget one"
+    )]
+    ReplayCacheFull {
+        /// How many it holds.
+        entries: usize,
     },
     /// A signed claim has a value the kernel never sends.
     #[error("the assertion's {claim} claim is not valid")]
@@ -986,7 +1082,9 @@ pub(crate) mod tests {
             .expect("valid configuration");
         assert_eq!(verifier.kids(), ["0123456789abcdef", "fedcba9876543210"]);
         let claims = claims_for("GET", PATH, NOW);
-        for secret in [SECRET_A, SECRET_B] {
+        for (n, secret) in [SECRET_A, SECRET_B].into_iter().enumerate() {
+            // Each call the kernel signs has its own jti.
+            let claims = claims_with_jti(NOW, n as u8);
             let headers = gateway_headers(&claims, &sign(&claims, secret));
             let call = verifier.verify_at(&Method::GET, PATH, &headers, NOW);
             assert_eq!(call.map(|c| c.tenant_id), Ok(TENANT.to_owned()), "{secret}");
@@ -1054,5 +1152,100 @@ pub(crate) mod tests {
             let random = secret.rsplit('_').next().expect("random part");
             assert!(!debug.contains(random), "{debug}");
         }
+    }
+
+    /// `claims_for` with its own `jti`.
+    fn claims_with_jti(iat: i64, n: u8) -> AssertionClaims {
+        let mut claims = claims_for("GET", PATH, iat);
+        claims.jti = format!("0197a1b2-0000-7000-8000-0000000001{n:02x}");
+        claims
+    }
+
+    fn verify_with(
+        verifier: &AssertionVerifier,
+        claims: &AssertionClaims,
+        now: i64,
+    ) -> Result<KernelCall, AssertionError> {
+        let headers = gateway_headers(claims, &sign(claims, SECRET_A));
+        verifier.verify_at(&Method::GET, PATH, &headers, now)
+    }
+
+    #[test]
+    fn an_assertion_is_accepted_once_by_a_verifier_and_its_clones() {
+        let verifier = verifier();
+        let claims = claims_with_jti(NOW, 1);
+        verify_with(&verifier, &claims, NOW).expect("first use");
+        assert_eq!(
+            verify_with(&verifier, &claims, NOW + 1),
+            Err(AssertionError::Replayed)
+        );
+        let clone = verifier.clone();
+        assert_eq!(
+            verify_with(&clone, &claims, NOW + 2),
+            Err(AssertionError::Replayed),
+            "clones (axum state) share the cache"
+        );
+        verify_with(&verifier, &claims_with_jti(NOW, 2), NOW).expect("another call");
+    }
+
+    #[test]
+    fn a_refused_assertion_is_not_remembered() {
+        let verifier = verifier();
+        let claims = claims_with_jti(NOW, 3);
+        let headers = gateway_headers(&claims, &sign(&claims, SECRET_A));
+        assert!(matches!(
+            verifier.verify_at(&Method::GET, "/payments/43", &headers, NOW),
+            Err(AssertionError::WrongPath { .. })
+        ));
+        verifier
+            .verify_at(&Method::GET, PATH, &headers, NOW)
+            .expect("its own request is still accepted");
+    }
+
+    #[test]
+    fn a_full_cache_drops_expired_entries_and_otherwise_refuses() {
+        let verifier = verifier().with_replay_cache_entries(2).expect("valid size");
+        verify_with(&verifier, &claims_with_jti(NOW, 1), NOW).expect("1");
+        verify_with(&verifier, &claims_with_jti(NOW + 10, 2), NOW + 10).expect("2");
+        assert_eq!(
+            verify_with(&verifier, &claims_with_jti(NOW + 10, 3), NOW + 10),
+            Err(AssertionError::ReplayCacheFull { entries: 2 }),
+            "refused rather than forgetting an unexpired one"
+        );
+        // Once the first has expired (exp + leeway passed), its place is free,
+        // and it is refused as expired, not as unknown.
+        let later = NOW + ASSERTION_LIFETIME_SECONDS + DEFAULT_LEEWAY_SECONDS as i64 + 1;
+        verify_with(&verifier, &claims_with_jti(later, 4), later).expect("room again");
+        assert!(matches!(
+            verify_with(&verifier, &claims_with_jti(NOW, 1), later),
+            Err(AssertionError::Expired { .. })
+        ));
+        assert_eq!(
+            verify_with(&verifier, &claims_with_jti(NOW + 10, 2), later),
+            Err(AssertionError::Replayed),
+            "the unexpired one is still remembered"
+        );
+        for size in [0, REPLAY_CACHE_ENTRIES_MAX + 1] {
+            assert!(matches!(
+                verifier.clone().with_replay_cache_entries(size),
+                Err(ConfigError::ReplayCacheSize { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn a_jti_that_is_no_uuid_or_a_lifetime_too_long_is_refused() {
+        let mut claims = claims_with_jti(NOW, 5);
+        claims.jti = "not-a-uuid".into();
+        assert_eq!(
+            check(&claims, &sign(&claims, SECRET_A)),
+            Err(AssertionError::InvalidClaim { claim: "jti" })
+        );
+        let mut claims = claims_with_jti(NOW, 6);
+        claims.exp = NOW + ASSERTION_LIFETIME_SECONDS + 1;
+        assert_eq!(
+            check(&claims, &sign(&claims, SECRET_A)),
+            Err(AssertionError::InvalidClaim { claim: "exp" })
+        );
     }
 }

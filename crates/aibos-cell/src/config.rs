@@ -63,6 +63,14 @@ pub enum ConfigError {
         /// [`LEEWAY_MAX_SECONDS`](crate::assertion::LEEWAY_MAX_SECONDS).
         max_seconds: u64,
     },
+    /// The replay cache's size is zero or above its bound.
+    #[error("the replay cache holds 1 to {max} assertions, {given} was given")]
+    ReplayCacheSize {
+        /// The size asked for.
+        given: usize,
+        /// [`REPLAY_CACHE_ENTRIES_MAX`](crate::assertion::REPLAY_CACHE_ENTRIES_MAX).
+        max: usize,
+    },
     /// The kernel URL does not parse, or uses a scheme this client cannot speak.
     #[error("invalid kernel URL: {0}")]
     InvalidKernelUrl(String),

@@ -5,7 +5,10 @@
 //! uses [`AssertionVerifier`] as its whole state or derives `FromRef` on its own
 //! state struct. A refused call gets one uniform 401 `application/problem+json`:
 //! the precise reason goes to the cell's log (at `warn`), never to the caller,
-//! who could otherwise probe which check failed.
+//! who could otherwise probe which check failed. Two exceptions say what they
+//! are, since only a call that passed every other check gets them: a replayed
+//! assertion (401, [`REPLAYED_DETAIL`]) and a full replay cache (503
+//! `SERVICE_UNAVAILABLE`: the cell is over its sized load, not the caller wrong).
 
 use aibos_wire::correlation::CORRELATION_HEADER;
 use aibos_wire::error::PROBLEM_CONTENT_TYPE;
@@ -19,8 +22,15 @@ use http::{HeaderValue, StatusCode};
 
 use crate::assertion::{AssertionError, AssertionVerifier, KernelCall};
 
-/// What a refused caller reads. Deliberately the same for every reason.
+/// What a refused caller reads. Deliberately the same for every reason but the two below.
 pub const REFUSED_DETAIL: &str = "This service accepts calls only through the AI-BOS kernel.";
+
+/// What the sender of a replayed assertion reads.
+pub const REPLAYED_DETAIL: &str = "This call's kernel assertion was already used; each call must come through the AI-BOS kernel anew.";
+
+/// What a caller reads when the replay cache is full.
+pub const REPLAY_CACHE_FULL_DETAIL: &str =
+    "This service is taking more calls than it can check for replays; try again shortly.";
 
 impl<S> FromRequestParts<S> for KernelCall
 where
@@ -87,11 +97,28 @@ impl KernelCallRejection {
 
 impl IntoResponse for KernelCallRejection {
     fn into_response(self) -> Response {
-        let mut problem = Problem::new(ErrorCode::Unauthorized, REFUSED_DETAIL);
+        let (status, code, detail) = match self.error {
+            AssertionError::Replayed => (
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthorized,
+                REPLAYED_DETAIL,
+            ),
+            AssertionError::ReplayCacheFull { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::ServiceUnavailable,
+                REPLAY_CACHE_FULL_DETAIL,
+            ),
+            _ => (
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthorized,
+                REFUSED_DETAIL,
+            ),
+        };
+        let mut problem = Problem::new(code, detail);
         problem.correlation_id = self.correlation_id.map(|id| id.to_string());
         // `Json` sets `application/json`; the header list after it overrides that.
         let mut response = (
-            StatusCode::UNAUTHORIZED,
+            status,
             [(CONTENT_TYPE, HeaderValue::from_static(PROBLEM_CONTENT_TYPE))],
             Json(problem),
         )
@@ -216,6 +243,45 @@ mod tests {
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         assert_eq!(body["detail"], REFUSED_DETAIL);
         assert!(body.get("correlation_id").is_none(), "{body}");
+    }
+
+    #[tokio::test]
+    async fn a_replayed_call_gets_a_401_that_says_so() {
+        let app = Router::new()
+            .route("/payments/{id}", get(whoami))
+            .with_state(verifier());
+        let claims = claims_for("GET", "/payments/42", now());
+        let first = request(Method::GET, "/payments/42", &claims);
+        let mut replay = request(Method::GET, "/payments/42", &claims);
+        *replay.headers_mut() = first.headers().clone();
+        assert_eq!(send(app.clone(), first).await.0, StatusCode::OK);
+        let (status, content_type, body) = send(app, replay).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(content_type.as_deref(), Some(PROBLEM_CONTENT_TYPE));
+        assert_eq!(body["code"], "UNAUTHORIZED");
+        assert_eq!(body["detail"], REPLAYED_DETAIL);
+        assert_eq!(body["correlation_id"], claims.cid.as_str());
+    }
+
+    #[tokio::test]
+    async fn a_full_replay_cache_answers_503() {
+        let verifier = verifier().with_replay_cache_entries(1).expect("valid");
+        let app = Router::new()
+            .route("/payments/{id}", get(whoami))
+            .with_state(verifier);
+        let first = claims_for("GET", "/payments/42", now());
+        let mut second = claims_for("GET", "/payments/42", now());
+        second.jti = "0197a1b2-0000-7000-8000-0000000000f2".into();
+        assert_eq!(
+            send(app.clone(), request(Method::GET, "/payments/42", &first))
+                .await
+                .0,
+            StatusCode::OK
+        );
+        let (status, _, body) = send(app, request(Method::GET, "/payments/42", &second)).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["code"], "SERVICE_UNAVAILABLE");
+        assert_eq!(body["detail"], REPLAY_CACHE_FULL_DETAIL);
     }
 
     #[tokio::test]

@@ -206,8 +206,15 @@ impl App {
                     .build()
             })
             .collect::<std::io::Result<Vec<_>>>()?;
-        let (dealer, dealt) =
-            crate::http::dealer::deal(listener, runtimes.iter().map(|r| r.metrics()).collect())?;
+        let server = state.config_ref().server.clone();
+        let pending =
+            crate::http::conn::PendingByAddress::new(server.max_pending_connections_per_address);
+        let timeouts = crate::http::conn::ConnectionTimeouts::from_config(&server);
+        let (dealer, dealt) = crate::http::dealer::deal(
+            listener,
+            runtimes.iter().map(|r| r.metrics()).collect(),
+            pending,
+        )?;
         let acceptor = tokio::spawn(dealer.run(stop.clone()));
         let mut servers = Vec::with_capacity(dealt.len());
         for (index, (connections, runtime)) in dealt.into_iter().zip(runtimes).enumerate() {
@@ -226,7 +233,7 @@ impl App {
             std::thread::Builder::new()
                 .name(format!("aibos-http-{index}"))
                 .spawn(move || {
-                    let result = serve_on_this_thread(&runtime, connections, door, stop);
+                    let result = serve_on_this_thread(&runtime, connections, door, timeouts, stop);
                     let _ = done_tx.send(result);
                 })?;
             servers.push(done_rx);
@@ -269,13 +276,10 @@ fn serve_on_this_thread(
     runtime: &tokio::runtime::Runtime,
     connections: DealtConnections,
     door: crate::http::front::FrontDoorMaker,
+    timeouts: crate::http::conn::ConnectionTimeouts,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
-    runtime.block_on(async move {
-        axum::serve(connections, door)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
-    })
+    runtime.block_on(crate::http::conn::serve(connections, door, timeouts, stop))
 }
 
 /// Binds the listening socket (port 0 picks a free one).

@@ -291,6 +291,14 @@ pub struct ServerConfig {
     pub event_loops: u64,
     /// Proxies whose `X-Forwarded-For` is believed (SPEC §4, **Client address**).
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Time a new connection has to send its first request's head.
+    pub header_read_timeout_seconds: u64,
+    /// Time an HTTP/1.1 connection may sit with no request in flight, and the
+    /// most the head of each later request may take.
+    pub keep_alive_idle_seconds: u64,
+    /// Connections from one client address (IPv6: its /64) still waiting for
+    /// their first request's head; more are closed at accept.
+    pub max_pending_connections_per_address: u64,
 }
 
 impl ServerConfig {
@@ -457,6 +465,9 @@ struct RawServer {
     cors_allowed_origins: Vec<String>,
     event_loops: i64,
     trusted_proxies: Vec<String>,
+    header_read_timeout_seconds: i64,
+    keep_alive_idle_seconds: i64,
+    max_pending_connections_per_address: i64,
 }
 
 #[derive(Deserialize)]
@@ -772,6 +783,27 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config>
         raw.server.event_loops,
         0,
         limits::HTTP_EVENT_LOOPS_MAX as u64,
+    );
+    let header_read_timeout_seconds = in_range(
+        &mut problem,
+        "server.header_read_timeout_seconds",
+        raw.server.header_read_timeout_seconds,
+        limits::HEADER_READ_TIMEOUT_SECONDS_MIN,
+        limits::HEADER_READ_TIMEOUT_SECONDS_MAX,
+    );
+    let keep_alive_idle_seconds = in_range(
+        &mut problem,
+        "server.keep_alive_idle_seconds",
+        raw.server.keep_alive_idle_seconds,
+        limits::KEEP_ALIVE_IDLE_SECONDS_MIN,
+        limits::KEEP_ALIVE_IDLE_SECONDS_MAX,
+    );
+    let max_pending_connections_per_address = in_range(
+        &mut problem,
+        "server.max_pending_connections_per_address",
+        raw.server.max_pending_connections_per_address,
+        1,
+        limits::PENDING_CONNECTIONS_PER_ADDRESS_MAX,
     );
     for origin in &raw.server.cors_allowed_origins {
         let ok = (origin.starts_with("http://") || origin.starts_with("https://"))
@@ -1094,6 +1126,9 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config>
             cors_allowed_origins: raw.server.cors_allowed_origins,
             event_loops: event_loops?,
             trusted_proxies,
+            header_read_timeout_seconds: header_read_timeout_seconds?,
+            keep_alive_idle_seconds: keep_alive_idle_seconds?,
+            max_pending_connections_per_address: max_pending_connections_per_address?,
         },
         database: DatabaseConfig {
             url: url?,

@@ -62,6 +62,44 @@ pub const GATEWAY_RETRIES_MAX: u64 = 5;
 /// add contention on the shared database pool.
 pub const HTTP_EVENT_LOOPS_MAX: usize = 64;
 
+/// Bounds of `server.header_read_timeout_seconds`, the time a new connection
+/// has to send its first request's whole head: at least a second (a client on
+/// a slow mobile link still sends a few hundred bytes in one), at most two
+/// minutes (nginx's `client_header_timeout` defaults to one; beyond, a
+/// slow-headers client holds a connection for free).
+pub const HEADER_READ_TIMEOUT_SECONDS_MIN: u64 = 1;
+/// See [`HEADER_READ_TIMEOUT_SECONDS_MIN`].
+pub const HEADER_READ_TIMEOUT_SECONDS_MAX: u64 = 120;
+
+/// Bounds of `server.keep_alive_idle_seconds`, how long a keep-alive
+/// connection may sit with no request in flight (and how long the head of each
+/// later request may take): at least a second, at most an hour (an idle
+/// connection costs a socket and a few KiB; load balancers keep theirs for
+/// minutes, nginx's `keepalive_timeout` defaults to 75 s).
+pub const KEEP_ALIVE_IDLE_SECONDS_MIN: u64 = 1;
+/// See [`KEEP_ALIVE_IDLE_SECONDS_MIN`].
+pub const KEEP_ALIVE_IDLE_SECONDS_MAX: u64 = 3_600;
+
+/// A connection is idle after this many consecutive checks, one every
+/// `server.keep_alive_idle_seconds` / this, found nothing happening on it (no
+/// request pending, none started, no byte written): it is closed between the
+/// idle timeout and a quarter more. One timer per connection, re-armed a few
+/// times a minute, instead of one per request (a timer costs ~2 % of a gateway
+/// call's instructions; `http::conn`).
+pub const KEEP_ALIVE_IDLE_CHECKS: u32 = 4;
+
+/// Upper bound of `server.max_pending_connections_per_address`, connections
+/// from one client address (an IPv6 /64) that have not yet sent their first
+/// request's head: more than a browser (6) or a pooling client opens at once,
+/// with room for a load balancer or NAT in front of many clients.
+pub const PENDING_CONNECTIONS_PER_ADDRESS_MAX: u64 = 10_000;
+
+/// Counters of pending connections, each shared by the client addresses that
+/// hash to it (with a per-process random key, so no client can aim at
+/// another's): fixed memory whatever the number of clients (16 KiB), and two
+/// addresses share one with a probability of 1 in 4096.
+pub const PENDING_ADDRESS_BUCKETS: usize = 4_096;
+
 /// Connections the operating system queues for the acceptor (`listen` backlog).
 pub const LISTEN_BACKLOG: i32 = 1024;
 

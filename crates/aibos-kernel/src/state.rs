@@ -334,6 +334,10 @@ fn diff(old: &Config, new: &Config) -> ReloadOutcome {
         "server.bind",
         "server.cors_allowed_origins",
         "server.event_loops",
+        // The listener's connection timeouts and cap are set when serving starts.
+        "server.header_read_timeout_seconds",
+        "server.keep_alive_idle_seconds",
+        "server.max_pending_connections_per_address",
         "database.",
         "auth.jwt_algorithm",
         // The master keys are read once at start (a changed key shows here

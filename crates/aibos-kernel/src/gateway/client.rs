@@ -678,7 +678,10 @@ mod tests {
     }
 
     async fn call(client: &UpstreamClient, base: &BaseUrl) -> Bytes {
-        let response = client.send(base, false, None, get()).await.expect("an answer");
+        let response = client
+            .send(base, false, None, get())
+            .await
+            .expect("an answer");
         assert_eq!(response.status(), 200);
         response.into_body().collect().await.unwrap().to_bytes()
     }

@@ -28,13 +28,29 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 /// Client headers that claim things about the connection or the caller; the
-/// kernel says these itself or not at all.
-const SPOOFABLE: [&str; 5] = [
+/// kernel says these itself or not at all. `x-forwarded-prefix` makes Spring
+/// and others rebuild their own URLs (redirects, links) under a prefix the
+/// client chose.
+const SPOOFABLE: [&str; 6] = [
     "forwarded",
     "x-forwarded-host",
     "x-forwarded-proto",
     "x-forwarded-port",
+    "x-forwarded-prefix",
     "x-real-ip",
+];
+
+/// Client headers that change, at the cell, the method or the path the
+/// gateway matched and authorized: a `POST` to a route open for `POST` that
+/// Spring's `HiddenHttpMethodFilter`-style filters, Symfony, Laravel or IIS
+/// would then serve as a `DELETE`, or as another URL altogether. Header names
+/// are lowercase in a `HeaderMap`, so the comparison is case-insensitive.
+const OVERRIDES: [&str; 5] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
 ];
 
 /// The forwarded identity's header names, parsed once (a `&str` name is
@@ -66,6 +82,13 @@ pub struct Identity<'a> {
     pub client_ip: Option<IpAddr>,
     /// This hop's `traceparent`.
     pub traceparent: &'a str,
+}
+
+/// Replaces the assertion in headers made by [`upstream_headers`] (a retry's).
+pub fn set_assertion(headers: &mut HeaderMap, assertion: String) {
+    if let Ok(value) = HeaderValue::try_from(assertion) {
+        headers.insert(names::ASSERTION, value);
+    }
 }
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
@@ -121,7 +144,14 @@ fn forwardable(name: &HeaderName, forward_cookies: bool, listed: &[String]) -> b
         return false;
     }
     let text = name.as_str();
-    !(FORWARDED_IDENTITY_HEADERS.contains(&text) || SPOOFABLE.contains(&text))
+    // Every name of the three lists but `forwarded` and `traceparent` starts
+    // with `x-`; most of a client's headers do not, and skip the comparisons.
+    if !text.starts_with("x-") {
+        return !(text == "forwarded" || text == "traceparent");
+    }
+    !(FORWARDED_IDENTITY_HEADERS.contains(&text)
+        || SPOOFABLE.contains(&text)
+        || OVERRIDES.contains(&text))
 }
 
 /// Turns the client's headers into the cell's. The assertion is taken by value:
@@ -354,6 +384,27 @@ mod tests {
     }
 
     #[test]
+    fn the_shortcut_for_names_without_x_misses_no_stripped_name() {
+        let all = FORWARDED_IDENTITY_HEADERS
+            .iter()
+            .chain(&SPOOFABLE)
+            .chain(&OVERRIDES);
+        for name in all {
+            let parsed = HeaderName::from_static(name);
+            assert!(
+                !forwardable(&parsed, true, &[]),
+                "{name} would be forwarded"
+            );
+        }
+        for kept in ["content-type", "accept", "x-request-id", "idempotency-key"] {
+            assert!(
+                forwardable(&HeaderName::from_static(kept), true, &[]),
+                "{kept}"
+            );
+        }
+    }
+
+    #[test]
     fn a_cells_hop_by_hop_headers_never_reach_the_client() {
         let mut h = HeaderMap::new();
         for (k, v) in [
@@ -392,6 +443,12 @@ mod tests {
             ("x-kernel-assertion", "forged"),
             ("x-forwarded-for", "10.0.0.1"),
             ("forwarded", "for=10.0.0.1"),
+            ("x-forwarded-prefix", "/admin"),
+            ("x-http-method-override", "DELETE"),
+            ("x-http-method", "DELETE"),
+            ("x-method-override", "DELETE"),
+            ("x-original-url", "/admin"),
+            ("x-rewrite-url", "/admin"),
             ("connection", "keep-alive, X-Secret-Hop"),
             ("x-secret-hop", "1"),
             ("te", "trailers"),

@@ -41,11 +41,27 @@ pub struct Gateway {
     /// Breaker, health and budget per canon id; touched only when the table is
     /// rebuilt (requests reach their canon's state through the table).
     states: Mutex<HashMap<String, Arc<CanonState>>>,
+    /// What the table in force leaves out ([`RouteTable::compile`]): a registry
+    /// change may not add to it.
+    problems: Mutex<Vec<String>>,
     /// Rebuilds run one at a time, each reading the registry after the change
     /// that triggered it committed, so the last one always wins with the latest.
+    /// A registry change holds it from its transaction's start to the swap.
     rebuilding: tokio::sync::Mutex<()>,
     /// Wakes the health checks when the table changed (a new canon is checked at once).
     changed: tokio::sync::Notify,
+}
+
+/// A route table built but not in force, with the canon states it would keep.
+pub struct Candidate {
+    table: RouteTable,
+    states: HashMap<String, Arc<CanonState>>,
+    problems: Vec<String>,
+}
+
+/// Proof of holding the gateway's rebuild lock ([`Gateway::exclusive`]).
+pub struct Exclusive<'a> {
+    _guard: tokio::sync::MutexGuard<'a, ()>,
 }
 
 impl Default for Gateway {
@@ -53,6 +69,7 @@ impl Default for Gateway {
         Gateway {
             table: ArcSwap::from_pointee(RouteTable::default()),
             states: Mutex::default(),
+            problems: Mutex::default(),
             rebuilding: tokio::sync::Mutex::new(()),
             changed: tokio::sync::Notify::new(),
         }
@@ -65,22 +82,68 @@ impl Gateway {
         self.table.load()
     }
 
-    /// Rebuilds the route table from the registry and swaps it in.
+    /// Rebuilds the route table from the registry and swaps it in (at start,
+    /// and on another instance's change). What it leaves out is logged.
     pub async fn rebuild(
         &self,
         db: &Db,
         master: &crate::secrets::MasterKeys,
         metrics: &Metrics,
     ) -> Result<(), sqlx::Error> {
-        let _one_at_a_time = self.rebuilding.lock().await;
+        let one_at_a_time = self.exclusive().await;
         let snapshot = store::snapshot(db, master).await?;
-        let table = {
-            let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
-            RouteTable::compile(snapshot, &mut states, metrics)
-        };
-        self.table.store(Arc::new(table));
-        self.changed.notify_one();
+        let candidate = self.candidate(snapshot, metrics);
+        for problem in &candidate.problems {
+            tracing::error!(problem = %problem, "the gateway's route table leaves something out");
+        }
+        self.install(&one_at_a_time, candidate);
         Ok(())
+    }
+
+    /// Keeps every other rebuild out until dropped: a registry change holds it
+    /// from its transaction to [`install`](Self::install), so no rebuild
+    /// reading the registry before its commit can swap in a table after it.
+    pub async fn exclusive(&self) -> Exclusive<'_> {
+        Exclusive {
+            _guard: self.rebuilding.lock().await,
+        }
+    }
+
+    /// A table compiled from `snapshot`, not in force yet. Nothing shared
+    /// changes: the canons' states are those in force, with new ones for new
+    /// canons, kept only if the candidate is installed.
+    pub fn candidate(&self, snapshot: store::Snapshot, metrics: &Metrics) -> Candidate {
+        let mut states = self
+            .states
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let (table, problems) = RouteTable::compile(snapshot, &mut states, metrics);
+        Candidate {
+            table,
+            states,
+            problems,
+        }
+    }
+
+    /// What `candidate` leaves out that the table in force does not: a
+    /// registry change that would add any is refused.
+    pub fn new_problems(&self, candidate: &Candidate) -> Vec<String> {
+        let in_force = self.problems.lock().unwrap_or_else(|p| p.into_inner());
+        candidate
+            .problems
+            .iter()
+            .filter(|p| !in_force.contains(p))
+            .cloned()
+            .collect()
+    }
+
+    /// Swaps `candidate` in.
+    pub fn install(&self, _exclusive: &Exclusive<'_>, candidate: Candidate) {
+        *self.states.lock().unwrap_or_else(|p| p.into_inner()) = candidate.states;
+        *self.problems.lock().unwrap_or_else(|p| p.into_inner()) = candidate.problems;
+        self.table.store(Arc::new(candidate.table));
+        self.changed.notify_one();
     }
 
     /// Completes after the next rebuild.

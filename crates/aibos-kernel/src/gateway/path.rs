@@ -4,13 +4,20 @@
 //! The remainder is forwarded exactly as the client encoded it; it is matched
 //! against routes once percent-decoded. Refused outright: `.` and `..` segments
 //! (encoded or not), encoded `/` and `\` (which would split a segment at the
-//! cell but not here), backslashes, empty segments, control characters, and a
-//! `%` left after decoding (double encoding: the cell might decode again).
+//! cell but not here), backslashes, empty segments, control characters, a
+//! `%` left after decoding (double encoding: the cell might decode again), and
+//! `;`, plain or encoded: Spring, Tomcat, Jetty and others strip a segment's
+//! `;…` "path parameters" before routing, so `/reports/export;x` would match
+//! the route `/reports/{id}` here and be served as `/reports/export` there.
 
 use std::borrow::Cow;
 
 /// Why a path was refused.
 pub type PathProblem = &'static str;
+
+/// The refusal of a `;` anywhere in a gateway path.
+pub const SEMICOLON: PathProblem =
+    "';' (plain or %3B) is not forwarded: servers differ on whether it ends a path segment";
 
 /// `/api/gateway/{canon}{remainder}` split; the remainder starts with `/`
 /// (`/` alone when the call names only the canon).
@@ -35,17 +42,23 @@ pub fn decode_checked(raw: &str) -> Result<Cow<'_, str>, PathProblem> {
         .ok_or("the path must start with '/'")?;
     let mut decoded = String::with_capacity(raw.len());
     let mut changed = false;
-    for (i, segment) in segments.split('/').enumerate() {
-        let last = i == segments.split('/').count() - 1;
-        if segment.is_empty() && !last {
+    let mut parts = segments.split('/').peekable();
+    while let Some(segment) = parts.next() {
+        if segment.is_empty() && parts.peek().is_some() {
             return Err("empty path segments ('//') are not forwarded");
         }
         let plain = percent_decode(segment)?;
         if plain == "." || plain == ".." {
             return Err("'.' and '..' segments are not forwarded");
         }
-        if plain.contains(['/', '\\']) {
-            return Err("encoded '/' or '\\' inside a segment is not forwarded");
+        // One scan of the decoded segment for the three characters that would
+        // make the cell see other segments than the matcher: a segment with no
+        // escape is its own decoded form, so this covers `;` and `%3B` alike.
+        match plain.bytes().find(|b| matches!(b, b'/' | b'\\' | b';')) {
+            Some(b';') => return Err(SEMICOLON),
+            Some(b'/') => return Err("an encoded '/' inside a segment is not forwarded"),
+            Some(_) => return Err("backslashes, plain or encoded, are not forwarded"),
+            None => {}
         }
         if plain.contains('%') {
             return Err("double percent-encoding is not forwarded");
@@ -65,11 +78,9 @@ pub fn decode_checked(raw: &str) -> Result<Cow<'_, str>, PathProblem> {
 }
 
 /// Decodes `%XX` escapes; a `%` not followed by two hex digits is refused.
+/// (A backslash, plain or encoded, is refused by the caller's scan.)
 fn percent_decode(segment: &str) -> Result<Cow<'_, str>, PathProblem> {
     if !segment.contains('%') {
-        if segment.contains('\\') {
-            return Err("backslashes are not forwarded");
-        }
         return Ok(Cow::Borrowed(segment));
     }
     let bytes = segment.as_bytes();
@@ -140,5 +151,32 @@ mod tests {
         ] {
             assert!(decode_checked(raw).is_err(), "{raw} was accepted");
         }
+    }
+
+    #[test]
+    fn semicolons_plain_or_encoded_are_refused_anywhere() {
+        for raw in [
+            "/reports/export;x",
+            "/reports/export%3Bx",
+            "/reports/export%3bx",
+            "/reports;/export",
+            "/;",
+            "/%3B",
+            "/a;b/c",
+            "/a/b;",
+            "/caf%C3%A9;x",
+            "/a/%3B%2e%2e",
+        ] {
+            assert_eq!(decode_checked(raw), Err(SEMICOLON), "{raw}");
+        }
+        // Only the `;` itself: `%3` + `B` split across an escape is not one.
+        assert_eq!(decode_checked("/a%20B").unwrap(), "/a B");
+    }
+
+    #[test]
+    fn a_trailing_slash_is_the_only_empty_segment() {
+        assert!(decode_checked("/a/b/").is_ok());
+        assert!(decode_checked("/a//").is_err());
+        assert!(decode_checked("//a").is_err());
     }
 }

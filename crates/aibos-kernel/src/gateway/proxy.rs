@@ -32,7 +32,7 @@ use crate::state::{AppState, EventLoopLocal};
            ("path" = String, Path, description = "The path under the canon, matched against its routes and forwarded with the query string")),
     responses(
         (status = 200, description = "The cell's own answer, any status, passed through unchanged"),
-        (status = 400, description = "VALIDATION_ERROR: a path with '..', encoded '/' or '\\', or double encoding"),
+        (status = 400, description = "VALIDATION_ERROR: a path with '..', encoded '/' or '\\', ';' or '%3B', or double encoding"),
         (status = 401, description = "UNAUTHORIZED"),
         (status = 403, description = "FORBIDDEN: the route's required permissions are missing"),
         (status = 404, description = "ROUTE_NOT_FOUND"),
@@ -79,10 +79,13 @@ async fn forward_call(
     let (canon_name, raw_rest) =
         path::split(uri.path()).ok_or_else(|| route_not_found("Not a gateway path."))?;
     let table = state.gateway().table();
-    let canon = table
-        .canon(canon_name)
-        .cloned()
-        .ok_or_else(|| route_not_found("No canon of that name is registered."))?;
+    let Some(canon) = table.canon(canon_name).cloned() else {
+        // Checked only once the lookup failed: a registered name never holds one.
+        if canon_name.contains(';') || canon_name.contains("%3B") || canon_name.contains("%3b") {
+            return Err(ApiError::invalid_field("path", path::SEMICOLON));
+        }
+        return Err(route_not_found("No canon of that name is registered."));
+    };
     drop(table);
     let matched =
         path::decode_checked(raw_rest).map_err(|why| ApiError::invalid_field("path", why))?;
@@ -215,9 +218,23 @@ async fn forward_call(
     let mut attempt = 0u32;
     let gives_back_unsent = UpstreamClient::gives_back_unsent(&canon.base, canon.h2c);
     let outcome = loop {
-        let (Some(next_body), Some(these_headers)) = (body.next(), headers.take()) else {
+        let (Some(next_body), Some(mut these_headers)) = (body.next(), headers.take()) else {
             break Err("unavailable");
         };
+        if attempt > 0 {
+            // Every attempt carries an assertion of its own (a new `jti`): a
+            // cell's replay cache refuses one it has seen, and an attempt the
+            // gateway counts as failed may still have reached the cell.
+            let path_and_query = upstream_uri.path_and_query().map_or("/", |pq| pq.as_str());
+            let fresh = forward::sign_assertion(
+                signer,
+                &canon.name,
+                &identity,
+                parts.method.as_str(),
+                path_and_query,
+            );
+            forward::set_assertion(&mut these_headers, fresh);
+        }
         if body.may_repeat() && attempt < retry_max && !gives_back_unsent {
             headers = Some(these_headers.clone());
         }

@@ -41,11 +41,18 @@ impl RouteTable {
     /// Compiles a registry snapshot. `states` keeps each canon's breaker, health
     /// and budget across rebuilds (a route change must not close an open circuit);
     /// states of canons that no longer exist are dropped from it.
+    ///
+    /// What cannot be routed is left out of the table (fail closed: a canon
+    /// whose base URL does not parse or whose routes conflict, a route that
+    /// names no permission without being public) and named in the returned
+    /// problems: a registry change refuses to add one (`registry_write`), a
+    /// rebuild at start or on another instance's change logs them.
     pub fn compile(
         snapshot: Snapshot,
         states: &mut HashMap<String, Arc<CanonState>>,
         metrics: &Metrics,
-    ) -> RouteTable {
+    ) -> (RouteTable, Vec<String>) {
+        let mut problems = Vec::new();
         let mut secrets: HashMap<String, (String, String)> = snapshot
             .active_secrets
             .into_iter()
@@ -67,8 +74,11 @@ impl RouteTable {
         );
         for row in snapshot.canons {
             let Some(base) = BaseUrl::parse(&row.base_url) else {
-                // Validated on the way in; a row edited by hand is skipped, loudly.
-                tracing::error!(canon = %row.name, "canon has an unusable base_url; it is not routed");
+                // Validated on the way in; a row edited by hand is skipped.
+                problems.push(format!(
+                    "canon {}: its base_url is unusable; it is not routed",
+                    row.name
+                ));
                 continue;
             };
             let state = states
@@ -90,19 +100,39 @@ impl RouteTable {
                         config: Arc::new(config),
                     }),
                     Err((field, why)) => {
-                        // Validated on the way in; a row edited by hand is skipped, loudly.
-                        tracing::error!(canon = %row.name, field, reason = %why, "canon's TLS settings are unusable; it is not routed");
+                        // Validated on the way in; a row edited by hand is
+                        // left out, and a change that would leave it out refused.
+                        problems.push(format!(
+                            "canon {}: its TLS settings are unusable ({field}: {why}); it is not routed",
+                            row.name
+                        ));
                         continue;
                     }
                 }
             } else {
                 None
             };
-            let routes = routes_by_canon.remove(&row.id).unwrap_or_default();
+            let mut routes = routes_by_canon.remove(&row.id).unwrap_or_default();
+            // Checked on the way in (and old rows marked public by migration
+            // 0006); a row edited by hand would otherwise open the route to
+            // every authenticated caller of every tenant.
+            routes.retain(|r| {
+                let open = r.required_permissions.is_empty() && !r.public_to_authenticated;
+                if open {
+                    problems.push(format!(
+                        "canon {}: route {} {} names no permission and is not public_to_authenticated; it is not routed",
+                        row.name, r.method, r.path
+                    ));
+                }
+                !open
+            });
             let matcher = match Matcher::build(&routes) {
                 Ok(m) => m,
                 Err(e) => {
-                    tracing::error!(canon = %row.name, error = %e, "canon's routes conflict; it is not routed");
+                    problems.push(format!(
+                        "canon {}: its routes conflict ({e}); it is not routed",
+                        row.name
+                    ));
                     continue;
                 }
             };
@@ -134,7 +164,7 @@ impl RouteTable {
                 }),
             );
         }
-        RouteTable { canons }
+        (RouteTable { canons }, problems)
     }
 }
 
@@ -354,6 +384,7 @@ mod tests {
             method: method.into(),
             path: path.into(),
             required_permissions: vec![],
+            public_to_authenticated: true,
             idempotency: "off".into(),
             rate_limit: None,
             timeout_ms: None,
@@ -362,6 +393,58 @@ mod tests {
             created_at: String::new(),
             updated_at: String::new(),
         }
+    }
+
+    fn canon(id: &str, name: &str, base_url: &str) -> crate::registry::store::CanonRow {
+        crate::registry::store::CanonRow {
+            id: id.into(),
+            name: name.into(),
+            base_url: base_url.into(),
+            health_path: "/health".into(),
+            protocol: "http1".into(),
+            timeout_ms: None,
+            permissions: "[]".into(),
+            tls_ca_pem: None,
+            tls_client_cert_pem: None,
+            tls_client_key: None,
+            version: 1,
+            created_at: String::new(),
+            updated_at: String::new(),
+        }
+    }
+
+    #[test]
+    fn what_cannot_be_routed_is_left_out_and_named() {
+        let mut open = route("r2", "GET", "/open");
+        open.canon_id = "c1".into();
+        open.public_to_authenticated = false;
+        let mut fine = route("r1", "GET", "/fine");
+        fine.canon_id = "c1".into();
+        fine.required_permissions = vec!["finance.payment.read".into()];
+        let snapshot = Snapshot {
+            canons: vec![
+                canon("c1", "pay", "http://127.0.0.1:9"),
+                canon("c2", "broken", "not a url"),
+            ],
+            active_secrets: vec![],
+            tls_client_keys: vec![],
+            routes: vec![fine, open],
+        };
+        let mut states = HashMap::new();
+        let (table, problems) = RouteTable::compile(snapshot, &mut states, &Metrics::new());
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0].contains("GET /open names no permission"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].contains("canon broken: its base_url is unusable"),
+            "{problems:?}"
+        );
+        let pay = table.canon("pay").expect("the rest of the canon is routed");
+        assert!(pay.route(&Method::GET, "/fine").is_some());
+        assert!(pay.route(&Method::GET, "/open").is_none(), "fail closed");
+        assert!(table.canon("broken").is_none());
     }
 
     #[test]

@@ -41,16 +41,19 @@ use tokio::runtime::RuntimeMetrics;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::http::conn::{ConnectionWatch, PendingByAddress, PendingSlot};
 use crate::limits;
 
 /// A connection on its way from the acceptor to its event loop.
-type HandedOver = (std::net::TcpStream, SocketAddr, LiveCount);
+type HandedOver = (std::net::TcpStream, SocketAddr, LiveCount, PendingSlot);
 
 /// Accepts on the listening socket and deals the connections out.
 pub struct Dealer {
     listener: std::net::TcpListener,
     loops: Vec<LoopSeat>,
     host: HostIdle,
+    /// Connections still awaiting their first request, per client address.
+    pending: Arc<PendingByAddress>,
 }
 
 /// The dealer's side of one event loop.
@@ -125,6 +128,7 @@ fn busy_percent(busy: Duration, elapsed: Duration) -> u32 {
 pub fn deal(
     listener: std::net::TcpListener,
     loop_runtimes: Vec<RuntimeMetrics>,
+    pending: Arc<PendingByAddress>,
 ) -> io::Result<(Dealer, Vec<DealtConnections>)> {
     if loop_runtimes.is_empty() {
         return Err(io::Error::new(
@@ -161,6 +165,7 @@ pub fn deal(
         listener,
         loops,
         host: HostIdle::default(),
+        pending,
     };
     Ok((dealer, receivers))
 }
@@ -186,6 +191,12 @@ impl Dealer {
                 }
                 () = stop.cancelled() => return Ok(()),
             };
+            // A client already holding its cap of connections that have not
+            // sent a request is not given another (`http::conn`): closed now.
+            let Some(slot) = self.pending.admit(remote.ip()) else {
+                tracing::debug!(client = %remote, "refused a connection: too many from this address without a request");
+                continue;
+            };
             // Leaves this runtime's reactor; the event loop registers it with its own.
             let stream = match stream.into_std() {
                 Ok(stream) => stream,
@@ -194,7 +205,7 @@ impl Dealer {
                     continue;
                 }
             };
-            let mut handed_over = (stream, remote);
+            let mut handed_over = (stream, remote, slot);
             loop {
                 // A loop that has ended (its server failed, or the server is
                 // stopping) takes no more; the others still do.
@@ -205,14 +216,11 @@ impl Dealer {
                 let live = LiveCount::new(&seat.live);
                 // A full queue (its loop is not accepting) holds the acceptor
                 // back; the listening socket's backlog holds new clients meanwhile.
-                match seat
-                    .handover
-                    .send((handed_over.0, handed_over.1, live))
-                    .await
-                {
+                let (stream, remote, slot) = handed_over;
+                match seat.handover.send((stream, remote, live, slot)).await {
                     Ok(()) => break,
-                    Err(mpsc::error::SendError((stream, remote, _live))) => {
-                        handed_over = (stream, remote);
+                    Err(mpsc::error::SendError((stream, remote, _live, slot))) => {
+                        handed_over = (stream, remote, slot);
                     }
                 }
             }
@@ -492,7 +500,7 @@ impl axum::serve::Listener for DealtConnections {
 
     async fn accept(&mut self) -> (LiveConnection, SocketAddr) {
         loop {
-            let Some((stream, remote, live)) = self.handover.recv().await else {
+            let Some((stream, remote, live, slot)) = self.handover.recv().await else {
                 // The dealer stopped: so does the server, by its shutdown signal.
                 return std::future::pending().await;
             };
@@ -502,6 +510,7 @@ impl axum::serve::Listener for DealtConnections {
                         LiveConnection {
                             stream,
                             _live: live,
+                            watch: Arc::new(ConnectionWatch::new(slot)),
                         },
                         remote,
                     );
@@ -532,10 +541,19 @@ impl Drop for LiveCount {
     }
 }
 
-/// A served connection: the socket, counted while it is open.
+/// A served connection: the socket, counted while it is open, and watched
+/// (`http::conn`: its first request, its idleness; it counts its writes).
 pub struct LiveConnection {
     stream: TcpStream,
     _live: LiveCount,
+    watch: Arc<ConnectionWatch>,
+}
+
+impl LiveConnection {
+    /// What its watchdog and front door share.
+    pub fn watch(&self) -> Arc<ConnectionWatch> {
+        Arc::clone(&self.watch)
+    }
 }
 
 impl AsyncRead for LiveConnection {
@@ -554,7 +572,11 @@ impl AsyncWrite for LiveConnection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let written = Pin::new(&mut self.stream).poll_write(cx, buf);
+        if let Poll::Ready(Ok(1..)) = written {
+            self.watch.wrote();
+        }
+        written
     }
 
     fn poll_write_vectored(
@@ -562,7 +584,11 @@ impl AsyncWrite for LiveConnection {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(1..)) = written {
+            self.watch.wrote();
+        }
+        written
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -791,7 +817,8 @@ mod tests {
     #[tokio::test]
     async fn idle_loops_get_every_connection_on_the_first_counted_while_open() {
         let (listener, addr) = listener();
-        let (dealer, mut loops) = deal(listener, idle_loops(2)).unwrap();
+        let (dealer, mut loops) =
+            deal(listener, idle_loops(2), PendingByAddress::new(1_000)).unwrap();
         let seats: Vec<_> = dealer.loops.iter().map(|s| Arc::clone(&s.live)).collect();
         let stop = CancellationToken::new();
         let acceptor = tokio::spawn(dealer.run(stop.clone()));
@@ -821,7 +848,8 @@ mod tests {
     #[tokio::test]
     async fn a_loop_that_has_ended_is_skipped() {
         let (listener, addr) = listener();
-        let (dealer, mut loops) = deal(listener, idle_loops(2)).unwrap();
+        let (dealer, mut loops) =
+            deal(listener, idle_loops(2), PendingByAddress::new(1_000)).unwrap();
         let acceptor = tokio::spawn(dealer.run(CancellationToken::new()));
         let mut survivor = loops.pop().unwrap();
         drop(loops);
@@ -891,8 +919,12 @@ mod tests {
             })
             .collect();
         let handles = runtimes.iter().map(|r| r.handle().clone()).collect();
-        let (mut dealer, loops) =
-            deal(listener, runtimes.iter().map(|r| r.metrics()).collect()).unwrap();
+        let (mut dealer, loops) = deal(
+            listener,
+            runtimes.iter().map(|r| r.metrics()).collect(),
+            PendingByAddress::new(1_000),
+        )
+        .unwrap();
         dealer.host = host;
         let sheddings = loops.iter().map(DealtConnections::shedding).collect();
         let (report, dealt) = mpsc::unbounded_channel();

@@ -26,6 +26,7 @@ use futures_util::FutureExt;
 use tower::Service;
 
 use crate::gateway;
+use crate::http::conn::ConnectionWatch;
 use crate::http::edge;
 use crate::state::{AppState, EventLoopLocal};
 
@@ -43,6 +44,8 @@ pub struct FrontDoor {
     shared: Arc<Shared>,
     /// The connection's peer, for `ConnectInfo` (the caller's address).
     remote: SocketAddr,
+    /// Told of every request and when its response is ready (`http::conn`).
+    watch: Arc<ConnectionWatch>,
 }
 
 struct Shared {
@@ -53,7 +56,7 @@ struct Shared {
     gateway_direct: bool,
 }
 
-/// Makes the [`FrontDoor`] of each accepted connection (for `axum::serve`).
+/// Makes the [`FrontDoor`] of each accepted connection (`http::conn::serve`).
 #[derive(Clone)]
 pub struct FrontDoorMaker {
     shared: Arc<Shared>,
@@ -72,25 +75,14 @@ impl FrontDoorMaker {
             }),
         }
     }
-}
 
-impl<L> Service<axum::serve::IncomingStream<'_, L>> for FrontDoorMaker
-where
-    L: axum::serve::Listener<Addr = SocketAddr>,
-{
-    type Response = FrontDoor;
-    type Error = Infallible;
-    type Future = std::future::Ready<Result<FrontDoor, Infallible>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, incoming: axum::serve::IncomingStream<'_, L>) -> Self::Future {
-        std::future::ready(Ok(FrontDoor {
+    /// The door of the connection from `remote`.
+    pub fn door(&self, remote: SocketAddr, watch: Arc<ConnectionWatch>) -> FrontDoor {
+        FrontDoor {
             shared: self.shared.clone(),
-            remote: *incoming.remote_addr(),
-        }))
+            remote,
+            watch,
+        }
     }
 }
 
@@ -106,6 +98,8 @@ impl Service<Request> for FrontDoor {
     }
 
     fn call(&mut self, mut request: Request) -> Served {
+        // Pending until the response is ready: the connection is not idle.
+        let in_flight = self.watch.request_started();
         request.extensions_mut().insert(ConnectInfo(self.remote));
         let shared = self.shared.clone();
         let closing = closes_to_shed(&shared.local, &request);
@@ -113,12 +107,17 @@ impl Service<Request> for FrontDoor {
         if !direct {
             // The router is always ready (axum's `Router::poll_ready`).
             let routed = shared.router.clone().call(request);
-            if !closing {
-                return Box::pin(routed);
-            }
-            return Box::pin(routed.map(|response| response.map(close_connection)));
+            return Box::pin(routed.map(move |response| {
+                drop(in_flight);
+                if closing {
+                    response.map(close_connection)
+                } else {
+                    response
+                }
+            }));
         }
         Box::pin(async move {
+            let _in_flight = in_flight;
             let Shared { state, local, .. } = &*shared;
             let label = gateway_route_label(request.uri().path());
             let response = edge::around(state, request, label, |request| {

@@ -6,6 +6,7 @@
 //! when origins are configured) → the route's handler, or the problem+json
 //! fallbacks for unknown paths and methods.
 
+pub mod conn;
 pub mod dealer;
 pub mod edge;
 pub mod extract;

@@ -4,8 +4,9 @@
 //! Canons and routes are platform resources: every tenant's calls go through
 //! them, so only the system tenant's administrators manage them
 //! ([`crate::authz::perm::PLATFORM`]). Every change is audited in the same
-//! transaction, and after it commits the gateway's in-memory route table is
-//! rebuilt here and, on PostgreSQL, in every other instance (NOTIFY).
+//! transaction, in which the gateway's route table is built from the changed
+//! registry (a change it cannot build is refused); after the commit that table
+//! is in force here and, on PostgreSQL, rebuilt in every other instance (NOTIFY).
 //!
 //! - [`validate`]: what a canon or route may look like.
 //! - [`store`]: the SQL.
@@ -124,8 +125,12 @@ pub struct Route {
     pub method: String,
     /// Path under the canon, with `{param}` segments (`/payments/{id}`).
     pub path: String,
-    /// Permissions the caller must all hold.
+    /// Permissions the caller must all hold; at least one unless
+    /// `public_to_authenticated`.
     pub required_permissions: Vec<String>,
+    /// The route names no permission on purpose: every authenticated caller of
+    /// every tenant may call it. Never true together with `required_permissions`.
+    pub public_to_authenticated: bool,
     /// `off`, `optional` or `required`.
     pub idempotency: String,
     /// Per-route rate limit, overriding the user default.

@@ -40,9 +40,20 @@ pub fn router() -> OpenApiRouter<AppState> {
 }
 
 /// Runs a registry change: `change` in one transaction with the audit entry it
-/// returns and the cross-instance NOTIFY; after the commit, this instance's
-/// route table is rebuilt. A failed rebuild is logged, not answered: the change
-/// is committed and the next rebuild (any change, a restart) picks it up.
+/// returns and the cross-instance NOTIFY; this instance's route table is built
+/// from the registry as the transaction leaves it, before it commits, and swapped
+/// in after. Fail closed: if the registry cannot be read back, or the table built
+/// from it would leave out something the table in force serves (a canon whose
+/// base URL does not parse or whose routes conflict, a route without permission
+/// that is not public; see `RouteTable::compile`), the transaction rolls back
+/// and the change is refused (500 for a failed read, 409 `CONFLICT` naming what
+/// would be left out, logged as a warning), never answered 2xx with the old
+/// table serving.
+///
+/// The audit entry is written first: it takes the system tenant's chain head
+/// lock, which serialises registry changes across instances, so the registry
+/// read after it holds every committed change (PostgreSQL reads each statement
+/// afresh under READ COMMITTED; SQLite has one writer).
 async fn registry_write<T, F>(state: &AppState, caller: &Caller, change: F) -> ApiResult<T>
 where
     T: Send + 'static,
@@ -50,22 +61,42 @@ where
 {
     let ctx = caller.audit_context();
     let keys = state.redact_keys();
-    let value = state
-        .db()
-        .write(move |tx| {
-            Box::pin(async move {
-                let (value, event) = change(tx).await?;
-                audit::record(tx, &ctx, event, &keys).await?;
-                tx.notify(NOTIFY_CHANNEL, &Invalidation::Registry.payload())
-                    .await?;
-                Ok::<_, ApiError>(value)
+    let state = state.clone();
+    // Spawned: a client hanging up after the commit must not keep its table
+    // out of force.
+    let task = tokio::spawn(async move {
+        let gateway = state.gateway();
+        let exclusive = gateway.exclusive().await;
+        let building = state.clone();
+        let (value, candidate) = state
+            .db()
+            .write(move |tx| {
+                Box::pin(async move {
+                    let (value, event) = change(tx).await?;
+                    audit::record(tx, &ctx, event, &keys).await?;
+                    let snapshot = store::snapshot_in(tx, building.master_keys()).await?;
+                    let gateway = building.gateway();
+                    let candidate = gateway.candidate(snapshot, building.metrics());
+                    let added = gateway.new_problems(&candidate);
+                    if !added.is_empty() {
+                        tracing::warn!(problems = ?added, "registry change refused: the route table built from it would leave something out");
+                        return Err(ApiError::conflict(format!(
+                            "The change is refused and nothing was changed: the gateway's route table built from the registry it leaves would not be complete: {}.",
+                            added.join("; ")
+                        )));
+                    }
+                    tx.notify(NOTIFY_CHANNEL, &Invalidation::Registry.payload())
+                        .await?;
+                    Ok::<_, ApiError>((value, candidate))
+                })
             })
-        })
-        .await?;
-    if let Err(e) = state.rebuild_gateway().await {
-        tracing::error!(error = ?e.code(), "registry changed but the route table could not be rebuilt");
-    }
-    Ok(value)
+            .await?;
+        gateway.install(&exclusive, candidate);
+        Ok::<_, ApiError>(value)
+    });
+    task.await.map_err(|e| {
+        ApiError::internal(anyhow::anyhow!("the registry change's task failed: {e}"))
+    })?
 }
 
 fn invalid(problem: FieldProblem) -> ApiError {
@@ -504,8 +535,13 @@ pub struct CreateRoute {
     canon_id: String,
     method: String,
     path: String,
+    /// At least one, unless `public_to_authenticated` is true.
     #[serde(default)]
     required_permissions: Vec<String>,
+    /// `true` opens the route to every authenticated caller of every tenant:
+    /// then `required_permissions` must be empty. Default `false`.
+    #[serde(default)]
+    public_to_authenticated: bool,
     /// Default `off`.
     idempotency: Option<String>,
     rate_limit: Option<RouteRateLimit>,
@@ -520,6 +556,7 @@ struct CheckedRoute {
     path: String,
     path_shape: String,
     required_permissions: Vec<String>,
+    public_to_authenticated: bool,
     idempotency: String,
     rate_limit: Option<RouteRateLimit>,
     timeout_ms: Option<i64>,
@@ -533,6 +570,7 @@ impl CheckedRoute {
             path: &self.path,
             path_shape: &self.path_shape,
             required_permissions: &self.required_permissions,
+            public_to_authenticated: self.public_to_authenticated,
             idempotency: &self.idempotency,
             rate_limit: &self.rate_limit,
             timeout_ms: self.timeout_ms,
@@ -549,6 +587,7 @@ async fn check_route(
     method: &str,
     path: &str,
     mut required_permissions: Vec<String>,
+    public_to_authenticated: bool,
     idempotency: String,
     rate_limit: Option<RouteRateLimit>,
     timeout_ms: Option<i64>,
@@ -560,6 +599,7 @@ async fn check_route(
     validate::idempotency(&idempotency).map_err(invalid)?;
     validate::rate_limit(&rate_limit).map_err(invalid)?;
     validate::timeout_ms("timeout_ms", timeout_ms).map_err(invalid)?;
+    validate::route_access(&required_permissions, public_to_authenticated).map_err(invalid)?;
     required_permissions.sort();
     required_permissions.dedup();
     let unknown =
@@ -575,6 +615,7 @@ async fn check_route(
         path: path.to_owned(),
         path_shape,
         required_permissions,
+        public_to_authenticated,
         idempotency,
         rate_limit,
         timeout_ms,
@@ -586,6 +627,7 @@ async fn check_route(
         method: checked.method.clone(),
         path: checked.path.clone(),
         required_permissions: vec![],
+        public_to_authenticated: false,
         idempotency: checked.idempotency.clone(),
         rate_limit: None,
         timeout_ms: None,
@@ -612,7 +654,8 @@ async fn check_route(
 fn route_details(route: &Route) -> serde_json::Value {
     serde_json::json!({
         "canon_id": route.canon_id, "method": route.method, "path": route.path,
-        "required_permissions": route.required_permissions, "idempotency": route.idempotency,
+        "required_permissions": route.required_permissions, "public_to_authenticated": route.public_to_authenticated,
+        "idempotency": route.idempotency,
         "rate_limit": route.rate_limit, "timeout_ms": route.timeout_ms, "forward_cookies": route.forward_cookies,
         "version": route.version,
     })
@@ -641,6 +684,7 @@ pub async fn create_route(
         &body.method,
         &body.path,
         body.required_permissions,
+        body.public_to_authenticated,
         body.idempotency.unwrap_or_else(|| "off".to_owned()),
         body.rate_limit,
         body.timeout_ms,
@@ -713,6 +757,7 @@ pub struct UpdateRoute {
     method: Option<String>,
     path: Option<String>,
     required_permissions: Option<Vec<String>>,
+    public_to_authenticated: Option<bool>,
     idempotency: Option<String>,
     /// `null` removes the override.
     #[serde(default, deserialize_with = "double_option")]
@@ -747,6 +792,8 @@ pub async fn update_route(
         body.path.as_deref().unwrap_or(&current.path),
         body.required_permissions
             .unwrap_or_else(|| current.required_permissions.clone()),
+        body.public_to_authenticated
+            .unwrap_or(current.public_to_authenticated),
         body.idempotency
             .unwrap_or_else(|| current.idempotency.clone()),
         body.rate_limit

@@ -278,6 +278,7 @@ struct RouteRow {
     method: String,
     path: String,
     required_permissions: String,
+    public_to_authenticated: bool,
     idempotency: String,
     rate_limit: Option<String>,
     timeout_ms: Option<i64>,
@@ -295,6 +296,7 @@ impl From<RouteRow> for Route {
             method: r.method,
             path: r.path,
             required_permissions: serde_json::from_str(&r.required_permissions).unwrap_or_default(),
+            public_to_authenticated: r.public_to_authenticated,
             idempotency: r.idempotency,
             rate_limit: r.rate_limit.and_then(|t| serde_json::from_str(&t).ok()),
             timeout_ms: r.timeout_ms,
@@ -306,7 +308,7 @@ impl From<RouteRow> for Route {
     }
 }
 
-const ROUTE_COLUMNS: &str = "id, canon_id, method, path, required_permissions, idempotency, rate_limit, timeout_ms, forward_cookies, version, created_at, updated_at";
+const ROUTE_COLUMNS: &str = "id, canon_id, method, path, required_permissions, public_to_authenticated, idempotency, rate_limit, timeout_ms, forward_cookies, version, created_at, updated_at";
 
 /// The fields of a new or changed route.
 pub struct RouteFields<'a> {
@@ -314,6 +316,7 @@ pub struct RouteFields<'a> {
     pub path: &'a str,
     pub path_shape: &'a str,
     pub required_permissions: &'a [String],
+    pub public_to_authenticated: bool,
     pub idempotency: &'a str,
     pub rate_limit: &'a Option<RouteRateLimit>,
     pub timeout_ms: Option<i64>,
@@ -341,13 +344,13 @@ pub async fn insert_route(
 ) -> Result<Route, sqlx::Error> {
     let now = timestamp::now_text();
     let sql = format!(
-        "INSERT INTO routes (id, tenant_id, canon_id, method, path, path_shape, required_permissions, idempotency, rate_limit, timeout_ms, forward_cookies, version, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 1, $12, $12) RETURNING {ROUTE_COLUMNS}"
+        "INSERT INTO routes (id, tenant_id, canon_id, method, path, path_shape, required_permissions, idempotency, rate_limit, timeout_ms, forward_cookies, version, created_at, updated_at, public_to_authenticated) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 1, $12, $12, $13) RETURNING {ROUTE_COLUMNS}"
     );
     let row: RouteRow = with_tx!(tx, conn => {
         sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(id).bind(SYSTEM_TENANT_ID).bind(canon_id).bind(f.method).bind(f.path)
             .bind(f.path_shape).bind(f.permissions_json()).bind(f.idempotency).bind(f.rate_limit_json()).bind(f.timeout_ms)
-            .bind(f.forward_cookies).bind(&now).fetch_one(&mut *conn).await?
+            .bind(f.forward_cookies).bind(&now).bind(f.public_to_authenticated).fetch_one(&mut *conn).await?
     });
     Ok(row.into())
 }
@@ -362,13 +365,13 @@ pub async fn update_route(
     let now = timestamp::now_text();
     let sql = format!(
         "UPDATE routes SET method = $3, path = $4, path_shape = $5, required_permissions = $6, idempotency = $7, rate_limit = $8, \
-         timeout_ms = $9, forward_cookies = $10, version = version + 1, updated_at = $11 \
+         timeout_ms = $9, forward_cookies = $10, public_to_authenticated = $13, version = version + 1, updated_at = $11 \
          WHERE tenant_id = $1 AND id = $2 AND ($12 IS NULL OR version = $12) RETURNING {ROUTE_COLUMNS}"
     );
     let row: Option<RouteRow> = with_tx!(tx, conn => {
         sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(SYSTEM_TENANT_ID).bind(id).bind(f.method).bind(f.path).bind(f.path_shape)
             .bind(f.permissions_json()).bind(f.idempotency).bind(f.rate_limit_json()).bind(f.timeout_ms).bind(f.forward_cookies)
-            .bind(&now).bind(expected_version).fetch_optional(&mut *conn).await?
+            .bind(&now).bind(expected_version).bind(f.public_to_authenticated).fetch_optional(&mut *conn).await?
     });
     Ok(row.map(Route::from))
 }
@@ -483,20 +486,45 @@ pub async fn record_health(
     })
 }
 
+/// The registry's rows as read by [`snapshot`] or [`snapshot_in`].
+type SnapshotRows = (Vec<CanonRow>, Vec<(String, String, String)>, Vec<RouteRow>);
+
 /// Reads the whole registry (bounded by the canon and route limits), opening
 /// the active assertion secrets with the master keys; one that does not open
 /// fails the snapshot (the table in force stays).
 pub async fn snapshot(db: &Db, master: &MasterKeys) -> Result<Snapshot, sqlx::Error> {
     let canons_sql = format!("SELECT {CANON_COLUMNS} FROM canons WHERE tenant_id = $1 ORDER BY id");
     let routes_sql = format!("SELECT {ROUTE_COLUMNS} FROM routes WHERE tenant_id = $1 ORDER BY id");
-    type Rows = (Vec<CanonRow>, Vec<(String, String, String)>, Vec<RouteRow>);
-    let (canons, active_secrets, routes): Rows = with_db!(db, pool => {
+    let rows: SnapshotRows = with_db!(db, pool => {
         let canons = sqlx::query_as(sqlx::AssertSqlSafe(canons_sql)).bind(SYSTEM_TENANT_ID).fetch_all(pool).await?;
         let secrets = sqlx::query_as("SELECT canon_id, kid, secret FROM canon_assertion_secrets WHERE tenant_id = $1 AND active = $2")
             .bind(SYSTEM_TENANT_ID).bind(true).fetch_all(pool).await?;
         let routes = sqlx::query_as(sqlx::AssertSqlSafe(routes_sql)).bind(SYSTEM_TENANT_ID).fetch_all(pool).await?;
         (canons, secrets, routes)
     });
+    open_snapshot(rows, master)
+}
+
+/// [`snapshot`] through a transaction: the registry as a change leaves it,
+/// before it commits (`registry_write` builds the route table from it).
+pub async fn snapshot_in(tx: &mut Tx, master: &MasterKeys) -> Result<Snapshot, sqlx::Error> {
+    let canons_sql = format!("SELECT {CANON_COLUMNS} FROM canons WHERE tenant_id = $1 ORDER BY id");
+    let routes_sql = format!("SELECT {ROUTE_COLUMNS} FROM routes WHERE tenant_id = $1 ORDER BY id");
+    let rows: SnapshotRows = with_tx!(tx, conn => {
+        let canons = sqlx::query_as(sqlx::AssertSqlSafe(canons_sql)).bind(SYSTEM_TENANT_ID).fetch_all(&mut *conn).await?;
+        let secrets = sqlx::query_as("SELECT canon_id, kid, secret FROM canon_assertion_secrets WHERE tenant_id = $1 AND active = $2")
+            .bind(SYSTEM_TENANT_ID).bind(true).fetch_all(&mut *conn).await?;
+        let routes = sqlx::query_as(sqlx::AssertSqlSafe(routes_sql)).bind(SYSTEM_TENANT_ID).fetch_all(&mut *conn).await?;
+        (canons, secrets, routes)
+    });
+    open_snapshot(rows, master)
+}
+
+/// Opens the sealed values of a snapshot's rows.
+fn open_snapshot(
+    (canons, active_secrets, routes): SnapshotRows,
+    master: &MasterKeys,
+) -> Result<Snapshot, sqlx::Error> {
     let active_secrets = active_secrets
         .into_iter()
         .map(|(canon_id, kid, stored)| {

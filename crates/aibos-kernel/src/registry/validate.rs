@@ -268,7 +268,7 @@ pub fn route_path(text: &str) -> Result<String, FieldProblem> {
             }
             if !segment.chars().all(is_path_char) {
                 return bad(format!(
-                    "{:?}: segments are letters, digits and -._~!$&'()*+,;=:@ (no '%', '{{' or '}}' inside a segment)",
+                    "{:?}: segments are letters, digits and -._~!$&'()*+,=:@ (no '%', ';', '{{' or '}}' inside a segment)",
                     shorten(segment)
                 ));
             }
@@ -278,9 +278,11 @@ pub fn route_path(text: &str) -> Result<String, FieldProblem> {
     Ok(shape)
 }
 
-/// RFC 3986 `pchar` without percent-encoding.
+/// RFC 3986 `pchar` without percent-encoding, and without `;`: the gateway
+/// refuses every path holding one (`gateway::path`), so such a route could
+/// never be called.
 fn is_path_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || "-._~!$&'()*+,;=:@".contains(c)
+    c.is_ascii_alphanumeric() || "-._~!$&'()*+,=:@".contains(c)
 }
 
 /// Permissions a route requires: exact canonical names, unique, bounded.
@@ -298,6 +300,30 @@ pub fn required_permissions(list: &[String]) -> Result<(), FieldProblem> {
         ));
     }
     Ok(())
+}
+
+/// Who may call a route: the holders of its permissions, or, only when said
+/// explicitly, every authenticated caller of every tenant. A route created
+/// without permissions by oversight would otherwise be open to all of them.
+pub fn route_access(
+    required_permissions: &[String],
+    public_to_authenticated: bool,
+) -> Result<(), FieldProblem> {
+    match (required_permissions.is_empty(), public_to_authenticated) {
+        (true, false) => Err((
+            "required_permissions",
+            "must name at least one permission; a route open to every authenticated caller \
+             of every tenant sets \"public_to_authenticated\": true instead"
+                .to_owned(),
+        )),
+        (false, true) => Err((
+            "public_to_authenticated",
+            "a route open to every authenticated caller requires no permission; \
+             remove required_permissions or set it false"
+                .to_owned(),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// `off`, `optional` or `required`.
@@ -396,10 +422,27 @@ mod tests {
             "/a\\b",
             "/a b",
             "/a/{*rest}",
+            "/reports/export;x",
+            "/a;v=1/b",
         ] {
             assert!(route_path(bad).is_err(), "{bad} was accepted");
         }
         assert!(route_path(&format!("/{}", "a/".repeat(40).trim_end_matches('/'))).is_err());
+    }
+
+    #[test]
+    fn a_route_names_a_permission_or_says_it_is_public() {
+        let some = ["finance.payment.read".to_owned()];
+        assert!(route_access(&some, false).is_ok());
+        assert!(route_access(&[], true).is_ok());
+        assert_eq!(
+            route_access(&[], false).unwrap_err().0,
+            "required_permissions"
+        );
+        assert_eq!(
+            route_access(&some, true).unwrap_err().0,
+            "public_to_authenticated"
+        );
     }
 
     #[test]

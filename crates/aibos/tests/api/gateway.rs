@@ -312,6 +312,111 @@ async fn traversal_attempts_never_reach_the_cell() {
 }
 
 both_engines! {
+    /// `/reports/export;x` would match `/reports/{id}` (and its permission) here,
+    /// while Spring, Tomcat and others serve it as `/reports/export`: a `;`
+    /// anywhere in the path, plain or encoded, is refused before any route is
+    /// matched, and the cell never sees it.
+    async fn a_semicolon_in_the_path_is_refused_before_matching(engine: Engine) {
+        let upstream = Upstream::start().await;
+        let Some(k) = spawn_kernel(engine).await else { return };
+        let Fixture { k, root, user, canon_id, .. } = fixture(k, &upstream).await;
+        k.route(&root, &canon_id, "GET", "/reports/{id}", &["finance.payment.read"], json!({})).await;
+        for path in [
+            "/api/gateway/payments/reports/export;x",
+            "/api/gateway/payments/reports/export%3Bx",
+            "/api/gateway/payments/reports/export%3bx",
+            "/api/gateway/payments/reports;x/export",
+            "/api/gateway/payments/reports/export;",
+            "/api/gateway/payments;x/reports/export",
+            "/api/gateway/payments%3B/reports/export",
+        ] {
+            let problem = expect_problem(k.as_(&user, Method::GET, path).send().await.unwrap(), 400, "VALIDATION_ERROR").await;
+            assert!(problem.to_string().contains("';'"), "{path}: {problem}");
+            // Not even a caller without the permission learns more than 400.
+            let status = raw_status(&k, "GET", path, "not-a-token").await;
+            assert_eq!(status, 400, "{path} before authentication");
+        }
+        assert!(upstream.received().is_empty(), "the cell never saw a ';': {:?}", upstream.received());
+        let plain = k.as_(&user, Method::GET, "/api/gateway/payments/reports/export").send().await.unwrap();
+        assert_eq!(plain.status(), 200);
+        assert_eq!(upstream.received()[0].path_and_query, "/v1/reports/export");
+    }
+}
+
+both_engines! {
+    /// Headers that would make the cell serve another method or path than the
+    /// one the gateway matched and authorized never reach it, however spelled.
+    async fn method_and_url_overrides_never_reach_the_cell(engine: Engine) {
+        let upstream = Upstream::start().await;
+        let Some(k) = spawn_kernel(engine).await else { return };
+        let Fixture { k, user, .. } = fixture(k, &upstream).await;
+        let overrides = [
+            ("X-HTTP-Method-Override", "DELETE"),
+            ("x-http-method", "DELETE"),
+            ("X-Method-Override", "PUT"),
+            ("X-Original-URL", "/admin/purge"),
+            ("x-rewrite-url", "/admin/purge"),
+            ("X-Forwarded-Prefix", "/evil"),
+        ];
+        let mut head = format!(
+            "POST /api/gateway/payments/payments HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nConnection: close\r\nContent-Length: 2\r\nContent-Type: application/json\r\nX-Keep-Me: yes\r\n",
+            k.addr, user.access_token
+        );
+        for (name, value) in overrides {
+            head.push_str(&format!("{name}: {value}\r\n{}: {value}\r\n", name.to_ascii_uppercase()));
+        }
+        head.push_str("\r\n{}");
+        let answer = k.raw_exchange(&head, None).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let received = upstream.received();
+        assert_eq!(received.len(), 1);
+        assert_eq!(received[0].method, "POST");
+        let h = &received[0].headers;
+        for (name, _) in overrides {
+            assert!(h.get(name).is_none(), "{name} reached the cell");
+        }
+        assert_eq!(h["x-keep-me"], "yes", "other client headers still do");
+    }
+}
+
+both_engines! {
+    /// Fail closed: the route table is built from the registry a change leaves,
+    /// before it commits; if that table would leave something out the table in
+    /// force serves, the change rolls back and is refused, never answered 2xx
+    /// with the old table serving.
+    async fn a_change_whose_route_table_cannot_be_built_is_refused(engine: Engine) {
+        let upstream = Upstream::start().await;
+        let Some(k) = spawn_kernel(engine).await else { return };
+        let Fixture { k, root, user, canon_id, .. } = fixture(k, &upstream).await;
+        // Someone empties a route's permissions in the database by hand; the
+        // table in force, built before, still requires them.
+        let db = k.state.db();
+        aibos_kernel::with_db!(db, pool => sqlx::query("UPDATE routes SET required_permissions = '[]' WHERE path = '/payments/{id}'")
+            .execute(pool).await.unwrap().rows_affected());
+        let refunds = json!({ "canon_id": canon_id, "method": "GET", "path": "/refunds/{id}", "required_permissions": ["finance.payment.read"] });
+        let create = || k.as_(&root, Method::POST, "/api/kernel/routes").json(&refunds).send();
+        let problem = expect_problem(create().await.unwrap(), 409, "CONFLICT").await;
+        assert!(problem["detail"].as_str().unwrap().contains("GET /payments/{id} names no permission"), "{problem}");
+        // Rolled back: no route, no audit entry; the table in force is unchanged.
+        let routes: Value = k.as_(&root, Method::GET, "/api/kernel/routes?limit=10").send().await.unwrap().json().await.unwrap();
+        assert_eq!(routes["items"].as_array().unwrap().len(), 2, "{routes}");
+        assert_eq!(k.audit(&root, "action=route.created").await.len(), 2);
+        expect_problem(k.as_(&user, Method::GET, "/api/gateway/payments/refunds/1").send().await.unwrap(), 404, "ROUTE_NOT_FOUND").await;
+        let tenant_admin = k.login("acme", "admin@acme.example", PASSWORD).await.unwrap();
+        expect_problem(k.as_(&tenant_admin, Method::GET, "/api/gateway/payments/payments/1").send().await.unwrap(), 403, "FORBIDDEN").await;
+        assert!(upstream.received().is_empty());
+
+        // Repairing the row through the API is a change that builds; then the refused one goes through.
+        let broken = routes["items"].as_array().unwrap().iter().find(|r| r["path"] == "/payments/{id}").unwrap()["id"].as_str().unwrap().to_owned();
+        let repaired = k.as_(&root, Method::PATCH, &format!("/api/kernel/routes/{broken}"))
+            .json(&json!({ "required_permissions": ["finance.payment.read"] })).send().await.unwrap();
+        assert_eq!(repaired.status(), 200);
+        assert_eq!(create().await.unwrap().status(), 201);
+        assert_eq!(k.as_(&user, Method::GET, "/api/gateway/payments/refunds/1").send().await.unwrap().status(), 200);
+    }
+}
+
+both_engines! {
     async fn failures_timeouts_and_the_circuit_breaker(engine: Engine) {
         let upstream = Upstream::start().await;
         let Fixture {
@@ -328,10 +433,10 @@ both_engines! {
             "GET",
             "/slow",
             &[],
-            json!({ "timeout_ms": 1000 }),
+            json!({ "timeout_ms": 1000, "public_to_authenticated": true }),
         )
         .await;
-        k.route(&root, &canon_id, "GET", "/flaky", &[], json!({}))
+        k.route(&root, &canon_id, "GET", "/flaky", &[], json!({ "public_to_authenticated": true }))
             .await;
 
         // 3 s upstream, 1 s timeout → 504 in 1–1.5 s.
@@ -680,7 +785,7 @@ async fn big_and_live_streams_pass_through_without_buffering() {
         let r = client
             .post(url("/api/kernel/routes"))
             .bearer_auth(&token)
-            .json(&json!({"canon_id": canon["id"], "method": "GET", "path": path}))
+            .json(&json!({"canon_id": canon["id"], "method": "GET", "path": path, "public_to_authenticated": true}))
             .send()
             .await
             .unwrap();
@@ -758,7 +863,7 @@ async fn an_h2c_canon_is_called_over_http2_with_prior_knowledge() {
         "POST",
         "/echo",
         &[],
-        json!({}),
+        json!({ "public_to_authenticated": true }),
     )
     .await;
     let answer = k

@@ -10,6 +10,7 @@ mod audit;
 mod authz;
 mod cancellation;
 mod cli;
+mod connections;
 mod conventions;
 mod escalation;
 mod gateway;

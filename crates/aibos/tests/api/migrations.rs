@@ -91,6 +91,31 @@ crate::both_engines! {
         db.close().await;
     }
 
+    /// 0006 makes a route name a permission or say it is public; routes that
+    /// already named none were open to every authenticated caller and stay so.
+    async fn routes_without_permissions_stay_open_through_0006(engine: Engine) {
+        let test_db = TestDb::create(engine).await.unwrap();
+        let db = connect(&test_db).await;
+        migrate::up(&db, embedded(&db)).await.unwrap();
+        assert_eq!(migrate::down(&db, embedded(&db), 1).await.unwrap().len(), 1, "0006 reverted");
+        let system = "00000000-0000-7000-8000-000000000001";
+        aibos_kernel::with_db!(&db, pool => {
+            sqlx::query("INSERT INTO canons (id, tenant_id, name, base_url, health_path, permissions, created_at, updated_at) \
+                         VALUES ('c1', $1, 'pay', 'http://127.0.0.1:9', '/health', '[]', 't', 't')")
+                .bind(system).execute(pool).await.unwrap();
+            for (id, path, permissions) in [("r1", "/open", "[]"), ("r2", "/closed", "[\"finance.payment.read\"]")] {
+                sqlx::query("INSERT INTO routes (id, tenant_id, canon_id, method, path, path_shape, required_permissions, created_at, updated_at) \
+                             VALUES ($1, $2, 'c1', 'GET', $3, $3, $4, 't', 't')")
+                    .bind(id).bind(system).bind(path).bind(permissions).execute(pool).await.unwrap();
+            }
+        });
+        migrate::up(&db, embedded(&db)).await.unwrap();
+        let rows: Vec<(String, bool)> = aibos_kernel::with_db!(&db, pool =>
+            sqlx::query_as("SELECT id, public_to_authenticated FROM routes ORDER BY id").fetch_all(pool).await.unwrap());
+        assert_eq!(rows, [("r1".to_owned(), true), ("r2".to_owned(), false)]);
+        db.close().await;
+    }
+
     async fn the_system_tenant_exists_from_the_first_migration(engine: Engine) {
         let test_db = TestDb::create(engine).await.unwrap();
         let db = connect(&test_db).await;

@@ -109,6 +109,7 @@ both_engines! {
         let route: Value = response.json().await.unwrap();
         assert_eq!(route["method"], "GET");
         assert_eq!(route["forward_cookies"], false);
+        assert_eq!(route["public_to_authenticated"], false);
         assert_eq!(route["rate_limit"], json!({ "per_minute": 60, "burst": null }));
         let id = route["id"].as_str().unwrap().to_owned();
 
@@ -121,14 +122,32 @@ both_engines! {
             (json!({ "canon_id": canon, "method": "GET", "path": "/x", "idempotency": "always" }), "idempotency"),
             (json!({ "canon_id": canon, "method": "GET", "path": "/x", "rate_limit": { "per_minute": 0 } }), "rate_limit"),
             (json!({ "canon_id": "nope", "method": "GET", "path": "/x" }), "canon_id"),
+            // No permission by oversight is refused; open to every caller only when said.
+            (json!({ "canon_id": canon, "method": "GET", "path": "/x" }), "required_permissions"),
+            (json!({ "canon_id": canon, "method": "GET", "path": "/x", "required_permissions": [] }), "required_permissions"),
+            (json!({ "canon_id": canon, "method": "GET", "path": "/x", "public_to_authenticated": false }), "required_permissions"),
+            (json!({ "canon_id": canon, "method": "GET", "path": "/x", "required_permissions": ["finance.ledger.read"], "public_to_authenticated": true }), "public_to_authenticated"),
+            (json!({ "canon_id": canon, "method": "GET", "path": "/x", "public_to_authenticated": "yes" }), "public_to_authenticated"),
         ] {
             let problem = expect_problem(create(body.clone()).await.unwrap(), 400, "VALIDATION_ERROR").await;
             assert_eq!(problem["errors"][0]["field"], field, "{body} → {problem}");
         }
         // Same method and shape (parameter names aside) → 409; another method is fine.
-        expect_problem(create(json!({ "canon_id": canon, "method": "GET", "path": "/entries/{id}" })).await.unwrap(), 409, "CONFLICT").await;
-        assert_eq!(create(json!({ "canon_id": canon, "method": "DELETE", "path": "/entries/{id}" })).await.unwrap().status(), 201);
-        expect_problem(create(json!({ "canon_id": uuid::Uuid::now_v7().to_string(), "method": "GET", "path": "/x" })).await.unwrap(), 404, "NOT_FOUND").await;
+        let ledger = json!(["finance.ledger.read"]);
+        expect_problem(create(json!({ "canon_id": canon, "method": "GET", "path": "/entries/{id}", "required_permissions": ledger })).await.unwrap(), 409, "CONFLICT").await;
+        let public: Value = create(json!({ "canon_id": canon, "method": "DELETE", "path": "/entries/{id}", "public_to_authenticated": true })).await.unwrap().json().await.unwrap();
+        assert_eq!((public["public_to_authenticated"].clone(), public["required_permissions"].clone()), (json!(true), json!([])));
+        expect_problem(create(json!({ "canon_id": uuid::Uuid::now_v7().to_string(), "method": "GET", "path": "/x", "required_permissions": ledger })).await.unwrap(), 404, "NOT_FOUND").await;
+        // PATCH changes it, under the same rule.
+        let public_id = public["id"].as_str().unwrap();
+        let patch = |body: Value| k.as_(&root, Method::PATCH, &format!("/api/kernel/routes/{public_id}")).json(&body).send();
+        let problem = expect_problem(patch(json!({ "public_to_authenticated": false })).await.unwrap(), 400, "VALIDATION_ERROR").await;
+        assert_eq!(problem["errors"][0]["field"], "required_permissions");
+        let closed: Value = patch(json!({ "public_to_authenticated": false, "required_permissions": ledger })).await.unwrap().json().await.unwrap();
+        assert_eq!((closed["public_to_authenticated"].clone(), closed["required_permissions"].clone()), (json!(false), ledger.clone()));
+        let reopened: Value = patch(json!({ "public_to_authenticated": true, "required_permissions": [] })).await.unwrap().json().await.unwrap();
+        assert_eq!(reopened["public_to_authenticated"], true);
+        assert!(k.audit(&root, "action=route.updated").await.iter().any(|e| e["details"]["public_to_authenticated"] == true));
 
         let list: Value = k.as_(&root, Method::GET, &format!("/api/kernel/routes?canon_id={canon}&limit=1")).send().await.unwrap().json().await.unwrap();
         assert_eq!(list["items"].as_array().unwrap().len(), 1);
@@ -140,7 +159,7 @@ both_engines! {
         assert_eq!((patched["timeout_ms"].clone(), patched["forward_cookies"].clone(), patched["version"].clone()), (Value::Null, json!(true), json!(2)));
         expect_problem(k.as_(&root, Method::DELETE, &format!("/api/kernel/routes/{id}")).header("if-match", "\"1\"").send().await.unwrap(), 412, "PRECONDITION_FAILED").await;
         assert_eq!(k.audit(&root, "action=route.created").await.len(), 2);
-        assert_eq!(k.audit(&root, "action=route.updated").await.len(), 1);
+        assert_eq!(k.audit(&root, "action=route.updated").await.len(), 3);
     }
 
     async fn only_platform_administrators_manage_the_registry(engine: Engine) {
