@@ -403,7 +403,9 @@ both_engines! {
         assert_eq!(k.audit(&root, "action=route.created").await.len(), 2);
         expect_problem(k.as_(&user, Method::GET, "/api/gateway/payments/refunds/1").send().await.unwrap(), 404, "ROUTE_NOT_FOUND").await;
         let tenant_admin = k.login("acme", "admin@acme.example", PASSWORD).await.unwrap();
-        expect_problem(k.as_(&tenant_admin, Method::GET, "/api/gateway/payments/payments/1").send().await.unwrap(), 403, "FORBIDDEN").await;
+        k.user(&tenant_admin, "clerk@acme.example").await;
+        let clerk = k.login("acme", "clerk@acme.example", PASSWORD).await.unwrap();
+        expect_problem(k.as_(&clerk, Method::GET, "/api/gateway/payments/payments/1").send().await.unwrap(), 403, "FORBIDDEN").await;
         assert!(upstream.received().is_empty());
 
         // Repairing the row through the API is a change that builds; then the refused one goes through.

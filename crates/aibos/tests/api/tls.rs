@@ -114,7 +114,15 @@ async fn https_canon(
     assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
     let body: Value = response.json().await.unwrap();
     let id = body["id"].as_str().unwrap().to_owned();
-    k.route(root, &id, "GET", "/hello", &[], json!({})).await;
+    k.route(
+        root,
+        &id,
+        "GET",
+        "/hello",
+        &[],
+        json!({ "public_to_authenticated": true }),
+    )
+    .await;
     id
 }
 
