@@ -185,6 +185,10 @@ pub const LOGIN_FAILURES_PER_ACCOUNT_MAX: u32 = 5;
 pub const LOGIN_FAILURES_PER_ADDRESS_MAX: u32 = 100;
 /// The throttling window.
 pub const LOGIN_FAILURE_WINDOW_SECONDS: u64 = 15 * 60;
+/// How long a login waits for a place in a full failure budget (held by
+/// attempts being verified) before it is refused with 429: a few Argon2
+/// verifications' time, so concurrent logins of one account take turns.
+pub const LOGIN_ATTEMPT_WAIT_MS: u64 = 5_000;
 /// How often a kernel on SQLite reads the invalidation log: the delay before a
 /// change made by the offline command line (another process, no NOTIFY) is
 /// seen; one indexed read of nothing, most of the time.

@@ -748,6 +748,7 @@ pub async fn login(
     let attempt = state
         .login_throttle()
         .reserve(&bucket, &email, info.client_ip)
+        .await
         .map_err(|retry| {
             ApiError::rate_limited("Too many failed logins; try again later.", retry.0)
         })?;

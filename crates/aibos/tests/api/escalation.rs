@@ -346,6 +346,15 @@ crate::both_engines! {
         let platform = kernel.platform_admin().await;
         let admin = kernel.tenant_with_admin(&platform, "acme").await;
         kernel.user(&admin, "ivy@acme.example").await;
+        // Concurrent logins with the right password take turns, none is refused.
+        kernel.user(&admin, "svc@acme.example").await;
+        let logins = (0..12).map(|_| {
+            let request = kernel.client.post(kernel.url("/api/kernel/auth/login"))
+                .json(&json!({"tenant": "acme", "email": "svc@acme.example", "password": PASSWORD}));
+            async move { request.send().await.unwrap().status().as_u16() }
+        });
+        assert_eq!(futures_join_all(logins).await, vec![200; 12]);
+
         let guesses = (0..50).map(|i| {
             let request = kernel.client.post(kernel.url("/api/kernel/auth/login"))
                 .json(&json!({"tenant": "acme", "email": "ivy@acme.example", "password": format!("guess number {i:04}")}));
