@@ -11,22 +11,24 @@
 //!   still streaming, keeps it open; a later request whose head drips in (reads
 //!   alone do not count) or a client that stops reading its response (its
 //!   writes stall) does not. HTTP/1.1 and HTTP/2 alike.
-//!
-//! Both are checked by one timer per connection ([`ConnectionWatch`], counters
-//! the front door and the socket bump), not one per request: hyper's own
-//! HTTP/1.1 header-read timer is armed and cancelled around every request,
-//! about 2 % of a gateway call's instructions.
 //! - **pending connections per client address**
 //!   (`server.max_pending_connections_per_address`): the acceptor counts, per
 //!   client address (an IPv6 /64, what one client can easily hold), the
 //!   connections that have not sent their first request's head yet, and closes
 //!   a new one beyond the cap at once. This is the per-address connection
 //!   limit careful proxies put in front of a slow-headers attack (nginx's
-//!   `limit_conn` by `$binary_remote_addr`, Envoy's overload manager by
-//!   downstream address), applied only to connections that have not proved
+//!   `limit_conn` keyed by `$binary_remote_addr`, HAProxy's `src_conn_cur` in
+//!   a stick table), here applied only to connections that have not proved
 //!   they speak HTTP: a global cap would let one client lock everyone out,
 //!   and counting established connections would penalise clients behind one
 //!   NAT or balancer for their ordinary keep-alive connections.
+//!
+//! The two timeouts are checked by timers of the connection's own (see
+//! [`ConnectionWatch`]: counters the front door and the socket bump), not per
+//! request: hyper's HTTP/1.1 header-read timer is armed and cancelled around
+//! every request, about 2 % of a gateway call's instructions; and they are
+//! polled only when they fire (`Alarm`), not at every wake-up of the
+//! connection.
 //!
 //! Graceful shutdown is axum's: stop accepting, ask every connection to close
 //! after its current exchange, wait for them.
