@@ -11,22 +11,24 @@
 //!   still streaming, keeps it open; a later request whose head drips in (reads
 //!   alone do not count) or a client that stops reading its response (its
 //!   writes stall) does not. HTTP/1.1 and HTTP/2 alike.
-//!
-//! Both are checked by one timer per connection ([`ConnectionWatch`], counters
-//! the front door and the socket bump), not one per request: hyper's own
-//! HTTP/1.1 header-read timer is armed and cancelled around every request,
-//! about 2 % of a gateway call's instructions.
 //! - **pending connections per client address**
 //!   (`server.max_pending_connections_per_address`): the acceptor counts, per
 //!   client address (an IPv6 /64, what one client can easily hold), the
 //!   connections that have not sent their first request's head yet, and closes
 //!   a new one beyond the cap at once. This is the per-address connection
 //!   limit careful proxies put in front of a slow-headers attack (nginx's
-//!   `limit_conn` by `$binary_remote_addr`, Envoy's overload manager by
-//!   downstream address), applied only to connections that have not proved
+//!   `limit_conn` keyed by `$binary_remote_addr`, HAProxy's `src_conn_cur` in
+//!   a stick table), here applied only to connections that have not proved
 //!   they speak HTTP: a global cap would let one client lock everyone out,
 //!   and counting established connections would penalise clients behind one
 //!   NAT or balancer for their ordinary keep-alive connections.
+//!
+//! The two timeouts are checked by timers of the connection's own (see
+//! [`ConnectionWatch`]: counters the front door and the socket bump), not per
+//! request: hyper's HTTP/1.1 header-read timer is armed and cancelled around
+//! every request, about 2 % of a gateway call's instructions; and they are
+//! polled only when they fire (`Alarm`), not at every wake-up of the
+//! connection.
 //!
 //! Graceful shutdown is axum's: stop accepting, ask every connection to close
 //! after its current exchange, wait for them.
@@ -36,6 +38,7 @@ use std::net::IpAddr;
 use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -221,6 +224,88 @@ impl Drop for PendingSlot {
     }
 }
 
+/// What woke a connection's task.
+enum Event {
+    Ended(Result<(), Box<dyn std::error::Error + Send + Sync>>),
+    FirstHeadDue,
+    CheckDue,
+    Stop,
+}
+
+/// The waker a connection's timers and stop signal are polled with: it notes
+/// that one of them fired, then wakes the connection's task. Polling them at
+/// every wake-up of the connection (several per request), as `select!` does,
+/// cost ~600 instructions per gateway call (callgrind: each `Sleep` re-registers
+/// its waker); now a wake-up costs a pointer comparison and a flag.
+struct Alarm {
+    shared: Arc<AlarmShared>,
+    waker: Waker,
+}
+
+struct AlarmShared {
+    fired: AtomicBool,
+    /// Kept, not taken, by a wake (unlike an `AtomicWaker`), so that it is
+    /// registered only when the task's waker changes; locked only then and
+    /// when a timer fires, a few times a minute.
+    task: std::sync::Mutex<Option<Waker>>,
+}
+
+impl Wake for AlarmShared {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.fired.store(true, Ordering::Release);
+        if let Some(task) = &*self.task.lock().unwrap_or_else(|p| p.into_inner()) {
+            task.wake_by_ref();
+        }
+    }
+}
+
+impl Alarm {
+    /// Rung at first, so that the timers are polled (and registered) once.
+    fn new() -> Alarm {
+        let shared = Arc::new(AlarmShared {
+            fired: AtomicBool::new(true),
+            task: std::sync::Mutex::new(None),
+        });
+        Alarm {
+            waker: Waker::from(Arc::clone(&shared)),
+            shared,
+        }
+    }
+
+    /// Makes sure a firing wakes the task polling with `cx`; `registered` is
+    /// the waker registered last, so the same one is not registered again.
+    fn follow(&self, registered: &mut Option<Waker>, cx: &Context<'_>) {
+        if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            *self.shared.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(cx.waker().clone());
+            *registered = Some(cx.waker().clone());
+        }
+    }
+
+    /// Whether something fired since the last call (and forgets it).
+    fn take(&self) -> bool {
+        if self.shared.fired.load(Ordering::Acquire) {
+            self.shared.fired.store(false, Ordering::Relaxed);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Marks it fired: the timers are polled at the next wake-up.
+    fn ring(&self) {
+        self.shared.fired.store(true, Ordering::Relaxed);
+    }
+
+    /// The context to poll the timers with.
+    fn context(&self) -> Context<'_> {
+        Context::from_waker(&self.waker)
+    }
+}
+
 /// Serves the connections dealt to this loop until `stop`, then waits for them
 /// to finish their current exchange.
 pub async fn serve(
@@ -248,30 +333,60 @@ pub async fn serve(
             builder.http2().enable_connect_protocol();
             let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
             let mut connection = pin!(connection);
-            // Dropping the connection (returning) closes the socket.
+            // Dropping the connection (breaking out) closes the socket.
             let mut first_head = pin!(tokio::time::sleep(timeouts.header_read));
             let check_every = timeouts.idle_check_period();
             let mut check = pin!(tokio::time::sleep(check_every));
+            let mut stopped = pin!(stop.cancelled());
+            let alarm = Alarm::new();
+            let mut registered = None;
             let mut last_activity = watch.activity();
             let mut quiet_checks = 0;
             let (mut awaiting_first, mut stopping) = (true, false);
             loop {
-                tokio::select! {
-                    served = connection.as_mut() => {
+                // The connection is polled at every wake-up; the timers and the
+                // stop signal only when one of them woke the task (see `Alarm`).
+                let event = std::future::poll_fn(|cx| {
+                    alarm.follow(&mut registered, cx);
+                    if let Poll::Ready(served) = connection.as_mut().poll(cx) {
+                        return Poll::Ready(Event::Ended(served));
+                    }
+                    if !alarm.take() {
+                        return Poll::Pending;
+                    }
+                    let mut cx = alarm.context();
+                    if awaiting_first && first_head.as_mut().poll(&mut cx).is_ready() {
+                        return Poll::Ready(Event::FirstHeadDue);
+                    }
+                    if check.as_mut().poll(&mut cx).is_ready() {
+                        return Poll::Ready(Event::CheckDue);
+                    }
+                    if !stopping && stopped.as_mut().poll(&mut cx).is_ready() {
+                        return Poll::Ready(Event::Stop);
+                    }
+                    Poll::Pending
+                })
+                .await;
+                // Whatever fired, the others are looked at again next time.
+                alarm.ring();
+                match event {
+                    Event::Ended(served) => {
                         if let Err(e) = served {
                             tracing::trace!(error = %e, "connection ended with an error");
                         }
                         break;
                     }
-                    () = &mut first_head, if awaiting_first => {
+                    Event::FirstHeadDue => {
                         awaiting_first = false;
                         if !watch.pending.has_first_request() {
                             tracing::debug!(client = %remote, "closed a connection that sent no request head in time");
                             break;
                         }
                     }
-                    () = &mut check => {
-                        check.as_mut().reset(tokio::time::Instant::now() + check_every);
+                    Event::CheckDue => {
+                        check
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + check_every);
                         let activity = watch.activity();
                         if watch.responding() || activity != last_activity {
                             quiet_checks = 0;
@@ -284,7 +399,7 @@ pub async fn serve(
                             break;
                         }
                     }
-                    () = stop.cancelled(), if !stopping => {
+                    Event::Stop => {
                         stopping = true;
                         connection.as_mut().graceful_shutdown();
                     }
