@@ -284,8 +284,9 @@ crate::both_engines! {
 async fn login_failure_timing_does_not_tell_unknown_emails_from_wrong_passwords() {
     let kernel = spawn_kernel(Engine::Sqlite).await.unwrap();
     let admin = kernel.platform_admin().await;
-    // Four users × five attempts stays under the per-account throttle.
-    for i in 0..4 {
+    // Four users × five attempts per round stays under the per-account throttle,
+    // and two rounds of forty failures under the per-address one (100).
+    for i in 0..8 {
         kernel.user(&admin, &format!("user{i}@example.com")).await;
     }
     let time = |email: String, password: &'static str| {
@@ -304,23 +305,44 @@ async fn login_failure_timing_does_not_tell_unknown_emails_from_wrong_passwords(
             started.elapsed()
         }
     };
-    let mut unknown = Vec::new();
-    let mut wrong = Vec::new();
-    for i in 0..20 {
-        unknown.push(time(format!("nobody{i}@example.com"), "wrong password here").await);
-        wrong.push(time(format!("user{}@example.com", i % 4), "wrong password here").await);
-    }
     let median = |mut v: Vec<Duration>| {
         v.sort();
         v[v.len() / 2]
     };
-    let (u, w) = (median(unknown).as_secs_f64(), median(wrong).as_secs_f64());
-    let difference = (u - w).abs() / u.max(w);
-    assert!(
-        difference < 0.2,
-        "unknown email {u:.4}s vs wrong password {w:.4}s: {:.0}% apart",
-        difference * 100.0
-    );
+    // A second round when the first is further apart: other tests share the
+    // machine and can load one series more than the other. A real difference
+    // (an unknown email skipping Argon2 is several times faster) fails both.
+    let mut apart = Vec::new();
+    for round in 0..2 {
+        let mut unknown = Vec::new();
+        let mut wrong = Vec::new();
+        for i in 0..20 {
+            unknown.push(
+                time(
+                    format!("nobody{round}-{i}@example.com"),
+                    "wrong password here",
+                )
+                .await,
+            );
+            wrong.push(
+                time(
+                    format!("user{}@example.com", round * 4 + i % 4),
+                    "wrong password here",
+                )
+                .await,
+            );
+        }
+        let (u, w) = (median(unknown).as_secs_f64(), median(wrong).as_secs_f64());
+        let difference = (u - w).abs() / u.max(w);
+        if difference < 0.2 {
+            return;
+        }
+        apart.push(format!(
+            "unknown email {u:.4}s vs wrong password {w:.4}s: {:.0}% apart",
+            difference * 100.0
+        ));
+    }
+    panic!("{apart:?}");
 }
 
 #[tokio::test]
