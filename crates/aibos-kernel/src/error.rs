@@ -155,6 +155,17 @@ impl From<sqlx::Error> for ApiError {
             sqlx::Error::Database(db) if db.is_unique_violation() => {
                 ApiError::conflict("A resource with the same unique value already exists.")
             }
+            // PostgreSQL's data exceptions (SQLSTATE class 22: a character it
+            // cannot store, a value out of range, text that is not a number…)
+            // come from a request's values, not from the kernel: a second line
+            // behind the extractors' checks, never a 500.
+            sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("22")) => {
+                tracing::warn!(sqlstate = ?db.code(), error = %db, "a value the database cannot store");
+                ApiError::new(
+                    ErrorCode::ValidationError,
+                    "A value in the request cannot be stored.",
+                )
+            }
             sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
                 ApiError::unavailable(e)
             }

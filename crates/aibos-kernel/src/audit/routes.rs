@@ -23,7 +23,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// Reads the filters from the query string; values are bounded and times must parse.
 fn filter_from_query(query: &str) -> ApiResult<AuditFilter> {
     let mut filter = AuditFilter::default();
-    for (key, value) in url_pairs(query) {
+    for (key, value) in url_pairs(query)? {
         if value.len() > 200 {
             return Err(ApiError::invalid_field(key, "is too long"));
         }

@@ -23,30 +23,115 @@ where
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        if !is_json(request.headers().get(header::CONTENT_TYPE)) {
-            return Err(ApiError::new(
-                ErrorCode::UnsupportedMediaType,
-                "Send the body as application/json with a Content-Type header saying so.",
-            ));
-        }
-        let bytes = Bytes::from_request(request, state)
-            .await
-            .map_err(|rejection| {
-                if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::new(
-                        ErrorCode::PayloadTooLarge,
-                        "The request body exceeds the configured limit.",
-                    )
-                } else {
-                    ApiError::invalid_field("body", "the body could not be read")
-                }
-            })?;
+        let bytes = json_body(request, state).await?;
         parse_json(&bytes).map(AppJson)
     }
 }
 
-/// Parses JSON, reporting the path of the first field that failed.
+/// [`AppJson`] that lets text holding a NUL character through, for the one
+/// handler that must audit what it refuses (login); it refuses such text itself.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AppJsonKeepingNul<T>(pub T);
+
+impl<T, S> FromRequest<S> for AppJsonKeepingNul<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = json_body(request, state).await?;
+        parse_json_keeping_nul(&bytes).map(AppJsonKeepingNul)
+    }
+}
+
+/// The body of a JSON request: 415 unless `application/json`, 413 over the limit.
+async fn json_body<S: Send + Sync>(request: Request, state: &S) -> Result<Bytes, ApiError> {
+    if !is_json(request.headers().get(header::CONTENT_TYPE)) {
+        return Err(ApiError::new(
+            ErrorCode::UnsupportedMediaType,
+            "Send the body as application/json with a Content-Type header saying so.",
+        ));
+    }
+    Bytes::from_request(request, state)
+        .await
+        .map_err(|rejection| {
+            if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    ErrorCode::PayloadTooLarge,
+                    "The request body exceeds the configured limit.",
+                )
+            } else {
+                ApiError::invalid_field("body", "the body could not be read")
+            }
+        })
+}
+
+/// Parses JSON, reporting the path of the first field that failed. Text
+/// holding a NUL character (`\u0000`) is refused here, at the one boundary
+/// every JSON body passes, naming the field: PostgreSQL can store it in
+/// neither `text` nor `jsonb`, and no field of this API has a use for it.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if let Some(field) = nul_field(bytes) {
+        return Err(nul_refused(&field));
+    }
+    parse_json_keeping_nul(bytes)
+}
+
+/// The 400 for text that holds a NUL character.
+pub fn nul_refused(field: &str) -> ApiError {
+    ApiError::new(ErrorCode::ValidationError, "The request is not valid.")
+        .with_field(field, "must not contain the NUL character (U+0000)")
+}
+
+/// The path of the first string or key holding a NUL character, when the body
+/// has one. The body is read as a document only when its bytes hold the escape
+/// (a raw NUL is not valid JSON anyway), so other bodies cost one byte scan.
+fn nul_field(bytes: &[u8]) -> Option<String> {
+    let escaped = bytes
+        .windows(6)
+        .any(|w| w[0] == b'\\' && w[1] == b'u' && w[2..].eq_ignore_ascii_case(b"0000"));
+    if !escaped {
+        return None;
+    }
+    let document: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    fn walk(value: &serde_json::Value, path: &str) -> Option<String> {
+        let here = || {
+            if path.is_empty() {
+                "body".to_owned()
+            } else {
+                path.to_owned()
+            }
+        };
+        match value {
+            serde_json::Value::String(s) if s.contains('\0') => Some(here()),
+            serde_json::Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .find_map(|(i, v)| walk(v, &format!("{}[{i}]", here()))),
+            serde_json::Value::Object(members) => members.iter().find_map(|(k, v)| {
+                let key: String = k.replace('\0', "\u{FFFD}").chars().take(64).collect();
+                let inner = if path.is_empty() {
+                    key
+                } else {
+                    format!("{path}.{key}")
+                };
+                if k.contains('\0') {
+                    Some(inner)
+                } else {
+                    walk(v, &inner)
+                }
+            }),
+            _ => None,
+        }
+    }
+    walk(&document, "")
+}
+
+/// [`parse_json`] without the NUL refusal, for the one handler that must see
+/// such text to audit it (a failed login is audited whatever it held).
+pub fn parse_json_keeping_nul<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let deserializer = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let path = e.path().to_string();
@@ -96,6 +181,35 @@ mod tests {
     struct Body {
         name: String,
         count: u32,
+    }
+
+    #[test]
+    fn text_holding_nul_is_refused_by_its_path() {
+        assert_eq!(nul_field(br#"{"a":"x\u0000"}"#).as_deref(), Some("a"));
+        assert_eq!(
+            nul_field(br#"{"a":{"b":["ok","\u0000"]}}"#).as_deref(),
+            Some("a.b[1]")
+        );
+        assert_eq!(
+            nul_field(br#"{"k\u0000ey":1}"#).as_deref(),
+            Some("k\u{FFFD}ey")
+        );
+        assert_eq!(
+            nul_field(br#""\U0000""#),
+            None,
+            "not an escape JSON knows: malformed, refused later"
+        );
+        assert_eq!(
+            nul_field(br#"{"a":"\\u0000"}"#),
+            None,
+            "an escaped backslash, then text"
+        );
+        assert_eq!(nul_field(br#"{"a":"plain"}"#), None);
+        let err = parse_json::<Body>(br#"{"name":"\u0000","count":1}"#).unwrap_err();
+        assert_eq!(err.into_response().status(), 400);
+        assert!(parse_json_keeping_nul::<Body>(br#"{"name":"\u0000","count":1}"#).is_ok());
+        assert!(url_pairs("a=1&b=%00").is_err());
+        assert_eq!(url_pairs("a=1&b=2").unwrap().len(), 2);
     }
 
     #[test]
@@ -184,7 +298,7 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ListQuery {
         let query = parts.uri.query().unwrap_or("");
         let mut limit = crate::limits::LIST_LIMIT_DEFAULT;
         let mut after = String::new();
-        for (key, value) in url_pairs(query) {
+        for (key, value) in url_pairs(query)? {
             match key.as_str() {
                 "limit" => {
                     limit = value
@@ -210,9 +324,20 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ListQuery {
     }
 }
 
-/// Decoded `key=value` pairs of a query string.
-pub fn url_pairs(query: &str) -> Vec<(String, String)> {
-    serde_urlencoded::from_str::<Vec<(String, String)>>(query).unwrap_or_default()
+/// Decoded `key=value` pairs of a query string; a key or value holding a NUL
+/// character (`%00`) is a 400 naming it (see [`parse_json`]).
+pub fn url_pairs(query: &str) -> Result<Vec<(String, String)>, ApiError> {
+    let pairs = serde_urlencoded::from_str::<Vec<(String, String)>>(query).unwrap_or_default();
+    match pairs
+        .iter()
+        .find(|(k, v)| k.contains('\0') || v.contains('\0'))
+    {
+        Some((key, _)) => {
+            let field: String = key.replace('\0', "\u{FFFD}").chars().take(64).collect();
+            Err(nul_refused(&field))
+        }
+        None => Ok(pairs),
+    }
 }
 
 /// `If-Match: "<version>"`, when sent; a malformed value is a 400.

@@ -23,7 +23,9 @@ use crate::authz::cache::Invalidation;
 use crate::authz::caller::ClientInfo;
 use crate::authz::{Caller, perm, store as authz_store};
 use crate::error::{ApiError, ApiResult, ErrorCode};
-use crate::http::extract::{AppJson, IfMatch, ListQuery, no_store, parse_id, with_etag};
+use crate::http::extract::{
+    AppJson, AppJsonKeepingNul, IfMatch, ListQuery, no_store, parse_id, with_etag,
+};
 use crate::state::AppState;
 use crate::{limits, timestamp};
 
@@ -729,8 +731,18 @@ fn issue_access_token(
 pub async fn login(
     State(state): State<AppState>,
     info: ClientInfo,
-    AppJson(body): AppJson<LoginRequest>,
+    AppJsonKeepingNul(body): AppJsonKeepingNul<LoginRequest>,
 ) -> ApiResult<Response> {
+    if let Some(field) = [
+        ("tenant", &body.tenant),
+        ("email", &body.email),
+        ("password", &body.password),
+    ]
+    .into_iter()
+    .find_map(|(field, text)| text.contains('\0').then_some(field))
+    {
+        return Err(login_with_nul(&state, info, &body, field).await);
+    }
     let tenant_key: String = body.tenant.chars().take(100).collect();
     let email = body
         .email
@@ -780,6 +792,32 @@ pub async fn login(
     attempt.succeeded();
     state.metrics().login("success");
     Ok(no_store(Json(response)))
+}
+
+/// A login whose text holds a NUL character (which no tenant, email or
+/// password can): refused like any such text, 400 naming the field, and
+/// audited as a failed login in the system tenant's chain, its text with the
+/// NUL shown as U+FFFD (PostgreSQL stores no NUL).
+async fn login_with_nul(
+    state: &AppState,
+    info: ClientInfo,
+    body: &LoginRequest,
+    field: &str,
+) -> ApiError {
+    let shown =
+        |text: &str| -> String { text.replace('\0', "\u{FFFD}").chars().take(254).collect() };
+    let ctx = info.audit_context(SYSTEM_TENANT_ID, "anonymous", None);
+    let event = AuditEvent::new("auth.login_failed")
+        .outcome("failure")
+        .severity("warning")
+        .details(serde_json::json!({
+            "tenant": shown(&body.tenant), "email": shown(&body.email), "reason": "invalid_text", "field": field
+        }));
+    if let Err(e) = state.audit_alone(ctx, event).await {
+        return e;
+    }
+    state.metrics().login("failure");
+    crate::http::extract::nul_refused(field)
 }
 
 /// A failed login: throttled, audited with its reason (never shown to the client),
@@ -1105,8 +1143,20 @@ pub async fn token(
         .unwrap_or("")
         .to_ascii_lowercase();
     let request: TokenRequest = if content_type.starts_with("application/x-www-form-urlencoded") {
-        serde_urlencoded::from_bytes(&body)
-            .map_err(|e| ApiError::invalid_field("body", e.to_string()))?
+        let request: TokenRequest = serde_urlencoded::from_bytes(&body)
+            .map_err(|e| ApiError::invalid_field("body", e.to_string()))?;
+        // As `parse_json` does for the JSON form: no NUL in any field.
+        if let Some(field) = [
+            ("grant_type", &request.grant_type),
+            ("client_id", &request.client_id),
+            ("client_secret", &request.client_secret),
+        ]
+        .into_iter()
+        .find_map(|(field, text)| text.contains('\0').then_some(field))
+        {
+            return Err(crate::http::extract::nul_refused(field));
+        }
+        request
     } else if content_type.starts_with("application/json") {
         crate::http::extract::parse_json(&body)?
     } else {

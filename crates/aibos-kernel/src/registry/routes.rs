@@ -721,7 +721,7 @@ pub async fn list_routes(
     RawQuery(query): RawQuery,
 ) -> ApiResult<Json<aibos_wire::Page<Route>>> {
     caller.require_platform(&state, &[perm::ROUTE_READ]).await?;
-    let canon_id = url_pairs(query.as_deref().unwrap_or(""))
+    let canon_id = url_pairs(query.as_deref().unwrap_or(""))?
         .into_iter()
         .find(|(k, _)| k == "canon_id")
         .map(|(_, v)| parse_id("canon_id", &v))

@@ -7,7 +7,7 @@ use aibos_testkit::api::PASSWORD;
 use aibos_testkit::{Engine, KernelOptions, spawn_kernel, spawn_kernel_with};
 use base64::Engine as _;
 use reqwest::Method;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::expect_problem;
 
@@ -509,5 +509,51 @@ async fn revocation_reaches_every_instance_on_postgres() {
             "the second instance still accepts a logged-out token"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+crate::both_engines! {
+    // PostgreSQL stores no NUL in text or jsonb: such text is refused where it
+    // enters (400 naming the field), never a 500 from the database.
+    async fn text_holding_nul_is_refused_at_the_boundary(engine: Engine) {
+        let kernel = spawn_kernel(engine).await.unwrap();
+        let admin = kernel.platform_admin().await;
+        let post = |path: &str, body: String| kernel.client.post(kernel.url(path)).header("content-type", "application/json").body(body).send();
+        for (body, field) in [
+            (r#"{"tenant":"system","email":"root\u0000@example.com","password":"x"}"#, "email"),
+            (r#"{"tenant":"sys\u0000tem","email":"root@example.com","password":"x"}"#, "tenant"),
+            (r#"{"tenant":"system","email":"root@example.com","password":"correct horse\u0000"}"#, "password"),
+        ] {
+            let problem = expect_problem(post("/api/kernel/auth/login", body.to_owned()).await.unwrap(), 400, "VALIDATION_ERROR").await;
+            assert_eq!(problem["errors"][0]["field"], field, "{problem}");
+        }
+        // Still audited as failed logins, the NUL shown as U+FFFD, never the password.
+        let failures = kernel.audit(&admin, "action=auth.login_failed").await;
+        assert_eq!(failures.len(), 3);
+        assert!(failures.iter().all(|e| e["details"]["reason"] == "invalid_text"));
+        assert!(failures.iter().any(|e| e["details"]["email"] == "root\u{FFFD}@example.com"));
+        assert!(!Value::Array(failures).to_string().contains("correct horse"));
+
+        let problem = expect_problem(post("/api/kernel/auth/token", r#"{"grant_type":"client_credentials","client_id":"kci_\u0000","client_secret":"x"}"#.to_owned()).await.unwrap(), 400, "VALIDATION_ERROR").await;
+        assert_eq!(problem["errors"][0]["field"], "client_id");
+        let form = kernel.client.post(kernel.url("/api/kernel/auth/token")).header("content-type", "application/x-www-form-urlencoded")
+            .body("grant_type=client_credentials&client_id=kci_%00&client_secret=x").send().await.unwrap();
+        let problem = expect_problem(form, 400, "VALIDATION_ERROR").await;
+        assert_eq!(problem["errors"][0]["field"], "client_id");
+        // Nested fields and keys are named by their path; queries too.
+        let r = kernel.as_(&admin, Method::POST, "/api/kernel/tenants").header("content-type", "application/json")
+            .body(r#"{"slug":"acme","name":"Acme\u0000 Corp"}"#).send().await.unwrap();
+        let problem = expect_problem(r, 400, "VALIDATION_ERROR").await;
+        assert_eq!(problem["errors"][0]["field"], "name");
+        for query in ["action=user%00.created", "limit=10&cursor=%00", "resource_type=x&%00=1"] {
+            let r = kernel.as_(&admin, Method::GET, &format!("/api/kernel/audit?{query}")).send().await.unwrap();
+            expect_problem(r, 400, "VALIDATION_ERROR").await;
+        }
+        // A lone surrogate escape is not text at all: 400 as malformed JSON.
+        let r = post("/api/kernel/auth/login", r#"{"tenant":"system","email":"\ud800","password":"x"}"#.to_owned()).await.unwrap();
+        expect_problem(r, 400, "VALIDATION_ERROR").await;
+        // Nothing of it was stored.
+        let tenants: Value = kernel.as_(&admin, Method::GET, "/api/kernel/tenants").send().await.unwrap().json().await.unwrap();
+        assert_eq!(tenants["items"].as_array().unwrap().len(), 1, "only the system tenant");
     }
 }
