@@ -69,20 +69,73 @@ pub fn base_document() -> utoipa::openapi::OpenApi {
     doc
 }
 
+/// What a response of `status` means, for one the handler's annotation left
+/// without a description (OpenAPI 3.1 requires one): for an error, the problem
+/// codes answered with that status.
+fn description_of(status: &str) -> String {
+    let Ok(status) = status.parse::<u16>() else {
+        return "Any other answer.".to_owned();
+    };
+    if status >= 400 {
+        let codes: Vec<&str> = ErrorCode::ALL
+            .iter()
+            .filter(|c| c.status() == status)
+            .map(|c| c.as_str())
+            .collect();
+        if !codes.is_empty() {
+            return format!("Problem with code {}.", codes.join(" or "));
+        }
+        return format!("Problem (HTTP {status}).");
+    }
+    match status {
+        200 => "Success.".to_owned(),
+        201 => "Created.".to_owned(),
+        202 => "Accepted.".to_owned(),
+        204 => "Done; no body.".to_owned(),
+        _ => format!("HTTP {status}."),
+    }
+}
+
+/// Gives every response the description OpenAPI 3.1 requires, and every
+/// error response without content the problem body it is answered with.
+fn describe_responses(op: &mut utoipa::openapi::path::Operation) {
+    for (status, response) in op.responses.responses.iter_mut() {
+        let utoipa::openapi::RefOr::T(response) = response else {
+            continue;
+        };
+        if response.description.trim().is_empty() {
+            response.description = description_of(status);
+        }
+        let is_error = status.parse::<u16>().is_ok_and(|s| s >= 400);
+        if is_error && response.content.is_empty() {
+            response.content.insert(
+                aibos_wire::error::PROBLEM_CONTENT_TYPE.to_owned(),
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("Problem")))
+                    .build()
+                    .into(),
+            );
+        }
+    }
+}
+
 /// Adds to every operation the problem responses the middleware can produce
-/// (400 for a bad correlation id, 413, 500), so clients see every code they may get.
+/// (400 for a bad correlation id, 413, 500), so clients see every code they
+/// may get, and describes every response (see [`describe_responses`]).
 pub fn add_common_problems(doc: &mut utoipa::openapi::OpenApi) {
+    let mut seen_ids = std::collections::HashMap::<String, usize>::new();
     for item in doc.paths.paths.values_mut() {
-        for op in [
-            &mut item.get,
-            &mut item.post,
-            &mut item.put,
-            &mut item.patch,
-            &mut item.delete,
-        ]
-        .into_iter()
-        .flatten()
-        {
+        for (method, op) in [
+            ("get", &mut item.get),
+            ("put", &mut item.put),
+            ("post", &mut item.post),
+            ("delete", &mut item.delete),
+            ("options", &mut item.options),
+            ("head", &mut item.head),
+            ("patch", &mut item.patch),
+            ("trace", &mut item.trace),
+        ] {
+            let Some(op) = op else { continue };
             for (status, name) in [
                 ("400", "BadRequest"),
                 ("413", "PayloadTooLarge"),
@@ -92,6 +145,16 @@ pub fn add_common_problems(doc: &mut utoipa::openapi::OpenApi) {
                     .responses
                     .entry(status.to_owned())
                     .or_insert_with(|| Ref::from_response_name(name).into());
+            }
+            describe_responses(op);
+            // One handler serving several methods (the gateway's) is one
+            // operation per method, and operation ids must be unique.
+            if let Some(id) = &mut op.operation_id {
+                let n = seen_ids.entry(id.clone()).or_default();
+                *n += 1;
+                if *n > 1 {
+                    *id = format!("{id}_{method}");
+                }
             }
         }
     }

@@ -79,3 +79,50 @@ async fn the_openapi_document_lists_every_endpoint_and_the_problem_codes() {
         assert!(codes.contains(&code.as_str()), "{code} is listed");
     }
 }
+
+/// The served document validates against the OpenAPI 3.1 schema (client
+/// generators refuse one that does not), with `openapi-spec-validator`, which
+/// `.ci/run` installs from PyPI.
+#[tokio::test]
+async fn the_openapi_document_validates_against_the_openapi_3_1_schema() {
+    use std::io::Write;
+    let kernel = spawn_kernel(aibos_testkit::Engine::Sqlite).await.unwrap();
+    let doc = kernel
+        .client
+        .get(kernel.url("/api/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let mut child = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import json, sys\n\
+             from openapi_spec_validator import validate\n\
+             validate(json.load(sys.stdin))\n\
+             print('valid')",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    child.stdin.take().unwrap().write_all(&doc).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the document does not validate: {}",
+        stderr
+            .chars()
+            .rev()
+            .take(3000)
+            .collect::<String>()
+            .chars()
+            .rev()
+            .collect::<String>()
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "valid");
+}
