@@ -316,3 +316,135 @@ async fn cors_answers_only_allowed_origins() {
             .is_none()
     );
 }
+
+/// Every field of every endpoint, from the OpenAPI document: a NUL character or
+/// a lone surrogate escape in any string field, path parameter or query
+/// parameter gets a 4xx problem, never a 5xx, on either engine.
+mod hostile_text {
+    use aibos_testkit::api::Session;
+    use aibos_testkit::{TestKernel, spawn_kernel};
+    use reqwest::Method;
+    use serde_json::{Map, Value, json};
+
+    const HOSTILE: [&str; 2] = [r#""a\u0000b""#, r#""a\ud800b""#];
+    /// Path parameters: `%00` and an encoded lone surrogate (not UTF-8).
+    const HOSTILE_PATH: [&str; 2] = ["a%00b", "a%ED%A0%80b"];
+
+    /// The properties of a request body schema with a plain value of each
+    /// one's type, following `$ref`s, so that a body with one hostile field
+    /// gets past the others' validation to the handler.
+    fn properties(doc: &Value, schema: &Value) -> Vec<(String, Value)> {
+        if let Some(reference) = schema["$ref"].as_str() {
+            let name = reference.rsplit('/').next().unwrap_or_default();
+            return properties(doc, &doc["components"]["schemas"][name]);
+        }
+        let plain = |s: &Value| -> Value {
+            let s = match s["$ref"].as_str() {
+                Some(r) => &doc["components"]["schemas"][r.rsplit('/').next().unwrap_or_default()],
+                None => s,
+            };
+            let kind = s["type"].as_str().or_else(|| {
+                s["type"]
+                    .as_array()
+                    .and_then(|t| t.iter().find_map(|t| t.as_str().filter(|t| *t != "null")))
+            });
+            match kind {
+                Some("integer") | Some("number") => json!(1),
+                Some("boolean") => json!(false),
+                Some("array") => json!([]),
+                Some("object") => json!({}),
+                _ => json!("plain text 01"),
+            }
+        };
+        let mut fields: Vec<(String, Value)> = schema["properties"]
+            .as_object()
+            .map(|p| p.iter().map(|(k, v)| (k.clone(), plain(v))).collect())
+            .unwrap_or_default();
+        for part in ["allOf", "oneOf", "anyOf"] {
+            for sub in schema[part].as_array().into_iter().flatten() {
+                fields.extend(properties(doc, sub));
+            }
+        }
+        fields
+    }
+
+    async fn send(
+        kernel: &TestKernel,
+        session: &Session,
+        method: &Method,
+        path: &str,
+        body: Option<String>,
+    ) -> (u16, String) {
+        let mut request = kernel.as_(session, method.clone(), path);
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(body);
+        }
+        let response = request.send().await.unwrap();
+        (response.status().as_u16(), format!("{} {path}", method))
+    }
+
+    crate::both_engines! {
+        async fn no_text_of_any_endpoint_yields_a_5xx(engine: Engine) {
+            let kernel = spawn_kernel(engine).await.unwrap();
+            let root = kernel.platform_admin().await;
+            let admin = kernel.tenant_with_admin(&root, "acme").await;
+            let doc: Value = kernel.client.get(kernel.url("/api/openapi.json")).send().await.unwrap().json().await.unwrap();
+            let mut tried = 0;
+            let mut server_errors = Vec::new();
+            for (template, item) in doc["paths"].as_object().unwrap() {
+                for (method, op) in item.as_object().unwrap() {
+                    let Ok(method) = method.to_uppercase().parse::<Method>() else { continue };
+                    // Logout ends the session the rest of the run needs.
+                    if template.ends_with("/auth/logout") {
+                        continue;
+                    }
+                    let params: Vec<&str> = op["parameters"].as_array().into_iter().flatten()
+                        .filter(|p| p["in"] == "path").filter_map(|p| p["name"].as_str()).collect();
+                    let with = |value: &str| params.iter().fold(template.clone(), |path, name| path.replace(&format!("{{{name}}}"), value));
+                    let schema = &op["requestBody"]["content"]["application/json"]["schema"];
+                    let fields = properties(&doc, schema);
+                    for session in [&root, &admin] {
+                        for hostile in HOSTILE {
+                            // Each field of the body in turn.
+                            for (field, _) in &fields {
+                                let mut body: Map<String, Value> = fields.iter().cloned().collect();
+                                body.insert(field.clone(), json!("HOSTILE"));
+                                let text = serde_json::to_string(&body).unwrap().replace("\"HOSTILE\"", hostile);
+                                let (status, what) = send(&kernel, session, &method, &with("00000000-0000-7000-8000-00000000abcd"), Some(text)).await;
+                                tried += 1;
+                                if status >= 500 { server_errors.push(format!("{what} {field}={hostile}: {status}")); }
+                            }
+                            // A query parameter.
+                            let query = format!("{}?limit=10&action={}", with("00000000-0000-7000-8000-00000000abcd"), if hostile.contains("u0000") { "a%00" } else { "a%ED%A0%80" });
+                            let (status, what) = send(&kernel, session, &method, &query, None).await;
+                            tried += 1;
+                            if status >= 500 { server_errors.push(format!("{what}: {status}")); }
+                        }
+                        // Each path parameter hostile.
+                        if !params.is_empty() {
+                            for hostile in HOSTILE_PATH {
+                                let body = (!fields.is_empty()).then(|| json!({}).to_string());
+                                let (status, what) = send(&kernel, session, &method, &with(hostile), body).await;
+                                tried += 1;
+                                if status >= 500 { server_errors.push(format!("{what}: {status}")); }
+                            }
+                        }
+                    }
+                }
+            }
+            // Unauthenticated endpoints read their bodies before any token.
+            for (path, field) in [("/api/kernel/auth/login", "email"), ("/api/kernel/auth/refresh", "refresh_token"), ("/api/kernel/auth/token", "client_id"), ("/api/kernel/bootstrap", "email")] {
+                for hostile in HOSTILE {
+                    let body = format!(r#"{{"{field}": {hostile}, "tenant": "system", "password": "x", "grant_type": "client_credentials", "client_secret": "x", "name": "x"}}"#);
+                    let r = kernel.client.post(kernel.url(path)).header("content-type", "application/json").body(body).send().await.unwrap();
+                    tried += 1;
+                    if r.status().as_u16() >= 500 { server_errors.push(format!("POST {path} {field}={hostile}: {}", r.status())); }
+                }
+            }
+            assert!(tried > 300, "the document drove {tried} requests only");
+            assert!(server_errors.is_empty(), "{} of {tried} requests answered 5xx: {server_errors:#?}", server_errors.len());
+        }
+    }
+}
