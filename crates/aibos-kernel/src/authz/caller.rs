@@ -128,6 +128,20 @@ pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> I
     current
 }
 
+/// The key a client address is counted under (login throttling, pending
+/// connections): IPv4 by address, IPv6 by its /64, the block one subscriber
+/// usually holds whole (counting each of its 2^64 addresses apart would let
+/// one client rotate through them).
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let [a, b, c, d, ..] = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(a, b, c, d, 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
+}
+
 fn client_info(parts: &Parts, trusted: &[IpNet]) -> ClientInfo {
     let client_ip = parts
         .extensions

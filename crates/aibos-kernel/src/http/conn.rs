@@ -178,13 +178,11 @@ impl PendingByAddress {
     }
 
     /// The counter of `address`: IPv4 by address, IPv6 by its /64 (one host
-    /// usually holds a whole /64, and could otherwise take 2^64 caps).
+    /// usually holds a whole /64, and could otherwise take 2^64 caps), as
+    /// login throttling counts them.
     fn bucket(&self, address: IpAddr) -> usize {
         let mut hasher = self.key.build_hasher();
-        match address.to_canonical() {
-            IpAddr::V4(v4) => v4.octets().hash(&mut hasher),
-            IpAddr::V6(v6) => v6.octets()[..8].hash(&mut hasher),
-        }
+        crate::authz::caller::address_key(address).hash(&mut hasher);
         let hash = std::hash::Hasher::finish(&hasher);
         usize::try_from(hash % limits::PENDING_ADDRESS_BUCKETS as u64).unwrap_or(0)
     }

@@ -12,13 +12,14 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use quick_cache::sync::Cache;
 use tokio::sync::Notify;
 
+use crate::authz::caller::address_key;
 use crate::limits;
 
 /// Failure counts; both maps are bounded (oldest forgotten first).
@@ -62,19 +63,6 @@ impl Default for LoginThrottle {
 
 fn window() -> Duration {
     Duration::from_secs(limits::LOGIN_FAILURE_WINDOW_SECONDS)
-}
-
-/// The key an address is counted under: IPv6 by its /64, the block one
-/// subscriber usually holds whole (counting each of its 2^64 addresses apart
-/// would let one client rotate through them).
-pub fn address_key(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => {
-            let [a, b, c, d, ..] = v6.segments();
-            IpAddr::V6(Ipv6Addr::new(a, b, c, d, 0, 0, 0, 0))
-        }
-        v4 => v4,
-    }
 }
 
 /// Failures counted within the window at `now`.
