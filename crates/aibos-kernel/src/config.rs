@@ -421,6 +421,9 @@ pub struct GatewayConfig {
 pub struct EventsConfig {
     /// JetStream relay target; none when unset.
     pub nats_url: Option<Secret>,
+    /// `events.webhook_*`: webhook delivery.
+    #[serde(flatten)]
+    pub webhook: crate::events::webhook::config::WebhookConfig,
 }
 
 /// `[log]`
@@ -538,6 +541,12 @@ struct RawGateway {
 #[serde(deny_unknown_fields)]
 struct RawEvents {
     nats_url: Option<Secret>,
+    webhook_retry_schedule_seconds: crate::events::webhook::config::RawSchedule,
+    webhook_secret_grace_seconds: i64,
+    webhook_disable_after_hours: f64,
+    webhook_allow_private_networks: bool,
+    webhook_timeout_seconds: i64,
+    webhook_max_concurrent_deliveries: i64,
 }
 
 #[derive(Deserialize)]
@@ -1020,6 +1029,17 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config>
         1,
         limits::HEALTH_INTERVAL_SECONDS_MAX,
     );
+    let webhook = crate::events::webhook::config::validate(
+        crate::events::webhook::config::RawWebhook {
+            webhook_retry_schedule_seconds: raw.events.webhook_retry_schedule_seconds,
+            webhook_secret_grace_seconds: raw.events.webhook_secret_grace_seconds,
+            webhook_disable_after_hours: raw.events.webhook_disable_after_hours,
+            webhook_allow_private_networks: raw.events.webhook_allow_private_networks,
+            webhook_timeout_seconds: raw.events.webhook_timeout_seconds,
+            webhook_max_concurrent_deliveries: raw.events.webhook_max_concurrent_deliveries,
+        },
+        &mut problem,
+    );
     let g = &raw.gateway;
     let mut gateway_key = |key: &str, value: i64, min: u64, max: u64| {
         in_range(&mut problem, &format!("gateway.{key}"), value, min, max)
@@ -1178,6 +1198,7 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config>
         },
         events: EventsConfig {
             nats_url: raw.events.nats_url,
+            webhook: webhook?,
         },
         audit: AuditConfig {
             redact_keys: raw.audit.redact_keys,

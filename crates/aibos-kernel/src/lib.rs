@@ -11,6 +11,7 @@
 //! - [`authz`]: permissions, roles, delegation, break-glass, the `Caller` extractor and its cache.
 //! - [`registry`]: canons (cells), their assertion secrets and routes.
 //! - [`gateway`]: `/api/gateway/{canon}/…`: the route table, the proxy, breakers and health checks.
+//! - [`events`]: the event bus: webhook subscriptions and their delivery.
 //! - [`secrets`]: secrets at rest, sealed under the master key (XChaCha20-Poly1305).
 //! - [`audit`]: the tamper-evident audit trail, its verification and signed checkpoints.
 //! - [`health`]: liveness, readiness and metrics endpoints.
@@ -26,6 +27,7 @@ pub mod authz;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod events;
 pub mod gateway;
 pub mod health;
 pub mod http;

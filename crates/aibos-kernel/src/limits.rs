@@ -58,6 +58,78 @@ pub const UPSTREAM_RESEND_AFTER_IDLE_MS: u64 = 1_000;
 /// Most retries of one gateway call.
 pub const GATEWAY_RETRIES_MAX: u64 = 5;
 
+// Webhook delivery (events::webhook). Grouped here, away from the end of the
+// file, so that other sections can grow without touching these lines.
+
+/// Bytes of a new webhook signing secret (`whsec_` + base64): 256 bits, as
+/// Standard Webhooks' reference libraries generate.
+pub const WEBHOOK_SECRET_BYTES: usize = 32;
+/// Smallest and largest secret Standard Webhooks accepts (24–64 bytes).
+pub const WEBHOOK_SECRET_BYTES_MIN: usize = 24;
+/// See [`WEBHOOK_SECRET_BYTES_MIN`].
+pub const WEBHOOK_SECRET_BYTES_MAX: usize = 64;
+const _: () = assert!(
+    WEBHOOK_SECRET_BYTES_MIN <= WEBHOOK_SECRET_BYTES
+        && WEBHOOK_SECRET_BYTES <= WEBHOOK_SECRET_BYTES_MAX
+);
+
+/// Most entries of `events.webhook_retry_schedule_seconds`, so attempts per
+/// delivery: the default has 8; beyond 20 a dead endpoint is kept alive for
+/// nobody.
+pub const WEBHOOK_ATTEMPTS_MAX: usize = 20;
+/// Longest single wait of the retry schedule: a week.
+pub const WEBHOOK_RETRY_DELAY_SECONDS_MAX: u64 = 7 * 86_400;
+/// Longest `Retry-After` of a receiver (429/503) that is honoured; a longer
+/// one waits this long, so a receiver cannot park a subscription for a year.
+pub const WEBHOOK_RETRY_AFTER_SECONDS_MAX: u64 = 86_400;
+/// Upper bound of `events.webhook_secret_grace_seconds`: 30 days of two secrets.
+pub const WEBHOOK_SECRET_GRACE_SECONDS_MAX: u64 = 30 * 86_400;
+/// Upper bound of `events.webhook_disable_after_hours`: 30 days.
+pub const WEBHOOK_DISABLE_AFTER_HOURS_MAX: f64 = 720.0;
+/// Bounds of `events.webhook_timeout_seconds`, one attempt from connect to the
+/// last byte read: a receiver that needs a minute should answer 202 and work later.
+pub const WEBHOOK_TIMEOUT_SECONDS_MIN: u64 = 1;
+/// See [`WEBHOOK_TIMEOUT_SECONDS_MIN`].
+pub const WEBHOOK_TIMEOUT_SECONDS_MAX: u64 = 60;
+/// Upper bound of `events.webhook_max_concurrent_deliveries` per kernel
+/// instance: each is a socket and a task; subscriptions beyond it wait their turn.
+pub const WEBHOOK_CONCURRENT_DELIVERIES_MAX: u64 = 1_024;
+/// Bytes of a receiver's response read into the attempt's excerpt; the rest is
+/// never read (the connection is dropped instead of drained).
+pub const WEBHOOK_RESPONSE_EXCERPT_BYTES: usize = 1_024;
+/// How long resolving a webhook URL's host may take when a subscription is
+/// created or changed (an unresolved host is accepted; delivery checks again).
+pub const WEBHOOK_URL_RESOLVE_TIMEOUT_MS: u64 = 2_000;
+/// Subscriptions per tenant: each costs the worker a query per wake-up.
+pub const WEBHOOK_SUBSCRIPTIONS_PER_TENANT_MAX: i64 = 100;
+/// Event-type filters per subscription.
+pub const WEBHOOK_EVENT_TYPES_MAX: usize = 100;
+/// Longest event-type filter (`finance.payment.processed`, `finance.*`).
+pub const WEBHOOK_EVENT_TYPE_CHARS_MAX: usize = 128;
+/// A subscription's lease outlives one attempt by this much: an instance that
+/// stalls longer than the lease loses the subscription to another one, which
+/// then makes the attempt again (at least once).
+pub const WEBHOOK_LEASE_MARGIN_SECONDS: u64 = 30;
+/// Events read per database round trip while delivering one subscription's stream.
+pub const WEBHOOK_BATCH_EVENTS_MAX: u32 = 256;
+/// Delivery history and the subscription's cursor are written at least this
+/// often while a stream is delivered (and at the end of each batch): what a
+/// crash can make the kernel deliver again.
+pub const WEBHOOK_FLUSH_INTERVAL_MS: u64 = 250;
+/// How long one subscription keeps a delivery slot before it yields to others
+/// waiting for one (it takes the slot again at the next turn).
+pub const WEBHOOK_SLICE_MS: u64 = 2_000;
+/// Period of the worker's look for due retries and leases left by a stopped
+/// instance, when no event wakes it sooner.
+pub const WEBHOOK_POLL_MS: u64 = 1_000;
+/// Subscriptions leased per claim query.
+pub const WEBHOOK_CLAIM_BATCH_MAX: u32 = 64;
+/// Delivery history (deliveries and their attempts) is kept this long, then
+/// purged in the background, [`WEBHOOK_PURGE_BATCH_MAX`] rows at a time.
+pub const WEBHOOK_HISTORY_RETENTION_DAYS: i64 = 30;
+/// See [`WEBHOOK_HISTORY_RETENTION_DAYS`].
+pub const WEBHOOK_PURGE_BATCH_MAX: u32 = 5_000;
+
 /// Upper bound of HTTP event loops (one per core): beyond this, more threads only
 /// add contention on the shared database pool.
 pub const HTTP_EVENT_LOOPS_MAX: usize = 64;

@@ -51,6 +51,8 @@ struct Inner {
     hasher: crate::identity::password::Hasher,
     /// The gateway's route table and per-canon state.
     gateway: crate::gateway::Gateway,
+    /// Wakes the webhook delivery worker.
+    webhooks: Arc<crate::events::webhook::worker::Webhooks>,
 }
 
 /// What one event loop owns, handed to its router as an extension: its upstream
@@ -101,6 +103,7 @@ impl AppState {
                 login_throttle: LoginThrottle::default(),
                 hasher: crate::identity::password::Hasher::per_core(),
                 gateway: crate::gateway::Gateway::default(),
+                webhooks: Arc::default(),
             }),
         }
     }
@@ -229,6 +232,11 @@ impl AppState {
             })
         }))
         .await
+    }
+
+    /// The webhook delivery worker's handle.
+    pub fn webhooks(&self) -> &Arc<crate::events::webhook::worker::Webhooks> {
+        &self.inner.webhooks
     }
 
     /// The gateway.

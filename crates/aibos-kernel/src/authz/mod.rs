@@ -41,6 +41,8 @@ pub mod perm {
     pub const EVENT_READ: &str = "kernel.event.read";
     /// Manage webhook subscriptions.
     pub const SUBSCRIPTION_MANAGE: &str = "kernel.subscription.manage";
+    /// Read webhook subscriptions and their delivery history (seeded by migration 0010).
+    pub const SUBSCRIPTION_READ: &str = "kernel.subscription.read";
     /// Read and verify the audit trail.
     pub const AUDIT_READ: &str = "kernel.audit.read";
     /// Delegate one's own permissions.
@@ -74,6 +76,7 @@ pub mod perm {
         EVENT_PUBLISH,
         EVENT_READ,
         SUBSCRIPTION_MANAGE,
+        SUBSCRIPTION_READ,
         AUDIT_READ,
         DELEGATION_CREATE,
         BREAKGLASS_REQUEST,

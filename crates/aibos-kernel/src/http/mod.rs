@@ -34,6 +34,7 @@ pub fn api_routes() -> OpenApiRouter<AppState> {
         .merge(crate::authz::routes::router())
         .merge(crate::audit::routes::router())
         .merge(crate::registry::routes::router())
+        .merge(crate::events::webhook::routes::router())
         .route(
             front::GATEWAY_CANON_ROUTE,
             axum::routing::any(crate::gateway::proxy::proxy),

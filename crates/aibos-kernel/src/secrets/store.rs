@@ -26,6 +26,16 @@ pub enum Place {
         /// The canon.
         canon_id: String,
     },
+    /// `webhook_subscriptions.secret`: a subscription's signing secret.
+    WebhookSecret {
+        /// The subscription.
+        subscription_id: String,
+    },
+    /// `webhook_subscriptions.previous_secret`: the one before the last rotation.
+    WebhookPreviousSecret {
+        /// The subscription.
+        subscription_id: String,
+    },
 }
 
 impl Place {
@@ -35,6 +45,12 @@ impl Place {
             Place::SigningKey { kid } => signing_key_place(kid),
             Place::AssertionSecret { canon_id, kid } => assertion_secret_place(canon_id, kid),
             Place::CanonTlsKey { canon_id } => canon_tls_key_place(canon_id),
+            Place::WebhookSecret { subscription_id } => {
+                crate::events::webhook::store::secret_place(subscription_id)
+            }
+            Place::WebhookPreviousSecret { subscription_id } => {
+                crate::events::webhook::store::previous_secret_place(subscription_id)
+            }
         }
     }
 }
@@ -47,6 +63,18 @@ impl std::fmt::Display for Place {
                 write!(f, "assertion secret {kid} of canon {canon_id}")
             }
             Place::CanonTlsKey { canon_id } => write!(f, "TLS client key of canon {canon_id}"),
+            Place::WebhookSecret { subscription_id } => {
+                write!(
+                    f,
+                    "signing secret of webhook subscription {subscription_id}"
+                )
+            }
+            Place::WebhookPreviousSecret { subscription_id } => {
+                write!(
+                    f,
+                    "previous signing secret of webhook subscription {subscription_id}"
+                )
+            }
         }
     }
 }
@@ -75,21 +103,39 @@ pub struct StoredValue {
     pub value: String,
 }
 
-/// `(kid, private_key)`, `(canon_id, kid, secret)` and `(canon_id, tls_client_key)` rows.
+/// `(kid, private_key)`, `(canon_id, kid, secret)`, `(canon_id, tls_client_key)`
+/// and `(subscription_id, secret, previous_secret)` rows.
 type Rows = (
     Vec<(String, String)>,
     Vec<(String, String, String)>,
     Vec<(String, String)>,
+    Vec<(String, String, Option<String>)>,
 );
 
 /// Every secret the kernel stores, read inside `tx`.
 pub async fn all(tx: &mut Tx) -> Result<Vec<StoredValue>, sqlx::Error> {
-    let (keys, secrets, tls_keys): Rows = with_tx!(tx, conn => {
+    let (keys, secrets, tls_keys, webhooks): Rows = with_tx!(tx, conn => {
         let keys = sqlx::query_as("SELECT kid, private_key FROM signing_keys ORDER BY kid").fetch_all(&mut *conn).await?;
         let secrets = sqlx::query_as("SELECT canon_id, kid, secret FROM canon_assertion_secrets ORDER BY canon_id, kid").fetch_all(&mut *conn).await?;
         let tls_keys = sqlx::query_as("SELECT id, tls_client_key FROM canons WHERE tls_client_key IS NOT NULL ORDER BY id").fetch_all(&mut *conn).await?;
-        (keys, secrets, tls_keys)
+        let webhooks = sqlx::query_as("SELECT id, secret, previous_secret FROM webhook_subscriptions ORDER BY id").fetch_all(&mut *conn).await?;
+        (keys, secrets, tls_keys, webhooks)
     });
+    let webhook_values = webhooks
+        .into_iter()
+        .flat_map(|(subscription_id, secret, previous)| {
+            let previous = previous.map(|value| StoredValue {
+                place: Place::WebhookPreviousSecret {
+                    subscription_id: subscription_id.clone(),
+                },
+                value,
+            });
+            std::iter::once(StoredValue {
+                place: Place::WebhookSecret { subscription_id },
+                value: secret,
+            })
+            .chain(previous)
+        });
     Ok(keys
         .into_iter()
         .map(|(kid, value)| StoredValue {
@@ -108,6 +154,7 @@ pub async fn all(tx: &mut Tx) -> Result<Vec<StoredValue>, sqlx::Error> {
             place: Place::CanonTlsKey { canon_id },
             value,
         }))
+        .chain(webhook_values)
         .collect())
 }
 
@@ -132,6 +179,14 @@ pub async fn replace(
             sqlx::query("UPDATE canons SET tls_client_key = $3 WHERE id = $1 AND tls_client_key = $2")
                 .bind(canon_id).bind(old).bind(new).execute(&mut *conn).await?.rows_affected()
         }),
+        Place::WebhookSecret { subscription_id } => with_tx!(tx, conn => {
+            sqlx::query("UPDATE webhook_subscriptions SET secret = $3 WHERE id = $1 AND secret = $2")
+                .bind(subscription_id).bind(old).bind(new).execute(&mut *conn).await?.rows_affected()
+        }),
+        Place::WebhookPreviousSecret { subscription_id } => with_tx!(tx, conn => {
+            sqlx::query("UPDATE webhook_subscriptions SET previous_secret = $3 WHERE id = $1 AND previous_secret = $2")
+                .bind(subscription_id).bind(old).bind(new).execute(&mut *conn).await?.rows_affected()
+        }),
     };
     Ok(n == 1)
 }
@@ -142,7 +197,9 @@ pub async fn sealing_key_ids(db: &Db) -> Result<Vec<String>, sqlx::Error> {
     let values: Vec<String> = with_db!(db, pool => {
         sqlx::query_scalar("SELECT private_key FROM signing_keys WHERE private_key LIKE 'enc:%' \
                             UNION ALL SELECT secret FROM canon_assertion_secrets WHERE secret LIKE 'enc:%' \
-                            UNION ALL SELECT tls_client_key FROM canons WHERE tls_client_key LIKE 'enc:%'")
+                            UNION ALL SELECT tls_client_key FROM canons WHERE tls_client_key LIKE 'enc:%' \
+                            UNION ALL SELECT secret FROM webhook_subscriptions WHERE secret LIKE 'enc:%' \
+                            UNION ALL SELECT previous_secret FROM webhook_subscriptions WHERE previous_secret LIKE 'enc:%'")
             .fetch_all(pool).await?
     });
     let mut ids: Vec<String> = values

@@ -22,6 +22,7 @@ mod registry;
 mod secrets;
 mod shutdown;
 mod tls;
+mod webhooks;
 
 /// Writes `async fn name(engine: Engine) { … }` as one test per engine.
 #[macro_export]
