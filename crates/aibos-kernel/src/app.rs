@@ -185,6 +185,28 @@ impl App {
         } = self;
         let stop = CancellationToken::new();
         let mut background = spawn_background(&state, stop.clone());
+        // The webhook worker runs on a thread and current-thread runtime of its
+        // own, as the event loops do: an attempt, its connection's task and the
+        // pool's bookkeeping then wake each other on one thread instead of
+        // across the shared runtime's workers. At shutdown it is given time
+        // to write what it delivered and give its leases back.
+        let (webhooks_done, webhooks) = tokio::sync::oneshot::channel::<()>();
+        let (worker_state, worker_stop) = (state.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("aibos-webhooks".to_owned())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime.block_on(crate::events::webhook::worker::run(
+                        worker_state,
+                        worker_stop,
+                    )),
+                    Err(e) => tracing::error!(error = %e, "cannot start the webhook worker's runtime; no webhook is delivered"),
+                }
+                let _ = webhooks_done.send(());
+            })?;
 
         let stop_serving = stop.clone();
         tokio::spawn(async move {
@@ -263,6 +285,12 @@ impl App {
         };
         stop.cancel();
         acceptor.abort();
+        // Bounded by the worker itself (one attempt's timeout and a little);
+        // the bound here only guards against a bug there.
+        let webhook_drain = Duration::from_secs(limits::WEBHOOK_TIMEOUT_SECONDS_MAX + 5);
+        if tokio::time::timeout(webhook_drain, webhooks).await.is_err() {
+            tracing::warn!("the webhook worker did not stop in time");
+        }
         background.abort_all();
         state.db().close().await;
         tracing::info!("stopped");
@@ -327,8 +355,23 @@ fn spawn_background(state: &AppState, stop: CancellationToken) -> tokio::task::J
         }
     });
     tasks.spawn(crate::gateway::health::run(state.clone(), stop.clone()));
+    // Events: the group-commit writers, and open streams ended at shutdown.
+    state
+        .events()
+        .start(state.db().clone(), state.metrics().clone(), &mut tasks);
+    let events_state = state.clone();
+    let events_stop = stop.clone();
+    tasks.spawn(async move {
+        events_stop.cancelled().await;
+        events_state.events().stop();
+    });
     match state.db() {
         crate::db::Db::Postgres(pool) => {
+            tasks.spawn(crate::events::listener::run(
+                pool.clone(),
+                state.clone(),
+                stop.clone(),
+            ));
             tasks.spawn(crate::authz::listener::run(
                 pool.clone(),
                 state.clone(),

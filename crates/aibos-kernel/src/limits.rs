@@ -102,14 +102,10 @@ pub const WEBHOOK_RESPONSE_EXCERPT_BYTES: usize = 1_024;
 pub const WEBHOOK_URL_RESOLVE_TIMEOUT_MS: u64 = 2_000;
 /// Subscriptions per tenant: each costs the worker a query per wake-up.
 pub const WEBHOOK_SUBSCRIPTIONS_PER_TENANT_MAX: i64 = 100;
-/// Event-type filters per subscription.
-pub const WEBHOOK_EVENT_TYPES_MAX: usize = 100;
-/// Longest event-type filter (`finance.payment.processed`, `finance.*`).
-pub const WEBHOOK_EVENT_TYPE_CHARS_MAX: usize = 128;
 /// A subscription's lease outlives one attempt by this much: an instance that
 /// stalls longer than the lease loses the subscription to another one, which
 /// then makes the attempt again (at least once).
-pub const WEBHOOK_LEASE_MARGIN_SECONDS: u64 = 30;
+pub const WEBHOOK_LEASE_MARGIN_SECONDS: u64 = 10;
 /// Events read per database round trip while delivering one subscription's stream.
 pub const WEBHOOK_BATCH_EVENTS_MAX: u32 = 256;
 /// Delivery history and the subscription's cursor are written at least this
@@ -126,7 +122,7 @@ pub const WEBHOOK_POLL_MS: u64 = 1_000;
 pub const WEBHOOK_CLAIM_BATCH_MAX: u32 = 64;
 /// Delivery history (deliveries and their attempts) is kept this long, then
 /// purged in the background, [`WEBHOOK_PURGE_BATCH_MAX`] rows at a time.
-pub const WEBHOOK_HISTORY_RETENTION_DAYS: i64 = 30;
+pub const WEBHOOK_HISTORY_RETENTION_DAYS: u64 = 30;
 /// See [`WEBHOOK_HISTORY_RETENTION_DAYS`].
 pub const WEBHOOK_PURGE_BATCH_MAX: u32 = 5_000;
 
@@ -323,3 +319,24 @@ pub const ASSERTION_SECRETS_PER_CANON_MAX: i64 = 5;
 
 /// Longest request path the gateway forwards.
 pub const GATEWAY_PATH_BYTES_MAX: usize = 4_096;
+
+/// Largest event payload (SPEC §7): a JSON object of at most 256 KiB.
+pub const EVENT_PAYLOAD_BYTES_MAX: usize = 256 * 1024;
+/// Largest payload schema version an event may carry.
+pub const EVENT_VERSION_MAX: i32 = 1_000_000;
+/// Longest event `subject`.
+pub const EVENT_SUBJECT_CHARS_MAX: usize = 256;
+/// How often readers waiting for events look again when no commit was
+/// signalled (another process on the same SQLite file, a lost notification).
+pub const EVENT_POLL_MS: u64 = 1_000;
+/// Events an SSE connection reads from the database at a time.
+pub const SSE_PAGE_EVENTS: u32 = 256;
+/// Events buffered per SSE connection, waiting for the reader to take them.
+pub const SSE_BUFFER_EVENTS: usize = 512;
+/// A reader that takes none of its buffered events for this long is told it
+/// fell behind, and its stream ends (it resumes with `Last-Event-ID`).
+pub const SSE_SLOW_READER_SECONDS: u64 = 10;
+/// Keep-alive comments on an idle SSE connection, so proxies keep it open.
+pub const SSE_KEEP_ALIVE_SECONDS: u64 = 15;
+/// Open SSE connections per kernel; more are answered 503.
+pub const SSE_STREAMS_MAX: usize = 1_024;

@@ -246,6 +246,18 @@ impl Metrics {
                 "aibos_gateway_retries_total",
                 "Gateway retries after connection errors, by canon.",
             ),
+            (
+                "aibos_webhook_attempts_total",
+                "Webhook delivery attempts, by outcome (delivered, rejected, timeout, connection_failed, refused_address).",
+            ),
+            (
+                "aibos_webhook_dead_letters_total",
+                "Webhook deliveries dead-lettered after the last attempt of the schedule.",
+            ),
+            (
+                "aibos_webhook_subscriptions_disabled_total",
+                "Webhook subscriptions disabled after failing for events.webhook_disable_after_hours.",
+            ),
         ] {
             r.describe_counter(name.into(), None, help.into());
         }
@@ -255,6 +267,18 @@ impl Metrics {
             "Time from sending a gateway call to the cell's response headers, by canon and route."
                 .into(),
         );
+        for (name, help) in [
+            (
+                "aibos_webhook_attempt_duration_seconds",
+                "Webhook delivery attempts, from sending to the end of the (bounded) answer.",
+            ),
+            (
+                "aibos_webhook_delivery_lag_seconds",
+                "Time from an event's publication to its delivery to a webhook receiver.",
+            ),
+        ] {
+            r.describe_histogram(name.into(), Some(metrics::Unit::Seconds), help.into());
+        }
         r.describe_gauge(
             "aibos_gateway_circuit_state".into(),
             None,

@@ -177,3 +177,79 @@ pub(crate) fn validate(
         webhook_max_concurrent_deliveries: concurrent?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Config, ConfigError, ConfigSources};
+
+    fn load(env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let sources = ConfigSources::new(
+            dir.path(),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        );
+        Config::load(&sources)
+    }
+
+    #[test]
+    fn the_defaults_are_the_spec_s() {
+        let webhook = Config::defaults().events.webhook;
+        assert_eq!(
+            webhook.webhook_retry_schedule_seconds,
+            [0, 5, 300, 1800, 7200, 18000, 36000, 36000]
+        );
+        assert_eq!(webhook.webhook_secret_grace_seconds, 86_400);
+        assert_eq!(webhook.webhook_disable_after_hours, 120.0);
+        assert!(!webhook.webhook_allow_private_networks);
+        assert_eq!(webhook.attempts(), 8);
+        assert_eq!(
+            webhook.delay_before(2),
+            Some(std::time::Duration::from_secs(300))
+        );
+        assert_eq!(webhook.delay_before(8), None);
+    }
+
+    #[test]
+    fn the_environment_sets_the_schedule_as_a_comma_list_and_the_switch() {
+        let config = load(&[
+            ("AIBOS_EVENTS__WEBHOOK_RETRY_SCHEDULE_SECONDS", "0,1, 2"),
+            ("AIBOS_EVENTS__WEBHOOK_ALLOW_PRIVATE_NETWORKS", "true"),
+            ("AIBOS_EVENTS__WEBHOOK_DISABLE_AFTER_HOURS", "0.5"),
+        ])
+        .unwrap();
+        let webhook = config.events.webhook;
+        assert_eq!(webhook.webhook_retry_schedule_seconds, [0, 1, 2]);
+        assert!(webhook.webhook_allow_private_networks);
+        assert_eq!(
+            webhook.disable_after(),
+            std::time::Duration::from_secs(1_800)
+        );
+        let listed = load(&[("AIBOS_EVENTS__WEBHOOK_RETRY_SCHEDULE_SECONDS", "[3, 4]")]).unwrap();
+        assert_eq!(listed.events.webhook.webhook_retry_schedule_seconds, [3, 4]);
+    }
+
+    #[test]
+    fn out_of_range_values_are_each_listed() {
+        let error = load(&[
+            ("AIBOS_EVENTS__WEBHOOK_RETRY_SCHEDULE_SECONDS", "0,x"),
+            ("AIBOS_EVENTS__WEBHOOK_TIMEOUT_SECONDS", "0"),
+            ("AIBOS_EVENTS__WEBHOOK_MAX_CONCURRENT_DELIVERIES", "100000"),
+            ("AIBOS_EVENTS__WEBHOOK_DISABLE_AFTER_HOURS", "0"),
+            ("AIBOS_EVENTS__WEBHOOK_SECRET_GRACE_SECONDS", "-1"),
+        ])
+        .unwrap_err();
+        let keys: Vec<&str> = error.problems().iter().map(|p| p.key.as_str()).collect();
+        for key in [
+            "events.webhook_retry_schedule_seconds",
+            "events.webhook_timeout_seconds",
+            "events.webhook_max_concurrent_deliveries",
+            "events.webhook_disable_after_hours",
+            "events.webhook_secret_grace_seconds",
+        ] {
+            assert!(keys.contains(&key), "{key} in {keys:?}");
+        }
+        let too_many = vec!["1"; crate::limits::WEBHOOK_ATTEMPTS_MAX + 1].join(",");
+        assert!(load(&[("AIBOS_EVENTS__WEBHOOK_RETRY_SCHEDULE_SECONDS", &too_many)]).is_err());
+        assert!(load(&[("AIBOS_EVENTS__WEBHOOK_RETRY_SCHEDULE_SECONDS", "[]")]).is_err());
+    }
+}

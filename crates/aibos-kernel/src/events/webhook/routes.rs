@@ -156,6 +156,7 @@ pub async fn create_subscription(
     let secret = signature::new_secret();
     let sealed = state.master_keys().seal(&secret, &store::secret_place(&id));
     let tenant_id = caller.tenant_id().to_owned();
+    let ctx = caller.audit_context();
     let row = subscription_write(&state, &caller, move |tx| {
         Box::pin(async move {
             if store::subscription_count(tx, &tenant_id).await?
@@ -169,7 +170,7 @@ pub async fn create_subscription(
             let head = super::worker::stream_head(tx, &tenant_id).await?;
             let row =
                 store::insert_subscription(tx, &id, &tenant_id, &fields, &sealed, head).await?;
-            super::worker::announce(tx, &row, "kernel.subscription.created").await?;
+            super::worker::announce(tx, &ctx, &row, "kernel.subscription.created").await?;
             let event = AuditEvent::new("subscription.created")
                 .resource("subscription", &row.id)
                 .details(details(&row));
@@ -261,12 +262,13 @@ pub async fn update_subscription(
         enabled: body.enabled.unwrap_or(current.enabled),
     };
     let tenant_id = caller.tenant_id().to_owned();
+    let ctx = caller.audit_context();
     let row = subscription_write(&state, &caller, move |tx| {
         Box::pin(async move {
             let row = store::update_subscription(tx, &tenant_id, &current.id, &fields, if_match.0)
                 .await?
                 .ok_or_else(stale)?;
-            super::worker::announce(tx, &row, "kernel.subscription.updated").await?;
+            super::worker::announce(tx, &ctx, &row, "kernel.subscription.updated").await?;
             let event = AuditEvent::new("subscription.updated")
                 .resource("subscription", &row.id)
                 .details(details(&row));
@@ -290,12 +292,13 @@ pub async fn delete_subscription(
     caller.require(&state, &[perm::SUBSCRIPTION_MANAGE]).await?;
     let current = existing(&state, &caller, &id).await?;
     let tenant_id = caller.tenant_id().to_owned();
+    let ctx = caller.audit_context();
     subscription_write(&state, &caller, move |tx| {
         Box::pin(async move {
             if !store::delete_subscription(tx, &tenant_id, &current.id, if_match.0).await? {
                 return Err(stale());
             }
-            super::worker::announce(tx, &current, "kernel.subscription.deleted").await?;
+            super::worker::announce(tx, &ctx, &current, "kernel.subscription.deleted").await?;
             let event = AuditEvent::new("subscription.deleted")
                 .resource("subscription", &current.id)
                 .details(details(&current));
@@ -341,12 +344,13 @@ pub async fn rotate_secret(
     let expires_at = crate::timestamp::format(crate::timestamp::now() + grace);
     let tenant_id = caller.tenant_id().to_owned();
     let shown_expiry = expires_at.clone();
+    let ctx = caller.audit_context();
     subscription_write(&state, &caller, move |tx| {
         Box::pin(async move {
             let row = store::rotate_secret(tx, &tenant_id, &current.id, &current.secret, &sealed, &sealed_previous, &expires_at)
                 .await?
                 .ok_or_else(|| ApiError::conflict("The secret was rotated by another request at the same time; rotate again."))?;
-            super::worker::announce(tx, &row, "kernel.subscription.secret_rotated").await?;
+            super::worker::announce(tx, &ctx, &row, "kernel.subscription.secret_rotated").await?;
             let event = AuditEvent::new("subscription.secret_rotated").resource("subscription", &row.id)
                 .details(serde_json::json!({ "previous_secret_expires_at": expires_at, "version": row.version }));
             Ok(((), event))
@@ -473,7 +477,8 @@ pub async fn retry_delivery_by_id(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Replay {
-    /// The first event (by `seq`) to send again; later matching events follow in order.
+    /// The first event (by `seq`) to send again; later matching events follow
+    /// in order. 0 or 1: from the tenant's first event.
     since_seq: i64,
 }
 
@@ -489,8 +494,9 @@ pub async fn replay(
     AppJson(body): AppJson<Replay>,
 ) -> ApiResult<Response> {
     caller.require(&state, &[perm::SUBSCRIPTION_MANAGE]).await?;
-    if body.since_seq < 1 {
-        return Err(ApiError::invalid_field("since_seq", "must be 1 or more"));
+    // 0 and 1 both mean "from the tenant's first event".
+    if body.since_seq < 0 {
+        return Err(ApiError::invalid_field("since_seq", "must be 0 or more"));
     }
     let current = existing(&state, &caller, &id).await?;
     let tenant_id = caller.tenant_id().to_owned();

@@ -358,22 +358,24 @@ async fn with_attempts(
     tenant_id: &str,
     rows: Vec<DeliveryRow>,
 ) -> Result<Vec<Delivery>, sqlx::Error> {
-    if rows.is_empty() {
+    let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
         return Ok(Vec::new());
-    }
-    // One query for the page's attempts: `IN ($2, $3, …)` over at most a page of ids.
-    let placeholders: Vec<String> = (0..rows.len()).map(|i| format!("${}", i + 2)).collect();
-    let sql = format!(
-        "SELECT delivery_id, number, attempted_at, outcome, response_status, latency_ms, response_excerpt, error \
-         FROM webhook_attempts WHERE tenant_id = $1 AND delivery_id IN ({}) ORDER BY delivery_id, number",
-        placeholders.join(", ")
-    );
+    };
+    // The page's attempts in one query over its range of delivery ids (a page
+    // is one subscription's, ids are time-ordered): no list of a thousand
+    // parameters. Attempts of deliveries in the range but not on the page (a
+    // status filter) are read and left out.
+    let (low, high) = if first.id <= last.id {
+        (first.id.clone(), last.id.clone())
+    } else {
+        (last.id.clone(), first.id.clone())
+    };
     let attempts: Vec<AttemptRow> = with_db!(db, pool => {
-        let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql.clone())).bind(tenant_id);
-        for row in &rows {
-            query = query.bind(&row.id);
-        }
-        query.fetch_all(pool).await?
+        sqlx::query_as(
+            "SELECT a.delivery_id, a.number, a.attempted_at, a.outcome, a.response_status, a.latency_ms, a.response_excerpt, a.error \
+             FROM webhook_attempts a JOIN webhook_deliveries d ON d.id = a.delivery_id \
+             WHERE a.tenant_id = $1 AND d.subscription_id = $2 AND d.id >= $3 AND d.id <= $4 ORDER BY a.delivery_id, a.number")
+            .bind(tenant_id).bind(&first.subscription_id).bind(&low).bind(&high).fetch_all(pool).await?
     });
     let mut by_delivery: std::collections::HashMap<String, Vec<DeliveryAttempt>> =
         std::collections::HashMap::new();
@@ -472,7 +474,428 @@ pub async fn replay(
             "UPDATE webhook_subscriptions SET delivered_seq = CASE WHEN delivered_seq < $3 THEN delivered_seq ELSE $3 END, \
              stream_generation = stream_generation + 1, pending_delivery_id = NULL, next_attempt_at = NULL, updated_at = $4 \
              WHERE tenant_id = $1 AND id = $2 RETURNING delivered_seq")
-            .bind(tenant_id).bind(subscription_id).bind(since_seq - 1).bind(&now).fetch_one(&mut *conn).await?;
+            .bind(tenant_id).bind(subscription_id).bind((since_seq - 1).max(0)).bind(&now).fetch_one(&mut *conn).await?;
         Ok(Some(cursor))
     })
+}
+
+// --- The delivery worker's SQL ------------------------------------------------
+
+/// Subscriptions that have work and no live lease: new events after their
+/// cursor (the tenant's head is past it), a stream head whose next attempt is
+/// due, or a due retry asked for through the API. The longest unleased first,
+/// so that subscriptions beyond the free slots get their turn.
+pub async fn claimable(db: &Db, now: &str, limit: u32) -> Result<Vec<String>, sqlx::Error> {
+    let sql = "SELECT s.id FROM webhook_subscriptions s LEFT JOIN event_heads h ON h.tenant_id = s.tenant_id \
+               WHERE s.enabled AND (s.lease_owner IS NULL OR s.lease_until < $1) \
+               AND ((s.pending_delivery_id IS NULL AND COALESCE(h.last_seq, 0) > s.delivered_seq) \
+                 OR (s.pending_delivery_id IS NOT NULL AND s.next_attempt_at <= $1) \
+                 OR EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.subscription_id = s.id \
+                            AND d.status = 'pending' AND d.out_of_band AND d.next_attempt_at <= $1)) \
+               ORDER BY COALESCE(s.lease_until, ''), s.id LIMIT $2";
+    with_db!(db, pool => sqlx::query_scalar(sql).bind(now).bind(i64::from(limit)).fetch_all(pool).await)
+}
+
+/// Takes the lease of one subscription if it is still free (or expired) and
+/// enabled. On PostgreSQL a second instance's UPDATE of the same row waits for
+/// the first one's, then re-checks the condition on the row as it now is, so
+/// exactly one of them gets it.
+pub async fn claim(
+    db: &Db,
+    id: &str,
+    instance: &str,
+    now: &str,
+    lease_until: &str,
+) -> Result<Option<SubscriptionRow>, sqlx::Error> {
+    let sql = format!(
+        "UPDATE webhook_subscriptions SET lease_owner = $2, lease_until = $3 \
+         WHERE id = $1 AND enabled AND (lease_owner IS NULL OR lease_until < $4) RETURNING {SUBSCRIPTION_COLUMNS}"
+    );
+    with_db!(db, pool => {
+        sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(id).bind(instance).bind(lease_until).bind(now).fetch_optional(pool).await
+    })
+}
+
+/// Gives a lease back (the time stays, so the claim order is round-robin).
+pub async fn release(db: &Db, id: &str, instance: &str, now: &str) -> Result<(), sqlx::Error> {
+    with_db!(db, pool => {
+        sqlx::query("UPDATE webhook_subscriptions SET lease_owner = NULL, lease_until = $3 WHERE id = $1 AND lease_owner = $2")
+            .bind(id).bind(instance).bind(now).execute(pool).await?;
+    });
+    Ok(())
+}
+
+/// Gives back every lease of an instance (at shutdown).
+pub async fn release_all(db: &Db, instance: &str, now: &str) -> Result<u64, sqlx::Error> {
+    let done = with_db!(db, pool => {
+        sqlx::query("UPDATE webhook_subscriptions SET lease_owner = NULL, lease_until = $2 WHERE lease_owner = $1")
+            .bind(instance).bind(now).execute(pool).await?.rows_affected()
+    });
+    Ok(done)
+}
+
+/// Retries asked for through the API whose attempt is due, oldest first.
+pub async fn due_retries(
+    db: &Db,
+    subscription_id: &str,
+    now: &str,
+    limit: u32,
+) -> Result<Vec<DeliveryRow>, sqlx::Error> {
+    let sql = format!(
+        "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE subscription_id = $1 AND status = 'pending' \
+         AND out_of_band AND next_attempt_at <= $2 ORDER BY next_attempt_at, id LIMIT $3"
+    );
+    with_db!(db, pool => {
+        sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(subscription_id).bind(now).bind(i64::from(limit)).fetch_all(pool).await
+    })
+}
+
+/// One delivery row by id.
+pub async fn delivery_row(db: &Db, id: &str) -> Result<Option<DeliveryRow>, sqlx::Error> {
+    let sql = format!("SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE id = $1");
+    with_db!(db, pool => sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(pool).await)
+}
+
+/// A delivery as the worker writes it, new or changed.
+#[derive(Debug, Clone)]
+pub struct DeliveryWrite {
+    /// UUIDv7.
+    pub id: String,
+    /// The event.
+    pub event_id: String,
+    /// Its seq.
+    pub event_seq: i64,
+    /// Its type.
+    pub event_type: String,
+    /// `pending`, `delivered` or `dead_letter`.
+    pub status: &'static str,
+    /// A retry beside the stream.
+    pub out_of_band: bool,
+    /// Attempts before the last retry asked for.
+    pub retry_base: i64,
+    /// Attempts made.
+    pub attempts: i64,
+    /// When the next one is due, while pending.
+    pub next_attempt_at: Option<String>,
+    /// The last answer's status.
+    pub last_response_status: Option<i64>,
+    /// Creation time (new rows).
+    pub created_at: String,
+}
+
+/// An attempt as the worker records it.
+#[derive(Debug, Clone)]
+pub struct AttemptWrite {
+    /// UUIDv7.
+    pub id: String,
+    /// Its delivery.
+    pub delivery_id: String,
+    /// 1 for the first.
+    pub number: i64,
+    /// When it was sent.
+    pub attempted_at: String,
+    /// See `client::Outcome`.
+    pub outcome: &'static str,
+    /// The receiver's status.
+    pub response_status: Option<i64>,
+    /// Duration.
+    pub latency_ms: i64,
+    /// The answer's first bytes.
+    pub response_excerpt: Option<String>,
+    /// What went wrong.
+    pub error: Option<String>,
+}
+
+/// What the worker did since its last write, for one subscription.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    /// New deliveries (stream events seen for the first time).
+    pub new_deliveries: Vec<DeliveryWrite>,
+    /// Deliveries that existed (the stream's head, retries) in their new state.
+    pub changed_deliveries: Vec<DeliveryWrite>,
+    /// Attempts made.
+    pub attempts: Vec<AttemptWrite>,
+    /// The stream's new cursor, when it moved.
+    pub cursor: Option<i64>,
+    /// The stream's head: `Some(None)` clears it, `Some(Some((id, due)))` sets it.
+    pub head: Option<Option<(String, String)>>,
+    /// The run of failures: `Some(None)` ends it, `Some(Some(since))` starts it.
+    pub failing_since: Option<Option<String>>,
+}
+
+impl Progress {
+    /// Whether there is anything to write but the lease.
+    pub fn is_empty(&self) -> bool {
+        self.new_deliveries.is_empty()
+            && self.changed_deliveries.is_empty()
+            && self.attempts.is_empty()
+            && self.cursor.is_none()
+            && self.head.is_none()
+            && self.failing_since.is_none()
+    }
+}
+
+/// What a worker's write found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// Written; the lease runs on.
+    Kept,
+    /// Written, but a replay moved the stream meanwhile: the cursor and head
+    /// were left as the replay set them (a head made here was cancelled).
+    Replayed,
+    /// The subscription is disabled or gone, or its lease is another
+    /// instance's now: nothing was written.
+    Lost,
+}
+
+/// Writes a subscription's progress and renews its lease, in one transaction:
+/// only while `instance` holds the lease, and the stream's cursor and head only
+/// if no replay came in between (`generation`).
+pub async fn write_progress(
+    tx: &mut Tx,
+    subscription_id: &str,
+    tenant_id: &str,
+    instance: &str,
+    generation: i64,
+    lease_until: &str,
+    mut progress: Progress,
+) -> Result<Written, sqlx::Error> {
+    let lock = if tx.is_postgres() { " FOR UPDATE" } else { "" };
+    let sql = format!(
+        "SELECT stream_generation, enabled FROM webhook_subscriptions WHERE id = $1 AND lease_owner = $2{lock}"
+    );
+    let found: Option<(i64, bool)> = with_tx!(tx, conn => {
+        sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(subscription_id).bind(instance).fetch_optional(&mut *conn).await?
+    });
+    let Some((current_generation, enabled)) = found else {
+        return Ok(Written::Lost);
+    };
+    if !enabled {
+        return Ok(Written::Lost);
+    }
+    let replayed = current_generation != generation;
+    if replayed {
+        // The replay sends these events again; a head made here would block it.
+        for d in progress
+            .new_deliveries
+            .iter_mut()
+            .chain(progress.changed_deliveries.iter_mut())
+        {
+            if d.status == "pending" && !d.out_of_band {
+                d.status = "cancelled";
+                d.next_attempt_at = None;
+            }
+        }
+    }
+    let now = timestamp::now_text();
+    insert_deliveries(
+        tx,
+        tenant_id,
+        subscription_id,
+        &progress.new_deliveries,
+        &now,
+    )
+    .await?;
+    for d in &progress.changed_deliveries {
+        with_tx!(tx, conn => {
+            sqlx::query("UPDATE webhook_deliveries SET status = $2, attempts = $3, next_attempt_at = $4, last_response_status = $5, updated_at = $6 WHERE id = $1")
+                .bind(&d.id).bind(d.status).bind(d.attempts).bind(&d.next_attempt_at).bind(d.last_response_status).bind(&now)
+                .execute(&mut *conn).await?;
+        });
+    }
+    insert_attempts(tx, tenant_id, &progress.attempts, instance).await?;
+    let (set_head, head_id, head_due) = match (&progress.head, replayed) {
+        (Some(Some((id, due))), false) => (true, Some(id.clone()), Some(due.clone())),
+        (Some(None), false) => (true, None, None),
+        _ => (false, None, None),
+    };
+    let cursor = if replayed { None } else { progress.cursor };
+    let (set_failing, failing) = match &progress.failing_since {
+        Some(f) => (true, f.clone()),
+        None => (false, None),
+    };
+    with_tx!(tx, conn => {
+        sqlx::query(
+            "UPDATE webhook_subscriptions SET \
+             delivered_seq = CASE WHEN $3 THEN $4 ELSE delivered_seq END, \
+             pending_delivery_id = CASE WHEN $5 THEN $6 ELSE pending_delivery_id END, \
+             next_attempt_at = CASE WHEN $5 THEN $7 ELSE next_attempt_at END, \
+             failing_since = CASE WHEN $8 THEN $9 ELSE failing_since END, \
+             lease_until = $10 WHERE id = $1 AND lease_owner = $2")
+            .bind(subscription_id).bind(instance)
+            .bind(cursor.is_some()).bind(cursor.unwrap_or(0))
+            .bind(set_head).bind(head_id).bind(head_due)
+            .bind(set_failing).bind(failing)
+            .bind(lease_until)
+            .execute(&mut *conn).await?;
+    });
+    Ok(if replayed {
+        Written::Replayed
+    } else {
+        Written::Kept
+    })
+}
+
+async fn insert_deliveries(
+    tx: &mut Tx,
+    tenant_id: &str,
+    subscription_id: &str,
+    rows: &[DeliveryWrite],
+    now: &str,
+) -> Result<(), sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    match tx {
+        // In-process: one cached prepared statement per row costs no round
+        // trip, where a statement of thousands of `$N` would cost SQLite a
+        // quadratic scan of its parameter names.
+        Tx::Sqlite(t) => {
+            for d in rows {
+                sqlx::query(
+                    "INSERT INTO webhook_deliveries (id, tenant_id, subscription_id, event_id, event_seq, event_type, status, \
+                     out_of_band, retry_base, attempts, next_attempt_at, last_response_status, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                )
+                .bind(&d.id).bind(tenant_id).bind(subscription_id).bind(&d.event_id).bind(d.event_seq)
+                .bind(&d.event_type).bind(d.status).bind(d.out_of_band).bind(d.retry_base).bind(d.attempts)
+                .bind(&d.next_attempt_at).bind(d.last_response_status).bind(&d.created_at).bind(now)
+                .execute(&mut **t)
+                .await?;
+            }
+        }
+        // One statement (one round trip, one cached plan) for the whole batch.
+        Tx::Postgres(t) => {
+            sqlx::query(
+                "INSERT INTO webhook_deliveries (id, tenant_id, subscription_id, event_id, event_seq, event_type, status, \
+                 out_of_band, retry_base, attempts, next_attempt_at, last_response_status, created_at, updated_at) \
+                 SELECT id, $1, $2, event_id, event_seq, event_type, status, out_of_band, retry_base, attempts, \
+                        next_attempt_at, last_response_status, created_at, $3 \
+                 FROM UNNEST($4::text[], $5::text[], $6::bigint[], $7::text[], $8::text[], $9::bool[], $10::bigint[], \
+                             $11::bigint[], $12::text[], $13::bigint[], $14::text[]) \
+                   AS d(id, event_id, event_seq, event_type, status, out_of_band, retry_base, attempts, \
+                        next_attempt_at, last_response_status, created_at)",
+            )
+            .bind(tenant_id)
+            .bind(subscription_id)
+            .bind(now)
+            .bind(rows.iter().map(|d| d.id.clone()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|d| d.event_id.clone()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|d| d.event_seq).collect::<Vec<_>>())
+            .bind(rows.iter().map(|d| d.event_type.clone()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|d| d.status.to_owned()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|d| d.out_of_band).collect::<Vec<_>>())
+            .bind(rows.iter().map(|d| d.retry_base).collect::<Vec<_>>())
+            .bind(rows.iter().map(|d| d.attempts).collect::<Vec<_>>())
+            .bind(rows.iter().map(|d| d.next_attempt_at.clone()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|d| d.last_response_status).collect::<Vec<_>>())
+            .bind(rows.iter().map(|d| d.created_at.clone()).collect::<Vec<_>>())
+            .execute(&mut **t)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn insert_attempts(
+    tx: &mut Tx,
+    tenant_id: &str,
+    rows: &[AttemptWrite],
+    instance: &str,
+) -> Result<(), sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    match tx {
+        Tx::Sqlite(t) => {
+            for a in rows {
+                sqlx::query(
+                    "INSERT INTO webhook_attempts (id, tenant_id, delivery_id, number, attempted_at, outcome, response_status, \
+                     latency_ms, response_excerpt, error, instance) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                )
+                .bind(&a.id).bind(tenant_id).bind(&a.delivery_id).bind(a.number).bind(&a.attempted_at)
+                .bind(a.outcome).bind(a.response_status).bind(a.latency_ms).bind(&a.response_excerpt)
+                .bind(&a.error).bind(instance)
+                .execute(&mut **t)
+                .await?;
+            }
+        }
+        Tx::Postgres(t) => {
+            sqlx::query(
+                "INSERT INTO webhook_attempts (id, tenant_id, delivery_id, number, attempted_at, outcome, response_status, \
+                 latency_ms, response_excerpt, error, instance) \
+                 SELECT id, $1, delivery_id, number, attempted_at, outcome, response_status, latency_ms, \
+                        response_excerpt, error, $2 \
+                 FROM UNNEST($3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[], $8::bigint[], $9::bigint[], \
+                             $10::text[], $11::text[]) \
+                   AS a(id, delivery_id, number, attempted_at, outcome, response_status, latency_ms, response_excerpt, error)",
+            )
+            .bind(tenant_id)
+            .bind(instance)
+            .bind(rows.iter().map(|a| a.id.clone()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|a| a.delivery_id.clone()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|a| a.number).collect::<Vec<_>>())
+            .bind(rows.iter().map(|a| a.attempted_at.clone()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|a| a.outcome.to_owned()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|a| a.response_status).collect::<Vec<_>>())
+            .bind(rows.iter().map(|a| a.latency_ms).collect::<Vec<_>>())
+            .bind(rows.iter().map(|a| a.response_excerpt.clone()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|a| a.error.clone()).collect::<Vec<_>>())
+            .execute(&mut **t)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Disables a failing subscription (the kernel's own change: the caller audits
+/// and announces it in the same transaction); `None` when it was gone.
+pub async fn disable_failing(
+    tx: &mut Tx,
+    subscription_id: &str,
+) -> Result<Option<SubscriptionRow>, sqlx::Error> {
+    let now = timestamp::now_text();
+    let sql = format!(
+        "UPDATE webhook_subscriptions SET enabled = $2, disabled_reason = 'failing', lease_owner = NULL, lease_until = $3, \
+         version = version + 1, updated_at = $3 WHERE id = $1 AND enabled RETURNING {SUBSCRIPTION_COLUMNS}"
+    );
+    with_tx!(tx, conn => {
+        sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(subscription_id).bind(false).bind(&now).fetch_optional(&mut *conn).await
+    })
+}
+
+/// Deletes up to `limit` finished deliveries (and their attempts) last changed
+/// before `cutoff`; how many deliveries went.
+pub async fn purge_history(tx: &mut Tx, cutoff: &str, limit: u32) -> Result<u64, sqlx::Error> {
+    let done = with_tx!(tx, conn => {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM webhook_deliveries WHERE updated_at < $1 AND status <> 'pending' ORDER BY updated_at LIMIT $2")
+            .bind(cutoff).bind(i64::from(limit)).fetch_all(&mut *conn).await?;
+        // Chunks of 100: a short `IN` list per statement.
+        for chunk in ids.chunks(100) {
+            let list: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let list = list.join(", ");
+            for table_sql in [
+                format!("DELETE FROM webhook_attempts WHERE delivery_id IN ({list})"),
+                format!("DELETE FROM webhook_deliveries WHERE id IN ({list})"),
+            ] {
+                let mut query = sqlx::query(sqlx::AssertSqlSafe(table_sql));
+                for id in chunk {
+                    query = query.bind(id);
+                }
+                query.execute(&mut *conn).await?;
+            }
+        }
+        ids.len() as u64
+    });
+    Ok(done)
+}
+
+/// The tenant's last event `seq`, read in `tx` (a new subscription's stream
+/// starts after it: it gets only later events).
+pub async fn event_head(tx: &mut Tx, tenant_id: &str) -> Result<i64, sqlx::Error> {
+    let last: Option<i64> = with_tx!(tx, conn => {
+        sqlx::query_scalar("SELECT last_seq FROM event_heads WHERE tenant_id = $1").bind(tenant_id).fetch_optional(&mut *conn).await?
+    });
+    Ok(last.unwrap_or(0))
 }
