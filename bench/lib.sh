@@ -22,7 +22,10 @@ ensure_packages() {
 
 # build_release [examples]: the release binary, and the kernel's example
 # programs when a script runs one (each is a whole-program LTO link of its own).
+# AIBOS_BENCH_NO_BUILD=1 uses the release binary as it is (to measure a build
+# made earlier while the tree moved on).
 build_release() {
+  [ -n "${AIBOS_BENCH_NO_BUILD:-}" ] && [ -x "$AIBOS_BIN" ] && return 0
   (cd "$BENCH_ROOT" && cargo build --release -q -p aibos)
   if [ "${1:-}" = examples ]; then
     (cd "$BENCH_ROOT" && cargo build --release -q -p aibos-kernel --examples)

@@ -421,6 +421,9 @@ pub struct GatewayConfig {
 pub struct EventsConfig {
     /// JetStream relay target; none when unset.
     pub nats_url: Option<Secret>,
+    /// Events older than this many days are purged, except those still owed
+    /// to a subscriber or the relay.
+    pub retention_days: u64,
     /// `events.webhook_*`: webhook delivery.
     #[serde(flatten)]
     pub webhook: crate::events::webhook::config::WebhookConfig,
@@ -541,6 +544,7 @@ struct RawGateway {
 #[serde(deny_unknown_fields)]
 struct RawEvents {
     nats_url: Option<Secret>,
+    retention_days: i64,
     webhook_retry_schedule_seconds: crate::events::webhook::config::RawSchedule,
     webhook_secret_grace_seconds: i64,
     webhook_disable_after_hours: f64,
@@ -1100,6 +1104,13 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config>
         1,
         3_600,
     );
+    let event_retention_days = in_range(
+        &mut problem,
+        "events.retention_days",
+        raw.events.retention_days,
+        1,
+        limits::EVENT_RETENTION_DAYS_MAX,
+    );
     if let Some(url) = &raw.events.nats_url
         && !(url.expose().starts_with("nats://") || url.expose().starts_with("tls://"))
     {
@@ -1198,6 +1209,7 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config>
         },
         events: EventsConfig {
             nats_url: raw.events.nats_url,
+            retention_days: event_retention_days?,
             webhook: webhook?,
         },
         audit: AuditConfig {

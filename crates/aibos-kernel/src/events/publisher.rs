@@ -162,6 +162,9 @@ async fn write_batches(
     }
 }
 
+/// A tenant and the events of a batch that go into its sequence.
+type TenantEvents = (String, Vec<NewEvent>);
+
 /// Appends the batch, tenant by tenant in a fixed order (so two writers, or
 /// two instances, never wait on each other's head rows in a cycle); returns
 /// each event's place in the batch's order.
@@ -174,20 +177,32 @@ async fn write(db: &Db, batch: &mut [Pending]) -> Result<Vec<Appended>, DbError>
             .1
             .push(std::mem::replace(&mut pending.event, placeholder()));
     }
-    let size = batch.len();
-    let mut answers: Vec<(usize, Appended)> = db
-        .write(move |tx| {
-            Box::pin(async move {
-                let mut answers = Vec::with_capacity(size);
-                for (tenant_id, (places, events)) in &by_tenant {
-                    let appended = store::append(tx, tenant_id, events).await?;
-                    answers.extend(places.iter().copied().zip(appended));
-                }
-                Ok::<_, DbError>(answers)
+    let (places, groups): (Vec<Vec<usize>>, Vec<TenantEvents>) = by_tenant
+        .into_iter()
+        .map(|(tenant, (places, events))| (places, (tenant, events)))
+        .unzip();
+    let appended: Vec<Vec<Appended>> = match db {
+        // One statement, one round trip, its own implicit transaction.
+        Db::Postgres(pool) => store::append_groups_pg(pool, &groups).await?,
+        Db::Sqlite(_) => {
+            db.write(move |tx| {
+                Box::pin(async move {
+                    let mut appended = Vec::with_capacity(groups.len());
+                    for (tenant_id, events) in &groups {
+                        appended.push(store::append(tx, tenant_id, events).await?);
+                    }
+                    Ok::<_, DbError>(appended)
+                })
             })
-        })
-        .await?;
+            .await?
+        }
+    };
     // Back into the batch's order: the answers are zipped with its entries.
+    let mut answers: Vec<(usize, Appended)> = places
+        .into_iter()
+        .zip(appended)
+        .flat_map(|(places, appended)| places.into_iter().zip(appended))
+        .collect();
     answers.sort_unstable_by_key(|(place, _)| *place);
     Ok(answers.into_iter().map(|(_, a)| a).collect())
 }

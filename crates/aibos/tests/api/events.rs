@@ -360,8 +360,14 @@ crate::both_engines! {
         let tasks: Vec<_> = (0..200u64).map(|i| {
             let (url, token) = (kernel.url("/api/kernel/events/publish"), acme.access_token.clone());
             tokio::spawn(async move {
-                // Each its own connection, abandoned after 0–120 ms.
-                let client = reqwest::Client::builder().timeout(Duration::from_micros(i * 7_919 % 120_000)).build().unwrap();
+                // Each its own connection; the odd ones abandoned after 0–120 ms
+                // (some before their request is read, some while it is written),
+                // the even ones waiting for their answer.
+                let mut client = reqwest::Client::builder();
+                if i % 2 == 1 {
+                    client = client.timeout(Duration::from_micros(i * 7_919 % 120_000));
+                }
+                let client = client.build().unwrap();
                 match client.post(url).bearer_auth(token).json(&json!({"type": "hangup.test.published", "payload": {"i": i}})).send().await {
                     Ok(r) if r.status() == 201 => r.json::<Value>().await.ok().map(|b| b["id"].as_str().unwrap().to_owned()),
                     _ => None,
@@ -391,7 +397,7 @@ crate::both_engines! {
         }
         assert!(stored.len() >= acknowledged.len());
         eprintln!("{} acknowledged, {} stored of 200", acknowledged.len(), stored.len());
-        assert!(acknowledged.len() < 200 && !acknowledged.is_empty(), "some publishers hung up before their answer, some did not");
+        assert!((100..200).contains(&acknowledged.len()), "every patient publisher got its answer, some others hung up first");
         if let aibos_kernel::db::Db::Postgres(pool) = kernel.state.db() {
             let stuck: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND state LIKE 'idle in transaction%'")
                 .fetch_one(pool).await.unwrap();
