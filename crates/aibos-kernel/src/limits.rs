@@ -118,6 +118,17 @@ pub const WEBHOOK_SLICE_MS: u64 = 2_000;
 /// Period of the worker's look for due retries and leases left by a stopped
 /// instance, when no event wakes it sooner.
 pub const WEBHOOK_POLL_MS: u64 = 1_000;
+/// Retries asked for through the API read per round trip (each is one
+/// attempt; more wait for the next turn of the subscription).
+pub const WEBHOOK_DUE_RETRIES_PER_READ: u32 = 16;
+/// Idle keep-alive connections the delivery client keeps per receiver: one
+/// per subscription in flight is what in-order delivery uses; a few more
+/// absorb retries.
+pub const WEBHOOK_POOL_IDLE_PER_HOST: usize = 32;
+/// How long an idle connection to a receiver is kept.
+pub const WEBHOOK_POOL_IDLE_SECONDS: u64 = 60;
+/// How often finished deliveries older than the retention are purged.
+pub const WEBHOOK_PURGE_INTERVAL_SECONDS: u64 = 60;
 /// Subscriptions leased per claim query.
 pub const WEBHOOK_CLAIM_BATCH_MAX: u32 = 64;
 /// Delivery history (deliveries and their attempts) is kept this long, then

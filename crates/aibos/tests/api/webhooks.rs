@@ -534,6 +534,48 @@ both_engines! {
         assert!(receiver.wait_for_delivered(1, DELIVERY_WAIT).await);
     }
 
+    /// `aibos keys rotate-master` re-seals both signing secrets of a
+    /// subscription in a rotation's grace period, each opening in its own place.
+    async fn rotate_master_reseals_the_signing_secrets(engine: Engine) {
+        let test_db = aibos_testkit::TestDb::create(engine).await.unwrap();
+        let folder = tempfile::tempdir().unwrap();
+        let old_file = folder.path().join("old.key").to_string_lossy().into_owned();
+        let new_file = folder.path().join("new.key").to_string_lossy().into_owned();
+        let options = |file: &str| {
+            let mut options = private_networks(&[("AIBOS_AUTH__MASTER_KEY_FILE", file)]);
+            options.database_url = Some(test_db.url().to_owned());
+            options
+        };
+        let first = spawn_kernel_with(engine, options(&old_file)).await.unwrap();
+        let root = first.platform_admin().await;
+        let created = subscribe(&first, &root, "http://127.0.0.1:9/hook", &["a.b"]).await;
+        let id = created["id"].as_str().unwrap().to_owned();
+        let rotated: Value = first.as_(&root, Method::POST, &format!("/api/kernel/subscriptions/{id}/rotate-secret")).send().await.unwrap().json().await.unwrap();
+        first.shutdown().await.unwrap();
+
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_aibos"))
+            .args(["keys", "rotate-master", "--new-key-file", &new_file, "--json"])
+            .current_dir(folder.path())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("AIBOS_DATABASE__URL", test_db.url())
+            .env("AIBOS_AUTH__MASTER_KEY_FILE", &old_file)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["resealed"], 3, "the signing key and the subscription's two secrets: {report}");
+        let key_id = report["key_id"].as_str().unwrap();
+
+        let second = spawn_kernel_with(engine, options(&new_file)).await.unwrap();
+        let (stored, previous) = stored_secrets(second.state.db(), &id).await;
+        let previous = previous.unwrap();
+        assert!(stored.starts_with(&format!("enc:v1:{key_id}:")) && previous.starts_with(&format!("enc:v1:{key_id}:")));
+        let keys = second.state.master_keys();
+        assert_eq!(keys.open(&stored, &format!("webhook_subscriptions.secret:{id}")).unwrap(), rotated["secret"].as_str().unwrap());
+        assert_eq!(keys.open(&previous, &format!("webhook_subscriptions.previous_secret:{id}")).unwrap(), created["secret"].as_str().unwrap());
+    }
+
     /// Publishers hanging up at random moments: every event that was stored
     /// reaches the subscriber, and no pooled connection is left in a transaction.
     async fn every_stored_event_is_delivered_though_publishers_hang_up(engine: Engine) {
@@ -566,7 +608,9 @@ both_engines! {
             if page["has_more"] != true { break; }
             after = page["next_after_seq"].as_i64().unwrap();
         }
-        assert!(stored.len() >= acknowledged && acknowledged > 0, "{acknowledged} acknowledged, {} stored", stored.len());
+        // Under load every publisher may hang up before its answer; what was
+        // stored is what must be delivered.
+        assert!(stored.len() >= acknowledged && !stored.is_empty(), "{acknowledged} acknowledged, {} stored", stored.len());
         let arrived = receiver.wait_until(DELIVERY_WAIT, |hooks| {
             let ids: BTreeSet<&str> = hooks.iter().filter(|h| h.delivered()).map(|h| h.id.as_str()).collect();
             stored.iter().all(|id| ids.contains(id.as_str()))

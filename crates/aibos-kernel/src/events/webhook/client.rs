@@ -85,12 +85,6 @@ pub struct DeliveryClient {
     timeout: Duration,
 }
 
-/// Idle keep-alive connections kept per receiver: one per subscription in
-/// flight is what in-order delivery uses; a few more absorb retries.
-const IDLE_PER_HOST: usize = 32;
-/// How long an idle connection to a receiver is kept.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-
 static USER_AGENT: &str = concat!("aibos-webhooks/", env!("CARGO_PKG_VERSION"));
 
 impl DeliveryClient {
@@ -106,8 +100,8 @@ impl DeliveryClient {
         let client = Client::builder(TokioExecutor::new())
             // Without a timer the idle timeout is never enforced (linkerd2-proxy #4004).
             .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(IDLE_TIMEOUT)
-            .pool_max_idle_per_host(IDLE_PER_HOST)
+            .pool_idle_timeout(Duration::from_secs(limits::WEBHOOK_POOL_IDLE_SECONDS))
+            .pool_max_idle_per_host(limits::WEBHOOK_POOL_IDLE_PER_HOST)
             .build(connector);
         DeliveryClient { client, timeout }
     }

@@ -185,7 +185,7 @@ pub async fn run(state: AppState, stop: CancellationToken) {
     let mut last_purge = Instant::now();
     loop {
         worker.claim_into(&slots, &mut tasks).await;
-        if last_purge.elapsed() >= PURGE_INTERVAL {
+        if last_purge.elapsed() >= Duration::from_secs(limits::WEBHOOK_PURGE_INTERVAL_SECONDS) {
             last_purge = Instant::now();
             worker.purge().await;
         }
@@ -212,9 +212,6 @@ pub async fn run(state: AppState, stop: CancellationToken) {
         tracing::warn!(error = %e, "webhook leases not given back at shutdown; they expire instead");
     }
 }
-
-/// How often finished deliveries older than the retention are purged.
-const PURGE_INTERVAL: Duration = Duration::from_secs(60);
 
 impl Worker {
     /// Claims subscriptions with work, as many as there are free slots, and
@@ -317,11 +314,17 @@ impl Worker {
         {
             // Retries asked for through the API, beside the stream.
             let now = timestamp::now_text();
-            for delivery in store::due_retries(&db, &s.row.id, &now, 16).await? {
+            for delivery in
+                store::due_retries(&db, &s.row.id, &now, limits::WEBHOOK_DUE_RETRIES_PER_READ)
+                    .await?
+            {
                 self.retry_one(s, delivery).await?;
                 if s.lost || s.disabled || s.stop_slice {
                     break;
                 }
+            }
+            if s.lost || s.disabled || s.stop_slice {
+                break;
             }
             // The stream's head, waiting for its next attempt.
             if let Some(head_id) = s.row.pending_delivery_id.clone() {
