@@ -534,6 +534,41 @@ both_engines! {
         assert!(receiver.wait_for_delivered(1, DELIVERY_WAIT).await);
     }
 
+    /// The address is checked when a delivery connects, not only when the
+    /// subscription was made: a receiver accepted under the switch (or whose
+    /// name resolves elsewhere since: DNS rebinding) gets no connection from a
+    /// kernel with the switch off, only an attempt recorded as refused.
+    async fn the_address_is_checked_again_at_every_connection(engine: Engine) {
+        let test_db = aibos_testkit::TestDb::create(engine).await.unwrap();
+        let receiver = Receiver::start(Behaviour::Accept).await;
+        let mut open = private_networks(&[("AIBOS_EVENTS__WEBHOOK_RETRY_SCHEDULE_SECONDS", "0")]);
+        open.database_url = Some(test_db.url().to_owned());
+        let first = spawn_kernel_with(engine, open).await.unwrap();
+        let root = first.platform_admin().await;
+        let admin = first.tenant_with_admin(&root, "acme").await;
+        // A host name, so that the connector's resolver is what refuses it.
+        let url = receiver.url.replace("127.0.0.1", "localhost");
+        let created = subscribe(&first, &admin, &url, &["a.*"]).await;
+        let id = created["id"].as_str().unwrap().to_owned();
+        first.shutdown().await.unwrap();
+
+        let closed = KernelOptions {
+            env: vec![("AIBOS_EVENTS__WEBHOOK_RETRY_SCHEDULE_SECONDS".to_owned(), "0".to_owned())],
+            database_url: Some(test_db.url().to_owned()),
+            ..KernelOptions::default()
+        };
+        let second = spawn_kernel_with(engine, closed).await.unwrap();
+        let admin = second.login("acme", "admin@acme.example", PASSWORD).await.unwrap();
+        publish(&second, &admin, "a.b", json!({})).await;
+        let history = wait_for_history(&second, &admin, &id, |items| items.first().is_some_and(|d| d["status"] == "dead_letter")).await;
+        let attempt = &history[0]["attempts"][0];
+        assert_eq!(attempt["outcome"], "refused_address", "{attempt}");
+        assert_eq!(attempt["response_status"], Value::Null);
+        assert!(attempt["error"].as_str().unwrap().contains("localhost"), "{attempt}");
+        assert!(receiver.hooks().is_empty(), "no connection reached the receiver");
+        assert!(second.metrics_text().await.contains("aibos_webhook_attempts_total{outcome=\"refused_address\"} 1"));
+    }
+
     /// `aibos keys rotate-master` re-seals both signing secrets of a
     /// subscription in a rotation's grace period, each opening in its own place.
     async fn rotate_master_reseals_the_signing_secrets(engine: Engine) {

@@ -53,12 +53,15 @@ impl WebhookConfig {
 }
 
 /// A list written as a TOML array, or as comma-separated text (the form of
-/// `AIBOS_EVENTS__WEBHOOK_RETRY_SCHEDULE_SECONDS=0,5,300`).
+/// `AIBOS_EVENTS__WEBHOOK_RETRY_SCHEDULE_SECONDS=0,5,300`), or one number
+/// (`…=0`, which the environment layer reads as a number: one attempt).
 #[derive(Deserialize)]
 #[serde(untagged)]
 pub(crate) enum RawSchedule {
     /// `[0, 5, 300]`.
     List(Vec<i64>),
+    /// `0`.
+    One(i64),
     /// `"0,5,300"`.
     Text(String),
 }
@@ -81,6 +84,7 @@ pub(crate) fn validate(
     let schedule_key = "events.webhook_retry_schedule_seconds";
     let schedule: Option<Vec<i64>> = match raw.webhook_retry_schedule_seconds {
         RawSchedule::List(list) => Some(list),
+        RawSchedule::One(wait) => Some(vec![wait]),
         RawSchedule::Text(text) => {
             let parsed: Result<Vec<i64>, _> =
                 text.split(',').map(|s| s.trim().parse::<i64>()).collect();
@@ -226,6 +230,12 @@ mod tests {
         );
         let listed = load(&[("AIBOS_EVENTS__WEBHOOK_RETRY_SCHEDULE_SECONDS", "[3, 4]")]).unwrap();
         assert_eq!(listed.events.webhook.webhook_retry_schedule_seconds, [3, 4]);
+        let one = load(&[("AIBOS_EVENTS__WEBHOOK_RETRY_SCHEDULE_SECONDS", "0")]).unwrap();
+        assert_eq!(
+            one.events.webhook.webhook_retry_schedule_seconds,
+            [0],
+            "a single attempt"
+        );
     }
 
     #[test]
