@@ -421,6 +421,8 @@ pub struct GatewayConfig {
 pub struct EventsConfig {
     /// JetStream relay target; none when unset.
     pub nats_url: Option<Secret>,
+    /// The JetStream stream the relay creates when none captures `aibos.>`.
+    pub nats_stream: String,
 }
 
 /// `[log]`
@@ -538,6 +540,7 @@ struct RawGateway {
 #[serde(deny_unknown_fields)]
 struct RawEvents {
     nats_url: Option<Secret>,
+    nats_stream: String,
 }
 
 #[derive(Deserialize)]
@@ -1088,6 +1091,9 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config>
             "must start with nats:// or tls://".to_owned(),
         );
     }
+    if let Err(m) = crate::events::relay::check_stream_name(&raw.events.nats_stream) {
+        problem("events.nats_stream", m.to_owned());
+    }
 
     for key in &raw.audit.redact_keys {
         if key.is_empty()
@@ -1178,6 +1184,7 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config>
         },
         events: EventsConfig {
             nats_url: raw.events.nats_url,
+            nats_stream: raw.events.nats_stream,
         },
         audit: AuditConfig {
             redact_keys: raw.audit.redact_keys,
