@@ -1361,6 +1361,29 @@ mod tests {
     }
 
     #[test]
+    fn the_relay_s_nats_url_and_stream_name_are_checked() {
+        let config = load(&[]).unwrap();
+        assert!(
+            config.events.nats_url.is_none(),
+            "no relay unless configured"
+        );
+        assert_eq!(config.events.nats_stream, "AIBOS_EVENTS");
+        let config = load(&[
+            ("AIBOS_EVENTS__NATS_URL", "tls://nats.example:4222"),
+            ("AIBOS_EVENTS__NATS_STREAM", "events-prod"),
+        ])
+        .unwrap();
+        assert_eq!(config.events.nats_stream, "events-prod");
+        let err = load(&[
+            ("AIBOS_EVENTS__NATS_URL", "http://nats.example:4222"),
+            ("AIBOS_EVENTS__NATS_STREAM", "aibos.events"),
+        ])
+        .unwrap_err();
+        let keys: Vec<_> = err.problems().iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["events.nats_url", "events.nats_stream"]);
+    }
+
+    #[test]
     fn event_loops_default_to_one_per_core_and_are_bounded() {
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
         let default = load(&[]).unwrap();
