@@ -8,10 +8,12 @@
 //!   serves it on `127.0.0.1:0` until the returned [`TestKernel`] is dropped.
 //! - [`process::KernelProcess`]: the real binary as a child process, logs captured.
 //! - [`cluster::Cluster`]: a throwaway PostgreSQL cluster to stop and start.
+//! - [`nats::TestNats`]: the NATS server of the relay tests, and what the relay stored.
 
 pub mod api;
 pub mod cluster;
 mod db;
+pub mod nats;
 pub mod process;
 pub mod upstream;
 

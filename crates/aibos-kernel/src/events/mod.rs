@@ -10,6 +10,7 @@
 
 pub mod listener;
 pub mod publisher;
+pub mod relay;
 pub mod routes;
 pub mod store;
 

@@ -20,6 +20,7 @@ mod identity;
 mod migrations;
 mod pg_outage;
 mod registry;
+mod relay;
 mod secrets;
 mod shutdown;
 mod tls;
