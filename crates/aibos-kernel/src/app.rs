@@ -327,8 +327,23 @@ fn spawn_background(state: &AppState, stop: CancellationToken) -> tokio::task::J
         }
     });
     tasks.spawn(crate::gateway::health::run(state.clone(), stop.clone()));
+    // Events: the group-commit writers, and open streams ended at shutdown.
+    state
+        .events()
+        .start(state.db().clone(), state.metrics().clone(), &mut tasks);
+    let events_state = state.clone();
+    let events_stop = stop.clone();
+    tasks.spawn(async move {
+        events_stop.cancelled().await;
+        events_state.events().stop();
+    });
     match state.db() {
         crate::db::Db::Postgres(pool) => {
+            tasks.spawn(crate::events::listener::run(
+                pool.clone(),
+                state.clone(),
+                stop.clone(),
+            ));
             tasks.spawn(crate::authz::listener::run(
                 pool.clone(),
                 state.clone(),

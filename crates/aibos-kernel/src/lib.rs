@@ -26,6 +26,7 @@ pub mod authz;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod events;
 pub mod gateway;
 pub mod health;
 pub mod http;

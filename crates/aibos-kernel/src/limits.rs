@@ -251,3 +251,24 @@ pub const ASSERTION_SECRETS_PER_CANON_MAX: i64 = 5;
 
 /// Longest request path the gateway forwards.
 pub const GATEWAY_PATH_BYTES_MAX: usize = 4_096;
+
+/// Largest event payload (SPEC §7): a JSON object of at most 256 KiB.
+pub const EVENT_PAYLOAD_BYTES_MAX: usize = 256 * 1024;
+/// Largest payload schema version an event may carry.
+pub const EVENT_VERSION_MAX: i32 = 1_000_000;
+/// Longest event `subject`.
+pub const EVENT_SUBJECT_CHARS_MAX: usize = 256;
+/// How often readers waiting for events look again when no commit was
+/// signalled (another process on the same SQLite file, a lost notification).
+pub const EVENT_POLL_MS: u64 = 1_000;
+/// Events an SSE connection reads from the database at a time.
+pub const SSE_PAGE_EVENTS: u32 = 256;
+/// Events buffered per SSE connection, waiting for the reader to take them.
+pub const SSE_BUFFER_EVENTS: usize = 512;
+/// A reader that takes none of its buffered events for this long is told it
+/// fell behind, and its stream ends (it resumes with `Last-Event-ID`).
+pub const SSE_SLOW_READER_SECONDS: u64 = 10;
+/// Keep-alive comments on an idle SSE connection, so proxies keep it open.
+pub const SSE_KEEP_ALIVE_SECONDS: u64 = 15;
+/// Open SSE connections per kernel; more are answered 503.
+pub const SSE_STREAMS_MAX: usize = 1_024;

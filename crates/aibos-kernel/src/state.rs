@@ -51,6 +51,8 @@ struct Inner {
     hasher: crate::identity::password::Hasher,
     /// The gateway's route table and per-canon state.
     gateway: crate::gateway::Gateway,
+    /// The event bus: group-commit publisher, commit signal, open streams.
+    events: crate::events::EventBus,
 }
 
 /// What one event loop owns, handed to its router as an extension: its upstream
@@ -101,6 +103,7 @@ impl AppState {
                 login_throttle: LoginThrottle::default(),
                 hasher: crate::identity::password::Hasher::per_core(),
                 gateway: crate::gateway::Gateway::default(),
+                events: crate::events::EventBus::new(),
             }),
         }
     }
@@ -229,6 +232,11 @@ impl AppState {
             })
         }))
         .await
+    }
+
+    /// The event bus.
+    pub fn events(&self) -> &crate::events::EventBus {
+        &self.inner.events
     }
 
     /// The gateway.

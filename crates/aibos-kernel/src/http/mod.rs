@@ -33,6 +33,7 @@ pub fn api_routes() -> OpenApiRouter<AppState> {
         .merge(crate::identity::routes::router())
         .merge(crate::authz::routes::router())
         .merge(crate::audit::routes::router())
+        .merge(crate::events::routes::router())
         .merge(crate::registry::routes::router())
         .route(
             front::GATEWAY_CANON_ROUTE,

@@ -13,6 +13,7 @@ mod cli;
 mod connections;
 mod conventions;
 mod escalation;
+mod events;
 mod gateway;
 mod health;
 mod identity;
