@@ -421,6 +421,9 @@ pub struct GatewayConfig {
 pub struct EventsConfig {
     /// JetStream relay target; none when unset.
     pub nats_url: Option<Secret>,
+    /// Events older than this many days are purged, except those still owed
+    /// to a subscriber or the relay.
+    pub retention_days: u64,
 }
 
 /// `[log]`
@@ -538,6 +541,7 @@ struct RawGateway {
 #[serde(deny_unknown_fields)]
 struct RawEvents {
     nats_url: Option<Secret>,
+    retention_days: i64,
 }
 
 #[derive(Deserialize)]
@@ -1080,6 +1084,13 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config>
         1,
         3_600,
     );
+    let event_retention_days = in_range(
+        &mut problem,
+        "events.retention_days",
+        raw.events.retention_days,
+        1,
+        limits::EVENT_RETENTION_DAYS_MAX,
+    );
     if let Some(url) = &raw.events.nats_url
         && !(url.expose().starts_with("nats://") || url.expose().starts_with("tls://"))
     {
@@ -1178,6 +1189,7 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config>
         },
         events: EventsConfig {
             nats_url: raw.events.nats_url,
+            retention_days: event_retention_days?,
         },
         audit: AuditConfig {
             redact_keys: raw.audit.redact_keys,

@@ -272,3 +272,5 @@ pub const SSE_SLOW_READER_SECONDS: u64 = 10;
 pub const SSE_KEEP_ALIVE_SECONDS: u64 = 15;
 /// Open SSE connections per kernel; more are answered 503.
 pub const SSE_STREAMS_MAX: usize = 1_024;
+/// Longest configurable event retention (ten years).
+pub const EVENT_RETENTION_DAYS_MAX: u64 = 3_650;

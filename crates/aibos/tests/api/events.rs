@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use aibos_testkit::api::{PASSWORD, Session};
-use aibos_testkit::{TestKernel, spawn_kernel};
+use aibos_testkit::{Engine, TestKernel, spawn_kernel};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -346,5 +346,159 @@ crate::both_engines! {
         // The next page is not sent: the stream ends instead.
         let after = sse_messages(&mut stream, 1).await;
         assert!(after.is_empty(), "a revoked session received {after:?}");
+    }
+}
+
+crate::both_engines! {
+    /// Publishers that hang up at random moments: whatever was stored is a
+    /// gap-free run of the sequence holding every acknowledged event, and no
+    /// pooled connection is left inside a transaction.
+    async fn publishers_hanging_up_cut_nothing_in_half(engine: Engine) {
+        let kernel = spawn_kernel(engine).await.unwrap();
+        let acme = tenant(&kernel, "acme").await;
+        let start = read(&kernel, &acme, "").await["next_after_seq"].as_i64().unwrap();
+        let tasks: Vec<_> = (0..200u64).map(|i| {
+            let (url, token) = (kernel.url("/api/kernel/events/publish"), acme.access_token.clone());
+            tokio::spawn(async move {
+                // Each its own connection, abandoned after 0–120 ms.
+                let client = reqwest::Client::builder().timeout(Duration::from_micros(i * 7_919 % 120_000)).build().unwrap();
+                match client.post(url).bearer_auth(token).json(&json!({"type": "hangup.test.published", "payload": {"i": i}})).send().await {
+                    Ok(r) if r.status() == 201 => r.json::<Value>().await.ok().map(|b| b["id"].as_str().unwrap().to_owned()),
+                    _ => None,
+                }
+            })
+        }).collect();
+        let mut acknowledged = Vec::new();
+        for t in tasks {
+            acknowledged.extend(t.await.unwrap());
+        }
+        // Wait for the batches in flight to land, then read everything.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut stored = Vec::new();
+        let mut after = start;
+        loop {
+            let page = read(&kernel, &acme, &format!("after_seq={after}&limit=1000")).await;
+            let items = page["items"].as_array().unwrap().clone();
+            if items.is_empty() { break; }
+            after = page["next_after_seq"].as_i64().unwrap();
+            stored.extend(items);
+        }
+        let seqs: Vec<i64> = stored.iter().map(|e| e["seq"].as_i64().unwrap()).collect();
+        assert_eq!(seqs, (start + 1..=start + stored.len() as i64).collect::<Vec<_>>(), "gap-free");
+        let ids: BTreeSet<&str> = stored.iter().map(|e| e["id"].as_str().unwrap()).collect();
+        for id in &acknowledged {
+            assert!(ids.contains(id.as_str()), "acknowledged {id} is stored");
+        }
+        assert!(stored.len() >= acknowledged.len());
+        eprintln!("{} acknowledged, {} stored of 200", acknowledged.len(), stored.len());
+        assert!(acknowledged.len() < 200 && !acknowledged.is_empty(), "some publishers hung up before their answer, some did not");
+        if let aibos_kernel::db::Db::Postgres(pool) = kernel.state.db() {
+            let stuck: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND state LIKE 'idle in transaction%'")
+                .fetch_one(pool).await.unwrap();
+            assert_eq!(stuck, 0, "no pooled connection is left inside a transaction");
+        }
+        // The kernel still publishes.
+        assert_eq!(publish(&kernel, &acme, json!({"type": "hangup.test.after", "payload": {}})).await.status(), 201);
+    }
+
+    /// `kill -9` while four publishers run: after a restart on the same
+    /// database every event that got 201 is there under its seq, the sequence
+    /// has no gap, and the audit chain verifies.
+    async fn a_killed_kernel_keeps_every_acknowledged_event(engine: Engine) {
+        use aibos_testkit::process::KernelProcess;
+        const BINARY: &str = env!("CARGO_BIN_EXE_aibos");
+        let cwd = tempfile::tempdir().unwrap();
+        let test_db = match engine { Engine::Sqlite => None, Engine::Postgres => aibos_testkit::TestDb::create(engine).await };
+        let key = "bootstrap-key-for-the-kill-test";
+        let mut env = vec![("AIBOS_SERVER__BIND", "127.0.0.1:0"), ("AIBOS_AUTH__BOOTSTRAP_KEY", key)];
+        if let Some(db) = &test_db {
+            env.push(("AIBOS_DATABASE__URL", db.url()));
+        }
+        let client = reqwest::Client::new();
+        let login = |base: String| {
+            let client = client.clone();
+            async move {
+                let body: Value = client.post(format!("{base}/api/kernel/auth/login"))
+                    .json(&json!({"tenant": "system", "email": "root@example.com", "password": PASSWORD}))
+                    .send().await.unwrap().json().await.unwrap();
+                body["access_token"].as_str().unwrap().to_owned()
+            }
+        };
+        let mut first = KernelProcess::start(std::path::Path::new(BINARY), cwd.path(), &env).await.unwrap();
+        let r = client.post(format!("{}/api/kernel/bootstrap", first.base_url)).header("x-bootstrap-key", key)
+            .json(&json!({"email": "root@example.com", "password": PASSWORD, "name": "Root"})).send().await.unwrap();
+        assert_eq!(r.status(), 201);
+        let token = login(first.base_url.clone()).await;
+        let publishers: Vec<_> = (0..4).map(|p| {
+            let (client, url, token) = (client.clone(), format!("{}/api/kernel/events/publish", first.base_url), token.clone());
+            tokio::spawn(async move {
+                let mut acknowledged = Vec::new();
+                for i in 0.. {
+                    match client.post(&url).bearer_auth(&token).json(&json!({"type": "kill.test.published", "payload": {"p": p, "i": i}})).send().await {
+                        Ok(r) if r.status() == 201 => {
+                            let body: Value = r.json().await.unwrap();
+                            acknowledged.push((body["seq"].as_i64().unwrap(), body["id"].as_str().unwrap().to_owned()));
+                        }
+                        _ => return acknowledged,
+                    }
+                }
+                acknowledged
+            })
+        }).collect();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        first.child.kill().await.unwrap(); // SIGKILL
+        let mut acknowledged = Vec::new();
+        for p in publishers {
+            acknowledged.extend(p.await.unwrap());
+        }
+        assert!(acknowledged.len() > 20, "the publishers were running ({} acknowledged)", acknowledged.len());
+
+        let second = KernelProcess::start(std::path::Path::new(BINARY), cwd.path(), &env).await.unwrap();
+        let token = login(second.base_url.clone()).await;
+        let mut stored = std::collections::BTreeMap::new();
+        let mut after = 0;
+        loop {
+            let page: Value = client.get(format!("{}/api/kernel/events?after_seq={after}&limit=1000&types=kill.test.published", second.base_url))
+                .bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+            for e in page["items"].as_array().unwrap() {
+                stored.insert(e["seq"].as_i64().unwrap(), e["id"].as_str().unwrap().to_owned());
+            }
+            if page["has_more"] != true { break; }
+            after = page["next_after_seq"].as_i64().unwrap();
+        }
+        for (seq, id) in &acknowledged {
+            assert_eq!(stored.get(seq), Some(id), "acknowledged event {seq} survived the kill");
+        }
+        let seqs: Vec<i64> = stored.keys().copied().collect();
+        assert_eq!(seqs, (1..=seqs.len() as i64).collect::<Vec<_>>(), "gap-free after the restart");
+        let verify: Value = client.get(format!("{}/api/kernel/audit/verify", second.base_url)).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+        assert_eq!(verify["valid"], true, "{verify}");
+        // And it publishes on from where it was.
+        let r: Value = client.post(format!("{}/api/kernel/events/publish", second.base_url)).bearer_auth(&token)
+            .json(&json!({"type": "kill.test.published", "payload": {}})).send().await.unwrap().json().await.unwrap();
+        assert_eq!(r["seq"].as_i64().unwrap(), seqs.len() as i64 + 1);
+    }
+
+    /// The cell SDK's `KernelClient::publish_event` against the real kernel.
+    async fn the_cell_sdk_publishes_through_the_kernel(engine: Engine) {
+        let kernel = spawn_kernel(engine).await.unwrap();
+        let acme = tenant(&kernel, "acme").await;
+        let publishers = kernel.role(&acme, "publishers", &["kernel.event.publish"]).await;
+        let created: Value = kernel.as_(&acme, Method::POST, "/api/kernel/service-accounts")
+            .json(&json!({"name": "payment-hub", "role_ids": [publishers]})).send().await.unwrap().json().await.unwrap();
+        let client = aibos_cell::KernelClient::new(&kernel.base_url, created["client_id"].as_str().unwrap(), created["client_secret"].as_str().unwrap()).unwrap();
+        let first = client.publish_event(&aibos_cell::NewEvent::new("finance.payment.processed", json!({"amount_minor": 1250})).with_subject("payment/42").with_version(2)).await.unwrap();
+        let second = client.publish_event(&aibos_cell::NewEvent::new("finance.payment.processed", json!({"amount_minor": 99}))).await.unwrap();
+        assert_eq!(second.seq, first.seq + 1);
+        let event: Value = kernel.as_(&acme, Method::GET, &format!("/api/kernel/events/{}", first.id)).send().await.unwrap().json().await.unwrap();
+        assert_eq!(event["source"], "payment-hub");
+        assert_eq!(event["actor_type"], "service");
+        assert_eq!(event["actor_id"], created["id"]);
+        assert_eq!(event["version"], 2);
+        assert_eq!(event["subject"], "payment/42");
+        assert_eq!(event["payload"], json!({"amount_minor": 1250}));
+        // A bad type comes back as the kernel's problem.
+        let refused = client.publish_event(&aibos_cell::NewEvent::new("NotDotted", json!({}))).await;
+        assert!(refused.is_err(), "{refused:?}");
     }
 }
