@@ -9,7 +9,7 @@
 //! that a client hanging up cannot cut ([`Db::write`] detaches it), so that a
 //! handler states only what changed:
 //!
-//! ```ignore
+//! ```text
 //! let role = change::write(&state, caller.audit_context(), move |tx, c| {
 //!     Box::pin(async move {
 //!         let role = store::insert_role(tx, &id, &tenant_id, &name, &grants, false).await?;
