@@ -17,6 +17,7 @@ mod events;
 mod gateway;
 mod health;
 mod identity;
+mod kernel_events;
 mod migrations;
 mod pg_outage;
 mod registry;
