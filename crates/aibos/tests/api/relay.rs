@@ -120,10 +120,12 @@ crate::both_engines! {
         let platform = kernel.platform_admin().await;
         let slug = unique_slug();
         let acme = kernel.tenant_with_admin(&platform, &slug).await;
+        // The tenant's creation published kernel events into its sequence first.
+        let base = store::head(kernel.state.db(), &acme.tenant_id).await.unwrap();
         let ids = publish(&kernel, &acme, 40).await;
 
         let head = caught_up(kernel.state.db(), &acme.tenant_id).await;
-        assert_eq!(head, 40);
+        assert_eq!(head, base + 40);
         let messages = nats.messages(&format!("aibos.{slug}.>")).await;
         let relayed = exactly_once_in_order(&messages, &slug, &acme.tenant_id, head);
         for id in &ids {
@@ -163,6 +165,7 @@ crate::both_engines! {
         let platform = first.platform_admin().await;
         let slug = unique_slug();
         let acme = first.tenant_with_admin(&platform, &slug).await;
+        let base = store::head(first.state.db(), &acme.tenant_id).await.unwrap();
         publish(&first, &acme, 60).await;
         // Wait until the relay has stored something, then publish more and
         // stop the kernel while it relays them: the relay task is aborted
@@ -189,7 +192,7 @@ crate::both_engines! {
         let acme = second.login(&slug, &format!("admin@{slug}.example"), PASSWORD).await.unwrap();
         publish(&second, &acme, 20).await;
         let head = caught_up(second.state.db(), &acme.tenant_id).await;
-        assert_eq!(head, 230);
+        assert_eq!(head, base + 230);
         let messages = nats.messages(&format!("aibos.{slug}.>")).await;
         exactly_once_in_order(&messages, &slug, &acme.tenant_id, head);
         // What the first kernel had relayed was sent again and absorbed.
@@ -275,12 +278,11 @@ async fn connect(db: &TestDb) -> Db {
 crate::both_engines! {
     async fn events_jetstream_refuses_stay_unrelayed_and_go_once_it_takes_them(engine: Engine) {
         let Some((nats, _server)) = TestNats::spawn_own().await else { return };
-        // An operator's stream, which the relay uses as it is: it takes 10
-        // messages and refuses the rest.
+        // An operator's stream, which the relay uses as it is; once the kernel
+        // events of the set-up are in, it takes 10 more messages and refuses the rest.
         let mut stream = nats.jetstream.create_stream(async_nats::jetstream::stream::Config {
             name: "OPERATORS".to_owned(),
             subjects: vec!["aibos.>".to_owned()],
-            max_messages: 10,
             discard: async_nats::jetstream::stream::DiscardPolicy::New,
             ..Default::default()
         }).await.unwrap();
@@ -289,21 +291,28 @@ crate::both_engines! {
         let platform = kernel.platform_admin().await;
         let slug = unique_slug();
         let acme = kernel.tenant_with_admin(&platform, &slug).await;
+        let base = caught_up(kernel.state.db(), &acme.tenant_id).await;
+        caught_up(kernel.state.db(), aibos_kernel::identity::SYSTEM_TENANT_ID).await;
+        let before = stream.info().await.unwrap().state.messages;
+        let relayed_before = metric(&kernel.metrics_text().await, "aibos_events_relayed_total").unwrap();
+        let mut limited = stream.info().await.unwrap().config.clone();
+        limited.max_messages = before as i64 + 10;
+        nats.jetstream.update_stream(limited).await.unwrap();
         publish(&kernel, &acme, 25).await;
 
         // The position moves past the ten acknowledged events, and no further.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(CATCH_UP_SECONDS);
-        while store::relay_position(kernel.state.db(), &acme.tenant_id).await.unwrap() != Some(10) {
+        while store::relay_position(kernel.state.db(), &acme.tenant_id).await.unwrap() != Some(base + 10) {
             assert!(tokio::time::Instant::now() < deadline, "position {:?}", store::relay_position(kernel.state.db(), &acme.tenant_id).await);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // Something that must not happen: given the relay's first retries
         // (250, 500 and 1000 ms apart) to happen in.
         tokio::time::sleep(Duration::from_millis(2_000)).await;
-        assert_eq!(store::relay_position(kernel.state.db(), &acme.tenant_id).await.unwrap(), Some(10));
-        assert_eq!(stream.info().await.unwrap().state.messages, 10);
+        assert_eq!(store::relay_position(kernel.state.db(), &acme.tenant_id).await.unwrap(), Some(base + 10));
+        assert_eq!(stream.info().await.unwrap().state.messages, before + 10);
         let text = kernel.metrics_text().await;
-        assert_eq!(metric(&text, "aibos_events_relayed_total"), Some(10.0), "{text}");
+        assert_eq!(metric(&text, "aibos_events_relayed_total"), Some(relayed_before + 10.0), "{text}");
         assert_eq!(metric(&text, "aibos_events_relay_lag_events"), Some(15.0), "{text}");
 
         // Once the stream takes more, the relay resumes from its position.
@@ -311,7 +320,7 @@ crate::both_engines! {
         config.max_messages = -1;
         nats.jetstream.update_stream(config).await.unwrap();
         let head = caught_up(kernel.state.db(), &acme.tenant_id).await;
-        assert_eq!(head, 25);
+        assert_eq!(head, base + 25);
         let messages = nats.messages(&format!("aibos.{slug}.>")).await;
         exactly_once_in_order(&messages, &slug, &acme.tenant_id, head);
     }
