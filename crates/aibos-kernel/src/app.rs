@@ -359,6 +359,10 @@ fn spawn_background(state: &AppState, stop: CancellationToken) -> tokio::task::J
     state
         .events()
         .start(state.db().clone(), state.metrics().clone(), &mut tasks);
+    // The JetStream relay, only with `events.nats_url` set (read at start).
+    if state.config_ref().events.nats_url.is_some() {
+        tasks.spawn(crate::events::relay::run(state.clone(), stop.clone()));
+    }
     let events_state = state.clone();
     let events_stop = stop.clone();
     tasks.spawn(async move {

@@ -424,6 +424,8 @@ pub struct EventsConfig {
     /// Events older than this many days are purged, except those still owed
     /// to a subscriber or the relay.
     pub retention_days: u64,
+    /// The JetStream stream the relay creates when none captures `aibos.>`.
+    pub nats_stream: String,
     /// `events.webhook_*`: webhook delivery.
     #[serde(flatten)]
     pub webhook: crate::events::webhook::config::WebhookConfig,
@@ -545,6 +547,7 @@ struct RawGateway {
 struct RawEvents {
     nats_url: Option<Secret>,
     retention_days: i64,
+    nats_stream: String,
     webhook_retry_schedule_seconds: crate::events::webhook::config::RawSchedule,
     webhook_secret_grace_seconds: i64,
     webhook_disable_after_hours: f64,
@@ -1119,6 +1122,9 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config>
             "must start with nats:// or tls://".to_owned(),
         );
     }
+    if let Err(m) = crate::events::relay::check_stream_name(&raw.events.nats_stream) {
+        problem("events.nats_stream", m.to_owned());
+    }
 
     for key in &raw.audit.redact_keys {
         if key.is_empty()
@@ -1210,6 +1216,7 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config>
         events: EventsConfig {
             nats_url: raw.events.nats_url,
             retention_days: event_retention_days?,
+            nats_stream: raw.events.nats_stream,
             webhook: webhook?,
         },
         audit: AuditConfig {
@@ -1384,6 +1391,29 @@ mod tests {
         assert!(err.to_string().contains("bindd"), "{err}");
         let err = load(&[("AIBOS_HTTP__MAX_BODY_BYTES", "lots")]).unwrap_err();
         assert_eq!(err.problems()[0].key, "http.max_body_bytes");
+    }
+
+    #[test]
+    fn the_relay_s_nats_url_and_stream_name_are_checked() {
+        let config = load(&[]).unwrap();
+        assert!(
+            config.events.nats_url.is_none(),
+            "no relay unless configured"
+        );
+        assert_eq!(config.events.nats_stream, "AIBOS_EVENTS");
+        let config = load(&[
+            ("AIBOS_EVENTS__NATS_URL", "tls://nats.example:4222"),
+            ("AIBOS_EVENTS__NATS_STREAM", "events-prod"),
+        ])
+        .unwrap();
+        assert_eq!(config.events.nats_stream, "events-prod");
+        let err = load(&[
+            ("AIBOS_EVENTS__NATS_URL", "http://nats.example:4222"),
+            ("AIBOS_EVENTS__NATS_STREAM", "aibos.events"),
+        ])
+        .unwrap_err();
+        let keys: Vec<_> = err.problems().iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["events.nats_url", "events.nats_stream"]);
     }
 
     #[test]

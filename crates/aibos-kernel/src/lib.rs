@@ -9,6 +9,7 @@
 //! - [`db`]: the database handle over SQLite and PostgreSQL, and migrations.
 //! - [`identity`]: tenants, users, service accounts, login, sessions and tokens.
 //! - [`authz`]: permissions, roles, delegation, break-glass, the `Caller` extractor and its cache.
+//! - [`change`]: one change, its audit entry, its `kernel.*` event and its invalidation in one transaction.
 //! - [`registry`]: canons (cells), their assertion secrets and routes.
 //! - [`gateway`]: `/api/gateway/{canon}/…`: the route table, the proxy, breakers and health checks.
 //! - [`events`]: the event bus: webhook subscriptions and their delivery.
@@ -24,6 +25,7 @@
 pub mod app;
 pub mod audit;
 pub mod authz;
+pub mod change;
 pub mod config;
 pub mod db;
 pub mod error;

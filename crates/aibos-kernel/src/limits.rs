@@ -353,3 +353,32 @@ pub const SSE_KEEP_ALIVE_SECONDS: u64 = 15;
 pub const SSE_STREAMS_MAX: usize = 1_024;
 /// Longest configurable event retention (ten years).
 pub const EVENT_RETENTION_DAYS_MAX: u64 = 3_650;
+
+/// Events the JetStream relay reads and publishes for one tenant at a time
+/// (their acknowledgements awaited together): large enough that the round trip
+/// to NATS is paid per batch, not per event; small enough that a batch of
+/// largest payloads (256 KiB each) stays near 32 MiB of memory, and that the
+/// PostgreSQL row lock of the tenant's position is held briefly.
+pub const RELAY_BATCH_EVENTS_MAX: u32 = 128;
+/// Tenants the relay looks at per pass, least recently relayed first (a bound
+/// on one query's rows; the next pass takes the rest).
+pub const RELAY_TENANTS_PER_PASS_MAX: u32 = 1_000;
+/// How long the relay waits for a JetStream acknowledgement (and for a request
+/// to NATS) before it counts the batch as failed and retries from its position.
+pub const RELAY_ACK_TIMEOUT_MS: u64 = 5_000;
+/// How long one attempt to connect to NATS may take.
+pub const RELAY_CONNECT_TIMEOUT_MS: u64 = 5_000;
+/// First pause after a failed relay attempt; doubled after each further
+/// failure up to [`RELAY_BACKOFF_MAX_MS`], so an outage costs NATS (and the
+/// log) a few attempts a minute, and a short one is over within a second.
+pub const RELAY_BACKOFF_BASE_MS: u64 = 250;
+/// Longest pause between relay attempts during an outage.
+pub const RELAY_BACKOFF_MAX_MS: u64 = 30_000;
+/// The duplicate window of the stream the relay creates: a message whose
+/// `Nats-Msg-Id` JetStream saw within it is acknowledged as a duplicate and not
+/// stored again. It must outlast the gap between a send and its resend after a
+/// failure (a batch's acknowledgements time out, a kernel restarts); it is
+/// JetStream's own default, and each id held costs the server memory.
+pub const RELAY_DUPLICATE_WINDOW_SECONDS: u64 = 120;
+const _: () = assert!(RELAY_BACKOFF_BASE_MS <= RELAY_BACKOFF_MAX_MS);
+const _: () = assert!(RELAY_ACK_TIMEOUT_MS * 4 < RELAY_DUPLICATE_WINDOW_SECONDS * 1_000);

@@ -8,11 +8,13 @@
 //!   serves it on `127.0.0.1:0` until the returned [`TestKernel`] is dropped.
 //! - [`process::KernelProcess`]: the real binary as a child process, logs captured.
 //! - [`cluster::Cluster`]: a throwaway PostgreSQL cluster to stop and start.
+//! - [`nats::TestNats`]: the NATS server of the relay tests, and what the relay stored.
 //! - [`receiver::Receiver`]: a webhook receiver recording every attempt, answering as told.
 
 pub mod api;
 pub mod cluster;
 mod db;
+pub mod nats;
 pub mod process;
 pub mod receiver;
 pub mod upstream;

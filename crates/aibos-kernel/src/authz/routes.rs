@@ -10,10 +10,11 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use super::cache::{Invalidation, NOTIFY_CHANNEL};
+use super::cache::Invalidation;
 use super::store::{self, Grant, Permission, Role};
 use super::{BREAK_GLASS_EXCLUDED, Caller, PermissionSet, is_grant, perm};
-use crate::audit::{self, AuditEvent};
+use crate::audit::AuditEvent;
+use crate::change;
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::http::extract::{AppJson, IfMatch, ListQuery, parse_id, with_etag};
 use crate::identity::SYSTEM_TENANT_ID;
@@ -136,19 +137,23 @@ pub async fn create_role(
     caller
         .require_grantable(&state, &PermissionSet::of(&grants))
         .await?;
-    let ctx = caller.audit_context();
-    let keys = state.redact_keys();
     let tenant_id = caller.tenant_id().to_owned();
-    let role = state
-        .db()
-        .write(move |tx| {
-            Box::pin(async move {
-                let role = store::insert_role(tx, &Uuid::now_v7().to_string(), &tenant_id, &name, &grants, false).await?;
-                audit::record(tx, &ctx, AuditEvent::new("role.created").resource("role", &role.id).details(serde_json::json!({ "name": role.name, "permissions": role.permissions })), &keys).await?;
-                Ok::<_, ApiError>(role)
-            })
+    let role = change::write(&state, caller.audit_context(), move |tx, c| {
+        Box::pin(async move {
+            let id = Uuid::now_v7().to_string();
+            let role = store::insert_role(tx, &id, &tenant_id, &name, &grants, false).await?;
+            c.audit(
+                AuditEvent::new("role.created")
+                    .resource("role", &role.id)
+                    .details(
+                        serde_json::json!({ "name": role.name, "permissions": role.permissions }),
+                    ),
+            )
+            .publish("kernel.role.created");
+            Ok(role)
         })
-        .await?;
+    })
+    .await?;
     Ok(with_etag(StatusCode::CREATED, &role, role.version))
 }
 
@@ -220,23 +225,29 @@ pub async fn update_role(
         gives.extend(&PermissionSet::of(grants));
     }
     caller.require_grantable(&state, &gives).await?;
-    let ctx = caller.audit_context();
-    let keys = state.redact_keys();
     let tenant_id = caller.tenant_id().to_owned();
-    let role = state
-        .db()
-        .write(move |tx| {
-            Box::pin(async move {
-                let Some(role) = store::update_role(tx, &tenant_id, &id, name.as_deref(), grants.as_deref(), if_match.0).await? else {
-                    return Ok(None);
-                };
-                audit::record(tx, &ctx, AuditEvent::new("role.updated").resource("role", &role.id).details(serde_json::json!({ "name": role.name, "permissions": role.permissions })), &keys).await?;
-                tx.notify(NOTIFY_CHANNEL, &Invalidation::Tenant(tenant_id.clone()).payload()).await?;
-                Ok::<_, ApiError>(Some(role))
-            })
+    let role = change::write(&state, caller.audit_context(), move |tx, c| {
+        Box::pin(async move {
+            let grants = grants.as_deref();
+            let Some(role) =
+                store::update_role(tx, &tenant_id, &id, name.as_deref(), grants, if_match.0)
+                    .await?
+            else {
+                return Ok(None);
+            };
+            c.audit(
+                AuditEvent::new("role.updated")
+                    .resource("role", &role.id)
+                    .details(
+                        serde_json::json!({ "name": role.name, "permissions": role.permissions }),
+                    ),
+            )
+            .publish("kernel.role.updated");
+            c.invalidate(Invalidation::Tenant(tenant_id));
+            Ok(Some(role))
         })
-        .await?;
-    state.invalidate(&Invalidation::Tenant(caller.tenant_id().to_owned()));
+    })
+    .await?;
     match role {
         Some(r) => Ok(with_etag(StatusCode::OK, &r, r.version)),
         None => Err(ApiError::new(
@@ -266,38 +277,26 @@ pub async fn delete_role(
     caller
         .require_grantable(&state, &existing.gives(caller.tenant_id()))
         .await?;
-    let ctx = caller.audit_context();
-    let keys = state.redact_keys();
     let tenant_id = caller.tenant_id().to_owned();
-    state
-        .db()
-        .write(move |tx| {
-            Box::pin(async move {
-                if !store::delete_role(tx, &tenant_id, &id, if_match.0).await? {
-                    return Err(ApiError::new(
-                        ErrorCode::PreconditionFailed,
-                        "The role has changed since it was read; fetch it again.",
-                    ));
-                }
-                audit::record(
-                    tx,
-                    &ctx,
-                    AuditEvent::new("role.deleted")
-                        .resource("role", &id)
-                        .details(serde_json::json!({ "name": existing.name })),
-                    &keys,
-                )
-                .await?;
-                tx.notify(
-                    NOTIFY_CHANNEL,
-                    &Invalidation::Tenant(tenant_id.clone()).payload(),
-                )
-                .await?;
-                Ok(())
-            })
+    change::write(&state, caller.audit_context(), move |tx, c| {
+        Box::pin(async move {
+            if !store::delete_role(tx, &tenant_id, &id, if_match.0).await? {
+                return Err(ApiError::new(
+                    ErrorCode::PreconditionFailed,
+                    "The role has changed since it was read; fetch it again.",
+                ));
+            }
+            c.audit(
+                AuditEvent::new("role.deleted")
+                    .resource("role", &id)
+                    .details(serde_json::json!({ "name": existing.name })),
+            )
+            .publish("kernel.role.deleted");
+            c.invalidate(Invalidation::Tenant(tenant_id));
+            Ok(())
         })
-        .await?;
-    state.invalidate(&Invalidation::Tenant(caller.tenant_id().to_owned()));
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -350,36 +349,22 @@ pub async fn assign_role(
         // user an expiry is taking something from them.
         caller.require_over(&state, &user_id).await?;
     }
-    let ctx = caller.audit_context();
-    let keys = state.redact_keys();
     let tenant_id = caller.tenant_id().to_owned();
-    state
-        .db()
-        .write(move |tx| {
-            Box::pin(async move {
-                store::assign_role(tx, &tenant_id, &user_id, &role_id, expires_at.as_deref())
-                    .await?;
-                audit::record(
-                    tx,
-                    &ctx,
-                    AuditEvent::new("role.assigned")
-                        .resource("user", &user_id)
-                        .details(
-                            serde_json::json!({ "role_id": role_id, "expires_at": expires_at }),
-                        ),
-                    &keys,
-                )
-                .await?;
-                tx.notify(
-                    NOTIFY_CHANNEL,
-                    &Invalidation::Tenant(tenant_id.clone()).payload(),
-                )
-                .await?;
-                Ok::<_, ApiError>(())
-            })
+    change::write(&state, caller.audit_context(), move |tx, c| {
+        Box::pin(async move {
+            let expires_at = expires_at.as_deref();
+            store::assign_role(tx, &tenant_id, &user_id, &role_id, expires_at).await?;
+            c.audit(
+                AuditEvent::new("role.assigned")
+                    .resource("user", &user_id)
+                    .details(serde_json::json!({ "role_id": role_id, "expires_at": expires_at })),
+            )
+            .publish("kernel.role_assignment.created");
+            c.invalidate(Invalidation::Tenant(tenant_id));
+            Ok(())
         })
-        .await?;
-    state.invalidate(&Invalidation::Tenant(caller.tenant_id().to_owned()));
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -395,46 +380,34 @@ pub async fn unassign_role(
     let user_id = parse_id("id", &id)?;
     let role_id = parse_id("role_id", &role_id)?;
     caller.require_over(&state, &user_id).await?;
-    let ctx = caller.audit_context();
-    let keys = state.redact_keys();
     let tenant_id = caller.tenant_id().to_owned();
-    state
-        .db()
-        .write(move |tx| {
-            Box::pin(async move {
-                if !store::unassign_role(tx, &tenant_id, &user_id, &role_id).await? {
-                    return Err(ApiError::not_found("The user does not hold that role."));
-                }
-                // Its sessions end with it: what they were opened with is gone.
-                let sessions = identity_store::revoke_subject_sessions(
-                    tx,
-                    &tenant_id,
-                    &user_id,
-                    None,
-                    "role_removed",
-                )
-                .await?;
-                audit::record(
-                    tx,
-                    &ctx,
-                    AuditEvent::new("role.unassigned")
-                        .resource("user", &user_id)
-                        .details(
-                            serde_json::json!({ "role_id": role_id, "sessions_revoked": sessions }),
-                        ),
-                    &keys,
-                )
-                .await?;
-                tx.notify(
-                    NOTIFY_CHANNEL,
-                    &Invalidation::Tenant(tenant_id.clone()).payload(),
-                )
-                .await?;
-                Ok(())
-            })
+    change::write(&state, caller.audit_context(), move |tx, c| {
+        Box::pin(async move {
+            if !store::unassign_role(tx, &tenant_id, &user_id, &role_id).await? {
+                return Err(ApiError::not_found("The user does not hold that role."));
+            }
+            // Its sessions end with it: what they were opened with is gone.
+            let sessions = identity_store::revoke_subject_sessions(
+                tx,
+                &tenant_id,
+                &user_id,
+                None,
+                "role_removed",
+            )
+            .await?;
+            c.audit(
+                AuditEvent::new("role.unassigned")
+                    .resource("user", &user_id)
+                    .details(
+                        serde_json::json!({ "role_id": role_id, "sessions_revoked": sessions }),
+                    ),
+            )
+            .publish("kernel.role_assignment.deleted");
+            c.invalidate(Invalidation::Tenant(tenant_id));
+            Ok(())
         })
-        .await?;
-    state.invalidate(&Invalidation::Tenant(caller.tenant_id().to_owned()));
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -508,25 +481,36 @@ pub async fn create_delegation(
     identity_store::user(state.db(), caller.tenant_id(), &to)
         .await?
         .ok_or_else(|| ApiError::not_found("No such user."))?;
-    let ctx = caller.audit_context();
-    let keys = state.redact_keys();
     let (tenant_id, from) = (
         caller.tenant_id().to_owned(),
         caller.subject_id().to_owned(),
     );
     let expires_at = timestamp::format(expires);
-    let grant = state
-        .db()
-        .write(move |tx| {
-            Box::pin(async move {
-                let grant = store::insert_delegation(tx, &Uuid::now_v7().to_string(), &tenant_id, &from, &to, &grants, &reason, &expires_at).await?;
-                audit::record(tx, &ctx, AuditEvent::new("delegation.created").resource("delegation", &grant.id).details(serde_json::json!({ "to_user_id": grant.to_user_id, "permissions": grant.permissions, "expires_at": grant.expires_at, "reason": grant.reason })), &keys).await?;
-                tx.notify(NOTIFY_CHANNEL, &Invalidation::Tenant(tenant_id.clone()).payload()).await?;
-                Ok::<_, ApiError>(grant)
-            })
+    let grant = change::write(&state, caller.audit_context(), move |tx, c| {
+        Box::pin(async move {
+            let id = Uuid::now_v7().to_string();
+            let grant = store::insert_delegation(
+                tx,
+                &id,
+                &tenant_id,
+                &from,
+                &to,
+                &grants,
+                &reason,
+                &expires_at,
+            )
+            .await?;
+            c.audit(
+                AuditEvent::new("delegation.created")
+                    .resource("delegation", &grant.id)
+                    .details(serde_json::json!({ "to_user_id": grant.to_user_id, "permissions": grant.permissions, "expires_at": grant.expires_at, "reason": grant.reason })),
+            )
+            .publish("kernel.delegation.created");
+            c.invalidate(Invalidation::Tenant(tenant_id));
+            Ok(grant)
         })
-        .await?;
-    state.invalidate(&Invalidation::Tenant(caller.tenant_id().to_owned()));
+    })
+    .await?;
     Ok((StatusCode::CREATED, Json(grant)).into_response())
 }
 
@@ -559,37 +543,22 @@ pub async fn revoke_delegation(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     let id = parse_id("id", &id)?;
-    let ctx = caller.audit_context();
-    let keys = state.redact_keys();
     let (tenant_id, user_id) = (
         caller.tenant_id().to_owned(),
         caller.subject_id().to_owned(),
     );
-    state
-        .db()
-        .write(move |tx| {
-            Box::pin(async move {
-                let Some(grant) = store::revoke_delegation(tx, &tenant_id, &id, &user_id).await?
-                else {
-                    return Err(ApiError::not_found("No such delegation."));
-                };
-                audit::record(
-                    tx,
-                    &ctx,
-                    AuditEvent::new("delegation.revoked").resource("delegation", &grant.id),
-                    &keys,
-                )
-                .await?;
-                tx.notify(
-                    NOTIFY_CHANNEL,
-                    &Invalidation::Tenant(tenant_id.clone()).payload(),
-                )
-                .await?;
-                Ok(())
-            })
+    change::write(&state, caller.audit_context(), move |tx, c| {
+        Box::pin(async move {
+            let Some(grant) = store::revoke_delegation(tx, &tenant_id, &id, &user_id).await? else {
+                return Err(ApiError::not_found("No such delegation."));
+            };
+            c.audit(AuditEvent::new("delegation.revoked").resource("delegation", &grant.id))
+                .publish("kernel.delegation.revoked");
+            c.invalidate(Invalidation::Tenant(tenant_id));
+            Ok(())
         })
-        .await?;
-    state.invalidate(&Invalidation::Tenant(caller.tenant_id().to_owned()));
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -656,30 +625,38 @@ pub async fn activate_break_glass(
     }
     let expires_at =
         timestamp::format(timestamp::now() + time::Duration::minutes(body.duration_minutes));
-    let ctx = caller.audit_context();
-    let keys = state.redact_keys();
     let (tenant_id, user_id) = (
         caller.tenant_id().to_owned(),
         caller.subject_id().to_owned(),
     );
-    let grant = state
-        .db()
-        .write(move |tx| {
-            Box::pin(async move {
-                let grant = store::insert_break_glass(tx, &Uuid::now_v7().to_string(), &tenant_id, &user_id, &grants, &reason, &expires_at).await?;
-                audit::record(
-                    tx,
-                    &ctx,
-                    AuditEvent::new("breakglass.activated").resource("break_glass", &grant.id).severity("critical").details(serde_json::json!({ "permissions": grant.permissions, "reason": grant.reason, "expires_at": grant.expires_at })),
-                    &keys,
-                )
-                .await?;
-                tx.notify(NOTIFY_CHANNEL, &Invalidation::Tenant(tenant_id.clone()).payload()).await?;
-                Ok::<_, ApiError>(grant)
-            })
+    let grant = change::write(&state, caller.audit_context(), move |tx, c| {
+        Box::pin(async move {
+            let id = Uuid::now_v7().to_string();
+            let grant = store::insert_break_glass(
+                tx,
+                &id,
+                &tenant_id,
+                &user_id,
+                &grants,
+                &reason,
+                &expires_at,
+            )
+            .await?;
+            // Announced twice: as the change it is, and to whoever watches
+            // `kernel.security.*` for what must be looked at now (SPEC §4).
+            c.audit(
+                AuditEvent::new("breakglass.activated")
+                    .resource("break_glass", &grant.id)
+                    .severity("critical")
+                    .details(serde_json::json!({ "permissions": grant.permissions, "reason": grant.reason, "expires_at": grant.expires_at })),
+            )
+            .publish("kernel.breakglass.activated")
+            .publish("kernel.security.breakglass_activated");
+            c.invalidate(Invalidation::Tenant(tenant_id));
+            Ok(grant)
         })
-        .await?;
-    state.invalidate(&Invalidation::Tenant(caller.tenant_id().to_owned()));
+    })
+    .await?;
     tracing::warn!(break_glass_id = %grant.id, user_id = %grant.to_user_id, permissions = ?grant.permissions, "break-glass activated");
     Ok((StatusCode::CREATED, Json(grant)).into_response())
 }
@@ -693,38 +670,25 @@ pub async fn end_break_glass(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     let id = parse_id("id", &id)?;
-    let ctx = caller.audit_context();
-    let keys = state.redact_keys();
     let (tenant_id, user_id) = (
         caller.tenant_id().to_owned(),
         caller.subject_id().to_owned(),
     );
-    state
-        .db()
-        .write(move |tx| {
-            Box::pin(async move {
-                let Some(grant) = store::end_break_glass(tx, &tenant_id, &id, &user_id).await?
-                else {
-                    return Err(ApiError::not_found("No such break-glass elevation."));
-                };
-                audit::record(
-                    tx,
-                    &ctx,
-                    AuditEvent::new("breakglass.ended")
-                        .resource("break_glass", &grant.id)
-                        .severity("warning"),
-                    &keys,
-                )
-                .await?;
-                tx.notify(
-                    NOTIFY_CHANNEL,
-                    &Invalidation::Tenant(tenant_id.clone()).payload(),
-                )
-                .await?;
-                Ok(())
-            })
+    change::write(&state, caller.audit_context(), move |tx, c| {
+        Box::pin(async move {
+            let Some(grant) = store::end_break_glass(tx, &tenant_id, &id, &user_id).await? else {
+                return Err(ApiError::not_found("No such break-glass elevation."));
+            };
+            c.audit(
+                AuditEvent::new("breakglass.ended")
+                    .resource("break_glass", &grant.id)
+                    .severity("warning"),
+            )
+            .publish("kernel.breakglass.ended");
+            c.invalidate(Invalidation::Tenant(tenant_id));
+            Ok(())
         })
-        .await?;
-    state.invalidate(&Invalidation::Tenant(caller.tenant_id().to_owned()));
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }

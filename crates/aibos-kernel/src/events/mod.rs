@@ -11,6 +11,7 @@
 
 pub mod listener;
 pub mod publisher;
+pub mod relay;
 pub mod routes;
 pub mod store;
 pub mod webhook;

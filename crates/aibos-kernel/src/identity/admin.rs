@@ -7,8 +7,10 @@ use uuid::Uuid;
 
 use super::store::{self, Tenant, User};
 use super::{SYSTEM_TENANT_ID, password};
-use crate::audit::{self, AuditContext, AuditEvent};
+use crate::audit::{AuditContext, AuditEvent};
+use crate::authz::cache::Invalidation;
 use crate::authz::{self, PLATFORM_ADMIN_ROLE, TENANT_ADMIN_ROLE, store as authz_store};
+use crate::change::{self, Change};
 use crate::db::{Db, Tx};
 use crate::error::ApiError;
 use crate::secrets::MasterKeys;
@@ -58,16 +60,16 @@ pub async fn ensure_builtin_roles(
     Ok((tenant_admin, platform_admin))
 }
 
-/// Creates a user holding the tenant's administrator role(s), with audit
-/// entries, inside `tx`. In the system tenant the user is a platform administrator.
+/// Creates a user holding the tenant's administrator role(s), with their
+/// audit entries and kernel events, inside `tx`. In the system tenant the user
+/// is a platform administrator.
 pub async fn create_admin(
     tx: &mut Tx,
-    ctx: &AuditContext,
+    c: &mut Change,
     tenant_id: &str,
     email: &str,
     name: &str,
     password_hash: &str,
-    redact_keys: &[String],
 ) -> Result<User, ApiError> {
     let (tenant_admin, platform_admin) = ensure_builtin_roles(tx, tenant_id).await?;
     let user = store::insert_user(
@@ -79,26 +81,20 @@ pub async fn create_admin(
         password_hash,
     )
     .await?;
-    audit::record(
-        tx,
-        ctx,
+    c.audit(
         AuditEvent::new("user.created")
             .resource("user", &user.id)
             .details(serde_json::json!({ "email": user.email, "name": user.name })),
-        redact_keys,
     )
-    .await?;
+    .publish("kernel.user.created");
     for role_id in std::iter::once(tenant_admin).chain(platform_admin) {
         authz_store::assign_role(tx, tenant_id, &user.id, &role_id, None).await?;
-        audit::record(
-            tx,
-            ctx,
+        c.audit(
             AuditEvent::new("role.assigned")
                 .resource("user", &user.id)
                 .details(serde_json::json!({ "role_id": role_id })),
-            redact_keys,
         )
-        .await?;
+        .publish("kernel.role_assignment.created");
     }
     Ok(user)
 }
@@ -117,43 +113,31 @@ pub async fn create_platform_admin(
         .hash(password)
         .await
         .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
-    db.write(move |tx| {
-        Box::pin(async move {
-            let ctx = AuditContext::system(SYSTEM_TENANT_ID);
-            create_admin(
-                tx,
-                &ctx,
-                SYSTEM_TENANT_ID,
-                &email,
-                &name,
-                &hash,
-                &redact_keys,
-            )
-            .await
-        })
+    let ctx = AuditContext::system(SYSTEM_TENANT_ID);
+    // Nothing cached to invalidate: no session holds a user that did not exist.
+    let (user, _done) = change::write_db(db, ctx, redact_keys, move |tx, c| {
+        Box::pin(async move { create_admin(tx, c, SYSTEM_TENANT_ID, &email, &name, &hash).await })
     })
-    .await
+    .await?;
+    Ok(user)
 }
 
-/// Creates a tenant with its built-in roles; the entry goes to the actor's chain.
+/// Creates a tenant with its built-in roles; the entry and the event go to
+/// the actor's tenant (the system tenant: tenants are platform resources).
 pub async fn create_tenant(
     tx: &mut Tx,
-    ctx: &AuditContext,
+    c: &mut Change,
     slug: &str,
     name: &str,
-    redact_keys: &[String],
 ) -> Result<Tenant, ApiError> {
     let tenant = store::insert_tenant(tx, &Uuid::now_v7().to_string(), slug, name).await?;
     ensure_builtin_roles(tx, &tenant.id).await?;
-    audit::record(
-        tx,
-        ctx,
+    c.audit(
         AuditEvent::new("tenant.created")
             .resource("tenant", &tenant.id)
             .details(serde_json::json!({ "slug": tenant.slug, "name": tenant.name })),
-        redact_keys,
     )
-    .await?;
+    .publish("kernel.tenant.created");
     Ok(tenant)
 }
 
@@ -228,35 +212,30 @@ pub async fn set_tenant_status(
         return Err(ApiError::conflict("The system tenant cannot be suspended."));
     }
     let id = tenant.id.clone();
-    db.write(move |tx| {
+    let ctx = AuditContext::system(SYSTEM_TENANT_ID);
+    // A running kernel drops the tenant's principals when the NOTIFY (or, on
+    // SQLite, the invalidation log) reaches it.
+    let (tenant, _done) = change::write_db(db, ctx, redact_keys, move |tx, c| {
         Box::pin(async move {
             let tenant = store::update_tenant(tx, &id, None, Some(status), None)
                 .await?
                 .ok_or_else(|| ApiError::not_found("No such tenant."))?;
-            let action = if status == "suspended" {
-                "tenant.suspended"
-            } else {
-                "tenant.updated"
+            let (action, event) = match status {
+                "suspended" => ("tenant.suspended", "kernel.tenant.suspended"),
+                _ => ("tenant.updated", "kernel.tenant.updated"),
             };
-            let ctx = AuditContext::system(SYSTEM_TENANT_ID);
-            audit::record(
-                tx,
-                &ctx,
+            c.audit(
                 AuditEvent::new(action)
                     .resource("tenant", &tenant.id)
                     .details(serde_json::json!({ "status": status })),
-                &redact_keys,
             )
-            .await?;
-            tx.notify(
-                crate::authz::cache::NOTIFY_CHANNEL,
-                &crate::authz::cache::Invalidation::Tenant(tenant.id.clone()).payload(),
-            )
-            .await?;
+            .publish(event);
+            c.invalidate(Invalidation::Tenant(tenant.id.clone()));
             Ok(tenant)
         })
     })
-    .await
+    .await?;
+    Ok(tenant)
 }
 
 /// `aibos keys rotate`: a new active key; the previous one keeps verifying its tokens.
@@ -268,25 +247,17 @@ pub async fn rotate_keys(
     let key = super::tokens::StoredKey::generate();
     let stored = key.clone();
     let master = master.clone();
-    db.write(move |tx| {
+    let ctx = AuditContext::system(SYSTEM_TENANT_ID);
+    let (_, _done) = change::write_db(db, ctx, redact_keys, move |tx, c| {
         Box::pin(async move {
             store::rotate_signing_key(tx, &master, &stored).await?;
-            let ctx = AuditContext::system(SYSTEM_TENANT_ID);
-            audit::record(
-                tx,
-                &ctx,
+            c.audit(
                 AuditEvent::new("key.rotated")
                     .resource("signing_key", &stored.kid)
                     .severity("warning"),
-                &redact_keys,
-            )
-            .await?;
-            tx.notify(
-                crate::authz::cache::NOTIFY_CHANNEL,
-                &crate::authz::cache::Invalidation::All.payload(),
-            )
-            .await?;
-            Ok::<_, ApiError>(())
+            );
+            c.invalidate(Invalidation::All);
+            Ok(())
         })
     })
     .await?;

@@ -18,10 +18,11 @@ use super::tokens::{AUDIENCE, Claims, ISSUER};
 use super::{
     SYSTEM_TENANT_ID, admin, new_secret, parse_email, parse_name, parse_slug, password, secret_hash,
 };
-use crate::audit::{self, AuditContext, AuditEvent};
+use crate::audit::{AuditContext, AuditEvent};
 use crate::authz::cache::Invalidation;
 use crate::authz::caller::ClientInfo;
 use crate::authz::{Caller, perm, store as authz_store};
+use crate::change;
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::http::extract::{
     AppJson, AppJsonKeepingNul, IfMatch, ListQuery, no_store, parse_id, with_etag,
@@ -106,23 +107,20 @@ pub async fn bootstrap(
         .hash(pw)
         .await
         .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
-    let keys = state.redact_keys();
     let ctx = info.audit_context(SYSTEM_TENANT_ID, "anonymous", None);
-    let user = state
-        .db()
-        .write(move |tx| {
-            Box::pin(async move {
-                // Serialise concurrent bootstraps on the system tenant's row, then re-check.
-                store::update_tenant(tx, SYSTEM_TENANT_ID, None, None, None).await?;
-                if store::count_users_tx(tx, SYSTEM_TENANT_ID).await? > 0 {
-                    return Err(ApiError::conflict(
-                        "A platform administrator exists already; bootstrap is closed.",
-                    ));
-                }
-                admin::create_admin(tx, &ctx, SYSTEM_TENANT_ID, &email, &name, &hash, &keys).await
-            })
+    let user = change::write(&state, ctx, move |tx, c| {
+        Box::pin(async move {
+            // Serialise concurrent bootstraps on the system tenant's row, then re-check.
+            store::update_tenant(tx, SYSTEM_TENANT_ID, None, None, None).await?;
+            if store::count_users_tx(tx, SYSTEM_TENANT_ID).await? > 0 {
+                return Err(ApiError::conflict(
+                    "A platform administrator exists already; bootstrap is closed.",
+                ));
+            }
+            admin::create_admin(tx, c, SYSTEM_TENANT_ID, &email, &name, &hash).await
         })
-        .await?;
+    })
+    .await?;
     Ok((
         StatusCode::CREATED,
         Json(BootstrapResponse {
@@ -158,14 +156,10 @@ pub async fn create_tenant(
     require_platform_admin(&state, &caller).await?;
     let slug = parse_slug(&body.slug).map_err(|m| ApiError::invalid_field("slug", m))?;
     let name = parse_name(&body.name).map_err(|m| ApiError::invalid_field("name", m))?;
-    let ctx = caller.audit_context();
-    let keys = state.redact_keys();
-    let tenant = state
-        .db()
-        .write(move |tx| {
-            Box::pin(async move { admin::create_tenant(tx, &ctx, &slug, &name, &keys).await })
-        })
-        .await?;
+    let tenant = change::write(&state, caller.audit_context(), move |tx, c| {
+        Box::pin(async move { admin::create_tenant(tx, c, &slug, &name).await })
+    })
+    .await?;
     Ok(with_etag(StatusCode::CREATED, &tenant, tenant.version))
 }
 
@@ -242,44 +236,28 @@ pub async fn update_tenant(
     if id == SYSTEM_TENANT_ID && status == Some("suspended") {
         return Err(ApiError::conflict("The system tenant cannot be suspended."));
     }
-    let ctx = caller.audit_context();
-    let keys = state.redact_keys();
     let tenant_id = id.clone();
-    let tenant = state
-        .db()
-        .write(move |tx| {
-            Box::pin(async move {
-                let tenant =
-                    store::update_tenant(tx, &id, name.as_deref(), status, if_match.0).await?;
-                let Some(tenant) = tenant else {
-                    return Ok(None);
-                };
-                let action = if status == Some("suspended") {
-                    "tenant.suspended"
-                } else {
-                    "tenant.updated"
-                };
-                audit::record(
-                    tx,
-                    &ctx,
-                    AuditEvent::new(action)
-                        .resource("tenant", &tenant.id)
-                        .details(
-                            serde_json::json!({ "name": tenant.name, "status": tenant.status }),
-                        ),
-                    &keys,
-                )
-                .await?;
-                tx.notify(
-                    crate::authz::cache::NOTIFY_CHANNEL,
-                    &Invalidation::Tenant(tenant.id.clone()).payload(),
-                )
-                .await?;
-                Ok::<_, ApiError>(Some(tenant))
-            })
+    let tenant = change::write(&state, caller.audit_context(), move |tx, c| {
+        Box::pin(async move {
+            let tenant = store::update_tenant(tx, &id, name.as_deref(), status, if_match.0).await?;
+            let Some(tenant) = tenant else {
+                return Ok(None);
+            };
+            let (action, event) = match status {
+                Some("suspended") => ("tenant.suspended", "kernel.tenant.suspended"),
+                _ => ("tenant.updated", "kernel.tenant.updated"),
+            };
+            c.audit(
+                AuditEvent::new(action)
+                    .resource("tenant", &tenant.id)
+                    .details(serde_json::json!({ "name": tenant.name, "status": tenant.status })),
+            )
+            .publish(event);
+            c.invalidate(Invalidation::Tenant(tenant.id.clone()));
+            Ok(Some(tenant))
         })
-        .await?;
-    state.invalidate(&Invalidation::Tenant(tenant_id.clone()));
+    })
+    .await?;
     match tenant {
         Some(t) => Ok(with_etag(StatusCode::OK, &t, t.version)),
         None => Err(missing_or_changed(
@@ -334,15 +312,10 @@ pub async fn create_tenant_admin(
         .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
     // Recorded in the tenant's own chain: its auditors see who created its administrators.
     let ctx = caller.audit_context().in_tenant(&id);
-    let keys = state.redact_keys();
-    let user = state
-        .db()
-        .write(move |tx| {
-            Box::pin(async move {
-                admin::create_admin(tx, &ctx, &id, &email, &name, &hash, &keys).await
-            })
-        })
-        .await?;
+    let user = change::write(&state, ctx, move |tx, c| {
+        Box::pin(async move { admin::create_admin(tx, c, &id, &email, &name, &hash).await })
+    })
+    .await?;
     Ok(with_etag(StatusCode::CREATED, &user, user.version))
 }
 
@@ -388,35 +361,21 @@ pub async fn create_user(
         .hash(pw)
         .await
         .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
-    let ctx = caller.audit_context();
-    let keys = state.redact_keys();
     let tenant_id = caller.tenant_id().to_owned();
-    let user = state
-        .db()
-        .write(move |tx| {
-            Box::pin(async move {
-                let user = store::insert_user(
-                    tx,
-                    &Uuid::now_v7().to_string(),
-                    &tenant_id,
-                    &email,
-                    &name,
-                    &hash,
-                )
-                .await?;
-                audit::record(
-                    tx,
-                    &ctx,
-                    AuditEvent::new("user.created")
-                        .resource("user", &user.id)
-                        .details(serde_json::json!({ "email": user.email, "name": user.name })),
-                    &keys,
-                )
-                .await?;
-                Ok::<_, ApiError>(user)
-            })
+    let user = change::write(&state, caller.audit_context(), move |tx, c| {
+        Box::pin(async move {
+            let id = Uuid::now_v7().to_string();
+            let user = store::insert_user(tx, &id, &tenant_id, &email, &name, &hash).await?;
+            c.audit(
+                AuditEvent::new("user.created")
+                    .resource("user", &user.id)
+                    .details(serde_json::json!({ "email": user.email, "name": user.name })),
+            )
+            .publish("kernel.user.created");
+            Ok(user)
         })
-        .await?;
+    })
+    .await?;
     Ok(with_etag(StatusCode::CREATED, &user, user.version))
 }
 
@@ -483,51 +442,40 @@ pub async fn update_user(
         // may give is acting beyond the caller's own rights.
         caller.require_over(&state, &id).await?;
     }
-    let ctx = caller.audit_context();
-    let keys = state.redact_keys();
     let tenant_id = caller.tenant_id().to_owned();
     let (tid, uid) = (tenant_id.clone(), id.clone());
-    let user = state
-        .db()
-        .write(move |tx| {
-            Box::pin(async move {
-                let Some(user) =
-                    store::update_user(tx, &tenant_id, &id, name.as_deref(), status, if_match.0)
-                        .await?
-                else {
-                    return Ok(None);
-                };
-                let suspended = status == Some("suspended");
-                // A suspension ends every session, so that a reactivation
-                // does not bring the old ones (and their refresh tokens) back.
-                let sessions = match suspended {
-                    true => store::revoke_subject_sessions(tx, &tenant_id, &id, None, "suspended").await?,
-                    false => 0,
-                };
-                let action = if suspended {
-                    "user.suspended"
-                } else {
-                    "user.updated"
-                };
-                audit::record(
-                    tx,
-                    &ctx,
-                    AuditEvent::new(action)
-                        .resource("user", &user.id)
-                        .details(serde_json::json!({ "name": user.name, "status": user.status, "sessions_revoked": sessions })),
-                    &keys,
-                )
-                .await?;
-                tx.notify(
-                    crate::authz::cache::NOTIFY_CHANNEL,
-                    &Invalidation::Tenant(tenant_id.clone()).payload(),
-                )
-                .await?;
-                Ok::<_, ApiError>(Some(user))
-            })
+    let user = change::write(&state, caller.audit_context(), move |tx, c| {
+        Box::pin(async move {
+            let Some(user) =
+                store::update_user(tx, &tenant_id, &id, name.as_deref(), status, if_match.0)
+                    .await?
+            else {
+                return Ok(None);
+            };
+            let suspended = status == Some("suspended");
+            // A suspension ends every session, so that a reactivation
+            // does not bring the old ones (and their refresh tokens) back.
+            let sessions = match suspended {
+                true => {
+                    store::revoke_subject_sessions(tx, &tenant_id, &id, None, "suspended").await?
+                }
+                false => 0,
+            };
+            let (action, event) = match suspended {
+                true => ("user.suspended", "kernel.user.suspended"),
+                false => ("user.updated", "kernel.user.updated"),
+            };
+            c.audit(
+                AuditEvent::new(action)
+                    .resource("user", &user.id)
+                    .details(serde_json::json!({ "name": user.name, "status": user.status, "sessions_revoked": sessions })),
+            )
+            .publish(event);
+            c.invalidate(Invalidation::Tenant(tenant_id));
+            Ok(Some(user))
         })
-        .await?;
-    state.invalidate(&Invalidation::Tenant(tid.clone()));
+    })
+    .await?;
     match user {
         Some(u) => Ok(with_etag(StatusCode::OK, &u, u.version)),
         None => Err(missing_or_changed(
@@ -563,46 +511,34 @@ pub async fn change_password(
         .hash(pw)
         .await
         .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
-    let ctx = caller.audit_context();
-    let keys = state.redact_keys();
     let tenant_id = caller.tenant_id().to_owned();
     // Whoever knew the old password may hold a session: all end, but the
     // caller's own when it changes its own password.
     let keep = (id == caller.subject_id()).then(|| caller.principal.session_id.clone());
-    state
-        .db()
-        .write(move |tx| {
-            Box::pin(async move {
-                if !store::set_password(tx, &tenant_id, &id, &hash).await? {
-                    return Err(ApiError::not_found("No such user."));
-                }
-                let sessions = store::revoke_subject_sessions(
-                    tx,
-                    &tenant_id,
-                    &id,
-                    keep.as_deref(),
-                    "password_changed",
-                )
-                .await?;
-                audit::record(
-                    tx,
-                    &ctx,
-                    AuditEvent::new("user.password_changed")
-                        .resource("user", &id)
-                        .details(serde_json::json!({ "sessions_revoked": sessions })),
-                    &keys,
-                )
-                .await?;
-                tx.notify(
-                    crate::authz::cache::NOTIFY_CHANNEL,
-                    &Invalidation::Tenant(tenant_id.clone()).payload(),
-                )
-                .await?;
-                Ok(())
-            })
+    change::write(&state, caller.audit_context(), move |tx, c| {
+        Box::pin(async move {
+            if !store::set_password(tx, &tenant_id, &id, &hash).await? {
+                return Err(ApiError::not_found("No such user."));
+            }
+            let sessions = store::revoke_subject_sessions(
+                tx,
+                &tenant_id,
+                &id,
+                keep.as_deref(),
+                "password_changed",
+            )
+            .await?;
+            c.audit(
+                AuditEvent::new("user.password_changed")
+                    .resource("user", &id)
+                    .details(serde_json::json!({ "sessions_revoked": sessions })),
+            )
+            .publish("kernel.user.password_changed");
+            c.invalidate(Invalidation::Tenant(tenant_id));
+            Ok(())
         })
-        .await?;
-    state.invalidate(&Invalidation::Tenant(caller.tenant_id().to_owned()));
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -643,34 +579,21 @@ async fn revoke_all_sessions(
     subject_id: String,
     reason: &'static str,
 ) -> ApiResult<u64> {
-    let ctx = caller.audit_context();
-    let keys = state.redact_keys();
     let tenant_id = caller.tenant_id().to_owned();
-    let revoked = state
-        .db()
-        .write(move |tx| {
-            Box::pin(async move {
-                let n = store::revoke_subject_sessions(tx, &tenant_id, &subject_id, None, reason)
-                    .await?;
-                audit::record(
-                    tx,
-                    &ctx,
-                    AuditEvent::new("session.revoked")
-                        .resource(resource_type, &subject_id)
-                        .details(serde_json::json!({ "reason": reason, "sessions_revoked": n })),
-                    &keys,
-                )
-                .await?;
-                tx.notify(
-                    crate::authz::cache::NOTIFY_CHANNEL,
-                    &Invalidation::Tenant(tenant_id.clone()).payload(),
-                )
-                .await?;
-                Ok::<_, ApiError>(n)
-            })
+    let revoked = change::write(state, caller.audit_context(), move |tx, c| {
+        Box::pin(async move {
+            let n =
+                store::revoke_subject_sessions(tx, &tenant_id, &subject_id, None, reason).await?;
+            c.audit(
+                AuditEvent::new("session.revoked")
+                    .resource(resource_type, &subject_id)
+                    .details(serde_json::json!({ "reason": reason, "sessions_revoked": n })),
+            );
+            c.invalidate(Invalidation::Tenant(tenant_id));
+            Ok(n)
         })
-        .await?;
-    state.invalidate(&Invalidation::Tenant(caller.tenant_id().to_owned()));
+    })
+    .await?;
     Ok(revoked)
 }
 
@@ -770,7 +693,6 @@ pub async fn login(
         .hasher()
         .verify(password::Password::candidate(body.password), phc)
         .await;
-    let keys = state.redact_keys();
     let (tenant_id, tenant_status, user_id) = match found {
         Some(store::LoginLookup {
             tenant_id,
@@ -788,7 +710,7 @@ pub async fn login(
         ));
     }
     let ctx = info.audit_context(&tenant_id, "user", Some(user_id.clone()));
-    let response = open_session(&state, ctx, &tenant_id, &user_id, "user", true, keys).await?;
+    let response = open_session(&state, ctx, &tenant_id, &user_id, "user", true).await?;
     attempt.succeeded();
     state.metrics().login("success");
     Ok(no_store(Json(response)))
@@ -863,7 +785,6 @@ async fn open_session(
     subject_id: &str,
     actor_type: &'static str,
     with_refresh: bool,
-    keys: Vec<String>,
 ) -> ApiResult<TokenResponse> {
     let session_id = Uuid::now_v7().to_string();
     let refresh = with_refresh.then(|| new_secret("krt_"));
@@ -875,27 +796,21 @@ async fn open_session(
         subject_id.to_owned(),
         refresh.as_deref().map(secret_hash),
     );
-    state
-        .db()
-        .write(move |tx| {
-            Box::pin(async move {
-                store::insert_session(tx, &sid, &tid, &sub, actor_type, &expires).await?;
-                if let Some(hash) = refresh_hash {
-                    store::insert_refresh_token(tx, &hash, &sid, &tid).await?;
-                }
-                audit::record(
-                    tx,
-                    &ctx,
-                    AuditEvent::new("session.created")
-                        .resource("session", &sid)
-                        .details(serde_json::json!({ "actor_type": actor_type })),
-                    &keys,
-                )
-                .await?;
-                Ok::<_, ApiError>(())
-            })
+    change::write(state, ctx, move |tx, c| {
+        Box::pin(async move {
+            store::insert_session(tx, &sid, &tid, &sub, actor_type, &expires).await?;
+            if let Some(hash) = refresh_hash {
+                store::insert_refresh_token(tx, &hash, &sid, &tid).await?;
+            }
+            c.audit(
+                AuditEvent::new("session.created")
+                    .resource("session", &sid)
+                    .details(serde_json::json!({ "actor_type": actor_type })),
+            );
+            Ok(())
         })
-        .await?;
+    })
+    .await?;
     let (access_token, expires_in) =
         issue_access_token(state, tenant_id, subject_id, &session_id, actor_type)?;
     Ok(TokenResponse {
@@ -928,7 +843,6 @@ pub async fn refresh(
     let presented = secret_hash(&body.refresh_token);
     let next = new_secret("krt_");
     let next_hash = secret_hash(&next);
-    let keys = state.redact_keys();
     enum Outcome {
         Refreshed {
             tenant_id: String,
@@ -936,74 +850,53 @@ pub async fn refresh(
             session_id: String,
             actor_type: String,
         },
-        Reused {
-            session_id: String,
-        },
+        Reused,
         Invalid,
     }
     let now = timestamp::now_text();
-    let outcome = state
-        .db()
-        .write(move |tx| {
-            Box::pin(async move {
-                let Some(row) = store::refresh_token(tx, &presented).await? else {
-                    return Ok(Outcome::Invalid);
-                };
-                if row.revoked_at.is_some() || row.expires_at <= now {
-                    return Ok(Outcome::Invalid);
-                }
-                let actor_type: &'static str = if row.actor_type == "user" {
-                    "user"
-                } else {
-                    "service"
-                };
-                let ctx =
-                    info.audit_context(&row.tenant_id, actor_type, Some(row.subject_id.clone()));
-                if row.status != "active" || !store::rotate_refresh_token(tx, &presented).await? {
-                    store::revoke_session(
-                        tx,
-                        &row.tenant_id,
-                        &row.session_id,
-                        "refresh_token_reuse",
-                    )
+    // The entry goes to the token's tenant, known only inside: the context
+    // the helper starts with is replaced there.
+    let outcome = change::write(&state, AuditContext::default(), move |tx, c| {
+        Box::pin(async move {
+            let Some(row) = store::refresh_token(tx, &presented).await? else {
+                return Ok(Outcome::Invalid);
+            };
+            if row.revoked_at.is_some() || row.expires_at <= now {
+                return Ok(Outcome::Invalid);
+            }
+            let actor_type: &'static str = if row.actor_type == "user" {
+                "user"
+            } else {
+                "service"
+            };
+            c.set_context(info.audit_context(
+                &row.tenant_id,
+                actor_type,
+                Some(row.subject_id.clone()),
+            ));
+            if row.status != "active" || !store::rotate_refresh_token(tx, &presented).await? {
+                store::revoke_session(tx, &row.tenant_id, &row.session_id, "refresh_token_reuse")
                     .await?;
-                    audit::record(
-                        tx,
-                        &ctx,
-                        AuditEvent::new("session.revoked")
-                            .resource("session", &row.session_id)
-                            .severity("critical")
-                            .details(serde_json::json!({ "reason": "refresh_token_reuse" })),
-                        &keys,
-                    )
-                    .await?;
-                    tx.notify(
-                        crate::authz::cache::NOTIFY_CHANNEL,
-                        &Invalidation::Session(row.session_id.clone()).payload(),
-                    )
-                    .await?;
-                    return Ok(Outcome::Reused {
-                        session_id: row.session_id,
-                    });
-                }
-                store::insert_refresh_token(tx, &next_hash, &row.session_id, &row.tenant_id)
-                    .await?;
-                audit::record(
-                    tx,
-                    &ctx,
-                    AuditEvent::new("session.refreshed").resource("session", &row.session_id),
-                    &keys,
-                )
-                .await?;
-                Ok::<_, ApiError>(Outcome::Refreshed {
-                    tenant_id: row.tenant_id,
-                    subject_id: row.subject_id,
-                    session_id: row.session_id,
-                    actor_type: row.actor_type,
-                })
+                c.audit(
+                    AuditEvent::new("session.revoked")
+                        .resource("session", &row.session_id)
+                        .severity("critical")
+                        .details(serde_json::json!({ "reason": "refresh_token_reuse" })),
+                );
+                c.invalidate(Invalidation::Session(row.session_id));
+                return Ok(Outcome::Reused);
+            }
+            store::insert_refresh_token(tx, &next_hash, &row.session_id, &row.tenant_id).await?;
+            c.audit(AuditEvent::new("session.refreshed").resource("session", &row.session_id));
+            Ok(Outcome::Refreshed {
+                tenant_id: row.tenant_id,
+                subject_id: row.subject_id,
+                session_id: row.session_id,
+                actor_type: row.actor_type,
             })
         })
-        .await?;
+    })
+    .await?;
     match outcome {
         Outcome::Refreshed {
             tenant_id,
@@ -1020,12 +913,9 @@ pub async fn refresh(
                 expires_in,
             })))
         }
-        Outcome::Reused { session_id } => {
-            state.invalidate(&Invalidation::Session(session_id));
-            Err(ApiError::unauthorized(
-                "The refresh token was already used; the session is revoked.",
-            ))
-        }
+        Outcome::Reused => Err(ApiError::unauthorized(
+            "The refresh token was already used; the session is revoked.",
+        )),
         Outcome::Invalid => Err(ApiError::unauthorized("The refresh token is not valid.")),
     }
 }
@@ -1034,37 +924,23 @@ pub async fn refresh(
 #[utoipa::path(post, path = "/api/kernel/auth/logout", tag = "identity", security(("bearer" = [])),
     responses((status = 204), (status = 401)))]
 pub async fn logout(State(state): State<AppState>, caller: Caller) -> ApiResult<StatusCode> {
-    let ctx = caller.audit_context();
-    let keys = state.redact_keys();
     let (tenant_id, session_id) = (
         caller.tenant_id().to_owned(),
         caller.principal.session_id.clone(),
     );
-    let sid = session_id.clone();
-    state
-        .db()
-        .write(move |tx| {
-            Box::pin(async move {
-                store::revoke_session(tx, &tenant_id, &sid, "logout").await?;
-                audit::record(
-                    tx,
-                    &ctx,
-                    AuditEvent::new("session.revoked")
-                        .resource("session", &sid)
-                        .details(serde_json::json!({ "reason": "logout" })),
-                    &keys,
-                )
-                .await?;
-                tx.notify(
-                    crate::authz::cache::NOTIFY_CHANNEL,
-                    &Invalidation::Session(sid.clone()).payload(),
-                )
-                .await?;
-                Ok::<_, ApiError>(())
-            })
+    change::write(&state, caller.audit_context(), move |tx, c| {
+        Box::pin(async move {
+            store::revoke_session(tx, &tenant_id, &session_id, "logout").await?;
+            c.audit(
+                AuditEvent::new("session.revoked")
+                    .resource("session", &session_id)
+                    .details(serde_json::json!({ "reason": "logout" })),
+            );
+            c.invalidate(Invalidation::Session(session_id));
+            Ok(())
         })
-        .await?;
-    state.invalidate(&Invalidation::Session(session_id));
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -1200,16 +1076,7 @@ pub async fn token(
         }
     };
     let ctx = info.audit_context(&tenant_id, "service", Some(id.clone()));
-    let response = open_session(
-        &state,
-        ctx,
-        &tenant_id,
-        &id,
-        "service",
-        false,
-        state.redact_keys(),
-    )
-    .await?;
+    let response = open_session(&state, ctx, &tenant_id, &id, "service", false).await?;
     Ok(no_store(Json(response)))
 }
 
@@ -1263,23 +1130,32 @@ pub async fn create_service_account(
         secret_hash(&secret),
         format!("kci_{}", Uuid::now_v7().simple()),
     );
-    let ctx = caller.audit_context();
-    let keys = state.redact_keys();
     let tenant_id = caller.tenant_id().to_owned();
-    let account = state
-        .db()
-        .write(move |tx| {
-            Box::pin(async move {
-                let account = store::insert_service_account(tx, &Uuid::now_v7().to_string(), &tenant_id, &name, &client_id, &hash).await?;
-                audit::record(tx, &ctx, AuditEvent::new("service_account.created").resource("service_account", &account.id).details(serde_json::json!({ "name": account.name, "client_id": account.client_id, "role_ids": role_ids })), &keys).await?;
-                for role_id in &role_ids {
-                    authz_store::assign_role(tx, &tenant_id, &account.id, role_id, None).await?;
-                    audit::record(tx, &ctx, AuditEvent::new("role.assigned").resource("service_account", &account.id).details(serde_json::json!({ "role_id": role_id })), &keys).await?;
-                }
-                Ok::<_, ApiError>(account)
-            })
+    let account = change::write(&state, caller.audit_context(), move |tx, c| {
+        Box::pin(async move {
+            let id = Uuid::now_v7().to_string();
+            let account =
+                store::insert_service_account(tx, &id, &tenant_id, &name, &client_id, &hash)
+                    .await?;
+            c.audit(
+                AuditEvent::new("service_account.created")
+                    .resource("service_account", &account.id)
+                    .details(serde_json::json!({ "name": account.name, "client_id": account.client_id, "role_ids": role_ids })),
+            )
+            .publish("kernel.service_account.created");
+            for role_id in &role_ids {
+                authz_store::assign_role(tx, &tenant_id, &account.id, role_id, None).await?;
+                c.audit(
+                    AuditEvent::new("role.assigned")
+                        .resource("service_account", &account.id)
+                        .details(serde_json::json!({ "role_id": role_id })),
+                )
+                .publish("kernel.role_assignment.created");
+            }
+            Ok(account)
         })
-        .await?;
+    })
+    .await?;
     let version = account.version;
     Ok(no_store(with_etag(
         StatusCode::CREATED,
@@ -1325,41 +1201,28 @@ pub async fn rotate_service_account_secret(
     caller.require_over(&state, &id).await?;
     let secret = new_secret("kcs_");
     let hash = secret_hash(&secret);
-    let ctx = caller.audit_context();
-    let keys = state.redact_keys();
     let tenant_id = caller.tenant_id().to_owned();
-    let account = state
-        .db()
-        .write(move |tx| {
-            Box::pin(async move {
-                let Some(account) =
-                    store::rotate_service_account_secret(tx, &tenant_id, &id, &hash).await?
-                else {
-                    return Err(ApiError::not_found("No such service account."));
-                };
-                // A rotation answers a leaked secret: tokens it obtained end too.
-                let sessions =
-                    store::revoke_subject_sessions(tx, &tenant_id, &id, None, "secret_rotated")
-                        .await?;
-                audit::record(
-                    tx,
-                    &ctx,
-                    AuditEvent::new("service_account.secret_rotated")
-                        .resource("service_account", &account.id)
-                        .details(serde_json::json!({ "sessions_revoked": sessions })),
-                    &keys,
-                )
-                .await?;
-                tx.notify(
-                    crate::authz::cache::NOTIFY_CHANNEL,
-                    &Invalidation::Tenant(tenant_id.clone()).payload(),
-                )
-                .await?;
-                Ok(account)
-            })
+    let account = change::write(&state, caller.audit_context(), move |tx, c| {
+        Box::pin(async move {
+            let Some(account) =
+                store::rotate_service_account_secret(tx, &tenant_id, &id, &hash).await?
+            else {
+                return Err(ApiError::not_found("No such service account."));
+            };
+            // A rotation answers a leaked secret: tokens it obtained end too.
+            let sessions =
+                store::revoke_subject_sessions(tx, &tenant_id, &id, None, "secret_rotated").await?;
+            c.audit(
+                AuditEvent::new("service_account.secret_rotated")
+                    .resource("service_account", &account.id)
+                    .details(serde_json::json!({ "sessions_revoked": sessions })),
+            )
+            .publish("kernel.service_account.secret_rotated");
+            c.invalidate(Invalidation::Tenant(tenant_id));
+            Ok(account)
         })
-        .await?;
-    state.invalidate(&Invalidation::Tenant(caller.tenant_id().to_owned()));
+    })
+    .await?;
     let version = account.version;
     Ok(no_store(with_etag(
         StatusCode::OK,
@@ -1422,30 +1285,44 @@ pub async fn update_service_account(
     if status.is_some() {
         caller.require_over(&state, &id).await?;
     }
-    let ctx = caller.audit_context();
-    let keys = state.redact_keys();
     let tenant_id = caller.tenant_id().to_owned();
     let (tid, sid) = (tenant_id.clone(), id.clone());
-    let account = state
-        .db()
-        .write(move |tx| {
-            Box::pin(async move {
-                let Some(account) = store::update_service_account(tx, &tenant_id, &id, name.as_deref(), status, if_match.0).await? else {
-                    return Ok(None);
-                };
-                let suspended = status == Some("suspended");
-                let sessions = match suspended {
-                    true => store::revoke_subject_sessions(tx, &tenant_id, &id, None, "suspended").await?,
-                    false => 0,
-                };
-                let action = if suspended { "service_account.suspended" } else { "service_account.updated" };
-                audit::record(tx, &ctx, AuditEvent::new(action).resource("service_account", &account.id).details(serde_json::json!({ "name": account.name, "status": account.status, "sessions_revoked": sessions })), &keys).await?;
-                tx.notify(crate::authz::cache::NOTIFY_CHANNEL, &Invalidation::Tenant(tenant_id.clone()).payload()).await?;
-                Ok::<_, ApiError>(Some(account))
-            })
+    let account = change::write(&state, caller.audit_context(), move |tx, c| {
+        Box::pin(async move {
+            let Some(account) = store::update_service_account(
+                tx,
+                &tenant_id,
+                &id,
+                name.as_deref(),
+                status,
+                if_match.0,
+            )
+            .await?
+            else {
+                return Ok(None);
+            };
+            let suspended = status == Some("suspended");
+            let sessions = match suspended {
+                true => {
+                    store::revoke_subject_sessions(tx, &tenant_id, &id, None, "suspended").await?
+                }
+                false => 0,
+            };
+            let (action, event) = match suspended {
+                true => ("service_account.suspended", "kernel.service_account.suspended"),
+                false => ("service_account.updated", "kernel.service_account.updated"),
+            };
+            c.audit(
+                AuditEvent::new(action)
+                    .resource("service_account", &account.id)
+                    .details(serde_json::json!({ "name": account.name, "status": account.status, "sessions_revoked": sessions })),
+            )
+            .publish(event);
+            c.invalidate(Invalidation::Tenant(tenant_id));
+            Ok(Some(account))
         })
-        .await?;
-    state.invalidate(&Invalidation::Tenant(tid.clone()));
+    })
+    .await?;
     match account {
         Some(a) => Ok(with_etag(StatusCode::OK, &a, a.version)),
         None => Err(missing_or_changed(

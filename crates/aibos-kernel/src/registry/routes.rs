@@ -16,9 +16,10 @@ use super::{
     AssertionSecretInfo, Canon, CanonPermission, CanonTls, CanonTlsInput, NewAssertionSecret,
     Route, RouteRateLimit, new_assertion_secret,
 };
-use crate::audit::{self, AuditEvent};
-use crate::authz::cache::{Invalidation, NOTIFY_CHANNEL};
+use crate::audit::AuditEvent;
+use crate::authz::cache::Invalidation;
 use crate::authz::{Caller, perm};
+use crate::change::{self, Change};
 use crate::db::{Tx, TxFuture};
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::gateway::state::Health;
@@ -39,28 +40,29 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(get_route, update_route, delete_route))
 }
 
-/// Runs a registry change: `change` in one transaction with the audit entry it
-/// returns and the cross-instance NOTIFY; this instance's route table is built
-/// from the registry as the transaction leaves it, before it commits, and swapped
-/// in after. Fail closed: if the registry cannot be read back, or the table built
-/// from it would leave out something the table in force serves (a canon whose
-/// base URL does not parse or whose routes conflict, a route without permission
-/// that is not public; see `RouteTable::compile`), the transaction rolls back
-/// and the change is refused (500 for a failed read, 409 `CONFLICT` naming what
-/// would be left out, logged as a warning), never answered 2xx with the old
-/// table serving.
+/// Runs a registry change through [`change::write_db`]: the change, its audit
+/// entry, its `kernel.*` event and a `NOTIFY aibos_authz 'registry'` in one
+/// transaction, in which this instance's route table is also built from the
+/// registry as the transaction leaves it, before it commits; the table is
+/// swapped in after. Fail closed: if the registry cannot be read back, or the
+/// table built from it would leave out something the table in force serves (a
+/// canon whose base URL does not parse or whose routes conflict, a route
+/// without permission that is not public; see `RouteTable::compile`), the
+/// transaction rolls back and the change is refused (500 for a failed read, 409
+/// `CONFLICT` naming what would be left out, logged as a warning), never
+/// answered 2xx with the old table serving.
 ///
-/// The audit entry is written first: it takes the system tenant's chain head
-/// lock, which serialises registry changes across instances, so the registry
-/// read after it holds every committed change (PostgreSQL reads each statement
-/// afresh under READ COMMITTED; SQLite has one writer).
+/// The audit entry is written first ([`Change::flush`]): it takes the system
+/// tenant's chain head lock, which serialises registry changes across
+/// instances, so the registry read after it holds every committed change
+/// (PostgreSQL reads each statement afresh under READ COMMITTED; SQLite has
+/// one writer).
 async fn registry_write<T, F>(state: &AppState, caller: &Caller, change: F) -> ApiResult<T>
 where
     T: Send + 'static,
-    F: for<'t> FnOnce(&'t mut Tx) -> TxFuture<'t, (T, AuditEvent), ApiError> + Send + 'static,
+    F: for<'t> FnOnce(&'t mut Tx, &'t mut Change) -> TxFuture<'t, T, ApiError> + Send + 'static,
 {
     let ctx = caller.audit_context();
-    let keys = state.redact_keys();
     let state = state.clone();
     // Spawned: a client hanging up after the commit must not keep its table
     // out of force.
@@ -68,12 +70,11 @@ where
         let gateway = state.gateway();
         let exclusive = gateway.exclusive().await;
         let building = state.clone();
-        let (value, candidate) = state
-            .db()
-            .write(move |tx| {
+        let ((value, candidate), done) =
+            change::write_db(state.db(), ctx, state.redact_keys(), move |tx, c| {
                 Box::pin(async move {
-                    let (value, event) = change(tx).await?;
-                    audit::record(tx, &ctx, event, &keys).await?;
+                    let value = change(tx, c).await?;
+                    c.flush(tx).await?;
                     let snapshot = store::snapshot_in(tx, building.master_keys()).await?;
                     let gateway = building.gateway();
                     let candidate = gateway.candidate(snapshot, building.metrics());
@@ -85,13 +86,13 @@ where
                             added.join("; ")
                         )));
                     }
-                    tx.notify(NOTIFY_CHANNEL, &Invalidation::Registry.payload())
-                        .await?;
-                    Ok::<_, ApiError>((value, candidate))
+                    c.invalidate(Invalidation::Registry);
+                    Ok((value, candidate))
                 })
             })
             .await?;
         gateway.install(&exclusive, candidate);
+        done.apply(&state);
         Ok::<_, ApiError>(value)
     });
     task.await.map_err(|e| {
@@ -233,7 +234,7 @@ pub async fn create_canon(
     let (name, permissions, timeout_ms) = (body.name, body.permissions, body.timeout_ms);
     let shown = secret.clone();
     let master = state.master_keys().clone();
-    let row = registry_write(&state, &caller, move |tx| {
+    let row = registry_write(&state, &caller, move |tx, c| {
         Box::pin(async move {
             if store::canon_count(tx).await? >= limits::CANONS_MAX {
                 return Err(ApiError::conflict(format!("At most {} canons can be registered.", limits::CANONS_MAX)));
@@ -243,11 +244,11 @@ pub async fn create_canon(
             let row = store::insert_canon(tx, &canon_id, &name, &fields).await?;
             store::sync_canon_permissions(tx, &name, &permissions).await?.map_err(ApiError::conflict)?;
             store::insert_secret(tx, &master, &row.id, &secret.kid, &secret.secret, true).await?;
-            let event = AuditEvent::new("canon.created").resource("canon", &row.id).details(serde_json::json!({
+            c.audit(AuditEvent::new("canon.created").resource("canon", &row.id).details(serde_json::json!({
                 "name": row.name, "base_url": row.base_url, "health_path": row.health_path, "protocol": row.protocol, "timeout_ms": row.timeout_ms,
                 "permissions": permissions.iter().map(|p| &p.name).collect::<Vec<_>>(), "assertion_kid": secret.kid, "tls": tls_details(&tls),
-            }));
-            Ok((row, event))
+            }))).publish("kernel.canon.created");
+            Ok(row)
         })
     })
     .await?;
@@ -365,17 +366,17 @@ pub async fn update_canon(
             "is only for https:// cells; remove the canon's TLS settings with \"tls\": null".into(),
         )));
     }
-    let row = registry_write(&state, &caller, move |tx| {
+    let row = registry_write(&state, &caller, move |tx, c| {
         Box::pin(async move {
             let fields = CanonFields { base_url: &base_url, health_path: &health_path, protocol: &protocol, timeout_ms, permissions: &permissions,
                 tls_ca_pem: tls.0.as_deref(), tls_client_cert_pem: tls.1.as_deref(), tls_client_key_sealed: tls.2.as_deref() };
             let row = store::update_canon(tx, &current.id, &fields, if_match.0).await?.ok_or_else(|| stale("canon"))?;
             store::sync_canon_permissions(tx, &row.name, &permissions).await?.map_err(ApiError::conflict)?;
-            let event = AuditEvent::new("canon.updated").resource("canon", &row.id).details(serde_json::json!({
+            c.audit(AuditEvent::new("canon.updated").resource("canon", &row.id).details(serde_json::json!({
                 "name": row.name, "base_url": row.base_url, "health_path": row.health_path, "protocol": row.protocol, "timeout_ms": row.timeout_ms,
                 "permissions": permissions.iter().map(|p| &p.name).collect::<Vec<_>>(), "version": row.version, "tls": tls_details(&tls),
-            }));
-            Ok((row, event))
+            }))).publish("kernel.canon.updated");
+            Ok(row)
         })
     })
     .await?;
@@ -396,7 +397,7 @@ pub async fn delete_canon(
         .require_platform(&state, &[perm::CANON_MANAGE])
         .await?;
     let current = existing_canon(&state, &id).await?;
-    registry_write(&state, &caller, move |tx| {
+    registry_write(&state, &caller, move |tx, c| {
         Box::pin(async move {
             let routes = store::route_count(tx, &current.id).await?;
             if routes > 0 {
@@ -408,10 +409,13 @@ pub async fn delete_canon(
                 return Err(stale("canon"));
             }
             store::delete_canon_permissions(tx, &current.name).await?;
-            let event = AuditEvent::new("canon.deleted")
-                .resource("canon", &current.id)
-                .details(serde_json::json!({ "name": current.name }));
-            Ok(((), event))
+            c.audit(
+                AuditEvent::new("canon.deleted")
+                    .resource("canon", &current.id)
+                    .details(serde_json::json!({ "name": current.name })),
+            )
+            .publish("kernel.canon.deleted");
+            Ok(())
         })
     })
     .await?;
@@ -433,7 +437,7 @@ pub async fn create_secret(
     let secret = new_assertion_secret();
     let shown = secret.clone();
     let master = state.master_keys().clone();
-    registry_write(&state, &caller, move |tx| {
+    registry_write(&state, &caller, move |tx, c| {
         Box::pin(async move {
             if store::secret_count(tx, &canon.id).await? >= limits::ASSERTION_SECRETS_PER_CANON_MAX
             {
@@ -444,10 +448,13 @@ pub async fn create_secret(
             }
             store::insert_secret(tx, &master, &canon.id, &secret.kid, &secret.secret, false)
                 .await?;
-            let event = AuditEvent::new("canon.secret_created")
-                .resource("canon", &canon.id)
-                .details(serde_json::json!({ "name": canon.name, "kid": secret.kid }));
-            Ok(((), event))
+            c.audit(
+                AuditEvent::new("canon.secret_created")
+                    .resource("canon", &canon.id)
+                    .details(serde_json::json!({ "name": canon.name, "kid": secret.kid })),
+            )
+            .publish("kernel.canon.secret_created");
+            Ok(())
         })
     })
     .await?;
@@ -480,15 +487,18 @@ pub async fn activate_secret(
         .await?;
     let canon = existing_canon(&state, &id).await?;
     let canon_id = canon.id.clone();
-    registry_write(&state, &caller, move |tx| {
+    registry_write(&state, &caller, move |tx, c| {
         Box::pin(async move {
             if !store::activate_secret(tx, &canon.id, &kid).await? {
                 return Err(ApiError::not_found("No such secret."));
             }
-            let event = AuditEvent::new("canon.secret_activated")
-                .resource("canon", &canon.id)
-                .details(serde_json::json!({ "name": canon.name, "kid": kid }));
-            Ok(((), event))
+            c.audit(
+                AuditEvent::new("canon.secret_activated")
+                    .resource("canon", &canon.id)
+                    .details(serde_json::json!({ "name": canon.name, "kid": kid })),
+            )
+            .publish("kernel.canon.secret_activated");
+            Ok(())
         })
     })
     .await?;
@@ -507,7 +517,7 @@ pub async fn delete_secret(
         .require_platform(&state, &[perm::CANON_MANAGE])
         .await?;
     let canon = existing_canon(&state, &id).await?;
-    registry_write(&state, &caller, move |tx| {
+    registry_write(&state, &caller, move |tx, c| {
         Box::pin(async move {
             match store::delete_secret(tx, &canon.id, &kid).await? {
                 SecretDeletion::Missing => return Err(ApiError::not_found("No such secret.")),
@@ -518,10 +528,13 @@ pub async fn delete_secret(
                 }
                 SecretDeletion::Deleted => {}
             }
-            let event = AuditEvent::new("canon.secret_deleted")
-                .resource("canon", &canon.id)
-                .details(serde_json::json!({ "name": canon.name, "kid": kid }));
-            Ok(((), event))
+            c.audit(
+                AuditEvent::new("canon.secret_deleted")
+                    .resource("canon", &canon.id)
+                    .details(serde_json::json!({ "name": canon.name, "kid": kid })),
+            )
+            .publish("kernel.canon.secret_deleted");
+            Ok(())
         })
     })
     .await?;
@@ -691,7 +704,7 @@ pub async fn create_route(
         body.forward_cookies,
     )
     .await?;
-    let route = registry_write(&state, &caller, move |tx| {
+    let route = registry_write(&state, &caller, move |tx, c| {
         Box::pin(async move {
             if store::route_count(tx, &canon.id).await? >= limits::ROUTES_PER_CANON_MAX {
                 return Err(ApiError::conflict(format!(
@@ -700,10 +713,13 @@ pub async fn create_route(
                 )));
             }
             let route = store::insert_route(tx, &id, &canon.id, &checked.fields()).await?;
-            let event = AuditEvent::new("route.created")
-                .resource("route", &route.id)
-                .details(route_details(&route));
-            Ok((route, event))
+            c.audit(
+                AuditEvent::new("route.created")
+                    .resource("route", &route.id)
+                    .details(route_details(&route)),
+            )
+            .publish("kernel.route.created");
+            Ok(route)
         })
     })
     .await?;
@@ -802,15 +818,18 @@ pub async fn update_route(
         body.forward_cookies.unwrap_or(current.forward_cookies),
     )
     .await?;
-    let route = registry_write(&state, &caller, move |tx| {
+    let route = registry_write(&state, &caller, move |tx, c| {
         Box::pin(async move {
             let route = store::update_route(tx, &current.id, &checked.fields(), if_match.0)
                 .await?
                 .ok_or_else(|| stale("route"))?;
-            let event = AuditEvent::new("route.updated")
-                .resource("route", &route.id)
-                .details(route_details(&route));
-            Ok((route, event))
+            c.audit(
+                AuditEvent::new("route.updated")
+                    .resource("route", &route.id)
+                    .details(route_details(&route)),
+            )
+            .publish("kernel.route.updated");
+            Ok(route)
         })
     })
     .await?;
@@ -830,15 +849,18 @@ pub async fn delete_route(
         .require_platform(&state, &[perm::ROUTE_MANAGE])
         .await?;
     let current = existing_route(&state, &id).await?;
-    registry_write(&state, &caller, move |tx| {
+    registry_write(&state, &caller, move |tx, c| {
         Box::pin(async move {
             if !store::delete_route(tx, &current.id, if_match.0).await? {
                 return Err(stale("route"));
             }
-            let event = AuditEvent::new("route.deleted")
-                .resource("route", &current.id)
-                .details(route_details(&current));
-            Ok(((), event))
+            c.audit(
+                AuditEvent::new("route.deleted")
+                    .resource("route", &current.id)
+                    .details(route_details(&current)),
+            )
+            .publish("kernel.route.deleted");
+            Ok(())
         })
     })
     .await?;

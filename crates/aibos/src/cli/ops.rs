@@ -222,14 +222,13 @@ pub async fn tenant(sources: ConfigSources, command: TenantCommand) -> u8 {
                 Ok(s) => s,
                 Err(m) => return fail(format!("slug {m}")),
             };
-            db.write(move |tx| {
-                Box::pin(async move {
-                    let ctx = AuditContext::system(SYSTEM_TENANT_ID);
-                    admin::create_tenant(tx, &ctx, &slug, &name, &keys).await
-                })
+            let ctx = AuditContext::system(SYSTEM_TENANT_ID);
+            // Nothing cached anywhere holds a tenant that did not exist.
+            aibos_kernel::change::write_db(&db, ctx, keys, move |tx, c| {
+                Box::pin(async move { admin::create_tenant(tx, c, &slug, &name).await })
             })
             .await
-            .map(|t| vec![t])
+            .map(|(t, _done)| vec![t])
         }
         TenantCommand::List(_) => identity_store::all_tenants(&db).await.map_err(Into::into),
         TenantCommand::Suspend { slug, .. } => {

@@ -286,24 +286,14 @@ async fn concurrent_audit_writes_in_several_tenants_chain_correctly() {
             let mut tenants = Vec::new();
             for t in 0..writes.len() {
                 let slug = format!("p{case}-t{t}");
-                let keys = kernel.state.redact_keys();
-                let tenant = kernel
-                    .state
-                    .db()
-                    .write(move |tx| {
-                        Box::pin(async move {
-                            aibos_kernel::identity::admin::create_tenant(
-                                tx,
-                                &AuditContext::system(SYSTEM_TENANT_ID),
-                                &slug,
-                                "t",
-                                &keys,
-                            )
-                            .await
-                        })
+                let ctx = AuditContext::system(SYSTEM_TENANT_ID);
+                let tenant = aibos_kernel::change::write(&kernel.state, ctx, move |tx, c| {
+                    Box::pin(async move {
+                        aibos_kernel::identity::admin::create_tenant(tx, c, &slug, "t").await
                     })
-                    .await
-                    .unwrap();
+                })
+                .await
+                .unwrap();
                 tenants.push(tenant.id);
             }
             let mut tasks = tokio::task::JoinSet::new();

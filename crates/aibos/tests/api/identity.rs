@@ -18,6 +18,22 @@ fn now() -> i64 {
         .as_secs() as i64
 }
 
+fn in_one_day() -> String {
+    let at = time::OffsetDateTime::now_utc() + time::Duration::days(1);
+    at.format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+}
+
+/// The `id` of a 201 answer.
+async fn created_id(response: reqwest::Response) -> String {
+    assert_eq!(response.status(), 201, "created");
+    let body: Value = response.json().await.unwrap();
+    body["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("an id: {body}"))
+        .to_owned()
+}
+
 crate::both_engines! {
     async fn bootstrap_creates_the_first_administrator_once(engine: Engine) {
         let key = "a-bootstrap-key-long-enough-0123";
@@ -44,8 +60,19 @@ crate::both_engines! {
         let platform = kernel.platform_admin().await;
         let a = kernel.tenant_with_admin(&platform, "tenant-a").await;
         let b = kernel.tenant_with_admin(&platform, "tenant-b").await;
+        // Every id A aims at below is a real, live object of B's: a 404 says
+        // the tenant filter held, not that the object was never there.
         let b_user = kernel.user(&b, "bob@b.example").await;
-        let b_role = kernel.role(&b, "b-readers", &["kernel.user.read"]).await;
+        let b_role = kernel.role(&b, "b-readers", &["kernel.user.read", "kernel.breakglass.request"]).await;
+        kernel.assign(&b, &b_user, &b_role).await;
+        let bob = kernel.login("tenant-b", "bob@b.example", PASSWORD).await.unwrap();
+        let b_delegation = created_id(kernel.as_(&b, Method::POST, "/api/kernel/delegations")
+            .json(&json!({"to_user_id": b_user, "permissions": ["kernel.role.read"], "expires_at": in_one_day(), "reason": "holiday cover"})).send().await.unwrap()).await;
+        let b_account: Value = kernel.as_(&b, Method::POST, "/api/kernel/service-accounts").json(&json!({"name": "b-ledger"})).send().await.unwrap().json().await.unwrap();
+        let (b_account_id, b_client_id) = (b_account["id"].as_str().unwrap().to_owned(), b_account["client_id"].as_str().unwrap().to_owned());
+        let b_secret = b_account["client_secret"].as_str().unwrap().to_owned();
+        let b_break_glass = created_id(kernel.as_(&bob, Method::POST, "/api/kernel/break-glass")
+            .json(&json!({"permissions": ["kernel.audit.read"], "reason": "incident 77: ledger feed stalled", "duration_minutes": 30})).send().await.unwrap()).await;
 
         for (method, path, body) in [
             (Method::GET, format!("/api/kernel/users/{b_user}"), None),
@@ -55,7 +82,9 @@ crate::both_engines! {
             (Method::PATCH, format!("/api/kernel/roles/{b_role}"), Some(json!({"name": "pwned"}))),
             (Method::DELETE, format!("/api/kernel/roles/{b_role}"), None),
             (Method::DELETE, format!("/api/kernel/users/{b_user}/roles/{b_role}"), None),
-            (Method::DELETE, format!("/api/kernel/delegations/{b_role}"), None),
+            (Method::DELETE, format!("/api/kernel/delegations/{b_delegation}"), None),
+            (Method::POST, format!("/api/kernel/service-accounts/{b_account_id}/secret"), None),
+            (Method::DELETE, format!("/api/kernel/break-glass/{b_break_glass}"), None),
         ] {
             let mut request = kernel.as_(&a, method.clone(), &path);
             if let Some(body) = body {
@@ -69,16 +98,53 @@ crate::both_engines! {
         let a_role = kernel.role(&a, "a-readers", &["kernel.user.read"]).await;
         let response = kernel.as_(&a, Method::POST, &format!("/api/kernel/users/{b_user}/roles")).json(&json!({"role_id": a_role})).send().await.unwrap();
         expect_problem(response, 404, "NOT_FOUND").await;
-
-        let users: serde_json::Value = kernel.as_(&a, Method::GET, "/api/kernel/users").send().await.unwrap().json().await.unwrap();
-        let roles: serde_json::Value = kernel.as_(&a, Method::GET, "/api/kernel/roles").send().await.unwrap().json().await.unwrap();
-        let audit = kernel.audit(&a, "").await;
-        for text in [users.to_string(), roles.to_string(), serde_json::Value::Array(audit).to_string()] {
-            assert!(!text.contains(&b_user) && !text.contains(&b_role) && !text.contains(&b.tenant_id), "{text}");
+        // A tenant's administrators are made by platform administrators only:
+        // A's administrator cannot give B (nor A) one.
+        for tenant in [&b.tenant_id, &a.tenant_id] {
+            let response = kernel.as_(&a, Method::POST, &format!("/api/kernel/tenants/{tenant}/admins"))
+                .json(&json!({"email": "mallory@b.example", "name": "Mallory", "password": PASSWORD})).send().await.unwrap();
+            expect_problem(response, 403, "FORBIDDEN").await;
         }
-        // B's user is unharmed.
-        let still: serde_json::Value = kernel.as_(&b, Method::GET, &format!("/api/kernel/users/{b_user}")).send().await.unwrap().json().await.unwrap();
+        assert!(kernel.login("tenant-b", "mallory@b.example", PASSWORD).await.is_err(), "no administrator was made in B");
+
+        // Lists: A sees its own objects, none of B's.
+        let a_user = kernel.user(&a, "alice@a.example").await;
+        let a_delegation = created_id(kernel.as_(&a, Method::POST, "/api/kernel/delegations")
+            .json(&json!({"to_user_id": a_user, "permissions": ["kernel.role.read"], "expires_at": in_one_day(), "reason": "holiday cover"})).send().await.unwrap()).await;
+        let a_account = created_id(kernel.as_(&a, Method::POST, "/api/kernel/service-accounts").json(&json!({"name": "a-ledger"})).send().await.unwrap()).await;
+        for (path, own) in [
+            ("/api/kernel/users", vec![a_user.as_str(), a.subject_id.as_str()]),
+            ("/api/kernel/roles", vec![a_role.as_str()]),
+            ("/api/kernel/delegations", vec![a_delegation.as_str()]),
+            ("/api/kernel/service-accounts", vec![a_account.as_str()]),
+        ] {
+            let response = kernel.as_(&a, Method::GET, path).send().await.unwrap();
+            assert_eq!(response.status(), 200, "GET {path}");
+            let list: Value = response.json().await.unwrap();
+            let ids: Vec<&str> = list["items"].as_array().unwrap_or_else(|| panic!("{path}: {list}")).iter().filter_map(|i| i["id"].as_str()).collect();
+            for id in own {
+                assert!(ids.contains(&id), "GET {path} lists A's own {id}: {list}");
+            }
+            let text = list.to_string();
+            for foreign in [&b_user, &b_role, &b_delegation, &b_account_id, &b.subject_id, &b.tenant_id] {
+                assert!(!text.contains(foreign.as_str()), "GET {path} shows B's {foreign}: {text}");
+            }
+        }
+        let audit = kernel.audit(&a, "").await;
+        assert!(audit.iter().any(|e| e["resource_id"] == a_user.as_str()), "A's audit holds its own entries");
+        let text = Value::Array(audit).to_string();
+        assert!(!text.contains(&b_user) && !text.contains(&b_role) && !text.contains(&b.tenant_id), "{text}");
+
+        // B's objects are unharmed.
+        let still: Value = kernel.as_(&b, Method::GET, &format!("/api/kernel/users/{b_user}")).send().await.unwrap().json().await.unwrap();
         assert_eq!(still["name"], "bob@b.example");
+        assert!(kernel.login("tenant-b", "bob@b.example", PASSWORD).await.is_ok(), "B's user keeps the password");
+        // Bob's session, the role it holds, the delegation and the break-glass all stand.
+        let me: Value = kernel.as_(&bob, Method::GET, "/api/kernel/auth/me").send().await.unwrap().json().await.unwrap();
+        assert_eq!(me["permissions"], json!(["kernel.audit.read", "kernel.breakglass.request", "kernel.role.read", "kernel.user.read"]), "{me}");
+        let grant = kernel.client.post(kernel.url("/api/kernel/auth/token"))
+            .json(&json!({"grant_type": "client_credentials", "client_id": b_client_id, "client_secret": b_secret})).send().await.unwrap();
+        assert_eq!(grant.status(), 200, "B's service account keeps its secret");
     }
 
     async fn forged_tokens_are_refused(engine: Engine) {

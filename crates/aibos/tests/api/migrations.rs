@@ -101,7 +101,8 @@ crate::both_engines! {
         let after_0005 = applied.iter().filter(|v| **v >= 6).count() as u32;
         assert_eq!(migrate::down(&db, embedded(&db), after_0005).await.unwrap().len(), after_0005 as usize);
         let pending: Vec<_> = migrate::status(&db, embedded(&db)).await.unwrap().into_iter().filter(|s| s.state != MigrationState::Applied).map(|s| s.version).collect();
-        assert_eq!(pending, (6..=*applied.last().unwrap()).collect::<Vec<_>>(), "0006 reverted");
+        // Every migration from 0006 on (numbers may have gaps: branches reserve theirs).
+        assert_eq!(pending, applied.iter().copied().filter(|v| *v >= 6).collect::<Vec<_>>(), "0006 reverted");
         let system = "00000000-0000-7000-8000-000000000001";
         aibos_kernel::with_db!(&db, pool => {
             sqlx::query("INSERT INTO canons (id, tenant_id, name, base_url, health_path, permissions, created_at, updated_at) \
