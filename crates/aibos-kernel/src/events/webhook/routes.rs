@@ -13,9 +13,9 @@ use uuid::Uuid;
 
 use super::store::{self, RetryOutcome, SubscriptionFields, SubscriptionRow};
 use super::{CreatedSubscription, Delivery, RotatedSecret, Subscription, signature, ssrf};
-use crate::audit::{self, AuditEvent};
+use crate::audit::AuditEvent;
 use crate::authz::{Caller, perm};
-use crate::db::{Tx, TxFuture};
+use crate::change;
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::http::extract::{AppJson, IfMatch, ListQuery, no_store, parse_id, url_pairs, with_etag};
 use crate::limits;
@@ -35,27 +35,6 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(retry_delivery))
         .routes(routes!(retry_delivery_by_id))
         .routes(routes!(replay))
-}
-
-/// Runs a subscription change: `change` returns its value and its audit entry,
-/// written in one transaction (spawned: a client hanging up cannot cut it).
-async fn subscription_write<T, F>(state: &AppState, caller: &Caller, change: F) -> ApiResult<T>
-where
-    T: Send + 'static,
-    F: for<'t> FnOnce(&'t mut Tx) -> TxFuture<'t, (T, AuditEvent), ApiError> + Send + 'static,
-{
-    let ctx = caller.audit_context();
-    let keys = state.redact_keys();
-    state
-        .db()
-        .write(move |tx| {
-            Box::pin(async move {
-                let (value, event) = change(tx).await?;
-                audit::record(tx, &ctx, event, &keys).await?;
-                Ok::<_, ApiError>(value)
-            })
-        })
-        .await
 }
 
 fn stale() -> ApiError {
@@ -156,8 +135,7 @@ pub async fn create_subscription(
     let secret = signature::new_secret();
     let sealed = state.master_keys().seal(&secret, &store::secret_place(&id));
     let tenant_id = caller.tenant_id().to_owned();
-    let ctx = caller.audit_context();
-    let row = subscription_write(&state, &caller, move |tx| {
+    let row = change::write(&state, caller.audit_context(), move |tx, c| {
         Box::pin(async move {
             if store::subscription_count(tx, &tenant_id).await?
                 >= limits::WEBHOOK_SUBSCRIPTIONS_PER_TENANT_MAX
@@ -170,11 +148,13 @@ pub async fn create_subscription(
             let head = super::worker::stream_head(tx, &tenant_id).await?;
             let row =
                 store::insert_subscription(tx, &id, &tenant_id, &fields, &sealed, head).await?;
-            super::worker::announce(tx, &ctx, &row, "kernel.subscription.created").await?;
-            let event = AuditEvent::new("subscription.created")
-                .resource("subscription", &row.id)
-                .details(details(&row));
-            Ok((row, event))
+            c.audit(
+                AuditEvent::new("subscription.created")
+                    .resource("subscription", &row.id)
+                    .details(details(&row)),
+            )
+            .publish("kernel.subscription.created");
+            Ok(row)
         })
     })
     .await?;
@@ -262,17 +242,18 @@ pub async fn update_subscription(
         enabled: body.enabled.unwrap_or(current.enabled),
     };
     let tenant_id = caller.tenant_id().to_owned();
-    let ctx = caller.audit_context();
-    let row = subscription_write(&state, &caller, move |tx| {
+    let row = change::write(&state, caller.audit_context(), move |tx, c| {
         Box::pin(async move {
             let row = store::update_subscription(tx, &tenant_id, &current.id, &fields, if_match.0)
                 .await?
                 .ok_or_else(stale)?;
-            super::worker::announce(tx, &ctx, &row, "kernel.subscription.updated").await?;
-            let event = AuditEvent::new("subscription.updated")
-                .resource("subscription", &row.id)
-                .details(details(&row));
-            Ok((row, event))
+            c.audit(
+                AuditEvent::new("subscription.updated")
+                    .resource("subscription", &row.id)
+                    .details(details(&row)),
+            )
+            .publish("kernel.subscription.updated");
+            Ok(row)
         })
     })
     .await?;
@@ -292,17 +273,18 @@ pub async fn delete_subscription(
     caller.require(&state, &[perm::SUBSCRIPTION_MANAGE]).await?;
     let current = existing(&state, &caller, &id).await?;
     let tenant_id = caller.tenant_id().to_owned();
-    let ctx = caller.audit_context();
-    subscription_write(&state, &caller, move |tx| {
+    change::write(&state, caller.audit_context(), move |tx, c| {
         Box::pin(async move {
             if !store::delete_subscription(tx, &tenant_id, &current.id, if_match.0).await? {
                 return Err(stale());
             }
-            super::worker::announce(tx, &ctx, &current, "kernel.subscription.deleted").await?;
-            let event = AuditEvent::new("subscription.deleted")
-                .resource("subscription", &current.id)
-                .details(details(&current));
-            Ok(((), event))
+            c.audit(
+                AuditEvent::new("subscription.deleted")
+                    .resource("subscription", &current.id)
+                    .details(details(&current)),
+            )
+            .publish("kernel.subscription.deleted");
+            Ok(())
         })
     })
     .await?;
@@ -344,16 +326,15 @@ pub async fn rotate_secret(
     let expires_at = crate::timestamp::format(crate::timestamp::now() + grace);
     let tenant_id = caller.tenant_id().to_owned();
     let shown_expiry = expires_at.clone();
-    let ctx = caller.audit_context();
-    subscription_write(&state, &caller, move |tx| {
+    change::write(&state, caller.audit_context(), move |tx, c| {
         Box::pin(async move {
             let row = store::rotate_secret(tx, &tenant_id, &current.id, &current.secret, &sealed, &sealed_previous, &expires_at)
                 .await?
                 .ok_or_else(|| ApiError::conflict("The secret was rotated by another request at the same time; rotate again."))?;
-            super::worker::announce(tx, &ctx, &row, "kernel.subscription.secret_rotated").await?;
-            let event = AuditEvent::new("subscription.secret_rotated").resource("subscription", &row.id)
-                .details(serde_json::json!({ "previous_secret_expires_at": expires_at, "version": row.version }));
-            Ok(((), event))
+            c.audit(AuditEvent::new("subscription.secret_rotated").resource("subscription", &row.id)
+                .details(serde_json::json!({ "previous_secret_expires_at": expires_at, "version": row.version })))
+                .publish("kernel.subscription.secret_rotated");
+            Ok(())
         })
     })
     .await?;
@@ -409,15 +390,15 @@ async fn retry(
 ) -> ApiResult<Response> {
     let tenant_id = caller.tenant_id().to_owned();
     let (sid, did) = (subscription_id.clone(), delivery_id.clone());
-    subscription_write(state, caller, move |tx| {
+    change::write(state, caller.audit_context(), move |tx, c| {
         Box::pin(async move {
             match store::retry_delivery(tx, &tenant_id, &sid, &did).await? {
                 RetryOutcome::Missing => Err(ApiError::not_found("No such delivery.")),
                 RetryOutcome::Cancelled => Err(ApiError::conflict("A replay cancelled this delivery and sent its event again as a new one; retry that one.")),
                 RetryOutcome::Scheduled => {
-                    let event = AuditEvent::new("subscription.delivery_retried").resource("subscription", &sid)
-                        .details(serde_json::json!({ "delivery_id": did }));
-                    Ok(((), event))
+                    c.audit(AuditEvent::new("subscription.delivery_retried").resource("subscription", &sid)
+                        .details(serde_json::json!({ "delivery_id": did })));
+                    Ok(())
                 }
             }
         })
@@ -502,15 +483,19 @@ pub async fn replay(
     let tenant_id = caller.tenant_id().to_owned();
     let since_seq = body.since_seq;
     let sid = current.id.clone();
-    subscription_write(&state, &caller, move |tx| {
+    change::write(&state, caller.audit_context(), move |tx, c| {
         Box::pin(async move {
             let cursor = store::replay(tx, &tenant_id, &sid, since_seq)
                 .await?
                 .ok_or_else(missing)?;
-            let event = AuditEvent::new("subscription.replayed")
-                .resource("subscription", &sid)
-                .details(serde_json::json!({ "since_seq": since_seq, "delivered_seq": cursor }));
-            Ok(((), event))
+            c.audit(
+                AuditEvent::new("subscription.replayed")
+                    .resource("subscription", &sid)
+                    .details(
+                        serde_json::json!({ "since_seq": since_seq, "delivered_seq": cursor }),
+                    ),
+            );
+            Ok(())
         })
     })
     .await?;

@@ -45,10 +45,11 @@ use super::signature::{self, SigningKey};
 use super::store::{
     self, AttemptWrite, DeliveryRow, DeliveryWrite, Progress, SubscriptionRow, Written,
 };
-use crate::audit::{self, AuditContext, AuditEvent};
+use crate::audit::{AuditContext, AuditEvent};
+use crate::change::Change;
 use crate::db::Tx;
 use crate::error::ApiError;
-use crate::events::{Event, NewEvent, TypeFilter};
+use crate::events::{Event, TypeFilter};
 use crate::limits;
 use crate::state::AppState;
 use crate::timestamp;
@@ -87,21 +88,6 @@ impl Webhooks {
 /// subscription gets only the events after it.
 pub async fn stream_head(tx: &mut Tx, tenant_id: &str) -> Result<i64, sqlx::Error> {
     store::event_head(tx, tenant_id).await
-}
-
-/// Appends `kernel.subscription.*` about `row` to the tenant's events, in the
-/// change's transaction. The payload is the subscription as the API shows it
-/// (never a secret).
-pub async fn announce(
-    tx: &mut Tx,
-    ctx: &AuditContext,
-    row: &SubscriptionRow,
-    event_type: &str,
-) -> Result<(), sqlx::Error> {
-    let payload = serde_json::to_value(row.view()).unwrap_or(serde_json::Value::Null);
-    let event = NewEvent::kernel(ctx, event_type, &row.id, &payload);
-    crate::events::store::append(tx, &row.tenant_id, &[event]).await?;
-    Ok(())
 }
 
 /// Metric handles, registered once.
@@ -630,22 +616,34 @@ impl Worker {
             .write(move |tx| {
                 Box::pin(async move {
                     let written = store::write_progress(tx, &id, &tenant_id, &instance, generation, &lease_until, progress).await?;
+                    let mut disabled = false;
                     if disable && written != Written::Lost
                         && let Some(row) = store::disable_failing(tx, &id).await?
                     {
-                        let ctx = AuditContext::system(tenant_id.clone());
-                        announce(tx, &ctx, &row, "kernel.subscription.disabled").await?;
-                        let event = AuditEvent::new("subscription.disabled")
-                            .resource("subscription", &row.id)
-                            .severity("warning")
-                            .details(serde_json::json!({ "reason": "failing", "failing_since": since, "url": row.url }));
-                        audit::record(tx, &ctx, event, &keys).await?;
+                        // The kernel's own change: audited as the system, in the
+                        // tenant's chain, and announced to the tenant.
+                        let mut change = Change::new(AuditContext::system(tenant_id.clone()), keys);
+                        change
+                            .audit(
+                                AuditEvent::new("subscription.disabled")
+                                    .resource("subscription", &row.id)
+                                    .severity("warning")
+                                    .details(serde_json::json!({ "reason": "failing", "failing_since": since, "url": row.url, "version": row.version })),
+                            )
+                            .publish("kernel.subscription.disabled");
+                        change.flush(tx).await?;
+                        disabled = true;
                     }
-                    Ok::<_, ApiError>(written)
+                    Ok::<_, ApiError>((written, disabled))
                 })
             })
             .await?;
         s.last_write = Instant::now();
+        let (written, announced) = written;
+        if announced {
+            // Readers of this instance learn of the event now, not at their next poll.
+            self.state.events().committed();
+        }
         match written {
             Written::Kept => {
                 s.lease_deadline = renewed_at + self.lease;
