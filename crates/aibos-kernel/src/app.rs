@@ -355,7 +355,9 @@ fn spawn_background(state: &AppState, stop: CancellationToken) -> tokio::task::J
         }
     });
     tasks.spawn(crate::gateway::health::run(state.clone(), stop.clone()));
-    // Events: the group-commit writers, and open streams ended at shutdown.
+    // Events: the retention purge, the group-commit writers, and open streams
+    // ended at shutdown.
+    tasks.spawn(crate::events::retention::run(state.clone(), stop.clone()));
     state
         .events()
         .start(state.db().clone(), state.metrics().clone(), &mut tasks);

@@ -382,3 +382,7 @@ pub const RELAY_BACKOFF_MAX_MS: u64 = 30_000;
 pub const RELAY_DUPLICATE_WINDOW_SECONDS: u64 = 120;
 const _: () = assert!(RELAY_BACKOFF_BASE_MS <= RELAY_BACKOFF_MAX_MS);
 const _: () = assert!(RELAY_ACK_TIMEOUT_MS * 4 < RELAY_DUPLICATE_WINDOW_SECONDS * 1_000);
+/// How often the event retention purge runs.
+pub const EVENT_RETENTION_INTERVAL_SECONDS: u64 = 3_600;
+/// How long after start the first retention purge runs (not in the start-up path).
+pub const EVENT_RETENTION_FIRST_DELAY_SECONDS: u64 = 60;

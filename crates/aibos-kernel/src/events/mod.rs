@@ -12,6 +12,7 @@
 pub mod listener;
 pub mod publisher;
 pub mod relay;
+pub mod retention;
 pub mod routes;
 pub mod store;
 pub mod webhook;

@@ -527,3 +527,113 @@ pub async fn relay_release(mut claim: RelayClaim) -> Result<(), sqlx::Error> {
         None => Ok(()),
     }
 }
+
+/// Events deleted per statement by the retention purge (a bound on one
+/// statement's locks and on how long it keeps SQLite's writer).
+const PURGE_CHUNK_EVENTS: i64 = 10_000;
+
+/// What bounds a tenant's purge: its newest event older than the cutoff, the
+/// positions of those still owed events, and its oldest event.
+#[derive(FromRow)]
+struct Floors {
+    old: Option<i64>,
+    subscriptions: Option<i64>,
+    pending: Option<i64>,
+    relayed: Option<i64>,
+    lowest: Option<i64>,
+}
+
+/// Deletes `tenant_id`'s events that are older than `cutoff` and owed to no
+/// one: every enabled subscription's cursor is past them, no pending delivery
+/// (a retry beside the stream) names them, and, when `relay` is on, the NATS
+/// relay has taken them. Returns how many were deleted.
+pub async fn purge_tenant(
+    db: &Db,
+    tenant_id: &str,
+    cutoff: &str,
+    relay: bool,
+) -> Result<u64, sqlx::Error> {
+    let floors: Floors = with_db!(db, pool => {
+        sqlx::query_as(
+            "SELECT (SELECT MAX(seq) FROM events WHERE tenant_id = $1 AND occurred_at < $2) \
+                        AS old, \
+                    (SELECT MIN(delivered_seq) FROM webhook_subscriptions WHERE tenant_id = $1 AND enabled) \
+                        AS subscriptions, \
+                    (SELECT MIN(event_seq) - 1 FROM webhook_deliveries WHERE tenant_id = $1 AND status = 'pending') \
+                        AS pending, \
+                    (SELECT relayed_seq FROM event_relay_positions WHERE tenant_id = $1) AS relayed, \
+                    (SELECT MIN(seq) FROM events WHERE tenant_id = $1) AS lowest",
+        )
+        .bind(tenant_id)
+        .bind(cutoff)
+        .fetch_one(pool)
+        .await?
+    });
+    let Floors {
+        old: Some(old),
+        subscriptions,
+        pending,
+        relayed,
+        lowest: Some(lowest),
+    } = floors
+    else {
+        return Ok(0);
+    };
+    let mut floor = old;
+    for owed in [subscriptions, pending] {
+        floor = floor.min(owed.unwrap_or(i64::MAX));
+    }
+    if relay {
+        floor = floor.min(relayed.unwrap_or(0));
+    }
+    let mut deleted = 0;
+    let mut from = lowest - 1;
+    while from < floor {
+        let to = floor.min(from + PURGE_CHUNK_EVENTS);
+        deleted += with_db!(db, pool => {
+            // Times follow seq order only as far as clocks agree: an event under
+            // the floor but not older than the cutoff is kept.
+            sqlx::query("DELETE FROM events WHERE tenant_id = $1 AND seq > $2 AND seq <= $3 AND occurred_at < $4")
+                .bind(tenant_id)
+                .bind(from)
+                .bind(to)
+                .bind(cutoff)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        from = to;
+    }
+    Ok(deleted)
+}
+
+/// Tenants that have events, at most `limit`, after `after` in id order.
+pub async fn tenants_with_events(
+    db: &Db,
+    after: &str,
+    limit: i64,
+) -> Result<Vec<String>, sqlx::Error> {
+    Ok(with_db!(db, pool => {
+        sqlx::query_scalar("SELECT tenant_id FROM event_heads WHERE tenant_id > $1 ORDER BY tenant_id LIMIT $2")
+            .bind(after)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+    }))
+}
+
+/// Deletes finished webhook deliveries (and, by cascade, their attempts) last
+/// changed before `cutoff`, at most [`PURGE_CHUNK_EVENTS`]; returns how many.
+pub async fn purge_delivery_history(db: &Db, cutoff: &str) -> Result<u64, sqlx::Error> {
+    Ok(with_db!(db, pool => {
+        sqlx::query(
+            "DELETE FROM webhook_deliveries WHERE id IN ( \
+                 SELECT id FROM webhook_deliveries WHERE status <> 'pending' AND updated_at < $1 LIMIT $2)",
+        )
+        .bind(cutoff)
+        .bind(PURGE_CHUNK_EVENTS)
+        .execute(pool)
+        .await?
+        .rows_affected()
+    }))
+}

@@ -509,3 +509,64 @@ crate::both_engines! {
         assert!(refused.is_err(), "{refused:?}");
     }
 }
+
+crate::both_engines! {
+    /// Retention removes old events, but never one an enabled subscription
+    /// has not reached yet; a disabled subscription holds nothing back.
+    async fn retention_keeps_what_a_subscriber_is_still_owed(engine: Engine) {
+        let options = aibos_testkit::KernelOptions {
+            env: vec![("AIBOS_EVENTS__WEBHOOK_ALLOW_PRIVATE_NETWORKS".into(), "true".into()), ("AIBOS_EVENTS__RETENTION_DAYS".into(), "7".into())],
+            ..Default::default()
+        };
+        let kernel = aibos_testkit::spawn_kernel_with(engine, options).await.unwrap();
+        let platform = kernel.platform_admin().await;
+        let acme = kernel.tenant_with_admin(&platform, "acme").await;
+        let other = kernel.tenant_with_admin(&platform, "globex").await;
+        // A subscription whose receiver refuses every connection: its first
+        // event waits for a retry, and its cursor stays before it.
+        let created: Value = kernel.as_(&acme, Method::POST, "/api/kernel/subscriptions")
+            .json(&json!({"url": "http://127.0.0.1:9/hook", "event_types": ["old.*"], "description": "behind"}))
+            .send().await.unwrap().json().await.unwrap();
+        let subscription = created["id"].as_str().unwrap().to_owned();
+        let mut first_owed = None;
+        for i in 0..10 {
+            let r = publish(&kernel, &acme, json!({"type": "old.event.published", "payload": {"i": i}})).await;
+            assert_eq!(r.status(), 201);
+            first_owed.get_or_insert(r.json::<Value>().await.unwrap()["seq"].as_i64().unwrap());
+            assert_eq!(publish(&kernel, &other, json!({"type": "old.event.published", "payload": {"i": i}})).await.status(), 201);
+        }
+        let head = read(&kernel, &acme, "types=none.at.all").await["next_after_seq"].as_i64().unwrap();
+        let other_head = read(&kernel, &other, "types=none.at.all").await["next_after_seq"].as_i64().unwrap();
+        // Wait for the first failed attempt.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let deliveries: Value = kernel.as_(&acme, Method::GET, &format!("/api/kernel/subscriptions/{subscription}/deliveries")).send().await.unwrap().json().await.unwrap();
+            if deliveries["items"].as_array().is_some_and(|d| !d.is_empty()) { break; }
+            assert!(tokio::time::Instant::now() < deadline, "no delivery attempt: {deliveries}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Everything so far is a year old.
+        aibos_kernel::with_db!(kernel.state.db(), pool => {
+            sqlx::query("UPDATE events SET occurred_at = $1").bind("2025-12-01T00:00:00.000Z").execute(pool).await.unwrap();
+        });
+        assert_eq!(publish(&kernel, &acme, json!({"type": "new.event.published", "payload": {}})).await.status(), 201);
+
+        let purged = aibos_kernel::events::retention::purge(&kernel.state, time::OffsetDateTime::now_utc()).await.unwrap();
+        let seqs = |page: Value| page["items"].as_array().unwrap().iter().map(|e| e["seq"].as_i64().unwrap()).collect::<Vec<_>>();
+        assert_eq!(seqs(read(&kernel, &acme, "limit=1000").await), (first_owed.unwrap()..=head + 1).collect::<Vec<_>>(), "what the subscription is owed, and the new event, stay");
+        // The other tenant owes no one: all its old events go.
+        assert_eq!(read(&kernel, &other, "limit=1000").await["items"], json!([]));
+        // (and the system tenant's kernel events of the set-up, as old)
+        assert!(purged.events > first_owed.unwrap() as u64 - 1 + other_head as u64, "{purged:?}");
+
+        // Without the subscription nothing is owed any more.
+        let r = kernel.as_(&acme, Method::DELETE, &format!("/api/kernel/subscriptions/{subscription}")).header("if-match", format!("\"{}\"", created["version"])).send().await.unwrap();
+        assert_eq!(r.status(), 204);
+        aibos_kernel::events::retention::purge(&kernel.state, time::OffsetDateTime::now_utc()).await.unwrap();
+        // (that event, and the deletion's own kernel.subscription.deleted)
+        assert_eq!(seqs(read(&kernel, &acme, "limit=1000").await), [head + 1, head + 2], "only the events newer than the retention stay");
+        // A reader at an old position simply continues after the gap.
+        let page = read(&kernel, &acme, "after_seq=0&types=new.event.published").await;
+        assert_eq!(page["items"][0]["seq"], head + 1);
+    }
+}
