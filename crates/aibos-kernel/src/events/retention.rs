@@ -83,3 +83,20 @@ pub async fn purge(state: &AppState, now: time::OffsetDateTime) -> Result<Purged
     }
     Ok(purged)
 }
+
+/// Runs until `stop`: the outbox's depth (`aibos_webhook_outbox_events`) read
+/// every [`limits::METRICS_UPKEEP_SECONDS`], one aggregate query.
+pub async fn gauge_outbox(state: AppState, stop: CancellationToken) {
+    let gauge = state.metrics().gauge("aibos_webhook_outbox_events", &[]);
+    let mut tick = tokio::time::interval(Duration::from_secs(limits::METRICS_UPKEEP_SECONDS));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => match store::outbox_depth(state.db()).await {
+                Ok(depth) => gauge.set(depth as f64),
+                Err(e) => tracing::debug!(error = %e, "cannot read the webhook outbox depth"),
+            },
+            () = stop.cancelled() => return,
+        }
+    }
+}

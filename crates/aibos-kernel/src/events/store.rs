@@ -637,3 +637,18 @@ pub async fn purge_delivery_history(db: &Db, cutoff: &str) -> Result<u64, sqlx::
         .rows_affected()
     }))
 }
+
+/// Events committed after the cursors of the enabled webhook subscriptions,
+/// summed over subscriptions (what the delivery worker still has to look at,
+/// matching its filters or not): the outbox's depth.
+pub async fn outbox_depth(db: &Db) -> Result<i64, sqlx::Error> {
+    let depth: Option<i64> = with_db!(db, pool => {
+        sqlx::query_scalar(
+            "SELECT CAST(SUM(h.last_seq - s.delivered_seq) AS BIGINT) FROM webhook_subscriptions s \
+             JOIN event_heads h ON h.tenant_id = s.tenant_id WHERE s.enabled AND h.last_seq > s.delivered_seq",
+        )
+        .fetch_one(pool)
+        .await?
+    });
+    Ok(depth.unwrap_or(0))
+}

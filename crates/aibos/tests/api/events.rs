@@ -545,6 +545,15 @@ crate::both_engines! {
             assert!(tokio::time::Instant::now() < deadline, "no delivery attempt: {deliveries}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // The stuck backlog shows as the outbox's depth (read every 5 s).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let text = kernel.metrics_text().await;
+            let depth = text.lines().find_map(|l| l.strip_prefix("aibos_webhook_outbox_events ")).and_then(|v| v.trim().parse::<f64>().ok());
+            if depth.is_some_and(|d| d >= 10.0) { break; }
+            assert!(tokio::time::Instant::now() < deadline, "outbox depth {depth:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         // Everything so far is a year old.
         aibos_kernel::with_db!(kernel.state.db(), pool => {
             sqlx::query("UPDATE events SET occurred_at = $1").bind("2025-12-01T00:00:00.000Z").execute(pool).await.unwrap();
