@@ -36,6 +36,7 @@ cleanup() {
   stop_nginx "$work/receiver"
   wait 2>/dev/null || true
   psql -q "$PG/postgres" -c "DROP DATABASE IF EXISTS $db_name WITH (FORCE)" >/dev/null 2>&1 || true
+  psql -q "$PG/postgres" -c "DROP DATABASE IF EXISTS ${db_name}_hooks WITH (FORCE)" >/dev/null 2>&1 || true
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -138,29 +139,33 @@ if [ "$(curl -s -o /dev/null -w '%{http_code}' "$sqlite_base/api/kernel/subscrip
   receiver_port=$(free_port)
   start_nginx "$work/receiver" "server { listen 127.0.0.1:$receiver_port; location / { return 204; } }"
   wait_http "http://127.0.0.1:$receiver_port/" || true
+  # measure_deliveries NAME DIR RECEIVER_PORT [ENV=VALUE…]: a kernel of its
+  # own, a backlog of $DELIVERIES events, then one subscription replayed from
+  # the start; prints the deliveries per second until its cursor is at the end.
   measure_deliveries() {
     local name=$1 dir=$2 port receiver=$3
+    shift 3
     port=$(free_port)
     mkdir -p "$dir"
-    (cd "$dir" && echo "$password" | "$AIBOS_BIN" admin create --email bench@example.com --password-stdin >/dev/null)
-    start_kernel "$dir" "$port" AIBOS_EVENTS__WEBHOOK_ALLOW_PRIVATE_NETWORKS=true
+    (cd "$dir" && echo "$password" | env "$@" "$AIBOS_BIN" admin create --email bench@example.com --password-stdin >/dev/null)
+    start_kernel "$dir" "$port" AIBOS_EVENTS__WEBHOOK_ALLOW_PRIVATE_NETWORKS=true "$@"
     kernel_pids+=("$kernel_pid")
     local b="http://127.0.0.1:$port" t head
     t=$(curl -fsS "$b/api/kernel/auth/login" -H 'content-type: application/json' \
       -d "{\"tenant\":\"system\",\"email\":\"bench@example.com\",\"password\":\"$password\"}" | json_field '["access_token"]')
     # The backlog first: $DELIVERIES events published as fast as the kernel takes them.
-    python3 - "$b" "$t" "$DELIVERIES" <<'PY'
+    head=$(python3 - "$b" "$t" "$DELIVERIES" <<'PY'
 import concurrent.futures, json, sys, urllib.request
 base, token, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 body = json.dumps({"type": "finance.payment.processed", "payload": {"amount_minor": 125000, "currency": "EUR"}}).encode()
 def publish(_):
     req = urllib.request.Request(f"{base}/api/kernel/events/publish", data=body, method="POST",
                                  headers={"Authorization": f"Bearer {token}", "content-type": "application/json"})
-    urllib.request.urlopen(req).read()
+    return json.loads(urllib.request.urlopen(req).read())["seq"]
 with concurrent.futures.ThreadPoolExecutor(32) as pool:
-    list(pool.map(publish, range(n)))
+    print(max(pool.map(publish, range(n))))
 PY
-    head=$(curl -fsS "$b/api/kernel/events?after_seq=0&limit=1&types=none.at.all" -H "Authorization: Bearer $t" | json_field '["next_after_seq"]')
+)
     local id start_ms
     start_ms=$(date +%s%3N)
     id=$(curl -fsS "$b/api/kernel/subscriptions" -H "Authorization: Bearer $t" -H 'content-type: application/json' \
@@ -173,9 +178,12 @@ PY
       sleep 0.05
     done
     local elapsed_ms=$(( $(date +%s%3N) - start_ms ))
-    echo "$name $head $elapsed_ms" | awk '{ printf "%s: %d deliveries in %.2f s = %.0f/s\n", $1, $2, $3 / 1000, $2 / ($3 / 1000) }'
+    kill "$kernel_pid" 2>/dev/null || true
+    echo "$DELIVERIES $elapsed_ms" | awk -v name="$name" '{ printf "%-58s %10.0f   (%d in %.2f s; target >= 2000/s)\n", name, $1 / ($2 / 1000), $1, $2 / 1000 }'
   }
-  delivery_line=$(measure_deliveries "webhook deliveries (SQLite kernel, one subscription)" "$work/deliveries" "$receiver_port")
+  psql -q "$PG/postgres" -c "CREATE DATABASE ${db_name}_hooks" >/dev/null
+  delivery_line=$(measure_deliveries "webhook deliveries/s, SQLite kernel, one subscription" "$work/deliveries" "$receiver_port")
+  delivery_line+=$'\n'$(measure_deliveries "webhook deliveries/s, PostgreSQL kernel, one subscription" "$work/deliveries-pg" "$receiver_port" AIBOS_DATABASE__URL="$PG/${db_name}_hooks")
 fi
 
 echo
