@@ -532,21 +532,26 @@ pub async fn relay_release(mut claim: RelayClaim) -> Result<(), sqlx::Error> {
 /// statement's locks and on how long it keeps SQLite's writer).
 const PURGE_CHUNK_EVENTS: i64 = 10_000;
 
-/// What bounds a tenant's purge: its newest event older than the cutoff, the
-/// positions of those still owed events, and its oldest event.
+/// What bounds a tenant's purge: the positions of those still owed events,
+/// and the tenant's oldest and newest events.
 #[derive(FromRow)]
 struct Floors {
-    old: Option<i64>,
     subscriptions: Option<i64>,
     pending: Option<i64>,
     relayed: Option<i64>,
     lowest: Option<i64>,
+    head: Option<i64>,
 }
 
 /// Deletes `tenant_id`'s events that are older than `cutoff` and owed to no
 /// one: every enabled subscription's cursor is past them, no pending delivery
 /// (a retry beside the stream) names them, and, when `relay` is on, the NATS
 /// relay has taken them. Returns how many were deleted.
+///
+/// It walks the tenant's events in `seq` order from the oldest, a chunk at a
+/// time, and stops at the first chunk that keeps an event (one not yet older
+/// than the cutoff): times follow `seq` order, so what comes after is newer.
+/// No index on time is needed, and no more is read than is deleted plus a chunk.
 pub async fn purge_tenant(
     db: &Db,
     tenant_id: &str,
@@ -555,44 +560,33 @@ pub async fn purge_tenant(
 ) -> Result<u64, sqlx::Error> {
     let floors: Floors = with_db!(db, pool => {
         sqlx::query_as(
-            "SELECT (SELECT MAX(seq) FROM events WHERE tenant_id = $1 AND occurred_at < $2) \
-                        AS old, \
-                    (SELECT MIN(delivered_seq) FROM webhook_subscriptions WHERE tenant_id = $1 AND enabled) \
+            "SELECT (SELECT MIN(delivered_seq) FROM webhook_subscriptions WHERE tenant_id = $1 AND enabled) \
                         AS subscriptions, \
                     (SELECT MIN(event_seq) - 1 FROM webhook_deliveries WHERE tenant_id = $1 AND status = 'pending') \
                         AS pending, \
                     (SELECT relayed_seq FROM event_relay_positions WHERE tenant_id = $1) AS relayed, \
-                    (SELECT MIN(seq) FROM events WHERE tenant_id = $1) AS lowest",
+                    (SELECT MIN(seq) FROM events WHERE tenant_id = $1) AS lowest, \
+                    (SELECT last_seq FROM event_heads WHERE tenant_id = $1) AS head",
         )
         .bind(tenant_id)
-        .bind(cutoff)
         .fetch_one(pool)
         .await?
     });
-    let Floors {
-        old: Some(old),
-        subscriptions,
-        pending,
-        relayed,
-        lowest: Some(lowest),
-    } = floors
-    else {
+    let (Some(lowest), Some(head)) = (floors.lowest, floors.head) else {
         return Ok(0);
     };
-    let mut floor = old;
-    for owed in [subscriptions, pending] {
+    let mut floor = head;
+    for owed in [floors.subscriptions, floors.pending] {
         floor = floor.min(owed.unwrap_or(i64::MAX));
     }
     if relay {
-        floor = floor.min(relayed.unwrap_or(0));
+        floor = floor.min(floors.relayed.unwrap_or(0));
     }
     let mut deleted = 0;
     let mut from = lowest - 1;
     while from < floor {
         let to = floor.min(from + PURGE_CHUNK_EVENTS);
         deleted += with_db!(db, pool => {
-            // Times follow seq order only as far as clocks agree: an event under
-            // the floor but not older than the cutoff is kept.
             sqlx::query("DELETE FROM events WHERE tenant_id = $1 AND seq > $2 AND seq <= $3 AND occurred_at < $4")
                 .bind(tenant_id)
                 .bind(from)
@@ -602,6 +596,17 @@ pub async fn purge_tenant(
                 .await?
                 .rows_affected()
         });
+        let kept: Option<i64> = with_db!(db, pool => {
+            sqlx::query_scalar("SELECT seq FROM events WHERE tenant_id = $1 AND seq > $2 AND seq <= $3 LIMIT 1")
+                .bind(tenant_id)
+                .bind(from)
+                .bind(to)
+                .fetch_optional(pool)
+                .await?
+        });
+        if kept.is_some() {
+            break;
+        }
         from = to;
     }
     Ok(deleted)
