@@ -452,26 +452,17 @@ pub async fn update_user(
             else {
                 return Ok(None);
             };
-            let suspended = status == Some("suspended");
-            // A suspension ends every session, so that a reactivation
-            // does not bring the old ones (and their refresh tokens) back.
-            let sessions = match suspended {
-                true => {
-                    store::revoke_subject_sessions(tx, &tenant_id, &id, None, "suspended").await?
-                }
-                false => 0,
-            };
-            let (action, event) = match suspended {
-                true => ("user.suspended", "kernel.user.suspended"),
-                false => ("user.updated", "kernel.user.updated"),
-            };
-            c.audit(
-                AuditEvent::new(action)
-                    .resource("user", &user.id)
-                    .details(serde_json::json!({ "name": user.name, "status": user.status, "sessions_revoked": sessions })),
+            let (name, status) = (user.name.as_str(), user.status.as_str());
+            subject_updated(
+                tx,
+                c,
+                UpdatedSubject::User,
+                &tenant_id,
+                &user.id,
+                name,
+                status,
             )
-            .publish(event);
-            c.invalidate(Invalidation::Tenant(tenant_id));
+            .await?;
             Ok(Some(user))
         })
     })
@@ -483,6 +474,53 @@ pub async fn update_user(
             "user",
         )),
     }
+}
+
+/// A user or a service account: what `subject_updated` records about.
+#[derive(Clone, Copy)]
+enum UpdatedSubject {
+    User,
+    ServiceAccount,
+}
+
+/// What follows a change to a subject's name or status, in its transaction:
+/// a suspension ends every session, so that a reactivation does not bring the
+/// old ones (and their refresh tokens) back; then the audit entry, the kernel
+/// event and the tenant's invalidation.
+async fn subject_updated(
+    tx: &mut crate::db::Tx,
+    c: &mut change::Change,
+    subject: UpdatedSubject,
+    tenant_id: &str,
+    id: &str,
+    name: &str,
+    status: &str,
+) -> Result<(), ApiError> {
+    let suspended = status == "suspended";
+    let sessions = match suspended {
+        true => store::revoke_subject_sessions(tx, tenant_id, id, None, "suspended").await?,
+        false => 0,
+    };
+    let (resource, action, event) = match (subject, suspended) {
+        (UpdatedSubject::User, true) => ("user", "user.suspended", "kernel.user.suspended"),
+        (UpdatedSubject::User, false) => ("user", "user.updated", "kernel.user.updated"),
+        (UpdatedSubject::ServiceAccount, true) => (
+            "service_account",
+            "service_account.suspended",
+            "kernel.service_account.suspended",
+        ),
+        (UpdatedSubject::ServiceAccount, false) => (
+            "service_account",
+            "service_account.updated",
+            "kernel.service_account.updated",
+        ),
+    };
+    c.audit(AuditEvent::new(action).resource(resource, id).details(
+        serde_json::json!({ "name": name, "status": status, "sessions_revoked": sessions }),
+    ))
+    .publish(event);
+    c.invalidate(Invalidation::Tenant(tenant_id.to_owned()));
+    Ok(())
 }
 
 /// `POST /api/kernel/users/{id}/password` body.
@@ -1301,24 +1339,17 @@ pub async fn update_service_account(
             else {
                 return Ok(None);
             };
-            let suspended = status == Some("suspended");
-            let sessions = match suspended {
-                true => {
-                    store::revoke_subject_sessions(tx, &tenant_id, &id, None, "suspended").await?
-                }
-                false => 0,
-            };
-            let (action, event) = match suspended {
-                true => ("service_account.suspended", "kernel.service_account.suspended"),
-                false => ("service_account.updated", "kernel.service_account.updated"),
-            };
-            c.audit(
-                AuditEvent::new(action)
-                    .resource("service_account", &account.id)
-                    .details(serde_json::json!({ "name": account.name, "status": account.status, "sessions_revoked": sessions })),
+            let (name, status) = (account.name.as_str(), account.status.as_str());
+            subject_updated(
+                tx,
+                c,
+                UpdatedSubject::ServiceAccount,
+                &tenant_id,
+                &account.id,
+                name,
+                status,
             )
-            .publish(event);
-            c.invalidate(Invalidation::Tenant(tenant_id));
+            .await?;
             Ok(Some(account))
         })
     })
