@@ -194,19 +194,14 @@ pub const EVENT_LOOP_SAMPLE_MS: u64 = 100;
 /// full: new connections go to the next loop with room.
 pub const EVENT_LOOP_FULL_PERCENT: u32 = 75;
 
-/// An event loop busy this share of the time is saturated: while the machine
-/// has cores to spare and another loop has room, it closes some connections so
+/// An event loop busy this share of the time is saturated: while another loop
+/// has room, it closes some connections so
 /// that they reconnect to that loop. Above [`EVENT_LOOP_FULL_PERCENT`], so that
 /// a loop that sheds is not dealt the same connections back.
 pub const EVENT_LOOP_SATURATED_PERCENT: u32 = 90;
 
-/// Idle cores the machine must have (summed over all its cores) before a
-/// saturated loop sheds connections: below this, a second busy loop would only
-/// compete for a core with the other processes (docs/performance.md, gateway).
-pub const SPARE_CORES_TO_SPREAD: f64 = 0.75;
-
 /// Samples in a row (of [`EVENT_LOOP_SAMPLE_MS`]) in which a loop must be
-/// saturated beside spare cores before it sheds: one sample is too noisy.
+/// saturated beside a loop with room before it sheds: one sample is too noisy.
 pub const EVENT_LOOP_SHED_AFTER_SAMPLES: u32 = 10;
 
 /// A shedding loop closes this fraction of its connections per sample (at

@@ -1,30 +1,37 @@
 //! One listening socket whose connections are dealt to the event loops: packed
-//! onto the first loop with room, and spread when a loop is saturated while the
-//! machine has a core to spare.
+//! onto the first loop with room, and spread when a loop is saturated while
+//! another has room.
 //!
-//! Why pack rather than deal evenly (docs/performance.md, gateway): on a
-//! machine whose cores are also busy with other processes (the clients, the
-//! cells), two half-busy loops sleep and wake each other's peers far more often
-//! than one busy loop does; an even split of 64 connections on 2 shared cores
-//! cost 25 µs of CPU per gateway call instead of 20 µs, and put the p99 at 2–4×
-//! nginx's, where one loop's p99 equalled it. nginx gets the same effect by
-//! accident: the worker first in the wait queue takes nearly every connection.
-//! Why not one `SO_REUSEPORT` socket per loop: the kernel then picks the loop by
-//! a hash of the client's address, blind to how busy the loops are.
+//! Why pack rather than deal evenly (docs/performance.md, gateway): while the
+//! load fits on one loop, two half-busy loops sleep and wake each other's
+//! peers far more often than one busy loop does; an even split of 64
+//! connections on 2 shared cores cost 25 µs of CPU per gateway call instead of
+//! 20 µs. nginx gets the same effect by accident: the worker first in the wait
+//! queue takes nearly every connection. Why not one `SO_REUSEPORT` socket per
+//! loop: the kernel then picks the loop by a hash of the client's address,
+//! blind to how busy the loops are.
+//!
+//! Why spread whatever else the machine runs: an earlier dealer spread only
+//! while the host had idle cores (from `/proc/stat`), to spare a second loop
+//! competing with the clients and cells for a core. That held the kernel on
+//! one core exactly when the host was loaded: with the benchmark's client and
+//! cell on the same 2 cores one loop ran 97 % busy beside an idle one, while
+//! nginx used both workers, and the ratio to nginx fell from 0.78× to 0.50× as
+//! the host's steal rose (issue 21). The loops the kernel was given (one per
+//! core it may use, `server.event_loops`) are its to use; the scheduler shares
+//! the cores between them and the other processes, as it does nginx's workers.
 //!
 //! How: every [`limits::EVENT_LOOP_SAMPLE_MS`] the dealer reads how busy each
-//! loop's runtime was (Tokio's busy time) and how much of the machine was idle
-//! (`/proc/stat`, and no more than the process's cgroup v2 CPU quota leaves
-//! unused). A new connection goes to the first loop (in order) that is
-//! not full ([`limits::EVENT_LOOP_FULL_PERCENT`] busy, and holding connections);
-//! when all are full, to the least busy. Keep-alive connections dealt in a burst
-//! would stay on the first loop for good, so a saturated loop
-//! ([`limits::EVENT_LOOP_SATURATED_PERCENT`]), while the machine has
-//! [`limits::SPARE_CORES_TO_SPREAD`] idle and another loop has room, is asked to
-//! close a few of its connections after their current response (`Connection:
-//! close`, see [`Shedding`]) once that has held for a second; their clients
-//! reconnect and are dealt to the loop with room. The gap between "full" and "saturated" keeps the two rules from
-//! undoing each other. A connection lives on one loop from accept to close (one
+//! loop's runtime was (Tokio's busy time). A new connection goes to the first
+//! loop (in order) that is not full ([`limits::EVENT_LOOP_FULL_PERCENT`] busy,
+//! and holding connections); when all are full, to the least busy. Keep-alive
+//! connections dealt in a burst would stay on the first loop for good, so a
+//! saturated loop ([`limits::EVENT_LOOP_SATURATED_PERCENT`]), while another
+//! loop has room, is asked to close a few of its connections after their
+//! current response (`Connection: close`, see [`Shedding`]) once that has held
+//! for a second; their clients reconnect and are dealt to the loop with room.
+//! The gap between "full" and "saturated" keeps the two rules from undoing
+//! each other. A connection lives on one loop from accept to close (one
 //! channel message per connection, none per request).
 
 use std::io;
@@ -51,7 +58,6 @@ type HandedOver = (std::net::TcpStream, SocketAddr, LiveCount, PendingSlot);
 pub struct Dealer {
     listener: std::net::TcpListener,
     loops: Vec<LoopSeat>,
-    host: HostIdle,
     /// Connections still awaiting their first request, per client address.
     pending: Arc<PendingByAddress>,
 }
@@ -164,7 +170,6 @@ pub fn deal(
     let dealer = Dealer {
         listener,
         loops,
-        host: HostIdle::default(),
         pending,
     };
     Ok((dealer, receivers))
@@ -185,7 +190,7 @@ impl Dealer {
                 accepted = axum::serve::Listener::accept(&mut listener) => accepted,
                 _ = sampling.tick() => {
                     let now = Instant::now();
-                    sample(&mut self.loops, &mut self.host, now - sampled_at);
+                    sample(&mut self.loops, now - sampled_at);
                     sampled_at = now;
                     continue;
                 }
@@ -228,17 +233,13 @@ impl Dealer {
     }
 }
 
-/// Measures the loops and the machine, and asks saturated loops to shed.
-fn sample(loops: &mut [LoopSeat], host: &mut HostIdle, elapsed: Duration) {
+/// Measures the loops, and asks saturated loops to shed.
+fn sample(loops: &mut [LoopSeat], elapsed: Duration) {
     for seat in loops.iter_mut() {
         seat.load.sample(elapsed);
     }
-    let spare_cores = host.sample();
     let views = views(loops);
-    for (seat, wanted) in loops
-        .iter_mut()
-        .zip(connections_to_shed(&views, spare_cores))
-    {
+    for (seat, wanted) in loops.iter_mut().zip(connections_to_shed(&views)) {
         if let Some(connections) = shed_request(&mut seat.shed_streak, wanted) {
             seat.shedding.ask(connections);
         }
@@ -305,12 +306,12 @@ fn choose_loop(loops: &[LoopView]) -> Option<usize> {
 }
 
 /// How many connections each loop should close at its next step (see
-/// [`shed_request`]): only while the machine has a core to spare and some loop
-/// has room, from each saturated loop holding more than one connection,
-/// `1/EVENT_LOOP_SHED_FRACTION` of them (at least one).
-fn connections_to_shed(loops: &[LoopView], spare_cores: Option<f64>) -> Vec<usize> {
-    let spreading = spare_cores.is_some_and(|spare| spare >= limits::SPARE_CORES_TO_SPREAD)
-        && loops.iter().any(LoopView::has_room);
+/// [`shed_request`]): while some loop has room, from each saturated loop
+/// holding more than one connection, `1/EVENT_LOOP_SHED_FRACTION` of them (at
+/// least one). Whatever else the machine runs: a loop the kernel was given is
+/// the kernel's to use (below).
+fn connections_to_shed(loops: &[LoopView]) -> Vec<usize> {
+    let spreading = loops.iter().any(LoopView::has_room);
     loops
         .iter()
         .map(|view| {
@@ -324,167 +325,6 @@ fn connections_to_shed(loops: &[LoopView], spare_cores: Option<f64>) -> Vec<usiz
             }
         })
         .collect()
-}
-
-/// Idle cores of the machine over the last [`limits::EVENT_LOOP_SHED_AFTER_SAMPLES`]
-/// samples, from `/proc/stat` (`None` where it cannot be read: then loops are
-/// never asked to shed), and no more than the kernel's cgroup quota leaves it
-/// (in a container limited to 1 CPU on a 16-core host, the host's idle cores
-/// are not the kernel's to use). One 100 ms window is too noisy to act on.
-struct HostIdle {
-    /// Reads the machine's counters: `/proc/stat`, or a test's script.
-    read: Box<dyn FnMut() -> Option<CpuTimes> + Send>,
-    window: std::collections::VecDeque<CpuTimes>,
-}
-
-impl Default for HostIdle {
-    fn default() -> HostIdle {
-        let cgroup = own_cgroup_dir();
-        // The cgroup's usage is set against this clock's time (the reader's own).
-        let clock = Instant::now();
-        HostIdle::reading(Box::new(move || {
-            let text = std::fs::read_to_string("/proc/stat").ok()?;
-            let mut times = CpuTimes::parse(&text)?;
-            times.quota = cgroup.as_deref().and_then(|dir| {
-                let max = std::fs::read_to_string(dir.join("cpu.max")).ok()?;
-                let stat = std::fs::read_to_string(dir.join("cpu.stat")).ok()?;
-                let at_usec = u64::try_from(clock.elapsed().as_micros()).unwrap_or(u64::MAX);
-                CgroupCpu::parse(&max, &stat, at_usec)
-            });
-            Some(times)
-        }))
-    }
-}
-
-/// The process's cgroup v2 directory (the `0::/path` line of `/proc/self/cgroup`),
-/// where its CPU quota is; `None` outside cgroup v2.
-fn own_cgroup_dir() -> Option<std::path::PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let path = text.lines().find_map(|line| line.strip_prefix("0::"))?;
-    Some(std::path::Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/')))
-}
-
-impl HostIdle {
-    fn reading(read: Box<dyn FnMut() -> Option<CpuTimes> + Send>) -> HostIdle {
-        HostIdle {
-            read,
-            window: std::collections::VecDeque::new(),
-        }
-    }
-
-    fn sample(&mut self) -> Option<f64> {
-        let Some(now) = (self.read)() else {
-            self.window.clear();
-            return None;
-        };
-        self.record(now)
-    }
-
-    fn record(&mut self, now: CpuTimes) -> Option<f64> {
-        let span = limits::EVENT_LOOP_SHED_AFTER_SAMPLES as usize;
-        if self.window.len() > span {
-            self.window.pop_front();
-        }
-        self.window.push_back(now);
-        if self.window.len() <= span {
-            return None;
-        }
-        now.idle_cores_since(self.window.front()?)
-    }
-}
-
-/// The machine-wide CPU counters of `/proc/stat`, in clock ticks, and the
-/// kernel's cgroup quota and usage where it has a quota.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct CpuTimes {
-    idle: u64,
-    total: u64,
-    cores: usize,
-    quota: Option<CgroupCpu>,
-}
-
-/// The CPU quota of the kernel's cgroup (v2) and what the cgroup has used.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct CgroupCpu {
-    /// The quota in cores (`cpu.max`: quota / period).
-    cores: f64,
-    /// CPU time the cgroup has used (`cpu.stat`'s `usage_usec`).
-    used_usec: u64,
-    /// When that was read, in µs of the reader's own monotonic clock.
-    at_usec: u64,
-}
-
-impl CgroupCpu {
-    /// `cpu.max` (`max PERIOD` when there is no quota: `None`) and `cpu.stat`.
-    fn parse(max: &str, stat: &str, at_usec: u64) -> Option<CgroupCpu> {
-        let mut fields = max.split_ascii_whitespace();
-        let quota: f64 = fields.next()?.parse().ok()?;
-        let period: f64 = fields.next()?.parse().ok()?;
-        if !(quota > 0.0 && period > 0.0) {
-            return None;
-        }
-        let used_usec = stat
-            .lines()
-            .find_map(|line| line.strip_prefix("usage_usec "))?
-            .trim()
-            .parse()
-            .ok()?;
-        Some(CgroupCpu {
-            cores: quota / period,
-            used_usec,
-            at_usec,
-        })
-    }
-
-    /// The cores of the quota left unused since `before`.
-    fn spare_cores_since(&self, before: &CgroupCpu) -> Option<f64> {
-        let elapsed = self.at_usec.checked_sub(before.at_usec)?;
-        let used = self.used_usec.checked_sub(before.used_usec)?;
-        if elapsed == 0 {
-            return None;
-        }
-        Some((self.cores - used as f64 / elapsed as f64).max(0.0))
-    }
-}
-
-impl CpuTimes {
-    /// The `cpu` line (user nice system idle iowait irq softirq steal…) and
-    /// the number of `cpuN` lines.
-    fn parse(text: &str) -> Option<CpuTimes> {
-        let mut lines = text.lines();
-        let mut fields = lines.next()?.split_ascii_whitespace();
-        if fields.next()? != "cpu" {
-            return None;
-        }
-        let ticks: Vec<u64> = fields
-            .take(8)
-            .map(|f| f.parse().ok())
-            .collect::<Option<_>>()?;
-        let (idle, iowait) = (*ticks.get(3)?, ticks.get(4).copied().unwrap_or(0));
-        let cores = lines
-            .take_while(|line| line.starts_with("cpu"))
-            .filter(|line| line.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
-            .count();
-        Some(CpuTimes {
-            idle: idle + iowait,
-            total: ticks.iter().sum(),
-            cores: cores.max(1),
-            quota: None,
-        })
-    }
-
-    fn idle_cores_since(&self, before: &CpuTimes) -> Option<f64> {
-        let total = self.total.checked_sub(before.total)?;
-        let idle = self.idle.checked_sub(before.idle)?;
-        if total == 0 {
-            return None;
-        }
-        let host = idle as f64 / total as f64 * self.cores as f64;
-        match (&self.quota, &before.quota) {
-            (Some(now), Some(then)) => Some(host.min(now.spare_cores_since(then)?)),
-            _ => Some(host),
-        }
-    }
 }
 
 impl DealtConnections {
@@ -639,28 +479,23 @@ mod tests {
     }
 
     #[test]
-    fn a_saturated_loop_sheds_only_while_a_core_is_spare_and_a_loop_has_room() {
-        let loops = [view(64, 97), view(0, 0)];
-        assert_eq!(connections_to_shed(&loops, Some(1.2)), [4, 0]);
+    fn a_saturated_loop_sheds_while_a_loop_has_room() {
+        assert_eq!(connections_to_shed(&[view(64, 97), view(0, 0)]), [4, 0]);
         assert_eq!(
-            connections_to_shed(&loops, Some(0.4)),
-            [0, 0],
-            "the machine's cores are busy with other work: one loop stays best"
-        );
-        assert_eq!(connections_to_shed(&loops, None), [0, 0], "not measured");
-        assert_eq!(
-            connections_to_shed(&[view(64, 97), view(30, 95)], Some(1.2)),
+            connections_to_shed(&[view(64, 97), view(30, 95)]),
             [0, 0],
             "no loop has room"
         );
         assert_eq!(
-            connections_to_shed(&[view(1, 100), view(0, 0)], Some(1.2)),
+            connections_to_shed(&[view(1, 100), view(0, 0)]),
             [0, 0],
             "one connection busy on its own stays"
         );
+        assert_eq!(connections_to_shed(&[view(5, 90), view(2, 30)]), [1, 0]);
         assert_eq!(
-            connections_to_shed(&[view(5, 90), view(2, 30)], Some(1.2)),
-            [1, 0]
+            connections_to_shed(&[view(40, 89), view(0, 0)]),
+            [0, 0],
+            "full but not saturated: new connections go elsewhere, none is closed"
         );
     }
 
@@ -694,92 +529,6 @@ mod tests {
             !shedding.take_one(),
             "each sample replaces the last request"
         );
-    }
-
-    #[test]
-    fn idle_cores_come_from_proc_stat() {
-        let before = "cpu  100 0 50 1000 10 0 0 0 0 0\ncpu0 50 0 25 500 5 0 0 0 0 0\ncpu1 50 0 25 500 5 0 0 0 0 0\nintr 1 2 3\n";
-        let after = "cpu  200 0 100 1140 20 0 0 0 0 0\ncpu0 100 0 50 570 10 0 0 0 0 0\ncpu1 100 0 50 570 10 0 0 0 0 0\nintr 1 2 3\n";
-        let (before, after) = (
-            CpuTimes::parse(before).unwrap(),
-            CpuTimes::parse(after).unwrap(),
-        );
-        assert_eq!(before.cores, 2);
-        // 300 ticks passed, 150 of them idle or waiting for I/O, on 2 cores.
-        let idle = after.idle_cores_since(&before).unwrap();
-        assert!((idle - 1.0).abs() < 1e-9, "{idle}");
-        assert_eq!(after.idle_cores_since(&after), None, "no time passed");
-        assert_eq!(before.idle_cores_since(&after), None, "counters went back");
-        assert_eq!(CpuTimes::parse(""), None);
-
-        // The machine's idle cores are measured over a window of samples.
-        let mut host = HostIdle::default();
-        let at = |idle, total| CpuTimes {
-            idle,
-            total,
-            cores: 2,
-            quota: None,
-        };
-        for i in 0..limits::EVENT_LOOP_SHED_AFTER_SAMPLES as u64 {
-            assert_eq!(
-                host.record(at(i * 10, i * 20)),
-                None,
-                "not a full window yet"
-            );
-        }
-        let span = u64::from(limits::EVENT_LOOP_SHED_AFTER_SAMPLES);
-        let full = host.record(at(span * 10, span * 20)).unwrap();
-        assert!((full - 1.0).abs() < 1e-9, "{full}");
-        // The next sample drops the oldest: a window of busy samples since.
-        let busy = host.record(at(span * 10, span * 20 + 20)).unwrap();
-        assert!((busy - 0.9).abs() < 1e-9, "{busy}");
-        assert_eq!(CpuTimes::parse("intr 1 2\n"), None);
-        assert_eq!(CpuTimes::parse("cpu  1 2 x 4\n"), None);
-    }
-
-    #[test]
-    fn a_cgroup_quota_caps_the_idle_cores() {
-        let stat = |used| format!("usage_usec {used}\nuser_usec 1\nsystem_usec 2\n");
-        assert_eq!(
-            CgroupCpu::parse("max 100000\n", &stat(5), 0),
-            None,
-            "no quota"
-        );
-        assert_eq!(CgroupCpu::parse("", &stat(5), 0), None);
-        assert_eq!(
-            CgroupCpu::parse("150000 100000\n", "nr_periods 3\n", 0),
-            None
-        );
-        let quota = CgroupCpu::parse("150000 100000\n", &stat(1_000_000), 2_000_000).unwrap();
-        assert!((quota.cores - 1.5).abs() < 1e-9);
-        // A 16-core host, 12 cores idle over the second; the cgroup may use 1.5
-        // cores and used 1.2 of them: 0.3 is what the kernel has to spare.
-        let at = |idle, total, used, at_usec| CpuTimes {
-            idle,
-            total,
-            cores: 16,
-            quota: CgroupCpu::parse("150000 100000", &stat(used), at_usec),
-        };
-        let before = at(0, 0, 1_000_000, 1_000_000);
-        let after = at(1200, 1600, 2_200_000, 2_000_000);
-        let spare = after.idle_cores_since(&before).unwrap();
-        assert!((spare - 0.3).abs() < 1e-9, "{spare}");
-        // Over its quota (throttled): nothing to spare, not less than nothing.
-        let throttled = at(1200, 1600, 3_000_000, 2_000_000);
-        assert_eq!(throttled.idle_cores_since(&before), Some(0.0));
-        // Without a quota the host's idle cores count.
-        let (free_before, free_after) = (
-            CpuTimes {
-                quota: None,
-                ..before
-            },
-            CpuTimes {
-                quota: None,
-                ..after
-            },
-        );
-        let host = free_after.idle_cores_since(&free_before).unwrap();
-        assert!((host - 12.0).abs() < 1e-9, "{host}");
     }
 
     #[test]
@@ -889,26 +638,7 @@ mod tests {
         threads: Vec<std::thread::JoinHandle<()>>,
     }
 
-    /// A machine whose cores are all idle, as `/proc/stat` would show it.
-    fn idle_machine() -> HostIdle {
-        let mut ticks = 0;
-        HostIdle::reading(Box::new(move || {
-            ticks += 200;
-            Some(CpuTimes {
-                idle: ticks,
-                total: ticks,
-                cores: 2,
-                quota: None,
-            })
-        }))
-    }
-
-    /// A machine whose counters cannot be read: loops are never asked to shed.
-    fn unmeasured_machine() -> HostIdle {
-        HostIdle::reading(Box::new(|| None))
-    }
-
-    fn run_two_loops(host: HostIdle) -> RunningLoops {
+    fn run_two_loops() -> RunningLoops {
         let (listener, addr) = listener();
         let runtimes: Vec<_> = (0..2)
             .map(|_| {
@@ -919,13 +649,12 @@ mod tests {
             })
             .collect();
         let handles = runtimes.iter().map(|r| r.handle().clone()).collect();
-        let (mut dealer, loops) = deal(
+        let (dealer, loops) = deal(
             listener,
             runtimes.iter().map(|r| r.metrics()).collect(),
             PendingByAddress::new(1_000),
         )
         .unwrap();
-        dealer.host = host;
         let sheddings = loops.iter().map(DealtConnections::shedding).collect();
         let (report, dealt) = mpsc::unbounded_channel();
         let stop = CancellationToken::new();
@@ -971,7 +700,7 @@ mod tests {
             acceptor,
             threads,
             ..
-        } = run_two_loops(unmeasured_machine());
+        } = run_two_loops();
         let (first_client, first, connection) = connect_and_deal(addr, &mut dealt).await;
         assert_eq!(first, 0, "idle loops: the first one");
 
@@ -1023,8 +752,12 @@ mod tests {
         });
     }
 
+    /// The loop is asked to shed whatever the machine's other processes do:
+    /// the test's own machine may be busy (a build, other tests), and before
+    /// the dealer counted the host's idle cores, that is exactly when a
+    /// saturated loop was left alone beside an idle one (issue 21).
     #[tokio::test]
-    async fn a_saturated_loop_beside_idle_cores_is_asked_to_shed() {
+    async fn a_saturated_loop_is_asked_to_shed_to_a_loop_with_room() {
         let RunningLoops {
             addr,
             handles,
@@ -1033,7 +766,7 @@ mod tests {
             stop,
             acceptor,
             threads,
-        } = run_two_loops(idle_machine());
+        } = run_two_loops();
         let mut held = Vec::new();
         for _ in 0..2 {
             let (client, index, connection) = connect_and_deal(addr, &mut dealt).await;
@@ -1043,7 +776,7 @@ mod tests {
         assert!(!sheddings[0].take_one(), "nothing asked while idle");
 
         keep_busy(&handles[0], Duration::from_secs(8));
-        // A full window of idle time, then a streak of saturated samples.
+        // A streak of saturated samples.
         let asked = async {
             while !sheddings[0].take_one() {
                 tokio::time::sleep(Duration::from_millis(limits::EVENT_LOOP_SAMPLE_MS)).await;
