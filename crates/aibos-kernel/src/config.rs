@@ -359,6 +359,8 @@ pub struct AuthConfig {
 pub struct HttpConfig {
     /// Largest accepted request body.
     pub max_body_bytes: u64,
+    /// Updates of versioned resources must carry `If-Match` (else 428).
+    pub require_if_match: bool,
 }
 
 /// `[rate_limit]`: GCRA budgets.
@@ -505,6 +507,7 @@ struct RawAuth {
 #[serde(deny_unknown_fields)]
 struct RawHttp {
     max_body_bytes: i64,
+    require_if_match: bool,
 }
 
 #[derive(Deserialize)]
@@ -1186,6 +1189,7 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config>
         },
         http: HttpConfig {
             max_body_bytes: max_body_bytes?,
+            require_if_match: raw.http.require_if_match,
         },
         rate_limit: RateLimitConfig {
             user_per_minute: u32::try_from(user_per_minute?).ok()?,

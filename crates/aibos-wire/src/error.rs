@@ -68,6 +68,8 @@ error_codes! {
     Conflict = (409, "CONFLICT", "The request conflicts with the current state"),
     /// `If-Match` named a version that is not the current one.
     PreconditionFailed = (412, "PRECONDITION_FAILED", "The resource has changed since it was read"),
+    /// An update without `If-Match` where `http.require_if_match` makes it mandatory.
+    PreconditionRequired = (428, "PRECONDITION_REQUIRED", "If-Match is required on updates"),
     /// The request body exceeds the configured limit.
     PayloadTooLarge = (413, "PAYLOAD_TOO_LARGE", "The request body is too large"),
     /// The request body is not `application/json`.

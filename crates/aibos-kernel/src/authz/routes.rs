@@ -197,7 +197,7 @@ pub struct UpdateRole {
 
 /// Changes a role; holders see the change on their next request.
 #[utoipa::path(patch, path = "/api/kernel/roles/{id}", tag = "authz", request_body = UpdateRole, security(("bearer" = ["kernel.role.manage"])),
-    responses((status = 200, body = Role), (status = 400), (status = 401), (status = 403), (status = 404), (status = 409, description = "CONFLICT: built-in role"), (status = 412)))]
+    responses((status = 200, body = Role), (status = 400), (status = 401), (status = 403), (status = 404), (status = 409, description = "CONFLICT: built-in role"), (status = 412), (status = 428)))]
 pub async fn update_role(
     State(state): State<AppState>,
     caller: Caller,
@@ -259,7 +259,7 @@ pub async fn update_role(
 
 /// Deletes a role and its assignments.
 #[utoipa::path(delete, path = "/api/kernel/roles/{id}", tag = "authz", security(("bearer" = ["kernel.role.manage"])),
-    responses((status = 204), (status = 400), (status = 401), (status = 403), (status = 404), (status = 409), (status = 412)))]
+    responses((status = 204), (status = 400), (status = 401), (status = 403), (status = 404), (status = 409), (status = 412), (status = 428)))]
 pub async fn delete_role(
     State(state): State<AppState>,
     caller: Caller,

@@ -9,6 +9,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{ApiError, ErrorCode};
+use crate::state::AppState;
 
 /// A JSON body: 415 unless `application/json`, 413 over the limit, 400 when malformed
 /// (naming the field that failed).
@@ -340,34 +341,49 @@ pub fn url_pairs(query: &str) -> Result<Vec<(String, String)>, ApiError> {
     }
 }
 
-/// `If-Match: "<version>"`, when sent; a malformed value is a 400.
+/// `If-Match: "<version>"`, when sent; a malformed value is a 400. Absent on
+/// an update (PATCH, PUT, DELETE) while `http.require_if_match` is on: 428.
 #[derive(Debug, Clone, Copy)]
 pub struct IfMatch(pub Option<i64>);
 
-impl<S: Send + Sync> axum::extract::FromRequestParts<S> for IfMatch {
+impl axum::extract::FromRequestParts<AppState> for IfMatch {
     type Rejection = ApiError;
 
     async fn from_request_parts(
         parts: &mut axum::http::request::Parts,
-        _state: &S,
+        state: &AppState,
     ) -> Result<Self, Self::Rejection> {
         let Some(value) = parts.headers.get(header::IF_MATCH) else {
+            let is_update = matches!(
+                parts.method,
+                axum::http::Method::PATCH | axum::http::Method::PUT | axum::http::Method::DELETE
+            );
+            if is_update && state.config_ref().http.require_if_match {
+                return Err(ApiError::new(
+                    ErrorCode::PreconditionRequired,
+                    "This kernel requires If-Match on updates: read the resource and send its ETag, such as If-Match: \"3\".",
+                ));
+            }
             return Ok(IfMatch(None));
         };
-        let text = value.to_str().unwrap_or("").trim();
-        let text = text.strip_prefix("W/").unwrap_or(text);
-        text.trim_matches('"')
-            .parse::<i64>()
-            .ok()
-            .filter(|v| *v >= 1)
-            .map(|v| IfMatch(Some(v)))
-            .ok_or_else(|| {
-                ApiError::invalid_field(
-                    "header:if-match",
-                    "must be an ETag this API returned, such as \"3\"",
-                )
-            })
+        parse_if_match(value)
     }
+}
+
+fn parse_if_match(value: &header::HeaderValue) -> Result<IfMatch, ApiError> {
+    let text = value.to_str().unwrap_or("").trim();
+    let text = text.strip_prefix("W/").unwrap_or(text);
+    text.trim_matches('"')
+        .parse::<i64>()
+        .ok()
+        .filter(|v| *v >= 1)
+        .map(|v| IfMatch(Some(v)))
+        .ok_or_else(|| {
+            ApiError::invalid_field(
+                "header:if-match",
+                "must be an ETag this API returned, such as \"3\"",
+            )
+        })
 }
 
 /// Parses a path id: a UUID, else 400 (never a database lookup with junk).

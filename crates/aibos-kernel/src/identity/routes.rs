@@ -216,7 +216,7 @@ fn parse_status(status: Option<&str>) -> ApiResult<Option<&'static str>> {
 
 /// Renames, suspends or reactivates a tenant (platform administrators).
 #[utoipa::path(patch, path = "/api/kernel/tenants/{id}", tag = "identity", request_body = UpdateTenant, security(("bearer" = ["kernel.tenant.manage"])),
-    responses((status = 200, body = Tenant), (status = 400), (status = 401), (status = 403), (status = 404), (status = 412)))]
+    responses((status = 200, body = Tenant), (status = 400), (status = 401), (status = 403), (status = 404), (status = 412), (status = 428)))]
 pub async fn update_tenant(
     State(state): State<AppState>,
     caller: Caller,
@@ -420,7 +420,7 @@ pub struct UpdateUser {
 
 /// Renames, suspends or reactivates a user; suspension ends their sessions on the next request.
 #[utoipa::path(patch, path = "/api/kernel/users/{id}", tag = "identity", request_body = UpdateUser, security(("bearer" = ["kernel.user.manage"])),
-    responses((status = 200, body = User), (status = 400), (status = 401), (status = 403), (status = 404), (status = 412)))]
+    responses((status = 200, body = User), (status = 400), (status = 401), (status = 403), (status = 404), (status = 412), (status = 428)))]
 pub async fn update_user(
     State(state): State<AppState>,
     caller: Caller,
@@ -1301,7 +1301,7 @@ pub struct UpdateServiceAccount {
 
 /// Renames, suspends or reactivates a service account; a suspension ends its sessions and refuses its credentials.
 #[utoipa::path(patch, path = "/api/kernel/service-accounts/{id}", tag = "identity", request_body = UpdateServiceAccount, security(("bearer" = ["kernel.service_account.manage"])),
-    responses((status = 200, body = ServiceAccount), (status = 400), (status = 401), (status = 403), (status = 404), (status = 409), (status = 412)))]
+    responses((status = 200, body = ServiceAccount), (status = 400), (status = 401), (status = 403), (status = 404), (status = 409), (status = 412), (status = 428)))]
 pub async fn update_service_account(
     State(state): State<AppState>,
     caller: Caller,

@@ -318,7 +318,7 @@ pub struct UpdateCanon {
 
 /// Changes a canon; calls in flight finish on the old table, new calls use the new one.
 #[utoipa::path(patch, path = "/api/kernel/canons/{id}", tag = "registry", request_body = UpdateCanon, security(("bearer" = ["kernel.canon.manage"])),
-    responses((status = 200, body = Canon), (status = 400), (status = 401), (status = 403), (status = 404), (status = 409), (status = 412)))]
+    responses((status = 200, body = Canon), (status = 400), (status = 401), (status = 403), (status = 404), (status = 409), (status = 412), (status = 428)))]
 pub async fn update_canon(
     State(state): State<AppState>,
     caller: Caller,
@@ -386,7 +386,7 @@ pub async fn update_canon(
 
 /// Deletes a canon that has no routes left, with its secrets and permissions.
 #[utoipa::path(delete, path = "/api/kernel/canons/{id}", tag = "registry", security(("bearer" = ["kernel.canon.manage"])),
-    responses((status = 204), (status = 400), (status = 401), (status = 403), (status = 404), (status = 409, description = "CONFLICT: the canon still has routes"), (status = 412)))]
+    responses((status = 204), (status = 400), (status = 401), (status = 403), (status = 404), (status = 409, description = "CONFLICT: the canon still has routes"), (status = 412), (status = 428)))]
 pub async fn delete_canon(
     State(state): State<AppState>,
     caller: Caller,
@@ -788,7 +788,7 @@ pub struct UpdateRoute {
 
 /// Changes a route.
 #[utoipa::path(patch, path = "/api/kernel/routes/{id}", tag = "registry", request_body = UpdateRoute, security(("bearer" = ["kernel.route.manage"])),
-    responses((status = 200, body = Route), (status = 400), (status = 401), (status = 403), (status = 404), (status = 409), (status = 412)))]
+    responses((status = 200, body = Route), (status = 400), (status = 401), (status = 403), (status = 404), (status = 409), (status = 412), (status = 428)))]
 pub async fn update_route(
     State(state): State<AppState>,
     caller: Caller,
@@ -838,7 +838,7 @@ pub async fn update_route(
 
 /// Deletes a route; calls to it answer 404 `ROUTE_NOT_FOUND` from the next request.
 #[utoipa::path(delete, path = "/api/kernel/routes/{id}", tag = "registry", security(("bearer" = ["kernel.route.manage"])),
-    responses((status = 204), (status = 400), (status = 401), (status = 403), (status = 404), (status = 412)))]
+    responses((status = 204), (status = 400), (status = 401), (status = 403), (status = 404), (status = 412), (status = 428)))]
 pub async fn delete_route(
     State(state): State<AppState>,
     caller: Caller,

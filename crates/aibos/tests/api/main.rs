@@ -10,6 +10,7 @@ mod audit;
 mod authz;
 mod cancellation;
 mod cli;
+mod concurrency;
 mod connections;
 mod conventions;
 mod escalation;

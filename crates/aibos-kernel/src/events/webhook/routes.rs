@@ -213,7 +213,7 @@ pub struct UpdateSubscription {
 /// Changes a subscription.
 #[utoipa::path(patch, path = "/api/kernel/subscriptions/{id}", tag = "events", request_body = UpdateSubscription,
     security(("bearer" = ["kernel.subscription.manage"])),
-    responses((status = 200, body = Subscription), (status = 400), (status = 401), (status = 403), (status = 404), (status = 412)))]
+    responses((status = 200, body = Subscription), (status = 400), (status = 401), (status = 403), (status = 404), (status = 412), (status = 428)))]
 pub async fn update_subscription(
     State(state): State<AppState>,
     caller: Caller,
@@ -263,7 +263,7 @@ pub async fn update_subscription(
 
 /// Deletes a subscription and its delivery history; nothing more is sent to it.
 #[utoipa::path(delete, path = "/api/kernel/subscriptions/{id}", tag = "events", security(("bearer" = ["kernel.subscription.manage"])),
-    responses((status = 204), (status = 400), (status = 401), (status = 403), (status = 404), (status = 412)))]
+    responses((status = 204), (status = 400), (status = 401), (status = 403), (status = 404), (status = 412), (status = 428)))]
 pub async fn delete_subscription(
     State(state): State<AppState>,
     caller: Caller,
