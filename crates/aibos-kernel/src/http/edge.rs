@@ -115,7 +115,8 @@ where
             request.extensions_mut().insert(context);
             let limit = usize::try_from(limit).unwrap_or(usize::MAX);
             let request = request.map(|body| Body::new(Limited::new(body, limit)));
-            inner(request).await
+            // Rate limits (SPEC §9): probes and gateway calls pass untouched.
+            crate::ratelimit::around_edge(state, request, route, inner).await
         })
         .await;
 
