@@ -38,8 +38,8 @@ use crate::state::{AppState, EventLoopLocal};
 use crate::telemetry::Metrics;
 
 pub use gcra::{Outcome, Quota};
-pub use local::LocalLimiter;
-pub use redis::Status;
+pub use local::{LocalLimiter, NANOS_PER_MINUTE, POLICIES_MAX};
+pub use redis::{MICROS_PER_MINUTE, RedisBackend, Status};
 
 /// `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers-08+).
 pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
