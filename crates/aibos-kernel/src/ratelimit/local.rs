@@ -232,6 +232,35 @@ mod tests {
     }
 
     #[test]
+    fn a_full_shard_drops_idle_keys_then_decides_new_ones_without_storing_them() {
+        let limiter = LocalLimiter::default();
+        let shards = limits::RATE_LIMIT_SHARDS as u64;
+        let one = quota(60, 1);
+        let mut out = [gcra::decide(0, 0, one); POLICIES_MAX];
+        // Fill shard 0 with busy keys (a burst of one, just spent).
+        for i in 0..SHARD_KEYS_MAX as u64 {
+            assert!(limiter.decide(&[(i * shards, one)], 0, &mut out));
+        }
+        let newcomer = SHARD_KEYS_MAX as u64 * shards;
+        assert!(limiter.decide(&[(newcomer, one)], 0, &mut out));
+        assert!(
+            limiter.decide(&[(newcomer, one)], 0, &mut out),
+            "not remembered: the limiter fails open rather than refuse what it cannot track"
+        );
+        assert!(
+            !limiter.decide(&[(0, one)], 0, &mut out),
+            "the tracked keys still count"
+        );
+        // A second later every bucket is full again: the next newcomer finds room.
+        let later = NANOS_PER_MINUTE / 60;
+        assert!(limiter.decide(&[(newcomer, one)], later, &mut out));
+        assert!(
+            !limiter.decide(&[(newcomer, one)], later, &mut out),
+            "now remembered"
+        );
+    }
+
+    #[test]
     fn the_same_shard_twice_is_locked_once() {
         let limiter = LocalLimiter::default();
         let key = limiter.key(&[b"user", b"x"]);

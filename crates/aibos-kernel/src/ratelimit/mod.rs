@@ -603,10 +603,10 @@ impl RateLimiter {
                 Scope::Route,
                 (
                     limit.per_minute,
+                    // Without a burst of its own: the user's, never above the route's rate.
                     limit
                         .burst
-                        .unwrap_or(rate.user_burst)
-                        .min(limit.per_minute.max(1)),
+                        .unwrap_or_else(|| rate.user_burst.min(limit.per_minute)),
                 ),
                 &[
                     route.id.as_bytes(),
