@@ -81,6 +81,26 @@ impl Scope {
     }
 }
 
+/// The user and tenant budgets in force, (per minute, burst) each: copied out
+/// of the configuration, so that no reference count shared by every request
+/// is touched (an `Arc<Config>` clone is a cache line all event loops write).
+#[derive(Clone, Copy)]
+struct Budgets {
+    user: (u32, u32),
+    tenant: (u32, u32),
+}
+
+impl Budgets {
+    fn in_force(state: &AppState) -> Budgets {
+        let config = state.config_ref();
+        let rate: &RateLimitConfig = &config.rate_limit;
+        Budgets {
+            user: (rate.user_per_minute, rate.user_burst),
+            tenant: (rate.tenant_per_minute, rate.tenant_burst),
+        }
+    }
+}
+
 /// One policy applied to one request.
 struct Policy<'a> {
     scope: Scope,
@@ -106,10 +126,10 @@ impl<'a> Policy<'a> {
         }
     }
 
-    fn user(config: &RateLimitConfig, principal: &'a Principal) -> Policy<'a> {
+    fn user(budgets: Budgets, principal: &'a Principal) -> Policy<'a> {
         Policy::new(
             Scope::User,
-            (config.user_per_minute, config.user_burst),
+            budgets.user,
             &[
                 principal.tenant_id.as_bytes(),
                 principal.subject_id.as_bytes(),
@@ -117,10 +137,10 @@ impl<'a> Policy<'a> {
         )
     }
 
-    fn tenant(config: &RateLimitConfig, principal: &'a Principal) -> Policy<'a> {
+    fn tenant(budgets: Budgets, principal: &'a Principal) -> Policy<'a> {
         Policy::new(
             Scope::Tenant,
-            (config.tenant_per_minute, config.tenant_burst),
+            budgets.tenant,
             &[principal.tenant_id.as_bytes()],
         )
     }
@@ -536,11 +556,10 @@ impl RateLimiter {
                 .authenticate(bytes, front.as_deref().map(|local| &local.auth))
                 .await;
             if let Ok(principal) = authenticated {
-                let config = state.config();
-                let rate = &config.rate_limit;
+                let budgets = Budgets::in_force(state);
                 let policies = [
-                    Policy::user(rate, &principal),
-                    Policy::tenant(rate, &principal),
+                    Policy::user(budgets, &principal),
+                    Policy::tenant(budgets, &principal),
                 ];
                 let decision = self.decide(state, &policies).await;
                 request.extensions_mut().insert(Authenticated(principal));
@@ -595,8 +614,7 @@ impl RateLimiter {
         caller: &Caller,
         route: &RouteEntry,
     ) -> Decision {
-        let config = state.config();
-        let rate = &config.rate_limit;
+        let budgets = Budgets::in_force(state);
         let principal = &caller.principal;
         let first = match &route.rate_limit {
             Some(limit) => Policy::new(
@@ -606,7 +624,7 @@ impl RateLimiter {
                     // Without a burst of its own: the user's, never above the route's rate.
                     limit
                         .burst
-                        .unwrap_or_else(|| rate.user_burst.min(limit.per_minute)),
+                        .unwrap_or_else(|| budgets.user.1.min(limit.per_minute)),
                 ),
                 &[
                     route.id.as_bytes(),
@@ -614,9 +632,9 @@ impl RateLimiter {
                     principal.subject_id.as_bytes(),
                 ],
             ),
-            None => Policy::user(rate, principal),
+            None => Policy::user(budgets, principal),
         };
-        self.decide(state, &[first, Policy::tenant(rate, principal)])
+        self.decide(state, &[first, Policy::tenant(budgets, principal)])
             .await
     }
 
