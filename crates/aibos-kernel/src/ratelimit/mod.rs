@@ -254,8 +254,10 @@ fn render(
         closest.0.name(),
         closest.1.remaining
     );
+    // The text's own buffer becomes the value's (`from_str` would copy it).
     let value = |text: String| {
-        HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("\"kernel\""))
+        HeaderValue::from_maybe_shared(axum::body::Bytes::from(text))
+            .unwrap_or_else(|_| HeaderValue::from_static("\"kernel\""))
     };
     (
         RateHeaders {
