@@ -32,13 +32,20 @@ build_release() {
   fi
 }
 
+# Rate limits that are decided on every request but never refuse one (a load
+# generator is one user from one address): the limiter's cost is measured, not
+# its 429s. A script's own AIBOS_RATE_LIMIT__* arguments come later and win.
+RATE_LIMITS_NEVER_REFUSE=(AIBOS_RATE_LIMIT__USER_PER_MINUTE=1000000 AIBOS_RATE_LIMIT__USER_BURST=1000000
+  AIBOS_RATE_LIMIT__TENANT_PER_MINUTE=1000000 AIBOS_RATE_LIMIT__TENANT_BURST=1000000
+  AIBOS_RATE_LIMIT__ADDRESS_PER_MINUTE=1000000 AIBOS_RATE_LIMIT__ADDRESS_BURST=1000000)
+
 # start_kernel DIR PORT [ENV=VALUE…]: the release kernel on its embedded default
 # database in DIR, logging JSON to DIR/kernel.log; sets kernel_pid.
 start_kernel() {
   local dir=$1 port=$2
   shift 2
   mkdir -p "$dir"
-  (cd "$dir" && exec env AIBOS_SERVER__BIND="127.0.0.1:$port" AIBOS_LOG__FORMAT=json "$@" "$AIBOS_BIN" serve 2>"$dir/kernel.log") &
+  (cd "$dir" && exec env AIBOS_SERVER__BIND="127.0.0.1:$port" AIBOS_LOG__FORMAT=json "${RATE_LIMITS_NEVER_REFUSE[@]}" "$@" "$AIBOS_BIN" serve 2>"$dir/kernel.log") &
   kernel_pid=$!
   wait_http "http://127.0.0.1:$port/api/health"
 }

@@ -148,6 +148,8 @@ impl App {
             .rebuild(state.db(), state.master_keys(), state.metrics())
             .await
             .map_err(StartError::Registry)?;
+        // Redis, when configured: reachable now → shared budgets from the first request.
+        state.rate_limiter().connect(&state).await;
         let routes = match options.extra_routes {
             Some(extra) => routes.merge(extra),
             None => routes,
@@ -355,6 +357,7 @@ fn spawn_background(state: &AppState, stop: CancellationToken) -> tokio::task::J
         }
     });
     tasks.spawn(crate::gateway::health::run(state.clone(), stop.clone()));
+    tasks.spawn(crate::ratelimit::run(state.clone(), stop.clone()));
     // Events: the retention purge, the group-commit writers, and open streams
     // ended at shutdown.
     tasks.spawn(crate::events::retention::run(state.clone(), stop.clone()));

@@ -376,6 +376,18 @@ pub struct RateLimitConfig {
     pub address_per_minute: u32,
     /// Shared budget store; in-process when unset.
     pub redis_url: Option<Secret>,
+    // Rate limits (ratelimit/): the bursts of the tenant and address policies,
+    // the instances sharing a Redis budget, and Redis's per-decision deadline.
+    /// Burst above the tenant's steady rate.
+    pub tenant_burst: u32,
+    /// Burst above an address's steady rate.
+    pub address_burst: u32,
+    /// Kernel instances sharing the budget: each takes this share of it while Redis is unreachable.
+    pub instances: u32,
+    /// How long one decision may wait for Redis before it is made in process.
+    pub redis_timeout_ms: u64,
+    /// Prefix of the Redis keys, so deployments (and tests) sharing a Redis do not collide.
+    pub redis_prefix: String,
 }
 
 /// `[idempotency]`
@@ -518,6 +530,11 @@ struct RawRateLimit {
     tenant_per_minute: i64,
     address_per_minute: i64,
     redis_url: Option<Secret>,
+    tenant_burst: i64,
+    address_burst: i64,
+    instances: i64,
+    redis_timeout_ms: i64,
+    redis_prefix: String,
 }
 
 #[derive(Deserialize)]
@@ -1024,6 +1041,26 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config>
             "must start with redis:// or rediss://".to_owned(),
         );
     }
+    // The rate limiter's further keys (ratelimit/).
+    let r = &raw.rate_limit;
+    let mut rate_key = |key: &str, value: i64, max: u64| {
+        in_range(&mut problem, &format!("rate_limit.{key}"), value, 1, max)
+    };
+    let tenant_burst = rate_key("tenant_burst", r.tenant_burst, limits::RATE_PER_MINUTE_MAX);
+    let address_burst = rate_key(
+        "address_burst",
+        r.address_burst,
+        limits::RATE_PER_MINUTE_MAX,
+    );
+    let rate_instances = rate_key("instances", r.instances, limits::RATE_LIMIT_INSTANCES_MAX);
+    let redis_timeout_ms = rate_key(
+        "redis_timeout_ms",
+        r.redis_timeout_ms,
+        limits::RATE_LIMIT_REDIS_TIMEOUT_MS_MAX,
+    );
+    let redis_prefix = crate::ratelimit::valid_prefix(&r.redis_prefix)
+        .map_err(|why| problem("rate_limit.redis_prefix", why))
+        .ok();
 
     let idempotency_ttl_seconds = in_range(
         &mut problem,
@@ -1197,6 +1234,11 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config>
             tenant_per_minute: u32::try_from(tenant_per_minute?).ok()?,
             address_per_minute: u32::try_from(address_per_minute?).ok()?,
             redis_url: raw.rate_limit.redis_url,
+            tenant_burst: u32::try_from(tenant_burst?).ok()?,
+            address_burst: u32::try_from(address_burst?).ok()?,
+            instances: u32::try_from(rate_instances?).ok()?,
+            redis_timeout_ms: redis_timeout_ms?,
+            redis_prefix: redis_prefix?,
         },
         idempotency: IdempotencyConfig {
             ttl_seconds: idempotency_ttl_seconds?,

@@ -12,6 +12,7 @@
 //! - [`change`]: one change, its audit entry, its `kernel.*` event and its invalidation in one transaction.
 //! - [`registry`]: canons (cells), their assertion secrets and routes.
 //! - [`gateway`]: `/api/gateway/{canon}/…`: the route table, the proxy, breakers and health checks.
+//! - [`ratelimit`]: GCRA per user, tenant, address and route, in process or on Redis.
 //! - [`events`]: the event bus: webhook subscriptions and their delivery.
 //! - [`secrets`]: secrets at rest, sealed under the master key (XChaCha20-Poly1305).
 //! - [`audit`]: the tamper-evident audit trail, its verification and signed checkpoints.
@@ -36,6 +37,7 @@ pub mod http;
 pub mod identity;
 pub mod json_text;
 pub mod limits;
+pub mod ratelimit;
 pub mod registry;
 pub mod secrets;
 pub mod state;

@@ -35,6 +35,30 @@ pub const BODY_BYTES_MAX: u64 = 64 * 1024 * 1024;
 /// Upper bound of every per-minute rate: beyond a million per minute a limit limits nothing.
 pub const RATE_PER_MINUTE_MAX: u64 = 1_000_000;
 
+// Rate limits (ratelimit/).
+/// Upper bound of `rate_limit.instances`: the share of a budget each instance
+/// takes while Redis is down is budget / instances, at least one request.
+pub const RATE_LIMIT_INSTANCES_MAX: u64 = 1_000;
+/// Upper bound of `rate_limit.redis_timeout_ms`: a decision is on every
+/// request's path, so Redis gets at most a second before the kernel decides alone.
+pub const RATE_LIMIT_REDIS_TIMEOUT_MS_MAX: u64 = 1_000;
+/// Characters of `rate_limit.redis_prefix`.
+pub const RATE_LIMIT_PREFIX_CHARS_MAX: usize = 64;
+/// Keys (users, tenants, addresses, route overrides) the in-process limiter
+/// tracks at once: 16 bytes and a map slot each, ~40 MiB at most. A full
+/// shard first drops the keys whose bucket is full again (what an absent key
+/// means); a key that still finds no room is decided as a new one and not
+/// stored (the limiter fails open rather than refuse clients it cannot track).
+pub const RATE_LIMIT_KEYS_MAX: usize = 1 << 20;
+/// Shards of the in-process limiter's map: a decision locks only its keys' shards.
+pub const RATE_LIMIT_SHARDS: usize = 64;
+const _: () = assert!(RATE_LIMIT_KEYS_MAX.is_multiple_of(RATE_LIMIT_SHARDS));
+/// How often idle keys are dropped from the in-process limiter (and its map shrunk).
+pub const RATE_LIMIT_SWEEP_SECONDS: u64 = 10;
+/// How often the Redis backend is probed (PING): detects an outage without
+/// traffic, and ends the degraded mode when Redis answers again.
+pub const RATE_LIMIT_PROBE_MS: u64 = 500;
+
 /// Upper bound of `idempotency.ttl_seconds`: 30 days of stored responses.
 pub const IDEMPOTENCY_TTL_SECONDS_MAX: u64 = 30 * 86_400;
 

@@ -55,6 +55,8 @@ struct Inner {
     events: crate::events::EventBus,
     /// Wakes the webhook delivery worker.
     webhooks: Arc<crate::events::webhook::worker::Webhooks>,
+    /// Rate limits: in process, or on Redis with its degraded mode.
+    rate_limiter: crate::ratelimit::RateLimiter,
 }
 
 /// What one event loop owns, handed to its router as an extension: its upstream
@@ -89,6 +91,7 @@ impl AppState {
         (keys, master_keys): (KeyRing, Arc<MasterKeys>),
     ) -> AppState {
         let trusted_proxies = config.server.trusted_proxies.clone().into_boxed_slice();
+        let rate_limiter = crate::ratelimit::RateLimiter::new(&config, &metrics);
         AppState {
             inner: Arc::new(Inner {
                 trusted_proxies,
@@ -107,6 +110,7 @@ impl AppState {
                 gateway: crate::gateway::Gateway::default(),
                 events: crate::events::EventBus::new(),
                 webhooks: Arc::default(),
+                rate_limiter,
             }),
         }
     }
@@ -245,6 +249,11 @@ impl AppState {
     /// The webhook delivery worker's handle.
     pub fn webhooks(&self) -> &Arc<crate::events::webhook::worker::Webhooks> {
         &self.inner.webhooks
+    }
+
+    /// The rate limiter.
+    pub fn rate_limiter(&self) -> &crate::ratelimit::RateLimiter {
+        &self.inner.rate_limiter
     }
 
     /// The gateway.

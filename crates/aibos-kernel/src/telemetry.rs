@@ -289,6 +289,33 @@ impl Metrics {
             None,
             "Active health check per canon: 1 healthy, 0 unhealthy, -1 unknown.".into(),
         );
+        // Rate limits (ratelimit/).
+        for (name, help) in [
+            (
+                "aibos_rate_limited_total",
+                "Requests refused with 429 by a rate limit, by the refusing policy's scope (user, tenant, address, route).",
+            ),
+            (
+                "aibos_ratelimit_fallback_decisions_total",
+                "Rate-limit decisions made in process because Redis was unreachable or slow.",
+            ),
+            (
+                "aibos_ratelimit_backend_transitions_total",
+                "Changes of the Redis rate-limit backend, by new state (degraded, restored).",
+            ),
+        ] {
+            r.describe_counter(name.into(), None, help.into());
+        }
+        r.describe_histogram(
+            "aibos_ratelimit_redis_duration_seconds".into(),
+            Some(metrics::Unit::Seconds),
+            "One rate-limit decision on Redis (one script call).".into(),
+        );
+        r.describe_gauge(
+            "aibos_ratelimit_backend_degraded".into(),
+            None,
+            "1 while rate limits fall back to per-instance budgets, else 0.".into(),
+        );
         r.describe_counter(
             "aibos_config_reloads_total".into(),
             None,

@@ -9,6 +9,7 @@
 //! - [`process::KernelProcess`]: the real binary as a child process, logs captured.
 //! - [`cluster::Cluster`]: a throwaway PostgreSQL cluster to stop and start.
 //! - [`nats::TestNats`]: the NATS server of the relay tests, and what the relay stored.
+//! - [`redis`]: the rate-limit tests' Redis (shared, or one of a test's own to stop and start).
 //! - [`receiver::Receiver`]: a webhook receiver recording every attempt, answering as told.
 
 pub mod api;
@@ -17,6 +18,7 @@ mod db;
 pub mod nats;
 pub mod process;
 pub mod receiver;
+pub mod redis;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -39,6 +41,27 @@ pub mod axum_free {
 /// base64): test data only, never a real deployment's.
 pub const TEST_MASTER_KEY: &str = "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=";
 
+/// Rate limits of test kernels that do not choose their own: the largest the
+/// configuration accepts, so that no test is refused by accident.
+pub const GENEROUS_RATE_LIMIT_VALUE: &str = "1000000";
+pub(crate) const GENEROUS_RATE_LIMITS: [(&str, &str); 6] = [
+    (
+        "AIBOS_RATE_LIMIT__USER_PER_MINUTE",
+        GENEROUS_RATE_LIMIT_VALUE,
+    ),
+    ("AIBOS_RATE_LIMIT__USER_BURST", GENEROUS_RATE_LIMIT_VALUE),
+    (
+        "AIBOS_RATE_LIMIT__TENANT_PER_MINUTE",
+        GENEROUS_RATE_LIMIT_VALUE,
+    ),
+    ("AIBOS_RATE_LIMIT__TENANT_BURST", GENEROUS_RATE_LIMIT_VALUE),
+    (
+        "AIBOS_RATE_LIMIT__ADDRESS_PER_MINUTE",
+        GENEROUS_RATE_LIMIT_VALUE,
+    ),
+    ("AIBOS_RATE_LIMIT__ADDRESS_BURST", GENEROUS_RATE_LIMIT_VALUE),
+];
+
 /// How to start a test kernel beyond the defaults.
 #[derive(Default)]
 pub struct KernelOptions {
@@ -48,6 +71,9 @@ pub struct KernelOptions {
     pub extra_routes: Option<Router>,
     /// A database of the test's own instead of a fresh one (e.g. a throwaway cluster).
     pub database_url: Option<String>,
+    /// A configuration file (`--config`), which a test may rewrite before
+    /// `state.reload()` (the environment layer cannot change while running).
+    pub config_file: Option<std::path::PathBuf>,
 }
 
 /// A running kernel; stopped (and its database dropped) when this is dropped.
@@ -179,8 +205,23 @@ pub async fn spawn_kernel_with(engine: Engine, options: KernelOptions) -> Option
             TEST_MASTER_KEY.to_owned(),
         ));
     }
+    // Tests of other areas send more than a user's default burst in a
+    // moment: their kernels get limits that never refuse, unless the test
+    // sets any rate-limit key itself (tests/api/rate_limits.rs).
+    if !options
+        .env
+        .iter()
+        .any(|(k, _)| k.starts_with("AIBOS_RATE_LIMIT__"))
+    {
+        env.extend(
+            GENEROUS_RATE_LIMITS
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
+    }
     env.extend(options.env);
-    let sources = ConfigSources::new(config_dir.path(), env);
+    let mut sources = ConfigSources::new(config_dir.path(), env);
+    sources.config_file = options.config_file;
     let config = Config::load(&sources).expect("the test configuration is valid");
     let app_options = AppOptions {
         extra_routes: options.extra_routes,

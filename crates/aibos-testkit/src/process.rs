@@ -40,6 +40,12 @@ impl KernelProcess {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        // As in `spawn_kernel_with`: limits that never refuse, unless the test sets its own.
+        if !env.iter().any(|(k, _)| k.starts_with("AIBOS_RATE_LIMIT__")) {
+            for (k, v) in crate::GENEROUS_RATE_LIMITS {
+                command.env(k, v);
+            }
+        }
         for (k, v) in env {
             command.env(k, v);
         }

@@ -34,6 +34,13 @@ pub struct Caller {
     pub user_agent: Option<String>,
 }
 
+/// The principal of a request the edge already authenticated (for its rate
+/// limits), put in the request's extensions there so that the `Caller`
+/// extractor does not resolve the token twice. Only the kernel inserts
+/// extensions; a client cannot supply one.
+#[derive(Debug, Clone)]
+pub struct Authenticated(pub Arc<Principal>);
+
 /// Client address, user agent and correlation id of any request, for audit
 /// entries of unauthenticated endpoints (login, bootstrap).
 #[derive(Debug, Clone)]
@@ -188,10 +195,22 @@ impl Caller {
         state: &AppState,
         front: Option<&LoopAuthCache>,
     ) -> Result<Caller, ApiError> {
-        let token = bearer_token(parts).ok_or_else(|| {
-            ApiError::unauthorized("Send an access token as `Authorization: Bearer <token>`.")
-        })?;
-        let principal = state.authenticate(token, front).await?;
+        // The edge's rate limiter may have authenticated this request already.
+        let principal = match parts.extensions.get::<Authenticated>() {
+            Some(known) => known.0.clone(),
+            None => {
+                let token = parts
+                    .headers
+                    .get(header::AUTHORIZATION)
+                    .and_then(bearer_token)
+                    .ok_or_else(|| {
+                        ApiError::unauthorized(
+                            "Send an access token as `Authorization: Bearer <token>`.",
+                        )
+                    })?;
+                state.authenticate(token, front).await?
+            }
+        };
         if principal.tenant_suspended {
             return Err(ApiError::new(
                 ErrorCode::TenantSuspended,
@@ -212,8 +231,8 @@ impl Caller {
 /// loop has seen is found by its bytes alone, and only one that is not is
 /// checked to be text (`AppState::authenticate`), which spares every repeated
 /// call a pass over its few hundred bytes.
-fn bearer_token(parts: &Parts) -> Option<&[u8]> {
-    let value = parts.headers.get(header::AUTHORIZATION)?.as_bytes();
+pub(crate) fn bearer_token(value: &axum::http::HeaderValue) -> Option<&[u8]> {
+    let value = value.as_bytes();
     let space = value.iter().position(|&b| b == b' ')?;
     let (scheme, token) = (&value[..space], value[space + 1..].trim_ascii());
     (scheme.eq_ignore_ascii_case(b"bearer") && !token.is_empty()).then_some(token)

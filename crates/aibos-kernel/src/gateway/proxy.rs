@@ -36,6 +36,7 @@ use crate::state::{AppState, EventLoopLocal};
         (status = 401, description = "UNAUTHORIZED"),
         (status = 403, description = "FORBIDDEN: the route's required permissions are missing"),
         (status = 404, description = "ROUTE_NOT_FOUND"),
+        (status = 429, description = "RATE_LIMITED: the route's, the user's or the tenant's limit, with Retry-After"),
         (status = 503, description = "UPSTREAM_UNAVAILABLE: refused, reset, unhealthy, or circuit open (with Retry-After)"),
         (status = 504, description = "UPSTREAM_TIMEOUT")))]
 #[allow(dead_code)]
@@ -58,10 +59,15 @@ pub async fn proxy(
 /// Forwards one call to its cell on behalf of the event loop `local` (the
 /// front door's direct path; [`proxy`] is the router's).
 pub async fn forward(state: &AppState, local: &EventLoopLocal, request: Request) -> Response {
-    match forward_call(state, local, request).await {
+    let mut rate_headers = None;
+    let mut response = match forward_call(state, local, request, &mut rate_headers).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
+    };
+    if let Some(headers) = rate_headers {
+        headers.apply(response.headers_mut());
     }
+    response
 }
 
 fn route_not_found(detail: &str) -> ApiError {
@@ -72,6 +78,7 @@ async fn forward_call(
     state: &AppState,
     local: &EventLoopLocal,
     request: Request,
+    rate_headers: &mut Option<crate::ratelimit::RateHeaders>,
 ) -> Result<Response, ApiError> {
     let client = &local.upstream;
     let (mut parts, body) = request.into_parts();
@@ -95,6 +102,11 @@ async fn forward_call(
 
     let caller = Caller::authenticate(&parts, state, Some(&local.auth)).await?;
     caller.require(state, &route.required_permissions).await?;
+    let limits = state
+        .rate_limiter()
+        .gateway_call(state, &caller, route)
+        .await;
+    limits.admit(rate_headers)?;
 
     let config = state.config_ref();
     let gateway = &config.gateway;

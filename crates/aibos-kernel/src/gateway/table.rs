@@ -145,6 +145,7 @@ impl RouteTable {
                     required_permissions: r.required_permissions,
                     timeout: r.timeout_ms.and_then(millis),
                     forward_cookies: r.forward_cookies,
+                    rate_limit: r.rate_limit,
                 })
                 .collect();
             canons.insert(
@@ -215,6 +216,8 @@ pub struct RouteEntry {
     pub timeout: Option<Duration>,
     /// Whether `Cookie` reaches the cell.
     pub forward_cookies: bool,
+    /// The route's own per-user rate limit, replacing `rate_limit.user_*`.
+    pub rate_limit: Option<crate::registry::RouteRateLimit>,
     /// Cached metric handles.
     pub metrics: RouteMetrics,
 }

@@ -40,6 +40,9 @@ pub struct Health {
     pub uptime_seconds: u64,
     /// The database and its last round trip.
     pub database: DatabaseHealth,
+    /// The rate limiter's backend; `degraded` (Redis unreachable) does not make
+    /// the kernel unhealthy: it limits in process meanwhile.
+    pub rate_limit: crate::ratelimit::BackendHealth,
 }
 
 /// The database as seen by one `SELECT 1`.
@@ -112,6 +115,7 @@ pub async fn health(State(state): State<AppState>) -> Response {
         version: env!("CARGO_PKG_VERSION"),
         uptime_seconds: state.uptime().as_secs(),
         database,
+        rate_limit: state.rate_limiter().health(),
     };
     let mut response = (status, Json(body)).into_response();
     response

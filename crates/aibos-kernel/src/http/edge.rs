@@ -3,8 +3,10 @@
 //! In order: check `x-correlation-id` (a malformed
 //! one is a 400; a missing one is generated) and continue or start the W3C trace;
 //! refuse a body over `http.max_body_bytes` (413 at once when `Content-Length`
-//! says so, otherwise while reading); run the route; then add the security
-//! headers, echo the correlation id and record the request's metrics.
+//! says so, otherwise while reading); apply the rate limits (`ratelimit`: not
+//! to probes, `/metrics` or gateway calls, which the proxy limits after its
+//! permission check); run the route; then add the security headers, echo the
+//! correlation id and record the request's metrics.
 //!
 //! It is one function rather than a stack of small layers because each layer
 //! costs an allocation and a service clone per request, and this is the hot path
@@ -115,7 +117,8 @@ where
             request.extensions_mut().insert(context);
             let limit = usize::try_from(limit).unwrap_or(usize::MAX);
             let request = request.map(|body| Body::new(Limited::new(body, limit)));
-            inner(request).await
+            // Rate limits (SPEC §9): probes and gateway calls pass untouched.
+            crate::ratelimit::around_edge(state, request, route, inner).await
         })
         .await;
 

@@ -55,6 +55,7 @@ pub fn base_document() -> utoipa::openapi::OpenApi {
         ("PayloadTooLarge", &[ErrorCode::PayloadTooLarge]),
         ("UnsupportedMediaType", &[ErrorCode::UnsupportedMediaType]),
         ("NotFound", &[ErrorCode::NotFound]),
+        ("RateLimited", &[ErrorCode::RateLimited]),
         (
             "InternalError",
             &[ErrorCode::InternalError, ErrorCode::ServiceUnavailable],
@@ -124,7 +125,9 @@ fn describe_responses(op: &mut utoipa::openapi::path::Operation) {
 /// may get, and describes every response (see [`describe_responses`]).
 pub fn add_common_problems(doc: &mut utoipa::openapi::OpenApi) {
     let mut seen_ids = std::collections::HashMap::<String, usize>::new();
-    for item in doc.paths.paths.values_mut() {
+    for (path, item) in doc.paths.paths.iter_mut() {
+        // Rate limits (ratelimit/) apply to every path but the probes and the scrape.
+        let limited = !crate::ratelimit::is_exempt(path);
         for (method, op) in [
             ("get", &mut item.get),
             ("put", &mut item.put),
@@ -145,6 +148,12 @@ pub fn add_common_problems(doc: &mut utoipa::openapi::OpenApi) {
                     .responses
                     .entry(status.to_owned())
                     .or_insert_with(|| Ref::from_response_name(name).into());
+            }
+            if limited {
+                op.responses
+                    .responses
+                    .entry("429".to_owned())
+                    .or_insert_with(|| Ref::from_response_name("RateLimited").into());
             }
             describe_responses(op);
             // One handler serving several methods (the gateway's) is one

@@ -21,6 +21,7 @@ mod identity;
 mod kernel_events;
 mod migrations;
 mod pg_outage;
+mod rate_limits;
 mod registry;
 mod relay;
 mod secrets;
