@@ -54,15 +54,13 @@ start_nginx "$work/proxy" "upstream cell { server 127.0.0.1:$upstream_port; keep
 wait_http "http://127.0.0.1:$proxy_port/"
 
 # --- the kernel on its embedded default: a canon in front of the upstream. ---
-# Its per-user and per-tenant rate limits stay on, high enough never to
-# refuse: every call pays for its decision (issue 21), none is turned away.
-limits=(AIBOS_RATE_LIMIT__USER_PER_MINUTE=1000000 AIBOS_RATE_LIMIT__USER_BURST=1000000
-  AIBOS_RATE_LIMIT__TENANT_PER_MINUTE=1000000)
-gateway_canon "$work/kernel" "$upstream_port" "${limits[@]}"
+# Its rate limits stay on, high enough never to refuse (lib.sh, start_kernel):
+# every call pays for its decision (issue 21), none is turned away.
+gateway_canon "$work/kernel" "$upstream_port"
 kernel_pids+=("$kernel_pid"); default_pid=$kernel_pid
 token=$gateway_token
 gateway=$gateway_url
-gateway_canon "$work/kernel-one-loop" "$upstream_port" AIBOS_SERVER__EVENT_LOOPS=1 "${limits[@]}"
+gateway_canon "$work/kernel-one-loop" "$upstream_port" AIBOS_SERVER__EVENT_LOOPS=1
 kernel_pids+=("$kernel_pid")
 one_loop=$gateway_url one_loop_token=$gateway_token
 

@@ -44,11 +44,9 @@ start_nginx "$work/proxy" "upstream cell { server 127.0.0.1:$upstream_port; keep
   }"
 wait_http "http://127.0.0.1:$proxy_port/"
 
-# The per-user and per-tenant limits stay on, high enough never to refuse:
+# The rate limits stay on, high enough never to refuse (lib.sh, start_kernel):
 # every call pays for its decision, none is turned away.
-gateway_canon "$work/kernel" "$upstream_port" \
-  AIBOS_RATE_LIMIT__USER_PER_MINUTE=1000000 AIBOS_RATE_LIMIT__USER_BURST=1000000 \
-  AIBOS_RATE_LIMIT__TENANT_PER_MINUTE=1000000
+gateway_canon "$work/kernel" "$upstream_port"
 kernel_pids+=("$kernel_pid")
 proxy_pids=$(pgrep -P "$(cat "$work/proxy/nginx.pid")" | tr '\n' ' ')
 proxied="http://127.0.0.1:$proxy_port/ping"
