@@ -13,6 +13,7 @@
 //! - [`registry`]: canons (cells), their assertion secrets and routes.
 //! - [`gateway`]: `/api/gateway/{canon}/…`: the route table, the proxy, breakers and health checks.
 //! - [`events`]: the event bus: webhook subscriptions and their delivery.
+//! - [`idempotency`]: `Idempotency-Key` on kernel mutations and gateway routes: one execution per key, stored responses replayed.
 //! - [`secrets`]: secrets at rest, sealed under the master key (XChaCha20-Poly1305).
 //! - [`audit`]: the tamper-evident audit trail, its verification and signed checkpoints.
 //! - [`health`]: liveness, readiness and metrics endpoints.
@@ -33,6 +34,7 @@ pub mod events;
 pub mod gateway;
 pub mod health;
 pub mod http;
+pub mod idempotency;
 pub mod identity;
 pub mod json_text;
 pub mod limits;

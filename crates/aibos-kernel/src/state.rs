@@ -55,6 +55,8 @@ struct Inner {
     events: crate::events::EventBus,
     /// Wakes the webhook delivery worker.
     webhooks: Arc<crate::events::webhook::worker::Webhooks>,
+    /// Completed idempotency records cached, and their metrics.
+    idempotency: crate::idempotency::Idempotency,
 }
 
 /// What one event loop owns, handed to its router as an extension: its upstream
@@ -89,6 +91,7 @@ impl AppState {
         (keys, master_keys): (KeyRing, Arc<MasterKeys>),
     ) -> AppState {
         let trusted_proxies = config.server.trusted_proxies.clone().into_boxed_slice();
+        let idempotency = crate::idempotency::Idempotency::new(&metrics);
         AppState {
             inner: Arc::new(Inner {
                 trusted_proxies,
@@ -107,6 +110,7 @@ impl AppState {
                 gateway: crate::gateway::Gateway::default(),
                 events: crate::events::EventBus::new(),
                 webhooks: Arc::default(),
+                idempotency,
             }),
         }
     }
@@ -155,6 +159,11 @@ impl AppState {
     /// The login throttle.
     pub fn login_throttle(&self) -> &LoginThrottle {
         &self.inner.login_throttle
+    }
+
+    /// Idempotency keys: the cache of completed records and the metrics.
+    pub fn idempotency(&self) -> &crate::idempotency::Idempotency {
+        &self.inner.idempotency
     }
 
     /// The authorization caches.

@@ -145,6 +145,7 @@ impl RouteTable {
                     required_permissions: r.required_permissions,
                     timeout: r.timeout_ms.and_then(millis),
                     forward_cookies: r.forward_cookies,
+                    idempotency: crate::idempotency::gateway::Mode::parse(&r.idempotency),
                 })
                 .collect();
             canons.insert(
@@ -215,6 +216,8 @@ pub struct RouteEntry {
     pub timeout: Option<Duration>,
     /// Whether `Cookie` reaches the cell.
     pub forward_cookies: bool,
+    /// How `Idempotency-Key` is treated (`idempotency::gateway`).
+    pub idempotency: crate::idempotency::gateway::Mode,
     /// Cached metric handles.
     pub metrics: RouteMetrics,
 }

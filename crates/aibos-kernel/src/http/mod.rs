@@ -63,7 +63,12 @@ pub fn finish(routes: Router<AppState>, state: AppState, config: &Config) -> Rou
                 .option_layer(
                     (!config.server.cors_allowed_origins.is_empty())
                         .then(|| cors(&config.server.cors_allowed_origins)),
-                ),
+                )
+                // `Idempotency-Key` on kernel API mutations (idempotency/kernel.rs).
+                .layer(axum::middleware::from_fn_with_state(
+                    state.clone(),
+                    crate::idempotency::kernel::middleware,
+                )),
         )
         .with_state(state)
 }

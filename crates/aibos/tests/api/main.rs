@@ -16,6 +16,7 @@ mod escalation;
 mod events;
 mod gateway;
 mod health;
+mod idempotency;
 mod identity;
 mod kernel_events;
 mod migrations;
