@@ -1,4 +1,5 @@
-//! `/api/gateway/{canon}/{*path}`: match, authenticate, authorize, protect, forward.
+//! `/api/gateway/{canon}/{*path}`: match, authenticate, authorize, idempotency
+//! (a keyed call: `crate::idempotency::gateway`), protect, forward.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -3,7 +3,8 @@
 //!
 //! Request path, outermost first: `edge` (correlation id, trace context, log
 //! span, body limit, security headers, metrics) → `CatchPanic` → CORS (only
-//! when origins are configured) → the route's handler, or the problem+json
+//! when origins are configured) → `Idempotency-Key` on kernel mutations
+//! (`idempotency::kernel`) → the route's handler, or the problem+json
 //! fallbacks for unknown paths and methods.
 
 pub mod conn;
