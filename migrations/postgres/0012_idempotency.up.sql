@@ -24,8 +24,11 @@ CREATE TABLE idempotency_records (
     response_status   INTEGER,
     -- JSON array of [name, value] pairs: the replayed headers.
     response_headers  TEXT,
-    -- At most 1 MiB (limits::IDEMPOTENCY_RESPONSE_BYTES_MAX).
-    response_body     BYTEA,
+    -- The body (at most 1 MiB, limits::IDEMPOTENCY_RESPONSE_BYTES_MAX),
+    -- base64url-encoded and sealed under the master key (secrets/), bound to
+    -- the tenant and key: answers carry one-time secrets (a service
+    -- account's client_secret) and cells' payment data.
+    response_body     TEXT,
     created_at        TEXT    NOT NULL,
     expires_at        TEXT    NOT NULL,
     PRIMARY KEY (tenant_id, idempotency_key)

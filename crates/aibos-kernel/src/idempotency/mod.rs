@@ -35,6 +35,8 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures_util::FutureExt;
 use http_body_util::BodyExt;
 use metrics::Counter;
@@ -44,6 +46,7 @@ use time::OffsetDateTime;
 use crate::error::{ApiError, ErrorCode};
 use crate::http::edge::{CURRENT_REQUEST, RequestContext};
 use crate::limits;
+use crate::secrets::MasterKeys;
 use crate::state::AppState;
 use crate::telemetry::Metrics;
 
@@ -241,7 +244,20 @@ struct Completed {
 }
 
 impl Completed {
-    fn from_record(record: store::Record) -> Option<Completed> {
+    /// A completed record read back, its body opened with `keys`; `Err` names
+    /// what does not hold.
+    fn from_record(
+        record: store::Record,
+        keys: &MasterKeys,
+        place: &str,
+    ) -> Result<Completed, String> {
+        let sealed = record.response_body.as_deref().ok_or("no body")?;
+        let encoded = keys.open(sealed, place).map_err(|e| e.to_string())?;
+        let body = URL_SAFE_NO_PAD.decode(encoded).map_err(|e| e.to_string())?;
+        Completed::parse(record, body).ok_or_else(|| "a field does not parse".to_owned())
+    }
+
+    fn parse(record: store::Record, body: Vec<u8>) -> Option<Completed> {
         let status = StatusCode::from_u16(u16::try_from(record.response_status?).ok()?).ok()?;
         let pairs: Vec<(String, String)> =
             serde_json::from_str(record.response_headers.as_deref()?).ok()?;
@@ -261,7 +277,7 @@ impl Completed {
             response: Stored {
                 status,
                 headers,
-                body: Bytes::from(record.response_body.unwrap_or_default()),
+                body: Bytes::from(body),
             },
         })
     }
@@ -497,11 +513,16 @@ where
             return idempotency.reused().into_response();
         }
         if record.state == "completed" {
-            let Some(completed) = Completed::from_record(record) else {
-                return ApiError::internal(anyhow::anyhow!(
-                    "a completed idempotency record does not parse"
-                ))
-                .into_response();
+            let place = store::body_place(&keyed.tenant_id, keyed.key.as_str());
+            let completed = match Completed::from_record(record, state.master_keys(), &place) {
+                Ok(completed) => completed,
+                // Not executed again: the record stays until its TTL ends.
+                Err(why) => {
+                    return ApiError::internal(anyhow::anyhow!(
+                        "a stored idempotent answer cannot be read: {why}"
+                    ))
+                    .into_response();
+                }
             };
             let completed = Arc::new(completed);
             idempotency.remember(&keyed, completed.clone());
@@ -608,10 +629,14 @@ where
     let expires_at = crate::timestamp::now()
         + time::Duration::seconds(i64::try_from(ttl).unwrap_or(i64::MAX / 2));
     let headers_json = stored.headers_json();
+    let sealed_body = state.master_keys().seal(
+        &URL_SAFE_NO_PAD.encode(&body),
+        &store::body_place(&keyed.tenant_id, keyed.key.as_str()),
+    );
     let completion = store::Completion {
         status: head.status.as_u16(),
         headers_json: &headers_json,
-        body: &body,
+        sealed_body: &sealed_body,
         expires_at: &crate::timestamp::format(expires_at),
     };
     match store::complete(

@@ -4,6 +4,12 @@
 use crate::db::Db;
 use crate::with_db;
 
+/// The associated data a record's body is sealed with: the body opens only
+/// as the answer of this tenant's key.
+pub fn body_place(tenant_id: &str, key: &str) -> String {
+    format!("idempotency_records.response_body:{tenant_id}:{key}")
+}
+
 /// A record as read back when its key could not be taken.
 #[derive(Debug, sqlx::FromRow)]
 pub struct Record {
@@ -19,8 +25,8 @@ pub struct Record {
     pub response_status: Option<i32>,
     /// A completed record's replayed headers, a JSON array of `[name, value]`.
     pub response_headers: Option<String>,
-    /// A completed record's body.
-    pub response_body: Option<Vec<u8>>,
+    /// A completed record's body, sealed (see [`body_place`]).
+    pub response_body: Option<String>,
     /// When the record stops counting.
     pub expires_at: String,
 }
@@ -84,8 +90,8 @@ pub struct Completion<'a> {
     pub status: u16,
     /// JSON array of `[name, value]`.
     pub headers_json: &'a str,
-    /// The body (at most `limits::IDEMPOTENCY_RESPONSE_BYTES_MAX`).
-    pub body: &'a [u8],
+    /// The body, base64url-encoded and sealed (see [`body_place`]).
+    pub sealed_body: &'a str,
     /// The end of its TTL.
     pub expires_at: &'a str,
 }
@@ -105,7 +111,7 @@ pub async fn complete(
     let updated = with_db!(db, pool => {
         sqlx::query(SQL)
             .bind(tenant_id).bind(key).bind(claim_id)
-            .bind(i32::from(c.status)).bind(c.headers_json).bind(c.body).bind(c.expires_at)
+            .bind(i32::from(c.status)).bind(c.headers_json).bind(c.sealed_body).bind(c.expires_at)
             .execute(pool)
             .await?
             .rows_affected()

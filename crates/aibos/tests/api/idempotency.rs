@@ -211,6 +211,11 @@ both_engines! {
         let Fixture { k, acme, .. } = fixture(first, &upstream).await;
         let original = answer(post(&k, &acme, "/charge", Some("restart-1"), &json!({"n": 1})).send().await.unwrap()).await;
         assert_eq!((original.status, original.replayed), (201, false), "{original:?}");
+        let db = k.state.db();
+        let stored: String = aibos_kernel::with_db!(db, pool => sqlx::query_scalar(
+            "SELECT response_body FROM idempotency_records WHERE idempotency_key = 'restart-1'",
+        ).fetch_one(pool).await.unwrap());
+        assert!(stored.starts_with("enc:v1:") && !stored.contains("charge"), "the stored body is sealed at rest: {stored}");
         k.shutdown().await.unwrap();
 
         let restarted = spawn_kernel_with(engine, on_the_database()).await.unwrap();
