@@ -361,6 +361,7 @@ fn spawn_background(state: &AppState, stop: CancellationToken) -> tokio::task::J
     // Events: the retention purge, the group-commit writers, and open streams
     // ended at shutdown.
     tasks.spawn(crate::events::retention::run(state.clone(), stop.clone()));
+    tasks.spawn(crate::idempotency::purge::run(state.clone(), stop.clone()));
     tasks.spawn(crate::events::retention::gauge_outbox(
         state.clone(),
         stop.clone(),

@@ -395,6 +395,9 @@ pub struct RateLimitConfig {
 pub struct IdempotencyConfig {
     /// Retention of stored responses.
     pub ttl_seconds: u64,
+    /// How long an in-flight key stays locked when its kernel dies; a gateway
+    /// call whose upstream timeout is longer locks its key that much longer.
+    pub lock_timeout_seconds: u64,
 }
 
 /// `[gateway]`
@@ -541,6 +544,7 @@ struct RawRateLimit {
 #[serde(deny_unknown_fields)]
 struct RawIdempotency {
     ttl_seconds: i64,
+    lock_timeout_seconds: i64,
 }
 
 #[derive(Deserialize)]
@@ -1069,6 +1073,13 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config>
         1,
         limits::IDEMPOTENCY_TTL_SECONDS_MAX,
     );
+    let idempotency_lock_timeout_seconds = in_range(
+        &mut problem,
+        "idempotency.lock_timeout_seconds",
+        raw.idempotency.lock_timeout_seconds,
+        1,
+        limits::IDEMPOTENCY_LOCK_TIMEOUT_SECONDS_MAX,
+    );
     let health_interval_seconds = in_range(
         &mut problem,
         "gateway.health_interval_seconds",
@@ -1242,6 +1253,7 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config>
         },
         idempotency: IdempotencyConfig {
             ttl_seconds: idempotency_ttl_seconds?,
+            lock_timeout_seconds: idempotency_lock_timeout_seconds?,
         },
         gateway: GatewayConfig {
             health_interval_seconds: health_interval_seconds?,
@@ -1388,6 +1400,10 @@ mod tests {
         assert_eq!(config.rate_limit.tenant_per_minute, 1000);
         assert_eq!(config.rate_limit.address_per_minute, 300);
         assert_eq!(config.idempotency.ttl_seconds, 86_400);
+        assert_eq!(
+            config.idempotency.lock_timeout_seconds,
+            limits::IDEMPOTENCY_LOCK_TIMEOUT_SECONDS_DEFAULT
+        );
         assert_eq!(config.gateway.health_interval_seconds, 10);
         assert_eq!(config.log.level, "info");
         assert_eq!(config.log.format, LogFormat::Auto);

@@ -14,6 +14,7 @@
 //! - [`gateway`]: `/api/gateway/{canon}/…`: the route table, the proxy, breakers and health checks.
 //! - [`ratelimit`]: GCRA per user, tenant, address and route, in process or on Redis.
 //! - [`events`]: the event bus: webhook subscriptions and their delivery.
+//! - [`idempotency`]: `Idempotency-Key` on kernel mutations and gateway routes: one execution per key, stored responses replayed.
 //! - [`secrets`]: secrets at rest, sealed under the master key (XChaCha20-Poly1305).
 //! - [`audit`]: the tamper-evident audit trail, its verification and signed checkpoints.
 //! - [`health`]: liveness, readiness and metrics endpoints.
@@ -34,6 +35,7 @@ pub mod events;
 pub mod gateway;
 pub mod health;
 pub mod http;
+pub mod idempotency;
 pub mod identity;
 pub mod json_text;
 pub mod limits;

@@ -405,3 +405,40 @@ const _: () = assert!(RELAY_ACK_TIMEOUT_MS * 4 < RELAY_DUPLICATE_WINDOW_SECONDS 
 pub const EVENT_RETENTION_INTERVAL_SECONDS: u64 = 3_600;
 /// How long after start the first retention purge runs (not in the start-up path).
 pub const EVENT_RETENTION_FIRST_DELAY_SECONDS: u64 = 60;
+
+// Idempotency (idempotency/).
+
+/// Default of `idempotency.lock_timeout_seconds`: how long an in-flight key
+/// stays locked when the kernel executing it dies; longer than the default
+/// upstream timeout (10 s) with room for retries and storing the response.
+pub const IDEMPOTENCY_LOCK_TIMEOUT_SECONDS_DEFAULT: u64 = 120;
+/// Upper bound of `idempotency.lock_timeout_seconds`: one hour. A client is
+/// refused with 409 this long after a crash, at worst.
+pub const IDEMPOTENCY_LOCK_TIMEOUT_SECONDS_MAX: u64 = 3_600;
+/// Largest response body stored for replay (SPEC §8); a larger one is passed
+/// through and its key released.
+pub const IDEMPOTENCY_RESPONSE_BYTES_MAX: usize = 1024 * 1024;
+/// Most headers a cell may name in `Idempotency-Replay-Headers`.
+pub const IDEMPOTENCY_REPLAY_HEADERS_MAX: usize = 16;
+/// Most bytes of stored header names and values of one response.
+pub const IDEMPOTENCY_HEADER_BYTES_MAX: usize = 8 * 1024;
+/// Weight capacity of the in-process cache of completed responses (bytes of
+/// bodies and headers): replays served from memory without a query.
+pub const IDEMPOTENCY_CACHE_BYTES_MAX: u64 = 64 * 1024 * 1024;
+/// Items the cache is sized for (small responses; the weight bounds it).
+pub const IDEMPOTENCY_CACHE_ITEMS_ESTIMATE: usize = 16 * 1024;
+/// Attempts to take a key whose record vanished or expired between the take
+/// and the read (a release or purge racing this request).
+pub const IDEMPOTENCY_TAKE_ATTEMPTS_MAX: u32 = 3;
+/// Seconds between background purges of expired records. Expiry is checked
+/// on every read, so the purge only keeps the table small: every ten minutes,
+/// in chunks, bounds both the backlog and each statement.
+pub const IDEMPOTENCY_PURGE_INTERVAL_SECONDS: u64 = 600;
+/// Seconds after start before the first purge.
+pub const IDEMPOTENCY_PURGE_FIRST_DELAY_SECONDS: u64 = 60;
+/// Records deleted per purge statement.
+pub const IDEMPOTENCY_PURGE_CHUNK_ROWS: i64 = 1_000;
+/// Most chunks of one purge run; the rest waits for the next interval.
+pub const IDEMPOTENCY_PURGE_CHUNKS_MAX: u32 = 1_000;
+const _: () =
+    assert!(IDEMPOTENCY_LOCK_TIMEOUT_SECONDS_DEFAULT <= IDEMPOTENCY_LOCK_TIMEOUT_SECONDS_MAX);

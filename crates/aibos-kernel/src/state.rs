@@ -57,6 +57,8 @@ struct Inner {
     webhooks: Arc<crate::events::webhook::worker::Webhooks>,
     /// Rate limits: in process, or on Redis with its degraded mode.
     rate_limiter: crate::ratelimit::RateLimiter,
+    /// Completed idempotency records cached, and their metrics.
+    idempotency: crate::idempotency::Idempotency,
 }
 
 /// What one event loop owns, handed to its router as an extension: its upstream
@@ -92,6 +94,7 @@ impl AppState {
     ) -> AppState {
         let trusted_proxies = config.server.trusted_proxies.clone().into_boxed_slice();
         let rate_limiter = crate::ratelimit::RateLimiter::new(&config, &metrics);
+        let idempotency = crate::idempotency::Idempotency::new(&metrics);
         AppState {
             inner: Arc::new(Inner {
                 trusted_proxies,
@@ -111,6 +114,7 @@ impl AppState {
                 events: crate::events::EventBus::new(),
                 webhooks: Arc::default(),
                 rate_limiter,
+                idempotency,
             }),
         }
     }
@@ -159,6 +163,11 @@ impl AppState {
     /// The login throttle.
     pub fn login_throttle(&self) -> &LoginThrottle {
         &self.inner.login_throttle
+    }
+
+    /// Idempotency keys: the cache of completed records and the metrics.
+    pub fn idempotency(&self) -> &crate::idempotency::Idempotency {
+        &self.inner.idempotency
     }
 
     /// The authorization caches.

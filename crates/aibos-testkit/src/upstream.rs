@@ -8,6 +8,10 @@
 //! - `…/big`: streams 20 MiB in 64 KiB chunks, produced as they are read.
 //! - `…/events`: Server-Sent Events: `one`, then waits for [`Upstream::release_events`], then `two`.
 //! - `…/health`: 200, or 503 after [`Upstream::set_healthy`]`(false)`.
+//! - `…/charge`: after 500 ms (so that concurrent calls overlap), 201
+//!   `{"charge": n, "body": <request body as text>}` where n counts the calls
+//!   to `…/charge` so far, with `Location: /charges/n`, `X-Cell-Ref: n` and
+//!   `Idempotency-Replay-Headers: x-cell-ref`, and `X-Not-Replayed: n`.
 //! - anything else: 200 `{"method", "path"}`.
 
 use std::net::SocketAddr;
@@ -47,6 +51,7 @@ struct Shared {
     unhealthy: Arc<AtomicBool>,
     flaky_status: Arc<AtomicU16>,
     events_gate: Arc<tokio::sync::Notify>,
+    charges: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A running upstream; stopped when dropped.
@@ -155,6 +160,23 @@ async fn handle(State(shared): State<Shared>, request: Request) -> Response {
             headers: request.headers().clone(),
         });
     let last = path.rsplit('/').next().unwrap_or("");
+    if last == "charge" {
+        let n = shared.charges.fetch_add(1, Ordering::SeqCst) + 1;
+        let body = axum::body::to_bytes(request.into_body(), 1 << 20)
+            .await
+            .unwrap_or_default();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let json = serde_json::json!({ "charge": n, "body": String::from_utf8_lossy(&body) });
+        return Response::builder()
+            .status(StatusCode::CREATED)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::LOCATION, format!("/charges/{n}"))
+            .header("x-cell-ref", n.to_string())
+            .header("x-not-replayed", n.to_string())
+            .header("idempotency-replay-headers", "x-cell-ref")
+            .body(Body::from(json.to_string()))
+            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+    }
     match last {
         "slow" => {
             tokio::time::sleep(Duration::from_secs(3)).await;

@@ -74,6 +74,12 @@ error_codes! {
     PayloadTooLarge = (413, "PAYLOAD_TOO_LARGE", "The request body is too large"),
     /// The request body is not `application/json`.
     UnsupportedMediaType = (415, "UNSUPPORTED_MEDIA_TYPE", "The request body must be application/json"),
+    /// A POST, PUT, PATCH or DELETE on a gateway route with `idempotency: required` came without `Idempotency-Key`.
+    IdempotencyKeyRequired = (400, "IDEMPOTENCY_KEY_REQUIRED", "This route requires an Idempotency-Key"),
+    /// The request with this `Idempotency-Key` is still being executed; retry with the same key after `Retry-After`.
+    IdempotencyInFlight = (409, "IDEMPOTENCY_IN_FLIGHT", "A request with this idempotency key is in flight"),
+    /// The `Idempotency-Key` was used with another method, path or body, or by another principal.
+    IdempotencyKeyReused = (422, "IDEMPOTENCY_KEY_REUSED", "The idempotency key was used for another request"),
     /// Too many requests; see `Retry-After`.
     RateLimited = (429, "RATE_LIMITED", "Too many requests"),
     /// An unexpected failure inside the kernel; details are in the kernel's log under the correlation id.

@@ -4,7 +4,8 @@
 //! the registry on every change, never queried per request), authenticated and
 //! authorized like any kernel call, checked against the canon's health and
 //! circuit breaker, and forwarded with a signed identity over a pooled client,
-//! bodies streamed both ways.
+//! bodies streamed both ways. A keyed mutation on a route whose `idempotency`
+//! is not `off` is run once per key by `crate::idempotency::gateway`.
 //!
 //! - [`table`]: the compiled route table and matcher.
 //! - [`path`]: splitting and refusing dangerous paths.

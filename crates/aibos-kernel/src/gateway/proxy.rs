@@ -1,4 +1,5 @@
-//! `/api/gateway/{canon}/{*path}`: match, authenticate, authorize, protect, forward.
+//! `/api/gateway/{canon}/{*path}`: match, authenticate, authorize, idempotency
+//! (a keyed call: `crate::idempotency::gateway`), protect, forward.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,14 +30,17 @@ use crate::state::{AppState, EventLoopLocal};
 #[utoipa::path(method(get, post, put, patch, delete), path = "/api/gateway/{canon}/{path}", tag = "gateway",
     security(("bearer" = [])),
     params(("canon" = String, Path, description = "The canon's name"),
-           ("path" = String, Path, description = "The path under the canon, matched against its routes and forwarded with the query string")),
+           ("path" = String, Path, description = "The path under the canon, matched against its routes and forwarded with the query string"),
+           ("Idempotency-Key" = Option<String>, Header, description = "1–255 printable ASCII characters, on POST, PUT, PATCH or DELETE of a route whose idempotency is optional or required: the cell is called once per key and tenant; a repeat gets the stored answer with `Idempotent-Replayed: true` (docs/idempotency.md)")),
     responses(
-        (status = 200, description = "The cell's own answer, any status, passed through unchanged"),
-        (status = 400, description = "VALIDATION_ERROR: a path with '..', encoded '/' or '\\', ';' or '%3B', or double encoding"),
+        (status = 200, description = "The cell's own answer, any status, passed through unchanged; a stored one with `Idempotent-Replayed: true`"),
+        (status = 400, description = "VALIDATION_ERROR: a path with '..', encoded '/' or '\\', ';' or '%3B', or double encoding, or a malformed Idempotency-Key; IDEMPOTENCY_KEY_REQUIRED: a route whose idempotency is required, called without a key"),
         (status = 401, description = "UNAUTHORIZED"),
         (status = 403, description = "FORBIDDEN: the route's required permissions are missing"),
         (status = 404, description = "ROUTE_NOT_FOUND"),
         (status = 429, description = "RATE_LIMITED: the route's, the user's or the tenant's limit, with Retry-After"),
+        (status = 409, description = "IDEMPOTENCY_IN_FLIGHT: the call with this Idempotency-Key is still executing; retry with the same key after Retry-After"),
+        (status = 422, description = "IDEMPOTENCY_KEY_REUSED: the Idempotency-Key was used for another method, path or body, or by another principal"),
         (status = 503, description = "UPSTREAM_UNAVAILABLE: refused, reset, unhealthy, or circuit open (with Retry-After)"),
         (status = 504, description = "UPSTREAM_TIMEOUT")))]
 #[allow(dead_code)]
@@ -58,7 +62,7 @@ pub async fn proxy(
 
 /// Forwards one call to its cell on behalf of the event loop `local` (the
 /// front door's direct path; [`proxy`] is the router's).
-pub async fn forward(state: &AppState, local: &EventLoopLocal, request: Request) -> Response {
+pub async fn forward(state: &AppState, local: &Arc<EventLoopLocal>, request: Request) -> Response {
     let mut rate_headers = None;
     let mut response = match forward_call(state, local, request, &mut rate_headers).await {
         Ok(response) => response,
@@ -76,12 +80,11 @@ fn route_not_found(detail: &str) -> ApiError {
 
 async fn forward_call(
     state: &AppState,
-    local: &EventLoopLocal,
+    local: &Arc<EventLoopLocal>,
     request: Request,
     rate_headers: &mut Option<crate::ratelimit::RateHeaders>,
 ) -> Result<Response, ApiError> {
-    let client = &local.upstream;
-    let (mut parts, body) = request.into_parts();
+    let (parts, body) = request.into_parts();
     let uri = parts.uri.clone();
     let (canon_name, raw_rest) =
         path::split(uri.path()).ok_or_else(|| route_not_found("Not a gateway path."))?;
@@ -108,6 +111,42 @@ async fn forward_call(
         .await;
     limits.admit(rate_headers)?;
 
+    // Idempotency (SPEC §8): a keyed call is run once, in a task of its own.
+    if let Some(key) = crate::idempotency::gateway::key_for(route.idempotency, &parts)? {
+        let (canon, caller) = (canon.clone(), caller);
+        return Ok(crate::idempotency::gateway::serve(
+            state, local, canon, route, caller, parts, body, key,
+        )
+        .await);
+    }
+    send_to_cell(
+        state,
+        &local.upstream,
+        &canon,
+        route,
+        &caller,
+        (&uri, raw_rest),
+        parts,
+        body,
+    )
+    .await
+}
+
+/// The call to the cell, after the route matched and the caller was
+/// authorised: health, breaker, assertion, the upstream request with its
+/// retries, and the answer streamed back. `target` is the request's URI and
+/// the path under the canon within it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn send_to_cell(
+    state: &AppState,
+    client: &UpstreamClient,
+    canon: &CanonEntry,
+    route: &RouteEntry,
+    caller: &Caller,
+    (uri, raw_rest): (&Uri, &str),
+    mut parts: Parts,
+    body: Body,
+) -> Result<Response, ApiError> {
     let config = state.config_ref();
     let gateway = &config.gateway;
     if canon.state.health() == Health::Unhealthy {
@@ -117,7 +156,7 @@ async fn forward_call(
             status: None,
             latency: Duration::ZERO,
         };
-        audit_failure(state, &caller, &canon, route, &failure).await;
+        audit_failure(state, caller, canon, route, &failure).await;
         return Err(ApiError::new(
             ErrorCode::UpstreamUnavailable,
             "The service behind this route fails its health checks; try again later.",
@@ -203,7 +242,7 @@ async fn forward_call(
                 status: None,
                 latency: Duration::ZERO,
             };
-            audit_failure(state, &caller, &canon, route, &failure).await;
+            audit_failure(state, caller, canon, route, &failure).await;
             return Err(ApiError::new(
                 ErrorCode::UpstreamUnavailable,
                 "The service behind this route is failing; its circuit is open.",
@@ -291,7 +330,7 @@ async fn forward_call(
             route.metrics.upstream_latency(latency);
             let status = response.status();
             let failed = status.is_server_error();
-            note_breaker(&canon, outcome_to_record.record(!failed));
+            note_breaker(canon, outcome_to_record.record(!failed));
             if failed {
                 route.metrics.call(Outcome::CellError);
                 let failure = Failure {
@@ -299,7 +338,7 @@ async fn forward_call(
                     status: Some(status.as_u16()),
                     latency,
                 };
-                audit_failure(state, &caller, &canon, route, &failure).await;
+                audit_failure(state, caller, canon, route, &failure).await;
             } else {
                 route.metrics.call(Outcome::Ok);
             }
@@ -308,7 +347,7 @@ async fn forward_call(
             Ok(Response::from_parts(head, body))
         }
         Err(kind) => {
-            note_breaker(&canon, outcome_to_record.record(false));
+            note_breaker(canon, outcome_to_record.record(false));
             let (outcome, code, detail) = if kind == "timeout" {
                 (
                     Outcome::Timeout,
@@ -328,7 +367,7 @@ async fn forward_call(
                 status: None,
                 latency,
             };
-            audit_failure(state, &caller, &canon, route, &failure).await;
+            audit_failure(state, caller, canon, route, &failure).await;
             Err(ApiError::new(code, detail))
         }
     }
@@ -376,7 +415,8 @@ fn retry_after_value(wait: Duration) -> HeaderValue {
     HeaderValue::from(seconds.max(1))
 }
 
-fn body_error(e: axum::Error) -> ApiError {
+/// The problem for a request body that could not be read: 413 over the limit.
+pub(crate) fn body_error(e: axum::Error) -> ApiError {
     let limit_hit =
         std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
     if limit_hit {

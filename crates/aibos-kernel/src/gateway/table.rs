@@ -146,6 +146,7 @@ impl RouteTable {
                     timeout: r.timeout_ms.and_then(millis),
                     forward_cookies: r.forward_cookies,
                     rate_limit: r.rate_limit,
+                    idempotency: crate::idempotency::gateway::Mode::parse(&r.idempotency),
                 })
                 .collect();
             canons.insert(
@@ -218,6 +219,8 @@ pub struct RouteEntry {
     pub forward_cookies: bool,
     /// The route's own per-user rate limit, replacing `rate_limit.user_*`.
     pub rate_limit: Option<crate::registry::RouteRateLimit>,
+    /// How `Idempotency-Key` is treated (`idempotency::gateway`).
+    pub idempotency: crate::idempotency::gateway::Mode,
     /// Cached metric handles.
     pub metrics: RouteMetrics,
 }

@@ -3,7 +3,8 @@
 //!
 //! Request path, outermost first: `edge` (correlation id, trace context, log
 //! span, body limit, security headers, metrics) → `CatchPanic` → CORS (only
-//! when origins are configured) → the route's handler, or the problem+json
+//! when origins are configured) → `Idempotency-Key` on kernel mutations
+//! (`idempotency::kernel`) → the route's handler, or the problem+json
 //! fallbacks for unknown paths and methods.
 
 pub mod conn;
@@ -63,7 +64,12 @@ pub fn finish(routes: Router<AppState>, state: AppState, config: &Config) -> Rou
                 .option_layer(
                     (!config.server.cors_allowed_origins.is_empty())
                         .then(|| cors(&config.server.cors_allowed_origins)),
-                ),
+                )
+                // `Idempotency-Key` on kernel API mutations (idempotency/kernel.rs).
+                .layer(axum::middleware::from_fn_with_state(
+                    state.clone(),
+                    crate::idempotency::kernel::middleware,
+                )),
         )
         .with_state(state)
 }

@@ -128,6 +128,7 @@ pub fn add_common_problems(doc: &mut utoipa::openapi::OpenApi) {
     for (path, item) in doc.paths.paths.iter_mut() {
         // Rate limits (ratelimit/) apply to every path but the probes and the scrape.
         let limited = !crate::ratelimit::is_exempt(path);
+        describe_idempotency(path, item);
         for (method, op) in [
             ("get", &mut item.get),
             ("put", &mut item.put),
@@ -164,6 +165,51 @@ pub fn add_common_problems(doc: &mut utoipa::openapi::OpenApi) {
                 if *n > 1 {
                     *id = format!("{id}_{method}");
                 }
+            }
+        }
+    }
+}
+
+/// `Idempotency-Key` on every kernel mutation that honours it
+/// (`idempotency::kernel`), with the answers it adds.
+fn describe_idempotency(path: &str, item: &mut utoipa::openapi::PathItem) {
+    use utoipa::openapi::path::{ParameterBuilder, ParameterIn};
+    if !path.starts_with("/api/kernel/")
+        || crate::idempotency::kernel::BODY_CREDENTIAL_PATHS.contains(&path)
+    {
+        return;
+    }
+    for op in [
+        &mut item.post,
+        &mut item.put,
+        &mut item.patch,
+        &mut item.delete,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        op.parameters.get_or_insert_with(Vec::new).push(
+            ParameterBuilder::new()
+                .name("Idempotency-Key")
+                .parameter_in(ParameterIn::Header)
+                .description(Some("1–255 printable ASCII characters: the request runs once per key and tenant; a repeat gets the stored response with `Idempotent-Replayed: true` (docs/idempotency.md)."))
+                .schema(Some(utoipa::openapi::ObjectBuilder::new().schema_type(utoipa::openapi::schema::Type::String).min_length(Some(1)).max_length(Some(255))))
+                .build()
+                .into(),
+        );
+        for status in ["409", "422"] {
+            let response = op
+                .responses
+                .responses
+                .entry(status.to_owned())
+                .or_insert_with(|| ResponseBuilder::new().build().into());
+            if let utoipa::openapi::RefOr::T(response) = response
+                && !response.description.trim().is_empty()
+                && status == "409"
+            {
+                response
+                    .description
+                    .push_str(" Or IDEMPOTENCY_IN_FLIGHT: the request with this Idempotency-Key is still executing (with Retry-After).");
             }
         }
     }

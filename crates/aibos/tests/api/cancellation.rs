@@ -136,11 +136,15 @@ crate::both_engines! {
                 assert_eq!(stuck, 0, "no pooled connection is left inside a transaction");
             }
             Db::Sqlite(_) => {
-                // A leaked transaction would hold SQLite's one write lock: a
-                // connection of its own, with no patience, takes it at once.
+                // A leaked transaction would hold SQLite's one write lock for
+                // ever: a connection of its own takes it within two seconds.
+                // Not at once: a hung-up request's detached write may still be
+                // asleep in SQLite's busy handler (up to 100 ms between
+                // tries) after the counts looked settled, and take the lock
+                // for a moment after the test looked.
                 use sqlx::Connection as _;
                 let options = <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(kernel.db.url()).unwrap()
-                    .busy_timeout(Duration::ZERO);
+                    .busy_timeout(Duration::from_secs(2));
                 let mut other = sqlx::SqliteConnection::connect_with(&options).await.unwrap();
                 sqlx::query("BEGIN IMMEDIATE").execute(&mut other).await.expect("the write lock is free: no transaction was left open");
                 sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();

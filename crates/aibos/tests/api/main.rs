@@ -17,6 +17,7 @@ mod escalation;
 mod events;
 mod gateway;
 mod health;
+mod idempotency;
 mod identity;
 mod kernel_events;
 mod migrations;
