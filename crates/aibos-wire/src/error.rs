@@ -68,8 +68,6 @@ error_codes! {
     Conflict = (409, "CONFLICT", "The request conflicts with the current state"),
     /// `If-Match` named a version that is not the current one.
     PreconditionFailed = (412, "PRECONDITION_FAILED", "The resource has changed since it was read"),
-    /// An update without `If-Match` where `http.require_if_match` makes it mandatory.
-    PreconditionRequired = (428, "PRECONDITION_REQUIRED", "If-Match is required on updates"),
     /// The request body exceeds the configured limit.
     PayloadTooLarge = (413, "PAYLOAD_TOO_LARGE", "The request body is too large"),
     /// The request body is not `application/json`.
@@ -80,6 +78,8 @@ error_codes! {
     IdempotencyInFlight = (409, "IDEMPOTENCY_IN_FLIGHT", "A request with this idempotency key is in flight"),
     /// The `Idempotency-Key` was used with another method, path or body, or by another principal.
     IdempotencyKeyReused = (422, "IDEMPOTENCY_KEY_REUSED", "The idempotency key was used for another request"),
+    /// An update without `If-Match` where `http.require_if_match` makes it mandatory.
+    PreconditionRequired = (428, "PRECONDITION_REQUIRED", "If-Match is required on updates"),
     /// Too many requests; see `Retry-After`.
     RateLimited = (429, "RATE_LIMITED", "Too many requests"),
     /// An unexpected failure inside the kernel; details are in the kernel's log under the correlation id.
