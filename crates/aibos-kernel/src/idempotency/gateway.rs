@@ -8,13 +8,11 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
-use http_body_util::BodyExt;
 
-use super::{Fingerprint, IDEMPOTENCY_KEY, IdempotencyKey, Keyed};
+use super::{IDEMPOTENCY_KEY, IdempotencyKey, Keyed};
 use crate::authz::Caller;
 use crate::error::{ApiError, ErrorCode};
 use crate::gateway::table::{CanonEntry, RouteEntry};
-use crate::http::edge::RequestContext;
 use crate::state::{AppState, EventLoopLocal};
 
 /// A route's `idempotency` field.
@@ -69,17 +67,9 @@ pub async fn serve(
     body: Body,
     key: IdempotencyKey,
 ) -> Response {
-    let bytes = match body.collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) => return crate::gateway::proxy::body_error(e).into_response(),
-    };
-    let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let keyed = Keyed {
-        fingerprint: Fingerprint::of(&parts.method, path_and_query, &bytes),
-        tenant_id: caller.tenant_id().to_owned(),
-        subject_id: caller.subject_id().to_owned(),
-        key,
-        context: parts.extensions.get::<RequestContext>().copied(),
+    let (keyed, bytes) = match Keyed::read(&parts, body, &caller, key).await {
+        Ok(read) => read,
+        Err(refused) => return refused,
     };
     // The key stays locked at least as long as the call may take.
     let config = state.config_ref();

@@ -15,11 +15,9 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use http_body_util::BodyExt;
 
-use super::{Fingerprint, IDEMPOTENCY_KEY, IdempotencyKey, Keyed};
+use super::{IDEMPOTENCY_KEY, IdempotencyKey, Keyed};
 use crate::authz::Caller;
-use crate::http::edge::RequestContext;
 use crate::state::{AppState, EventLoopLocal};
 
 /// The kernel API's prefix.
@@ -53,17 +51,9 @@ pub async fn middleware(State(state): State<AppState>, request: Request, next: N
         Ok(key) => key,
         Err(e) => return e.into_response(),
     };
-    let bytes = match body.collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) => return crate::gateway::proxy::body_error(e).into_response(),
-    };
-    let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let keyed = Keyed {
-        fingerprint: Fingerprint::of(&parts.method, path_and_query, &bytes),
-        tenant_id: caller.tenant_id().to_owned(),
-        subject_id: caller.subject_id().to_owned(),
-        key,
-        context: parts.extensions.get::<RequestContext>().copied(),
+    let (keyed, bytes) = match Keyed::read(&parts, body, &caller, key).await {
+        Ok(read) => read,
+        Err(refused) => return refused,
     };
     let lock = Duration::from_secs(state.config_ref().idempotency.lock_timeout_seconds);
     let request = Request::from_parts(parts, Body::from(bytes));

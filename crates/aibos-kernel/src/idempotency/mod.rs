@@ -156,6 +156,33 @@ pub struct Keyed {
     pub context: Option<RequestContext>,
 }
 
+impl Keyed {
+    /// Reads a keyed request's body (bounded by the edge's limit) and names
+    /// its record: the caller's tenant and subject, the key, and the
+    /// fingerprint over method, path and query, and body. The body comes back
+    /// to be sent on.
+    pub async fn read(
+        parts: &axum::http::request::Parts,
+        body: Body,
+        caller: &crate::authz::Caller,
+        key: IdempotencyKey,
+    ) -> Result<(Keyed, Bytes), Response> {
+        let bytes = match body.collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) => return Err(crate::gateway::proxy::body_error(e).into_response()),
+        };
+        let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let keyed = Keyed {
+            fingerprint: Fingerprint::of(&parts.method, path_and_query, &bytes),
+            tenant_id: caller.tenant_id().to_owned(),
+            subject_id: caller.subject_id().to_owned(),
+            key,
+            context: parts.extensions.get::<RequestContext>().copied(),
+        };
+        Ok((keyed, bytes))
+    }
+}
+
 /// A stored response: what a replay answers.
 #[derive(Debug)]
 pub struct Stored {
