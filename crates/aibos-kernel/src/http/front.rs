@@ -9,8 +9,14 @@
 //! request and its future across a dozen nested polls. Here a gateway call is
 //! one boxed future around the edge, a panic guard and the proxy.
 //!
-//! With CORS configured the router serves the gateway too, so that its layer
-//! answers preflights and adds its headers to the gateway's responses alike.
+//! The liveness probe (`GET /api/health/live`) is answered here too, inside the
+//! same edge: it is the one endpoint an orchestrator or a load balancer calls
+//! on every instance every few seconds, and its answer never depends on
+//! anything, so it need not pay for the router's match and layers (they were
+//! about a tenth of its CPU, `perf`, docs/performance.md).
+//!
+//! With CORS configured the router serves both, so that its layer answers
+//! preflights and adds its headers to their responses alike.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -33,6 +39,8 @@ use crate::state::{AppState, EventLoopLocal};
 /// The gateway's path prefix; the router serves [`GATEWAY_CANON_ROUTE`] and
 /// [`GATEWAY_PATH_ROUTE`], the door everything under the prefix.
 const GATEWAY_PREFIX: &str = "/api/gateway/";
+/// The liveness probe, answered by the door (see the module documentation).
+const LIVE_PATH: &str = "/api/health/live";
 /// The router's gateway route for a canon's root.
 pub const GATEWAY_CANON_ROUTE: &str = "/api/gateway/{canon}";
 /// The router's gateway route for a path under a canon.
@@ -103,8 +111,26 @@ impl Service<Request> for FrontDoor {
         request.extensions_mut().insert(ConnectInfo(self.remote));
         let shared = self.shared.clone();
         let closing = closes_to_shed(&shared.local, &request);
-        let direct = shared.gateway_direct && request.uri().path().starts_with(GATEWAY_PREFIX);
+        let path = request.uri().path();
+        let direct = shared.gateway_direct && path.starts_with(GATEWAY_PREFIX);
         if !direct {
+            if shared.gateway_direct
+                && path == LIVE_PATH
+                && request.method() == axum::http::Method::GET
+            {
+                return Box::pin(async move {
+                    let _in_flight = in_flight;
+                    let response = edge::around(&shared.state, request, LIVE_PATH, |_| async {
+                        crate::health::routes::liveness()
+                    })
+                    .await;
+                    Ok(if closing {
+                        close_connection(response)
+                    } else {
+                        response
+                    })
+                });
+            }
             // The router is always ready (axum's `Router::poll_ready`).
             let routed = shared.router.clone().call(request);
             return Box::pin(routed.map(move |response| {

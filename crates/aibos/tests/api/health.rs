@@ -126,3 +126,59 @@ async fn the_openapi_document_validates_against_the_openapi_3_1_schema() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "valid");
 }
+
+/// The front door answers the liveness probe itself unless CORS is configured
+/// (`http::front`); both ways give the same answer, and only `GET` is served.
+#[tokio::test]
+async fn the_liveness_probe_answers_alike_through_the_door_and_the_router() {
+    let door = spawn_kernel(aibos_testkit::Engine::Sqlite).await.unwrap();
+    let routed = aibos_testkit::spawn_kernel_with(
+        aibos_testkit::Engine::Sqlite,
+        aibos_testkit::KernelOptions {
+            env: vec![(
+                "AIBOS_SERVER__CORS_ALLOWED_ORIGINS".into(),
+                "[\"https://console.example\"]".into(),
+            )],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut answers = Vec::new();
+    for kernel in [&door, &routed] {
+        let r = kernel
+            .client
+            .get(kernel.url("/api/health/live"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let mut headers: Vec<(String, String)> = r
+            .headers()
+            .iter()
+            .filter(|(name, _)| {
+                !["date", "x-correlation-id", "vary"].contains(&name.as_str())
+                    && !name.as_str().starts_with("access-control-")
+            })
+            .map(|(name, value)| (name.to_string(), value.to_str().unwrap().to_owned()))
+            .collect();
+        headers.sort();
+        answers.push((headers, r.text().await.unwrap()));
+        let r = kernel
+            .client
+            .post(kernel.url("/api/health/live"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 405, "only GET is the probe");
+        let r = kernel
+            .client
+            .get(kernel.url("/api/health/live/x"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404);
+    }
+    assert_eq!(answers[0], answers[1]);
+    assert_eq!(answers[0].1, r#"{"status":"alive"}"#);
+}
