@@ -44,7 +44,7 @@ count() {
   AIBOS_BIN=$bin gateway_canon "$dir" "$upstream_port" AIBOS_SERVER__EVENT_LOOPS=1 >/dev/null
   port=${gateway_url#http://127.0.0.1:} port=${port%%/*}
   kill "$kernel_pid"; wait "$kernel_pid" 2>/dev/null || true
-  (cd "$dir" && exec env AIBOS_SERVER__BIND="127.0.0.1:$port" AIBOS_LOG__FORMAT=json AIBOS_SERVER__EVENT_LOOPS=1 "${RATE_LIMITS_NEVER_REFUSE[@]}" \
+  (cd "$dir" && exec env AIBOS_SERVER__BIND="127.0.0.1:$port" AIBOS_LOG__FORMAT=json AIBOS_SERVER__EVENT_LOOPS=1 $(never_refusing_limits "$bin") \
     valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$dir/callgrind.out" \
     "$bin" serve 2>"$dir/kernel.log") &
   vg_pid=$!

@@ -39,13 +39,29 @@ RATE_LIMITS_NEVER_REFUSE=(AIBOS_RATE_LIMIT__USER_PER_MINUTE=1000000 AIBOS_RATE_L
   AIBOS_RATE_LIMIT__TENANT_PER_MINUTE=1000000 AIBOS_RATE_LIMIT__TENANT_BURST=1000000
   AIBOS_RATE_LIMIT__ADDRESS_PER_MINUTE=1000000 AIBOS_RATE_LIMIT__ADDRESS_BURST=1000000)
 
+# never_refusing_limits BIN: prints, one per line, those of RATE_LIMITS_NEVER_REFUSE
+# that BIN's configuration knows (a build from before a key was added refuses to
+# start on it), so that older builds can be measured beside newer ones.
+never_refusing_limits() {
+  local known
+  known=$("$1" config show 2>/dev/null) || { printf '%s\n' "${RATE_LIMITS_NEVER_REFUSE[@]}"; return; }
+  local setting key
+  for setting in "${RATE_LIMITS_NEVER_REFUSE[@]}"; do
+    key=${setting%%=*} key=${key#AIBOS_RATE_LIMIT__}
+    grep -qi "^${key} = " <<<"$known" && echo "$setting"
+  done
+  return 0
+}
+
 # start_kernel DIR PORT [ENV=VALUE…]: the release kernel on its embedded default
 # database in DIR, logging JSON to DIR/kernel.log; sets kernel_pid.
 start_kernel() {
   local dir=$1 port=$2
   shift 2
   mkdir -p "$dir"
-  (cd "$dir" && exec env AIBOS_SERVER__BIND="127.0.0.1:$port" AIBOS_LOG__FORMAT=json "${RATE_LIMITS_NEVER_REFUSE[@]}" "$@" "$AIBOS_BIN" serve 2>"$dir/kernel.log") &
+  local limits
+  mapfile -t limits < <(never_refusing_limits "$AIBOS_BIN")
+  (cd "$dir" && exec env AIBOS_SERVER__BIND="127.0.0.1:$port" AIBOS_LOG__FORMAT=json "${limits[@]}" "$@" "$AIBOS_BIN" serve 2>"$dir/kernel.log") &
   kernel_pid=$!
   wait_http "http://127.0.0.1:$port/api/health"
 }
