@@ -17,7 +17,7 @@ url=${DATABASE_URL:-sqlite://$work/audit.db}
 
 echo "filling $N entries into $url ..." >&2
 fill_started=$(date +%s.%N)
-"$BENCH_ROOT/target/release/examples/audit_fill" "$url" "$N" "$work/canonical.txt" >/dev/null
+"$BENCH_ROOT/target/dist/examples/audit_fill" "$url" "$N" "$work/canonical.txt" >/dev/null
 fill_seconds=$(awk -v s="$fill_started" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')
 bytes=$(stat -c %s "$work/canonical.txt")
 

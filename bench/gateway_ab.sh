@@ -8,8 +8,8 @@
 # where two runs of bench/gateway.sh minutes apart differ more than the change
 # does.
 #
-#   git stash; cargo build --release -p aibos; cp target/release/aibos /tmp/aibos-a
-#   git stash pop; cargo build --release -p aibos; cp target/release/aibos /tmp/aibos-b
+#   git stash; cargo build --profile dist -p aibos; cp target/dist/aibos /tmp/aibos-a
+#   git stash pop; cargo build --profile dist -p aibos; cp target/dist/aibos /tmp/aibos-b
 #   A=/tmp/aibos-a B=/tmp/aibos-b bench/gateway_ab.sh     # ROUNDS=6 SECONDS_PER_ROUND=8
 #
 # EVENT_LOOPS=1 runs both kernels with one event loop: on 2 shared cores its

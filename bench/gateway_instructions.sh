@@ -14,7 +14,7 @@
 # software there (about 31 k instructions per call, against a few hundred
 # cycles on the real machine); it is reported apart.
 #
-#   bench/gateway_instructions.sh target/release/aibos /tmp/aibos-before   # ~1 min per build
+#   bench/gateway_instructions.sh target/dist/aibos /tmp/aibos-before   # ~1 min per build
 #
 # KEEP_PROFILES=DIR keeps each build's callgrind profile there (DIR/<n>.callgrind,
 # in argument order) for callgrind_annotate --inclusive=yes.

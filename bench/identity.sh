@@ -44,7 +44,7 @@ for round in $(seq 1 "$ROUNDS"); do
   # and the other requests do their database work (a durable SQLite commit each)
   # while the cores hash. With one connection per core the cores idle during commits.
   wrk_run "$base/api/kernel/auth/login" "$((CORES * 4))" "$SECONDS_PER_ROUND" -s "$work/login.lua" | cut -d' ' -f1 >>"$work/login.txt"
-  "$BENCH_ROOT/target/release/examples/argon2_rate" "$CORES" "$SECONDS_PER_ROUND" >>"$work/argon2.txt"
+  "$BENCH_ROOT/target/dist/examples/argon2_rate" "$CORES" "$SECONDS_PER_ROUND" >>"$work/argon2.txt"
   echo "round $round: login $(tail -n1 "$work/login.txt")/s  argon2 $(tail -n1 "$work/argon2.txt")/s" >&2
 done
 login_rps=$(median <"$work/login.txt")

@@ -4,7 +4,8 @@
 set -euo pipefail
 
 BENCH_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-AIBOS_BIN="$BENCH_ROOT/target/release/aibos"
+# The shipped build: the `dist` profile (fat LTO, one code unit; Cargo.toml).
+AIBOS_BIN="$BENCH_ROOT/target/dist/aibos"
 
 # Installs Debian packages that are missing (the benchmarks need wrk and nginx).
 ensure_packages() {
@@ -20,15 +21,15 @@ ensure_packages() {
   fi
 }
 
-# build_release [examples]: the release binary, and the kernel's example
-# programs when a script runs one (each is a whole-program LTO link of its own).
-# AIBOS_BENCH_NO_BUILD=1 uses the release binary as it is (to measure a build
-# made earlier while the tree moved on).
+# build_release [examples]: the shipped (`dist`) binary, and the kernel's
+# example programs when a script runs one (each is a whole-program LTO link of
+# its own), under target/dist/. AIBOS_BENCH_NO_BUILD=1 uses the binary as it is
+# (to measure a build made earlier while the tree moved on).
 build_release() {
   [ -n "${AIBOS_BENCH_NO_BUILD:-}" ] && [ -x "$AIBOS_BIN" ] && return 0
-  (cd "$BENCH_ROOT" && cargo build --release -q -p aibos)
+  (cd "$BENCH_ROOT" && cargo build --profile dist -q -p aibos)
   if [ "${1:-}" = examples ]; then
-    (cd "$BENCH_ROOT" && cargo build --release -q -p aibos-kernel --examples)
+    (cd "$BENCH_ROOT" && cargo build --profile dist -q -p aibos-kernel --examples)
   fi
 }
 

@@ -13,8 +13,8 @@ REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 REDIS_HOST=${REDIS_URL#redis://}; REDIS_HOST=${REDIS_HOST%%/*}
 REDIS_PORT=${REDIS_HOST##*:}; REDIS_HOST=${REDIS_HOST%%:*}
 
-(cd "$BENCH_ROOT" && cargo build --release -q -p aibos-kernel --example ratelimit_decision)
-example="$BENCH_ROOT/target/release/examples/ratelimit_decision"
+(cd "$BENCH_ROOT" && cargo build --profile dist -q -p aibos-kernel --example ratelimit_decision)
+example="$BENCH_ROOT/target/dist/examples/ratelimit_decision"
 
 if redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG; then
   out=$("$example" "$REDIS_URL")
