@@ -32,6 +32,17 @@ use tokio_util::sync::CancellationToken;
 pub use db::{Engine, TestDb};
 
 /// Re-export so tests can add probe routes without naming axum themselves.
+/// The first of `candidates` (a name on `PATH`, or a path) that runs with
+/// `--version`: the server binary a test starts a private copy of.
+pub(crate) fn installed_binary(candidates: [&'static str; 3]) -> Option<&'static str> {
+    candidates.into_iter().find(|binary| {
+        std::process::Command::new(binary)
+            .arg("--version")
+            .output()
+            .is_ok()
+    })
+}
+
 pub mod axum_free {
     pub use aibos_kernel::http::extract::AppJson;
     pub type Router = axum::Router<aibos_kernel::state::AppState>;

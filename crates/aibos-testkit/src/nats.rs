@@ -77,18 +77,11 @@ impl TestNats {
     /// why) when the binary is missing, unless `AIBOS_REQUIRE_NATS=1`.
     pub async fn spawn_own() -> Option<(TestNats, OwnNats)> {
         let required = std::env::var("AIBOS_REQUIRE_NATS").as_deref() == Ok("1");
-        let Some(binary) = [
+        let Some(binary) = crate::installed_binary([
             "nats-server",
             "/usr/sbin/nats-server",
             "/usr/bin/nats-server",
-        ]
-        .into_iter()
-        .find(|b| {
-            std::process::Command::new(b)
-                .arg("--version")
-                .output()
-                .is_ok()
-        }) else {
+        ]) else {
             assert!(
                 !required,
                 "AIBOS_REQUIRE_NATS=1 but no nats-server binary is installed"

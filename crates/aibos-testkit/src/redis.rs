@@ -83,18 +83,11 @@ impl OwnRedis {
     /// Starts one; `None` (after saying why) when `redis-server` is not
     /// installed, unless `AIBOS_REQUIRE_REDIS=1`.
     pub async fn spawn() -> Option<OwnRedis> {
-        let Some(binary) = [
+        let Some(binary) = crate::installed_binary([
             "redis-server",
             "/usr/bin/redis-server",
             "/usr/sbin/redis-server",
-        ]
-        .into_iter()
-        .find(|b| {
-            std::process::Command::new(b)
-                .arg("--version")
-                .output()
-                .is_ok()
-        }) else {
+        ]) else {
             assert!(
                 !required(),
                 "AIBOS_REQUIRE_REDIS=1 but no redis-server binary is installed"
