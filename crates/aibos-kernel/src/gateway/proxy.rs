@@ -119,7 +119,10 @@ async fn forward_call(
         )
         .await);
     }
-    send_to_cell(
+    let call_audit = route
+        .audit_calls
+        .then(|| CallAudit::new(&caller, &canon, route, &parts.method, None));
+    let response = send_to_cell(
         state,
         &local.upstream,
         &canon,
@@ -129,7 +132,83 @@ async fn forward_call(
         parts,
         body,
     )
-    .await
+    .await?;
+    if let Some(call_audit) = call_audit {
+        call_audit.record_alone(state, response.status()).await;
+    }
+    Ok(response)
+}
+
+/// The `gateway.call` entry of a call on a route with `audit_calls`: what the
+/// cell was asked (canon, route, method, path pattern, idempotency key) and
+/// what it answered (status, latency), in the caller's tenant chain under the
+/// request's correlation id. Taken before the call; written once the cell's
+/// answer head is in, before the client sees it. A call the cell never
+/// answered is audited as `gateway.upstream_error` instead.
+pub(crate) struct CallAudit {
+    context: crate::audit::AuditContext,
+    canon_id: String,
+    details: serde_json::Value,
+    started: Instant,
+}
+
+impl CallAudit {
+    pub(crate) fn new(
+        caller: &Caller,
+        canon: &CanonEntry,
+        route: &RouteEntry,
+        method: &Method,
+        idempotency_key: Option<&str>,
+    ) -> CallAudit {
+        CallAudit {
+            context: caller.audit_context(),
+            canon_id: canon.id.clone(),
+            details: serde_json::json!({
+                "canon": canon.name,
+                "route_id": route.id,
+                "route": route.path,
+                "method": method.as_str(),
+                "idempotency_key": idempotency_key,
+            }),
+            started: Instant::now(),
+        }
+    }
+
+    /// The entry for the cell's answer `status`: a success below 400, a
+    /// failure from 400 (a warning from 500).
+    pub(crate) fn event(
+        self,
+        status: axum::http::StatusCode,
+    ) -> (crate::audit::AuditContext, AuditEvent) {
+        let mut details = self.details;
+        details["status"] = status.as_u16().into();
+        details["latency_ms"] = u64::try_from(self.started.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .into();
+        let event = AuditEvent::new("gateway.call")
+            .outcome(if status.as_u16() < 400 {
+                "success"
+            } else {
+                "failure"
+            })
+            .severity(if status.is_server_error() {
+                "warning"
+            } else {
+                "info"
+            })
+            .resource("canon", &self.canon_id)
+            .details(details);
+        (self.context, event)
+    }
+
+    /// Writes the entry in a transaction of its own. A failure is logged, not
+    /// answered: the cell has acted, and the client must hear what it said.
+    pub(crate) async fn record_alone(self, state: &AppState, status: axum::http::StatusCode) {
+        let (context, event) = self.event(status);
+        if let Err(e) = state.audit_alone(context, event).await {
+            tracing::error!(error = ?e.code(), "could not audit a gateway call");
+        }
+    }
 }
 
 /// The call to the cell, after the route matched and the caller was

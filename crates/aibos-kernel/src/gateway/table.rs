@@ -145,6 +145,7 @@ impl RouteTable {
                     required_permissions: r.required_permissions,
                     timeout: r.timeout_ms.and_then(millis),
                     forward_cookies: r.forward_cookies,
+                    audit_calls: r.audit_calls,
                     rate_limit: r.rate_limit,
                     idempotency: crate::idempotency::gateway::Mode::parse(&r.idempotency),
                 })
@@ -217,6 +218,8 @@ pub struct RouteEntry {
     pub timeout: Option<Duration>,
     /// Whether `Cookie` reaches the cell.
     pub forward_cookies: bool,
+    /// Every call leaves a `gateway.call` audit entry (`gateway::proxy::CallAudit`).
+    pub audit_calls: bool,
     /// The route's own per-user rate limit, replacing `rate_limit.user_*`.
     pub rate_limit: Option<crate::registry::RouteRateLimit>,
     /// How `Idempotency-Key` is treated (`idempotency::gateway`).
@@ -395,6 +398,7 @@ mod tests {
             rate_limit: None,
             timeout_ms: None,
             forward_cookies: false,
+            audit_calls: false,
             version: 1,
             created_at: String::new(),
             updated_at: String::new(),

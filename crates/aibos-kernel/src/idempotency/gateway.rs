@@ -67,10 +67,19 @@ pub async fn serve(
     body: Body,
     key: IdempotencyKey,
 ) -> Response {
-    let (keyed, bytes) = match Keyed::read(&parts, body, &caller, key).await {
+    let (mut keyed, bytes) = match Keyed::read(&parts, body, &caller, key).await {
         Ok(read) => read,
         Err(refused) => return refused,
     };
+    if route.audit_calls {
+        keyed.call_audit = Some(crate::gateway::proxy::CallAudit::new(
+            &caller,
+            &canon,
+            route,
+            &parts.method,
+            Some(keyed.key.as_str()),
+        ));
+    }
     // The key stays locked at least as long as the call may take.
     let config = state.config_ref();
     let call_timeout = route

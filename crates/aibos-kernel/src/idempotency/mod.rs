@@ -154,6 +154,10 @@ pub struct Keyed {
     /// The edge's context, re-entered inside the spawned task so that logs
     /// and problems keep the request's correlation id.
     pub context: Option<RequestContext>,
+    /// A gateway route with `audit_calls`: its `gateway.call` entry, written
+    /// in the transaction that stores the answer (or alone when the answer is
+    /// not stored).
+    pub(crate) call_audit: Option<crate::gateway::proxy::CallAudit>,
 }
 
 impl Keyed {
@@ -178,6 +182,7 @@ impl Keyed {
             subject_id: caller.subject_id().to_owned(),
             key,
             context: parts.extensions.get::<RequestContext>().copied(),
+            call_audit: None,
         };
         Ok((keyed, bytes))
     }
@@ -498,11 +503,12 @@ where
     }
 }
 
-async fn take_and_run<F>(state: AppState, keyed: Keyed, lock: Duration, run: F) -> Response
+async fn take_and_run<F>(state: AppState, mut keyed: Keyed, lock: Duration, run: F) -> Response
 where
     F: Future<Output = Response> + Send + 'static,
 {
     let idempotency = state.idempotency();
+    let call_audit = keyed.call_audit.take();
     let fingerprint = keyed.fingerprint.hex();
     for _ in 0..limits::IDEMPOTENCY_TAKE_ATTEMPTS_MAX {
         let now = crate::timestamp::now();
@@ -522,7 +528,7 @@ where
             Ok(true) => {
                 idempotency.executions.increment(1);
                 let deadline = tokio::time::Instant::now() + lock;
-                return run_claimed(&state, &keyed, &claim_id, deadline, run).await;
+                return run_claimed(&state, &keyed, &claim_id, deadline, call_audit, run).await;
             }
             Ok(false) => {}
             Err(e) => return ApiError::unavailable(e).into_response(),
@@ -578,6 +584,7 @@ async fn run_claimed<F>(
     keyed: &Keyed,
     claim_id: &str,
     deadline: tokio::time::Instant,
+    call_audit: Option<crate::gateway::proxy::CallAudit>,
     run: F,
 ) -> Response
 where
@@ -600,8 +607,17 @@ where
             return crate::http::edge::panic_to_problem(panic);
         }
     };
-    if response.status().is_server_error() {
+    // An answer that is not stored is audited alone (the entry records what
+    // the cell answered, stored or not).
+    let audit_alone = |call_audit: Option<crate::gateway::proxy::CallAudit>, status| async move {
+        if let Some(call_audit) = call_audit {
+            call_audit.record_alone(state, status).await;
+        }
+    };
+    let status = response.status();
+    if status.is_server_error() {
         release(Release::ServerError).await;
+        audit_alone(call_audit, status).await;
         return response;
     }
     let declared = response
@@ -613,6 +629,7 @@ where
         idempotency.oversized.increment(1);
         tracing::warn!(tenant_id = %keyed.tenant_id, limit_bytes = limits::IDEMPOTENCY_RESPONSE_BYTES_MAX, "response too large to store for its idempotency key; passed through and the key released");
         release(Release::Oversized).await;
+        audit_alone(call_audit, status).await;
         return response;
     }
     let (head, body) = response.into_parts();
@@ -620,6 +637,7 @@ where
         Ok(buffered) => buffered,
         Err(_) => {
             release(Release::Timeout).await;
+            audit_alone(call_audit, status).await;
             return ApiError::new(
                 ErrorCode::UpstreamTimeout,
                 "The response was not complete before its idempotency key's lock ended.",
@@ -633,6 +651,7 @@ where
             idempotency.oversized.increment(1);
             tracing::warn!(tenant_id = %keyed.tenant_id, limit_bytes = limits::IDEMPOTENCY_RESPONSE_BYTES_MAX, "response too large to store for its idempotency key; passed through and the key released");
             release(Release::Oversized).await;
+            audit_alone(call_audit, status).await;
             let first = futures_util::stream::once(async move { Ok::<_, axum::Error>(prefix) });
             let stream = futures_util::StreamExt::chain(first, rest.into_data_stream());
             return Response::from_parts(head, Body::from_stream(stream));
@@ -640,6 +659,7 @@ where
         Buffered::Failed(e) => {
             tracing::warn!(error = %e, "the response of an idempotent request could not be read");
             release(Release::Transport).await;
+            audit_alone(call_audit, status).await;
             return ApiError::new(
                 ErrorCode::UpstreamUnavailable,
                 "The response could not be read; retry with the same key.",
@@ -666,15 +686,29 @@ where
         sealed_body: &sealed_body,
         expires_at: &crate::timestamp::format(expires_at),
     };
-    match store::complete(
-        state.db(),
-        &keyed.tenant_id,
-        keyed.key.as_str(),
-        claim_id,
-        &completion,
-    )
-    .await
-    {
+    let completed = match call_audit {
+        None => {
+            store::complete(
+                state.db(),
+                &keyed.tenant_id,
+                keyed.key.as_str(),
+                claim_id,
+                &completion,
+            )
+            .await
+        }
+        Some(call_audit) => {
+            complete_with_entry(
+                state,
+                keyed,
+                claim_id,
+                &completion,
+                call_audit.event(status),
+            )
+            .await
+        }
+    };
+    match completed {
         Ok(true) => idempotency.remember(
             keyed,
             Arc::new(Completed {
@@ -694,6 +728,41 @@ where
         }
     }
     Response::from_parts(head, Body::from(body))
+}
+
+/// Stores the answer of execution `claim_id` and appends its `gateway.call`
+/// entry in one transaction: no stored answer without its entry. When the
+/// record is no longer this execution's, the entry is still written (the
+/// cell did act) and `false` is returned, as `store::complete` does.
+async fn complete_with_entry(
+    state: &AppState,
+    keyed: &Keyed,
+    claim_id: &str,
+    completion: &store::Completion<'_>,
+    (context, event): (crate::audit::AuditContext, crate::audit::AuditEvent),
+) -> Result<bool, sqlx::Error> {
+    let keys = state.redact_keys();
+    let (tenant_id, key, claim_id) = (
+        keyed.tenant_id.clone(),
+        keyed.key.as_str().to_owned(),
+        claim_id.to_owned(),
+    );
+    let owned = store::OwnedCompletion::from(completion);
+    state
+        .db()
+        .write(move |tx| {
+            Box::pin(async move {
+                let stored =
+                    store::complete_in(tx, &tenant_id, &key, &claim_id, &owned.borrow()).await?;
+                crate::audit::record(tx, &context, event, &keys).await?;
+                Ok::<_, crate::db::DbError>(stored)
+            })
+        })
+        .await
+        .map_err(|e| match e {
+            crate::db::DbError::Query(e) => e,
+            other => sqlx::Error::Protocol(other.to_string()),
+        })
 }
 
 /// A response body read for storing.

@@ -1,8 +1,8 @@
 //! The SQL of idempotency records (migration 0012). Each function is one
 //! statement: taking a key is one atomic upsert, never a read then a write.
 
-use crate::db::Db;
-use crate::with_db;
+use crate::db::{Db, Tx};
+use crate::{with_db, with_tx};
 
 /// The associated data a record's body is sealed with: the body opens only
 /// as the answer of this tenant's key.
@@ -96,6 +96,10 @@ pub struct Completion<'a> {
     pub expires_at: &'a str,
 }
 
+const COMPLETE_SQL: &str = "UPDATE idempotency_records SET state = 'completed', locked_until = NULL, \
+     response_status = $4, response_headers = $5, response_body = $6, expires_at = $7 \
+     WHERE tenant_id = $1 AND idempotency_key = $2 AND claim_id = $3 AND state = 'in_flight'";
+
 /// Stores the response of the execution `claim_id`; false when the record is
 /// no longer that execution's (its lock expired and another took the key).
 pub async fn complete(
@@ -105,11 +109,8 @@ pub async fn complete(
     claim_id: &str,
     c: &Completion<'_>,
 ) -> Result<bool, sqlx::Error> {
-    const SQL: &str = "UPDATE idempotency_records SET state = 'completed', locked_until = NULL, \
-         response_status = $4, response_headers = $5, response_body = $6, expires_at = $7 \
-         WHERE tenant_id = $1 AND idempotency_key = $2 AND claim_id = $3 AND state = 'in_flight'";
     let updated = with_db!(db, pool => {
-        sqlx::query(SQL)
+        sqlx::query(COMPLETE_SQL)
             .bind(tenant_id).bind(key).bind(claim_id)
             .bind(i32::from(c.status)).bind(c.headers_json).bind(c.sealed_body).bind(c.expires_at)
             .execute(pool)
@@ -117,6 +118,56 @@ pub async fn complete(
             .rows_affected()
     });
     Ok(updated == 1)
+}
+
+/// [`complete`] inside a transaction (with the call's audit entry).
+pub async fn complete_in(
+    tx: &mut Tx,
+    tenant_id: &str,
+    key: &str,
+    claim_id: &str,
+    c: &Completion<'_>,
+) -> Result<bool, sqlx::Error> {
+    let updated = with_tx!(tx, conn => {
+        sqlx::query(COMPLETE_SQL)
+            .bind(tenant_id).bind(key).bind(claim_id)
+            .bind(i32::from(c.status)).bind(c.headers_json).bind(c.sealed_body).bind(c.expires_at)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected()
+    });
+    Ok(updated == 1)
+}
+
+/// A [`Completion`] that can move into a spawned transaction.
+pub struct OwnedCompletion {
+    status: u16,
+    headers_json: String,
+    sealed_body: String,
+    expires_at: String,
+}
+
+impl From<&Completion<'_>> for OwnedCompletion {
+    fn from(c: &Completion<'_>) -> OwnedCompletion {
+        OwnedCompletion {
+            status: c.status,
+            headers_json: c.headers_json.to_owned(),
+            sealed_body: c.sealed_body.to_owned(),
+            expires_at: c.expires_at.to_owned(),
+        }
+    }
+}
+
+impl OwnedCompletion {
+    /// The borrowed form the statements take.
+    pub fn borrow(&self) -> Completion<'_> {
+        Completion {
+            status: self.status,
+            headers_json: &self.headers_json,
+            sealed_body: &self.sealed_body,
+            expires_at: &self.expires_at,
+        }
+    }
 }
 
 /// Deletes the in-flight record of execution `claim_id` (a release).

@@ -139,6 +139,11 @@ pub struct Route {
     pub timeout_ms: Option<i64>,
     /// Whether the client's `Cookie` header reaches the cell (off by default).
     pub forward_cookies: bool,
+    /// Every call through the route leaves a `gateway.call` entry in the
+    /// caller's tenant audit chain (off by default; meant for routes that move
+    /// money). With an `Idempotency-Key` the entry is written in the transaction
+    /// that stores the answer.
+    pub audit_calls: bool,
     /// Optimistic-concurrency version.
     pub version: i64,
     /// Creation time.

@@ -561,6 +561,10 @@ pub struct CreateRoute {
     timeout_ms: Option<i64>,
     #[serde(default)]
     forward_cookies: bool,
+    /// `true` records every call in the caller's tenant audit trail
+    /// (`gateway.call`). Default `false`.
+    #[serde(default)]
+    audit_calls: bool,
 }
 
 /// A route checked in full: fields, registry membership, matcher conflicts.
@@ -574,6 +578,7 @@ struct CheckedRoute {
     rate_limit: Option<RouteRateLimit>,
     timeout_ms: Option<i64>,
     forward_cookies: bool,
+    audit_calls: bool,
 }
 
 impl CheckedRoute {
@@ -588,6 +593,7 @@ impl CheckedRoute {
             rate_limit: &self.rate_limit,
             timeout_ms: self.timeout_ms,
             forward_cookies: self.forward_cookies,
+            audit_calls: self.audit_calls,
         }
     }
 }
@@ -605,6 +611,7 @@ async fn check_route(
     rate_limit: Option<RouteRateLimit>,
     timeout_ms: Option<i64>,
     forward_cookies: bool,
+    audit_calls: bool,
 ) -> ApiResult<CheckedRoute> {
     let method = validate::route_method(method).map_err(invalid)?;
     let path_shape = validate::route_path(path).map_err(invalid)?;
@@ -633,6 +640,7 @@ async fn check_route(
         rate_limit,
         timeout_ms,
         forward_cookies,
+        audit_calls,
     };
     let candidate = Route {
         id: id.to_owned(),
@@ -645,6 +653,7 @@ async fn check_route(
         rate_limit: None,
         timeout_ms: None,
         forward_cookies: false,
+        audit_calls: false,
         version: 0,
         created_at: String::new(),
         updated_at: String::new(),
@@ -670,7 +679,7 @@ fn route_details(route: &Route) -> serde_json::Value {
         "required_permissions": route.required_permissions, "public_to_authenticated": route.public_to_authenticated,
         "idempotency": route.idempotency,
         "rate_limit": route.rate_limit, "timeout_ms": route.timeout_ms, "forward_cookies": route.forward_cookies,
-        "version": route.version,
+        "audit_calls": route.audit_calls, "version": route.version,
     })
 }
 
@@ -702,6 +711,7 @@ pub async fn create_route(
         body.rate_limit,
         body.timeout_ms,
         body.forward_cookies,
+        body.audit_calls,
     )
     .await?;
     let route = registry_write(&state, &caller, move |tx, c| {
@@ -784,6 +794,7 @@ pub struct UpdateRoute {
     #[schema(value_type = Option<i64>)]
     timeout_ms: Option<Option<i64>>,
     forward_cookies: Option<bool>,
+    audit_calls: Option<bool>,
 }
 
 /// Changes a route.
@@ -816,6 +827,7 @@ pub async fn update_route(
             .unwrap_or_else(|| current.rate_limit.clone()),
         body.timeout_ms.unwrap_or(current.timeout_ms),
         body.forward_cookies.unwrap_or(current.forward_cookies),
+        body.audit_calls.unwrap_or(current.audit_calls),
     )
     .await?;
     let route = registry_write(&state, &caller, move |tx, c| {

@@ -283,6 +283,7 @@ struct RouteRow {
     rate_limit: Option<String>,
     timeout_ms: Option<i64>,
     forward_cookies: bool,
+    audit_calls: bool,
     version: i64,
     created_at: String,
     updated_at: String,
@@ -301,6 +302,7 @@ impl From<RouteRow> for Route {
             rate_limit: r.rate_limit.and_then(|t| serde_json::from_str(&t).ok()),
             timeout_ms: r.timeout_ms,
             forward_cookies: r.forward_cookies,
+            audit_calls: r.audit_calls,
             version: r.version,
             created_at: r.created_at,
             updated_at: r.updated_at,
@@ -308,7 +310,7 @@ impl From<RouteRow> for Route {
     }
 }
 
-const ROUTE_COLUMNS: &str = "id, canon_id, method, path, required_permissions, public_to_authenticated, idempotency, rate_limit, timeout_ms, forward_cookies, version, created_at, updated_at";
+const ROUTE_COLUMNS: &str = "id, canon_id, method, path, required_permissions, public_to_authenticated, idempotency, rate_limit, timeout_ms, forward_cookies, audit_calls, version, created_at, updated_at";
 
 /// The fields of a new or changed route.
 pub struct RouteFields<'a> {
@@ -321,6 +323,7 @@ pub struct RouteFields<'a> {
     pub rate_limit: &'a Option<RouteRateLimit>,
     pub timeout_ms: Option<i64>,
     pub forward_cookies: bool,
+    pub audit_calls: bool,
 }
 
 impl RouteFields<'_> {
@@ -344,13 +347,13 @@ pub async fn insert_route(
 ) -> Result<Route, sqlx::Error> {
     let now = timestamp::now_text();
     let sql = format!(
-        "INSERT INTO routes (id, tenant_id, canon_id, method, path, path_shape, required_permissions, idempotency, rate_limit, timeout_ms, forward_cookies, version, created_at, updated_at, public_to_authenticated) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 1, $12, $12, $13) RETURNING {ROUTE_COLUMNS}"
+        "INSERT INTO routes (id, tenant_id, canon_id, method, path, path_shape, required_permissions, idempotency, rate_limit, timeout_ms, forward_cookies, version, created_at, updated_at, public_to_authenticated, audit_calls) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 1, $12, $12, $13, $14) RETURNING {ROUTE_COLUMNS}"
     );
     let row: RouteRow = with_tx!(tx, conn => {
         sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(id).bind(SYSTEM_TENANT_ID).bind(canon_id).bind(f.method).bind(f.path)
             .bind(f.path_shape).bind(f.permissions_json()).bind(f.idempotency).bind(f.rate_limit_json()).bind(f.timeout_ms)
-            .bind(f.forward_cookies).bind(&now).bind(f.public_to_authenticated).fetch_one(&mut *conn).await?
+            .bind(f.forward_cookies).bind(&now).bind(f.public_to_authenticated).bind(f.audit_calls).fetch_one(&mut *conn).await?
     });
     Ok(row.into())
 }
@@ -365,13 +368,13 @@ pub async fn update_route(
     let now = timestamp::now_text();
     let sql = format!(
         "UPDATE routes SET method = $3, path = $4, path_shape = $5, required_permissions = $6, idempotency = $7, rate_limit = $8, \
-         timeout_ms = $9, forward_cookies = $10, public_to_authenticated = $13, version = version + 1, updated_at = $11 \
+         timeout_ms = $9, forward_cookies = $10, public_to_authenticated = $13, audit_calls = $14, version = version + 1, updated_at = $11 \
          WHERE tenant_id = $1 AND id = $2 AND ($12 IS NULL OR version = $12) RETURNING {ROUTE_COLUMNS}"
     );
     let row: Option<RouteRow> = with_tx!(tx, conn => {
         sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(SYSTEM_TENANT_ID).bind(id).bind(f.method).bind(f.path).bind(f.path_shape)
             .bind(f.permissions_json()).bind(f.idempotency).bind(f.rate_limit_json()).bind(f.timeout_ms).bind(f.forward_cookies)
-            .bind(&now).bind(expected_version).bind(f.public_to_authenticated).fetch_optional(&mut *conn).await?
+            .bind(&now).bind(expected_version).bind(f.public_to_authenticated).bind(f.audit_calls).fetch_optional(&mut *conn).await?
     });
     Ok(row.map(Route::from))
 }

@@ -580,3 +580,64 @@ both_engines! {
         assert_eq!(cell_calls(&upstream, "/slow"), 2, "after the lock the key is used again and reaches the cell");
     }
 }
+
+both_engines! {
+    /// A route with `audit_calls`: every call the cell answers leaves one
+    /// `gateway.call` entry under the request's correlation id; a keyed call's
+    /// entry is written with its stored answer, and a replay writes none.
+    async fn a_route_with_audit_calls_records_each_call_once_in_the_tenant_chain(engine: Engine) {
+        let upstream = Upstream::start().await;
+        let Some(k) = spawn_kernel(engine).await else { return };
+        let root = k.platform_admin().await;
+        let (canon_id, _) = k.canon(&root, "payments", &format!("{}/v1", upstream.base_url), &[]).await;
+        for path in ["/charge", "/flaky"] {
+            k.route(&root, &canon_id, "POST", path, &[],
+                json!({"public_to_authenticated": true, "idempotency": "optional", "audit_calls": true})).await;
+        }
+        let acme = k.tenant_with_admin(&root, "acme").await;
+        let call = |path: &str, key: Option<&str>, correlation: &str| {
+            post(&k, &acme, path, key, &json!({"amount_minor": 700})).header("x-correlation-id", correlation)
+        };
+        let entries = |correlation: &'static str| {
+            let (k, acme) = (&k, &acme);
+            async move {
+                k.audit(acme, &format!("action=gateway.call&correlation_id={correlation}")).await
+            }
+        };
+
+        const PLAIN: &str = "0197a1b2-0000-7000-8000-000000000001";
+        assert_eq!(call("/charge", None, PLAIN).send().await.unwrap().status(), 201);
+        let plain = entries(PLAIN).await;
+        assert_eq!(plain.len(), 1, "{plain:?}");
+        let entry = &plain[0];
+        assert_eq!((entry["outcome"].as_str(), entry["severity"].as_str()), (Some("success"), Some("info")));
+        assert_eq!(entry["resource_type"], "canon");
+        assert_eq!(entry["details"]["route"], "/charge");
+        assert_eq!(entry["details"]["method"], "POST");
+        assert_eq!(entry["details"]["status"], 201);
+        assert_eq!(entry["details"]["idempotency_key"], Value::Null);
+        assert_eq!(entry["actor_id"], acme.subject_id.as_str());
+
+        const KEYED: &str = "0197a1b2-0000-7000-8000-000000000002";
+        const REPLAY: &str = "0197a1b2-0000-7000-8000-000000000003";
+        assert_eq!(call("/charge", Some("audited-1"), KEYED).send().await.unwrap().status(), 201);
+        let replay = call("/charge", Some("audited-1"), REPLAY).send().await.unwrap();
+        assert_eq!(replay.headers()["idempotent-replayed"], "true");
+        assert_eq!(cell_calls(&upstream, "/charge"), 2);
+        let keyed = entries(KEYED).await;
+        assert_eq!(keyed.len(), 1, "{keyed:?}");
+        assert_eq!(keyed[0]["details"]["idempotency_key"], "audited-1");
+        assert!(entries(REPLAY).await.is_empty(), "a replay did not call the cell");
+
+        const FAILED: &str = "0197a1b2-0000-7000-8000-000000000004";
+        upstream.set_flaky_status(503);
+        assert_eq!(call("/flaky", Some("audited-2"), FAILED).send().await.unwrap().status(), 503);
+        let failed = entries(FAILED).await;
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert_eq!((failed[0]["outcome"].as_str(), failed[0]["severity"].as_str()), (Some("failure"), Some("warning")));
+        assert_eq!(failed[0]["details"]["status"], 503);
+
+        let verified: Value = k.as_(&acme, Method::GET, "/api/kernel/audit/verify").send().await.unwrap().json().await.unwrap();
+        assert_eq!(verified["valid"], true, "{verified}");
+    }
+}
