@@ -46,6 +46,7 @@ pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 
 const TOKEN_PATH: &str = "/api/kernel/auth/token";
 const PUBLISH_PATH: &str = "/api/kernel/events/publish";
+const ME_PATH: &str = "/api/kernel/auth/me";
 
 /// A client of the kernel's API, authenticated as the cell's service account.
 ///
@@ -62,6 +63,8 @@ struct ClientInner {
     token_url: Url,
     /// `{base}/api/kernel/events/publish`.
     publish_url: Url,
+    /// `{base}/api/kernel/auth/me`.
+    me_url: Url,
     /// The service account's client id.
     client_id: String,
     /// The service account's client secret; sent only to the token endpoint.
@@ -132,6 +135,7 @@ impl KernelClient {
                 base_url: base_url.to_owned(),
                 token_url: endpoint(TOKEN_PATH)?,
                 publish_url: endpoint(PUBLISH_PATH)?,
+                me_url: endpoint(ME_PATH)?,
                 client_id,
                 client_secret,
                 http,
@@ -184,6 +188,40 @@ impl KernelClient {
             response
         };
         parse_success(response).await
+    }
+
+    /// Who this client's service account is, from `GET /api/kernel/auth/me`:
+    /// above all its tenant, which a cell serving several tenants (one service
+    /// account each) needs to pick the right client for a tenant's events.
+    ///
+    /// A 401 drops the token and retries once, as [`publish_event`](Self::publish_event) does.
+    pub async fn whoami(&self) -> Result<ServiceIdentity, ClientError> {
+        let token = self.access_token().await?;
+        let response = self.send_me(&token).await?;
+        let response = if response.status() == StatusCode::UNAUTHORIZED {
+            self.forget_token(&token).await;
+            let token = self.access_token().await?;
+            self.send_me(&token).await?
+        } else {
+            response
+        };
+        let me: MeResponse = parse_success(response).await?;
+        Ok(ServiceIdentity {
+            actor_type: me.actor_type,
+            subject_id: me.subject.id,
+            tenant_id: me.tenant.id,
+            tenant_slug: me.tenant.slug,
+        })
+    }
+
+    async fn send_me(&self, token: &str) -> Result<reqwest::Response, ClientError> {
+        Ok(self
+            .inner
+            .http
+            .get(self.inner.me_url.clone())
+            .header(AUTHORIZATION, bearer(token)?)
+            .send()
+            .await?)
     }
 
     async fn send_publish(
@@ -408,6 +446,38 @@ impl NewEvent {
     }
 }
 
+/// Who a service account is, as the kernel's `GET /api/kernel/auth/me` says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceIdentity {
+    /// `service` for a service account (`user` if a user's token was configured).
+    pub actor_type: String,
+    /// The service account's id.
+    pub subject_id: String,
+    /// The tenant the account belongs to: every event it publishes lands there.
+    pub tenant_id: String,
+    /// The tenant's slug, for logs.
+    pub tenant_slug: String,
+}
+
+/// The members of `GET /api/kernel/auth/me` this client reads; others are ignored.
+#[derive(Deserialize)]
+struct MeResponse {
+    actor_type: String,
+    subject: MeSubject,
+    tenant: MeTenant,
+}
+
+#[derive(Deserialize)]
+struct MeSubject {
+    id: String,
+}
+
+#[derive(Deserialize)]
+struct MeTenant {
+    id: String,
+    slug: String,
+}
+
 /// The kernel's answer to a publish.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct PublishedEvent {
@@ -561,6 +631,26 @@ mod tests {
         })
     }
 
+    async fn me_endpoint(State(kernel): State<Arc<FakeKernel>>, headers: HeaderMap) -> Response {
+        kernel.with(|r| {
+            let token = headers
+                .get(AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            if !token.is_some_and(|t| r.valid_tokens.iter().any(|valid| valid == t)) {
+                return problem_response(Problem::new(ErrorCode::Unauthorized, "token revoked"));
+            }
+            Json(json!({
+                "actor_type": "service",
+                "subject": {"id": "sa-1", "name": CLIENT_ID, "email": null},
+                "tenant": {"id": "0197a1b2-0000-7000-8000-0000000000aa", "slug": "acme"},
+                "session_id": "s-1",
+                "permissions": ["kernel.event.publish"],
+            }))
+            .into_response()
+        })
+    }
+
     /// Starts the fake kernel on a free port and a client pointed at it.
     async fn spawn_kernel() -> (Arc<FakeKernel>, KernelClient) {
         let kernel = Arc::new(FakeKernel::default());
@@ -568,6 +658,7 @@ mod tests {
         let app = Router::new()
             .route(TOKEN_PATH, post(token_endpoint))
             .route(PUBLISH_PATH, post(publish_endpoint))
+            .route(ME_PATH, axum::routing::get(me_endpoint))
             .with_state(kernel.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -648,6 +739,24 @@ mod tests {
             assert_eq!(header(headers, "idempotency-key"), None);
             assert_eq!(header(headers, "x-correlation-id"), None);
         });
+    }
+
+    #[tokio::test]
+    async fn whoami_names_the_service_accounts_tenant_and_survives_a_revoked_token() {
+        let (kernel, client) = spawn_kernel().await;
+        let expected = ServiceIdentity {
+            actor_type: "service".into(),
+            subject_id: "sa-1".into(),
+            tenant_id: "0197a1b2-0000-7000-8000-0000000000aa".into(),
+            tenant_slug: "acme".into(),
+        };
+        assert_eq!(client.whoami().await.expect("identity"), expected);
+        kernel.with(|r| r.valid_tokens.clear());
+        assert_eq!(
+            client.whoami().await.expect("identity after refresh"),
+            expected
+        );
+        kernel.with(|r| assert_eq!(r.token_requests.len(), 2, "one refresh"));
     }
 
     #[tokio::test]

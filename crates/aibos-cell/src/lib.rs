@@ -17,7 +17,7 @@
 //! - [`extract`]: [`KernelCall`] as an axum extractor; a refused call gets a
 //!   uniform 401 problem+json ([`KernelCallRejection`]).
 //! - [`client`]: [`KernelClient`], service-account tokens (cached) and
-//!   [`KernelClient::publish_event`].
+//!   [`KernelClient::publish_event`], [`KernelClient::whoami`] (the account's tenant).
 //! - [`config`]: the environment variables read by the `from_env` constructors
 //!   and [`ConfigError`].
 //!
@@ -52,7 +52,7 @@ pub use aibos_wire;
 pub use aibos_wire::assertion::AssertionClaims;
 pub use aibos_wire::{CorrelationId, ErrorCode, Problem};
 pub use assertion::{ActorType, AssertionError, AssertionVerifier, KernelCall};
-pub use client::{ClientError, KernelClient, NewEvent, PublishedEvent};
+pub use client::{ClientError, KernelClient, NewEvent, PublishedEvent, ServiceIdentity};
 pub use config::ConfigError;
 pub use extract::KernelCallRejection;
 
