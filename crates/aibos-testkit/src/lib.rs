@@ -7,6 +7,7 @@
 //! - [`spawn_kernel`]: builds the app through the real configuration loader and
 //!   serves it on `127.0.0.1:0` until the returned [`TestKernel`] is dropped.
 //! - [`process::KernelProcess`]: the real binary as a child process, logs captured.
+//! - [`hub::HubProcess`]: the payment hub's binary as a child process.
 //! - [`cluster::Cluster`]: a throwaway PostgreSQL cluster to stop and start.
 //! - [`nats::TestNats`]: the NATS server of the relay tests, and what the relay stored.
 //! - [`redis`]: the rate-limit tests' Redis (shared, or one of a test's own to stop and start).
@@ -15,6 +16,7 @@
 pub mod api;
 pub mod cluster;
 mod db;
+pub mod hub;
 pub mod nats;
 pub mod process;
 pub mod receiver;

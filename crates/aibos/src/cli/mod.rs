@@ -1,6 +1,7 @@
 //! Command-line definition and dispatch. One file per command.
 
 mod config;
+mod demo;
 mod migrate;
 mod ops;
 mod serve;
@@ -37,6 +38,9 @@ pub struct Cli {
 enum Command {
     /// Run the kernel's HTTP API until SIGTERM or SIGINT; SIGHUP reloads the configuration.
     Serve(serve::ServeArgs),
+    /// Run the kernel and the payment hub on the embedded database, seeded to
+    /// try a payment through the gateway; Ctrl-C stops both.
+    Demo(demo::DemoArgs),
     /// Inspect and change the database schema.
     #[command(subcommand)]
     Migrate(migrate::MigrateCommand),
@@ -66,6 +70,7 @@ pub async fn run(cli: Cli) -> u8 {
     let sources = sources(cli.config);
     match cli.command {
         Command::Serve(args) => serve::run(sources, args).await,
+        Command::Demo(args) => demo::run(sources, args).await,
         Command::Migrate(command) => migrate::run(sources, command).await,
         Command::Config(command) => config::run(sources, command),
         Command::Status(args) => status::run(sources, args).await,

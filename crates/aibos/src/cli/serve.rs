@@ -46,7 +46,7 @@ pub async fn run(sources: ConfigSources, args: ServeArgs) -> u8 {
 }
 
 /// Completes on the first SIGTERM or SIGINT.
-async fn shutdown_signal() {
+pub(super) async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate = match signal(SignalKind::terminate()) {
         Ok(s) => s,
