@@ -113,3 +113,8 @@ fn print_json(value: &impl serde::Serialize) {
         Err(e) => eprintln!("error: cannot render JSON: {e}"),
     }
 }
+
+#[cfg(test)]
+mod doc_codes;
+#[cfg(test)]
+mod doc_commands;
