@@ -109,9 +109,6 @@ fn each_code_is_described_under_its_status() {
 #[test]
 fn the_hub_codes_are_in_the_hub_sources() {
     let dir = repository_root().join("crates/payment-hub/src");
-    if !dir.is_dir() {
-        return;
-    }
     let mut sources = String::new();
     let mut pending = vec![dir];
     while let Some(dir) = pending.pop() {

@@ -26,14 +26,6 @@ struct DocCommand {
 /// The languages of the code blocks whose lines are commands.
 const SHELL_LANGUAGES: &[&str] = &["sh", "bash", "shell", "console"];
 
-/// The subcommands whose lines are not checked yet.
-///
-/// `demo` is added by the lead in a parallel branch (issue 22); the README shows
-/// `cargo run --release -- demo` already. THE LEAD MUST REMOVE THIS EXCEPTION
-/// (make this list empty, then delete it) after merging the `demo` subcommand,
-/// so that the README's run command is checked like every other.
-const NOT_YET_IMPLEMENTED_SUBCOMMANDS: &[&str] = &["demo"];
-
 /// The repository's root, two levels above this crate.
 fn repository_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -285,11 +277,6 @@ fn every_aibos_command_in_the_readme_and_docs_parses() {
     let mut failures = Vec::new();
     for (name, text) in documents() {
         for command in commands_in(&name, &text) {
-            if subcommand(&command.args)
-                .is_some_and(|s| NOT_YET_IMPLEMENTED_SUBCOMMANDS.contains(&s))
-            {
-                continue;
-            }
             checked += 1;
             if let Err(complaint) = check(&command) {
                 failures.push(format!(
