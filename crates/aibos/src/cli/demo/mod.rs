@@ -198,6 +198,11 @@ pub async fn run(mut sources: ConfigSources, args: DemoArgs) -> u8 {
         "AIBOS_EVENTS__WEBHOOK_ALLOW_PRIVATE_NETWORKS".into(),
         "true".into(),
     );
+    // The hub starts after the kernel (it needs the canon's secret), so the
+    // first health check finds it down: check often, so the gateway routes to
+    // it within a couple of seconds, not the default ten.
+    env.entry("AIBOS_GATEWAY__HEALTH_INTERVAL_SECONDS".into())
+        .or_insert_with(|| "2".into());
     // The instructions are the output; the kernel's logs only when asked.
     env.entry("AIBOS_LOG__LEVEL".into())
         .or_insert_with(|| "warn".into());
@@ -311,8 +316,10 @@ async fn serve(
 
     point_canon_at(&api, &root, &canon, &hub_url).await?;
     routes(&api, &root, &canon.id).await?;
+    // The administrator's calls, so that the demo user's rate-limit budget is
+    // whole when the newcomer starts.
+    wait_until_routed(&api, &admin).await?;
     let user = api.login(TENANT, USER_EMAIL, &user_password).await?;
-    wait_until_routed(&api, &user).await?;
     let accounts = accounts(&api, &mut state, data_dir, &admin, &user).await?;
 
     let ready = Ready {
@@ -827,7 +834,7 @@ async fn subscription(
 
 /// Waits until a call through the gateway reaches the hub (the kernel's
 /// health check has seen it up).
-async fn wait_until_routed(api: &KernelApi, user: &str) -> anyhow::Result<()> {
+async fn wait_until_routed(api: &KernelApi, token: &str) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
     loop {
         let answer = api
@@ -835,7 +842,7 @@ async fn wait_until_routed(api: &KernelApi, user: &str) -> anyhow::Result<()> {
                 "reach the hub through the gateway",
                 Method::GET,
                 &format!("/api/gateway/{CANON}/ping"),
-                Some(user),
+                Some(token),
                 None,
                 &[],
             )
@@ -850,7 +857,7 @@ async fn wait_until_routed(api: &KernelApi, user: &str) -> anyhow::Result<()> {
             answer.status,
             answer.body
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
