@@ -29,6 +29,7 @@ on_both_engines!(
     lists_page_newest_first,
     account_openings_honor_idempotency_keys,
     the_outbox_delivers_after_the_kernel_comes_back,
+    clients_hanging_up_mid_payment_leave_nothing_half_written,
 );
 
 async fn probes_answer_and_health_reports_failed_cells(engine: Engine) {
@@ -489,6 +490,9 @@ async fn bad_input_gets_problem_answers(engine: Engine) {
         .map(|e| e["field"].as_str().expect("field"))
         .collect();
     assert_eq!(fields, ["currency", "payer_account", "reference"]);
+    hub.get(&t, "/ledger/accounts/%FF%FE")
+        .await
+        .problem(400, "VALIDATION_ERROR");
     hub.get(&t, "/ledger/accounts/not-a-uuid")
         .await
         .problem(400, "VALIDATION_ERROR");
@@ -823,4 +827,80 @@ async fn the_outbox_delivers_after_the_kernel_comes_back(engine: Engine) {
     }
     hub.stop().await;
     server.abort();
+}
+
+async fn clients_hanging_up_mid_payment_leave_nothing_half_written(engine: Engine) {
+    let Some(hub) = TestHub::spawn(engine).await else {
+        return;
+    };
+    let t = hub.tenant.clone();
+    let a = hub.open_account(&t, "A", "EUR", 1_000_000).await;
+    let b = hub.open_account(&t, "B", "EUR", 0).await;
+    let mut tasks = Vec::new();
+    for i in 0..60u64 {
+        let cid = Uuid::now_v7().to_string();
+        let token = common::sign(
+            &hub.secret,
+            &t,
+            common::TEST_USER,
+            &cid,
+            "POST",
+            "/payments/process",
+        );
+        let request = hub
+            .http
+            .post(hub.url("/payments/process"))
+            .header("x-kernel-assertion", token)
+            .header("x-correlation-id", cid)
+            .header("idempotency-key", format!("hang-up-{i}"))
+            .json(&json!({"amount_minor": 1 + i as i64, "currency": "EUR", "payer_account": a, "payee_account": b, "reference": "hang up"}))
+            // Gone after 0 to 4 ms: some before, some during, some after the transaction.
+            .timeout(Duration::from_millis(i % 5));
+        tasks.push(tokio::spawn(async move {
+            request.send().await.map(|r| r.status().as_u16()).ok()
+        }));
+    }
+    for task in tasks {
+        let _ = task.await.expect("task");
+    }
+    // A payment queued behind all of them: once it is answered, every
+    // transaction begun before it has ended (SQLite's single writer), and on
+    // PostgreSQL the pool must still hand out clean connections.
+    let last = hub.pay(&t, &a, &b, 1, "EUR", "after-the-hang-ups").await;
+    assert_eq!(last.status, 201, "{}", last.body);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let payments = hub.db.scalar("SELECT COUNT(*) FROM payments").await;
+    assert!(payments >= 1);
+    assert_eq!(
+        hub.db.scalar("SELECT COUNT(*) FROM ledger_entries WHERE transaction_id IN (SELECT id FROM payments)").await,
+        payments * 2,
+        "every committed payment has both entries"
+    );
+    assert_eq!(hub.db.scalar("SELECT COUNT(*) FROM outbox").await, payments);
+    assert_eq!(
+        hub.balance(&t, &a).await + hub.balance(&t, &b).await,
+        1_000_000
+    );
+    let moved = hub
+        .db
+        .scalar("SELECT CAST(COALESCE(SUM(amount_minor), 0) AS BIGINT) FROM payments")
+        .await;
+    assert_eq!(
+        hub.balance(&t, &b).await,
+        moved,
+        "the balances match the payments made"
+    );
+    assert_eq!(hub.trial_balance(&t).await["balanced"], true);
+    if engine == Engine::Postgres {
+        let stuck = hub
+            .db
+            .scalar("SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND state = 'idle in transaction'")
+            .await;
+        assert_eq!(
+            stuck, 0,
+            "no pooled connection was left inside a transaction"
+        );
+    }
+    hub.stop().await;
 }
