@@ -250,27 +250,10 @@ async fn payment_tx(
         };
     }
 
-    // Both balances, always in the order of their ids, so two opposite
-    // payments lock the two rows in the same order and cannot deadlock.
-    let debit_first = command.payer_account < command.payee_account;
-    for debit in [debit_first, !debit_first] {
-        let changed = if debit {
-            with_tx!(tx, conn => sqlx::query(DEBIT)
-                .bind(command.amount_minor).bind(&command.payer_account)
-                .bind(&caller.tenant_id).bind(&command.currency)
-                .execute(conn).await.map(|r| r.rows_affected()))?
-        } else {
-            with_tx!(tx, conn => sqlx::query(CREDIT)
-                .bind(command.amount_minor).bind(&command.payee_account)
-                .bind(&caller.tenant_id).bind(&command.currency)
-                .bind(i64::MAX - command.amount_minor)
-                .execute(conn).await.map(|r| r.rows_affected()))?
-        };
-        if changed != 1 {
-            return Err(refusal(tx, caller, command).await);
-        }
-    }
-
+    // The entries and the event first, the balances last: on PostgreSQL the
+    // two account rows stay locked only for the two updates and the commit,
+    // which is what bounds the rate of payments between the same accounts.
+    // (The entries' account references are checked at commit.)
     with_tx!(tx, conn => sqlx::query(INSERT_ENTRIES)
         .bind(Uuid::now_v7().hyphenated().to_string()).bind(&caller.tenant_id).bind(&id)
         .bind(&command.payer_account).bind(command.amount_minor).bind(&command.currency).bind(&now)
@@ -291,6 +274,27 @@ async fn payment_tx(
         .bind(PAYMENT_PROCESSED_EVENT).bind(&id).bind(&payload)
         .bind(&caller.correlation_id).bind(&now).bind(now_millis())
         .execute(conn).await.map(|r| r.rows_affected()))?;
+
+    // Both balances, always in the order of their ids, so two opposite
+    // payments lock the two rows in the same order and cannot deadlock.
+    let debit_first = command.payer_account < command.payee_account;
+    for debit in [debit_first, !debit_first] {
+        let changed = if debit {
+            with_tx!(tx, conn => sqlx::query(DEBIT)
+                .bind(command.amount_minor).bind(&command.payer_account)
+                .bind(&caller.tenant_id).bind(&command.currency)
+                .execute(conn).await.map(|r| r.rows_affected()))?
+        } else {
+            with_tx!(tx, conn => sqlx::query(CREDIT)
+                .bind(command.amount_minor).bind(&command.payee_account)
+                .bind(&caller.tenant_id).bind(&command.currency)
+                .bind(i64::MAX - command.amount_minor)
+                .execute(conn).await.map(|r| r.rows_affected()))?
+        };
+        if changed != 1 {
+            return Err(refusal(tx, caller, command).await);
+        }
+    }
 
     let entry = |account: &str, direction: &str| EntryView {
         account_id: account.to_owned(),
