@@ -825,7 +825,61 @@ async fn the_outbox_delivers_after_the_kernel_comes_back(engine: Engine) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    hub.stop().await;
+    // A burst: every event delivered once, each under its own key.
+    let hub = Arc::new(hub);
+    let mut burst = Vec::new();
+    for i in 0..30 {
+        let (hub, t, a, b) = (hub.clone(), t.clone(), a.clone(), b.clone());
+        burst.push(tokio::spawn(async move {
+            hub.pay(&t, &a, &b, 1, "EUR", &format!("burst-{i}"))
+                .await
+                .status
+        }));
+    }
+    for task in burst {
+        assert_eq!(task.await.expect("task"), 201);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while hub
+        .db
+        .scalar("SELECT COUNT(*) FROM outbox WHERE published_at IS NOT NULL")
+        .await
+        < 32
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the burst was not delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let keys: HashSet<String> = kernel
+        .publishes
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter_map(|(headers, _)| {
+            headers
+                .get("idempotency-key")?
+                .to_str()
+                .ok()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(
+        keys.len(),
+        32,
+        "one publish per payment, each with its own key"
+    );
+    assert_eq!(
+        kernel.publishes.lock().expect("lock").len(),
+        32,
+        "none twice"
+    );
+    Arc::try_unwrap(hub)
+        .ok()
+        .expect("the last handle")
+        .stop()
+        .await;
     server.abort();
 }
 
