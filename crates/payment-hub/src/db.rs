@@ -285,3 +285,59 @@ pub fn is_unavailable(error: &sqlx::Error) -> bool {
             | sqlx::Error::WorkerCrashed
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_name_their_engine() {
+        assert_eq!(Engine::of_url("sqlite://data/hub.db"), Some(Engine::Sqlite));
+        assert_eq!(Engine::of_url("sqlite::memory:"), Some(Engine::Sqlite));
+        assert_eq!(Engine::of_url("postgres://u@h/db"), Some(Engine::Postgres));
+        assert_eq!(
+            Engine::of_url("postgresql://u@h/db"),
+            Some(Engine::Postgres)
+        );
+        assert_eq!(Engine::of_url("mysql://u@h/db"), None);
+    }
+
+    #[tokio::test]
+    async fn sqlite_opens_in_wal_with_full_sync_foreign_keys_and_one_writer() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("a/b/hub.db").display());
+        let db = Db::connect(&url, 4).await.expect("opens and migrates");
+        let Db::Sqlite { writer, reader } = &db else {
+            panic!("sqlite")
+        };
+        assert_eq!(writer.options().get_max_connections(), 1);
+        assert_eq!(reader.options().get_max_connections(), 4);
+        for pool in [writer, reader] {
+            let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+                .fetch_one(pool)
+                .await
+                .expect("pragma");
+            assert_eq!(mode, "wal");
+            let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
+                .fetch_one(pool)
+                .await
+                .expect("pragma");
+            assert_eq!(sync, 2, "FULL");
+            let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+                .fetch_one(pool)
+                .await
+                .expect("pragma");
+            assert_eq!(fk, 1);
+            let busy: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
+                .fetch_one(pool)
+                .await
+                .expect("pragma");
+            assert_eq!(busy, 5_000);
+        }
+        assert!(db.ping(Duration::from_secs(1)).await);
+        // A second start finds the migrations applied.
+        db.close().await;
+        let again = Db::connect(&url, 4).await.expect("reopens");
+        again.close().await;
+    }
+}
