@@ -274,21 +274,43 @@ pub fn is_unique_violation(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db) if db.is_unique_violation())
 }
 
-/// Whether `error` means the database is unreachable or overloaded (answered
-/// 503) rather than a bug (answered 500).
+/// Whether `error` means the database is unreachable, busy or overloaded, so
+/// that trying again may succeed (answered 503) rather than a bug (answered 500).
 pub fn is_unavailable(error: &sqlx::Error) -> bool {
-    matches!(
-        error,
+    match error {
         sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::Io(_)
-            | sqlx::Error::WorkerCrashed
-    )
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // SQLite: SQLITE_BUSY (5) and SQLITE_LOCKED (6) and their extended
+            // codes (another process held the file past the busy timeout).
+            // PostgreSQL: connection exceptions (08), transaction rollbacks such
+            // as serialization failures and deadlocks (40), insufficient
+            // resources (53) and operator intervention like a shutdown (57).
+            let code = code.as_ref();
+            matches!(code, "5" | "6" | "261" | "262" | "517")
+                || ["08", "40", "53", "57"]
+                    .iter()
+                    .any(|class| code.starts_with(class))
+        }),
+        _ => false,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_transient_failures_count_as_unavailable() {
+        assert!(is_unavailable(&sqlx::Error::PoolTimedOut));
+        assert!(is_unavailable(&sqlx::Error::Io(std::io::Error::other(
+            "reset"
+        ))));
+        assert!(!is_unavailable(&sqlx::Error::RowNotFound));
+        assert!(!is_unavailable(&sqlx::Error::Protocol("bug".into())));
+    }
 
     #[test]
     fn urls_name_their_engine() {
