@@ -282,6 +282,20 @@ pub fn is_unavailable(error: &sqlx::Error) -> bool {
         | sqlx::Error::PoolClosed
         | sqlx::Error::Io(_)
         | sqlx::Error::WorkerCrashed => true,
+        // A FATAL error ends the session: the server refused or dropped the
+        // connection (a database gone, a login refused, a shutdown).
+        sqlx::Error::Database(db)
+            if db
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some_and(|pg| {
+                    matches!(
+                        pg.severity(),
+                        sqlx::postgres::PgSeverity::Fatal | sqlx::postgres::PgSeverity::Panic
+                    )
+                }) =>
+        {
+            true
+        }
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
             // SQLite: SQLITE_BUSY (5) and SQLITE_LOCKED (6) and their extended
             // codes (another process held the file past the busy timeout).

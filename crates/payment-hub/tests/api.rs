@@ -958,3 +958,39 @@ async fn clients_hanging_up_mid_payment_leave_nothing_half_written(engine: Engin
     }
     hub.stop().await;
 }
+
+/// PostgreSQL only: the database goes away under a running hub.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_does_not_answer_fails_the_ledger_cell_and_payments_answer_503() {
+    let Some(hub) = TestHub::spawn(Engine::Postgres).await else {
+        return;
+    };
+    let t = hub.tenant.clone();
+    let a = hub.open_account(&t, "A", "EUR", 100).await;
+    let b = hub.open_account(&t, "B", "EUR", 0).await;
+    hub.db.vanish().await;
+
+    let health = hub
+        .http
+        .get(hub.url("/health"))
+        .send()
+        .await
+        .expect("health");
+    assert_eq!(health.status(), 503);
+    let body = health.json::<Value>().await.expect("json");
+    assert_eq!(body["status"], "degraded");
+    assert_eq!(body["cells"]["ledger"], json!({"status": "failed"}));
+    assert_eq!(body["cells"]["gateway"], json!({"status": "healthy"}));
+
+    let paid = hub.pay(&t, &a, &b, 1, "EUR", "db-gone").await;
+    paid.problem(503, "LEDGER_DOWN");
+    assert!(
+        !paid.body["detail"]
+            .as_str()
+            .expect("detail")
+            .contains("sqlx"),
+        "{}",
+        paid.body
+    );
+    hub.stop().await;
+}

@@ -118,6 +118,20 @@ impl TestDb {
         }
     }
 
+    /// PostgreSQL: drops the database under the running hub (its connections
+    /// are terminated): the database no longer answers.
+    pub async fn vanish(&self) {
+        let (admin, name) = self.postgres.as_ref().expect("a PostgreSQL test database");
+        let mut conn = sqlx::PgConnection::connect(admin).await.expect("connect");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+        )))
+        .execute(&mut conn)
+        .await
+        .expect("drop the database");
+        let _ = conn.close().await;
+    }
+
     /// One integer from `sql` (read straight from the database, beside the hub).
     pub async fn scalar(&self, sql: &str) -> i64 {
         let sql = sqlx::AssertSqlSafe(sql.to_owned());
