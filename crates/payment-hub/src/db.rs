@@ -1,6 +1,6 @@
 //! The hub's database on either engine, in the kernel's manner: an enum of two
 //! concrete pools, one SQL text (`$1` placeholders) run against either through
-//! [`with_read!`] / [`with_tx!`], and per-engine migrations embedded in the binary.
+//! `with_read!` / `with_tx!`, and per-engine migrations embedded in the binary.
 //!
 //! SQLite serialises writers anyway, so the hub keeps **one writer connection**
 //! (every write transaction queues for it in the pool, in Rust, instead of
