@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use aibos_cell::{AssertionVerifier, KernelClient};
 use axum::Router;
+use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -128,7 +129,11 @@ impl Hub {
         let stop = CancellationToken::new();
         let publisher = self.publisher.map(|p| tokio::spawn(p.run(stop.clone())));
         tracing::info!(address = %self.local_addr, "payment hub listening");
-        let served = axum::serve(self.listener, self.router)
+        // No Nagle delay on small JSON answers over kept-alive connections.
+        let listener = self.listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let served = axum::serve(listener, self.router)
             .with_graceful_shutdown(shutdown)
             .await;
         stop.cancel();

@@ -112,6 +112,21 @@ pub struct HubConfigError {
 }
 
 impl HubConfig {
+    /// The defaults of every variable, with `assertion_secrets` (the one
+    /// required value): what `aibos demo` starts from before setting its own
+    /// `bind`, `database_url`, `kernel_url` and `service_accounts`.
+    pub fn new(assertion_secrets: Vec<String>) -> HubConfig {
+        HubConfig {
+            bind: SocketAddr::from(([127, 0, 0, 1], 4000)),
+            database_url: DEFAULT_DATABASE_URL.to_owned(),
+            canon_name: DEFAULT_CANON_NAME.to_owned(),
+            assertion_secrets,
+            kernel_url: None,
+            service_accounts: Vec::new(),
+            database_max_connections: DEFAULT_DATABASE_MAX_CONNECTIONS,
+        }
+    }
+
     /// Reads the configuration from the process environment.
     pub fn from_env() -> Result<HubConfig, HubConfigError> {
         HubConfig::from_lookup(|name| std::env::var(name).ok())
@@ -271,6 +286,14 @@ mod tests {
         assert_eq!(config.database_max_connections, 8);
         assert!(config.kernel_url.is_none());
         assert!(config.service_accounts.is_empty());
+    }
+
+    #[test]
+    fn new_carries_the_same_defaults_as_the_environment() {
+        let from_env = config(&[(ENV_ASSERTION_SECRETS, SECRET)]).expect("valid");
+        let built = HubConfig::new(vec![SECRET.to_owned()]);
+        assert_eq!(format!("{built:?}"), format!("{from_env:?}"));
+        assert_eq!(built.assertion_secrets, from_env.assertion_secrets);
     }
 
     #[test]

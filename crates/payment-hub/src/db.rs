@@ -1,6 +1,6 @@
 //! The hub's database on either engine, in the kernel's manner: an enum of two
 //! concrete pools, one SQL text (`$1` placeholders) run against either through
-//! [`with_read!`] / [`with_tx!`], and per-engine migrations embedded in the binary.
+//! `with_read!` / `with_tx!`, and per-engine migrations embedded in the binary.
 //!
 //! SQLite serialises writers anyway, so the hub keeps **one writer connection**
 //! (every write transaction queues for it in the pool, in Rust, instead of
@@ -274,14 +274,106 @@ pub fn is_unique_violation(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db) if db.is_unique_violation())
 }
 
-/// Whether `error` means the database is unreachable or overloaded (answered
-/// 503) rather than a bug (answered 500).
+/// Whether `error` means the database is unreachable, busy or overloaded, so
+/// that trying again may succeed (answered 503) rather than a bug (answered 500).
 pub fn is_unavailable(error: &sqlx::Error) -> bool {
-    matches!(
-        error,
+    match error {
         sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::Io(_)
-            | sqlx::Error::WorkerCrashed
-    )
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::WorkerCrashed => true,
+        // A FATAL error ends the session: the server refused or dropped the
+        // connection (a database gone, a login refused, a shutdown).
+        sqlx::Error::Database(db)
+            if db
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some_and(|pg| {
+                    matches!(
+                        pg.severity(),
+                        sqlx::postgres::PgSeverity::Fatal | sqlx::postgres::PgSeverity::Panic
+                    )
+                }) =>
+        {
+            true
+        }
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // SQLite: SQLITE_BUSY (5) and SQLITE_LOCKED (6) and their extended
+            // codes (another process held the file past the busy timeout).
+            // PostgreSQL: connection exceptions (08), transaction rollbacks such
+            // as serialization failures and deadlocks (40), insufficient
+            // resources (53) and operator intervention like a shutdown (57).
+            let code = code.as_ref();
+            matches!(code, "5" | "6" | "261" | "262" | "517")
+                || ["08", "40", "53", "57"]
+                    .iter()
+                    .any(|class| code.starts_with(class))
+        }),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_transient_failures_count_as_unavailable() {
+        assert!(is_unavailable(&sqlx::Error::PoolTimedOut));
+        assert!(is_unavailable(&sqlx::Error::Io(std::io::Error::other(
+            "reset"
+        ))));
+        assert!(!is_unavailable(&sqlx::Error::RowNotFound));
+        assert!(!is_unavailable(&sqlx::Error::Protocol("bug".into())));
+    }
+
+    #[test]
+    fn urls_name_their_engine() {
+        assert_eq!(Engine::of_url("sqlite://data/hub.db"), Some(Engine::Sqlite));
+        assert_eq!(Engine::of_url("sqlite::memory:"), Some(Engine::Sqlite));
+        assert_eq!(Engine::of_url("postgres://u@h/db"), Some(Engine::Postgres));
+        assert_eq!(
+            Engine::of_url("postgresql://u@h/db"),
+            Some(Engine::Postgres)
+        );
+        assert_eq!(Engine::of_url("mysql://u@h/db"), None);
+    }
+
+    #[tokio::test]
+    async fn sqlite_opens_in_wal_with_full_sync_foreign_keys_and_one_writer() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("a/b/hub.db").display());
+        let db = Db::connect(&url, 4).await.expect("opens and migrates");
+        let Db::Sqlite { writer, reader } = &db else {
+            panic!("sqlite")
+        };
+        assert_eq!(writer.options().get_max_connections(), 1);
+        assert_eq!(reader.options().get_max_connections(), 4);
+        for pool in [writer, reader] {
+            let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+                .fetch_one(pool)
+                .await
+                .expect("pragma");
+            assert_eq!(mode, "wal");
+            let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
+                .fetch_one(pool)
+                .await
+                .expect("pragma");
+            assert_eq!(sync, 2, "FULL");
+            let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+                .fetch_one(pool)
+                .await
+                .expect("pragma");
+            assert_eq!(fk, 1);
+            let busy: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
+                .fetch_one(pool)
+                .await
+                .expect("pragma");
+            assert_eq!(busy, 5_000);
+        }
+        assert!(db.ping(Duration::from_secs(1)).await);
+        // A second start finds the migrations applied.
+        db.close().await;
+        let again = Db::connect(&url, 4).await.expect("reopens");
+        again.close().await;
+    }
 }

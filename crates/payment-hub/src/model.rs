@@ -244,12 +244,13 @@ impl AccountCommand {
     }
 }
 
-/// Checks an `Idempotency-Key` value: 1 to 255 printable ASCII characters.
+/// Checks an `Idempotency-Key` value: 1 to 255 printable ASCII characters
+/// (0x20–0x7E, as the kernel's gateway checks them).
 pub fn parse_idempotency_key(value: &http::HeaderValue) -> Result<String, HubError> {
     let bytes = value.as_bytes();
     if bytes.is_empty()
         || bytes.len() > IDEMPOTENCY_KEY_BYTES_MAX
-        || !bytes.iter().all(|b| (0x21..=0x7e).contains(b))
+        || !bytes.iter().all(|b| (0x20..=0x7e).contains(b))
     {
         return Err(HubError::invalid(
             "header:idempotency-key",
@@ -373,9 +374,14 @@ mod tests {
 
     #[test]
     fn idempotency_keys_are_printable_ascii_within_bounds() {
-        let ok = http::HeaderValue::from_static("order-42");
-        assert_eq!(parse_idempotency_key(&ok).expect("valid"), "order-42");
-        for bad in ["", "has space", &"k".repeat(256)] {
+        let ok = http::HeaderValue::from_static("order 42; 'quoted'");
+        assert_eq!(
+            parse_idempotency_key(&ok).expect("valid"),
+            "order 42; 'quoted'"
+        );
+        let tab = http::HeaderValue::from_bytes(b"a\tb").expect("header");
+        assert!(parse_idempotency_key(&tab).is_err());
+        for bad in ["", &"k".repeat(256)] {
             let value = http::HeaderValue::from_str(bad).expect("header");
             assert!(parse_idempotency_key(&value).is_err(), "{bad:?}");
         }

@@ -167,6 +167,17 @@ impl Publisher {
             .buffer_unordered(OUTBOX_PUBLISH_CONCURRENCY)
             .collect()
             .await;
+        let failures: Vec<&str> = published
+            .iter()
+            .filter_map(|result| match result {
+                OutboxResult::Failed { error, .. } => Some(error.as_str()),
+                OutboxResult::Published(_) => None,
+            })
+            .collect();
+        if let Some(first) = failures.first() {
+            tracing::warn!(failed = failures.len(), of = published.len(), first_error = %first,
+                "events could not be published; their rows stay and are retried with backoff");
+        }
         results.extend(published);
         store::record_outbox(&self.db, results).await?;
         Ok(count)
@@ -201,7 +212,9 @@ async fn publish(client: &KernelClient, row: &OutboxRow) -> OutboxResult {
             OutboxResult::Published(row.id.clone())
         }
         Err(error) => {
-            tracing::warn!(outbox_id = %row.id, %error, retryable = error.is_retryable(),
+            // Per row at debug; the pass logs one warning for all its failures,
+            // so a kernel that is down for an hour does not flood the log.
+            tracing::debug!(outbox_id = %row.id, %error, retryable = error.is_retryable(),
                 correlation_id = %row.correlation_id, "publish failed; the row stays and is retried");
             failed(row, error.to_string())
         }

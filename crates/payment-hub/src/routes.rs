@@ -11,6 +11,7 @@ use aibos_wire::correlation::CORRELATION_HEADER;
 use axum::Json;
 use axum::Router;
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::PathRejection;
 use axum::extract::{FromRef, Path, RawQuery, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -275,15 +276,21 @@ fn path_id(text: &str, field: &str) -> Result<String, HubError> {
     parse_uuid(text).ok_or_else(|| HubError::invalid(field, "must be a UUID"))
 }
 
+/// A path segment, or a problem (axum's own rejection is plain text).
+fn segment(path: Result<Path<String>, PathRejection>) -> Result<String, HubError> {
+    path.map(|Path(text)| text)
+        .map_err(|_| HubError::invalid("path", "is not valid UTF-8 after percent-decoding"))
+}
+
 async fn payment_status(
     State(state): State<HubState>,
     call: KernelCall,
-    Path(id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
 ) -> Response {
     let call = Call::new(call);
     let result = async {
         call.require(&state, Cell::Gateway, HubCode::GatewayDown)?;
-        let id = path_id(&id, "path:id")?;
+        let id = path_id(&segment(path)?, "path:id")?;
         store::get_payment(&state.db, &call.caller.tenant_id, &id)
             .await?
             .ok_or_else(|| HubError::new(HubCode::PaymentNotFound, "No such payment."))
@@ -376,13 +383,13 @@ async fn open_account(
 async fn get_account(
     State(state): State<HubState>,
     call: KernelCall,
-    Path(id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
 ) -> Response {
     let call = Call::new(call);
     let result = async {
         call.require(&state, Cell::Gateway, HubCode::GatewayDown)?;
         call.require(&state, Cell::Ledger, HubCode::LedgerDown)?;
-        let id = path_id(&id, "path:id")?;
+        let id = path_id(&segment(path)?, "path:id")?;
         store::get_account(&state.db, &call.caller.tenant_id, &id)
             .await?
             .ok_or_else(|| HubError::new(HubCode::AccountNotFound, "No such account."))
@@ -436,8 +443,17 @@ async fn trial_balance(State(state): State<HubState>, call: KernelCall) -> Respo
     }
 }
 
-async fn set_cell(state: HubState, call: KernelCall, cell: String, failed: bool) -> Response {
+async fn set_cell(
+    state: HubState,
+    call: KernelCall,
+    path: Result<Path<String>, PathRejection>,
+    failed: bool,
+) -> Response {
     let call = Call::new(call);
+    let cell = match segment(path) {
+        Ok(cell) => cell,
+        Err(error) => return call.fail(error),
+    };
     let Some(cell) = Cell::parse(&cell) else {
         return call.fail(HubError::new(
             HubCode::CellNotFound,
@@ -462,17 +478,17 @@ async fn set_cell(state: HubState, call: KernelCall, cell: String, failed: bool)
 async fn chaos_fail(
     State(state): State<HubState>,
     call: KernelCall,
-    Path(cell): Path<String>,
+    path: Result<Path<String>, PathRejection>,
 ) -> Response {
-    set_cell(state, call, cell, true).await
+    set_cell(state, call, path, true).await
 }
 
 async fn chaos_recover(
     State(state): State<HubState>,
     call: KernelCall,
-    Path(cell): Path<String>,
+    path: Result<Path<String>, PathRejection>,
 ) -> Response {
-    set_cell(state, call, cell, false).await
+    set_cell(state, call, path, false).await
 }
 
 #[cfg(test)]

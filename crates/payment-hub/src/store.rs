@@ -250,27 +250,10 @@ async fn payment_tx(
         };
     }
 
-    // Both balances, always in the order of their ids, so two opposite
-    // payments lock the two rows in the same order and cannot deadlock.
-    let debit_first = command.payer_account < command.payee_account;
-    for debit in [debit_first, !debit_first] {
-        let changed = if debit {
-            with_tx!(tx, conn => sqlx::query(DEBIT)
-                .bind(command.amount_minor).bind(&command.payer_account)
-                .bind(&caller.tenant_id).bind(&command.currency)
-                .execute(conn).await.map(|r| r.rows_affected()))?
-        } else {
-            with_tx!(tx, conn => sqlx::query(CREDIT)
-                .bind(command.amount_minor).bind(&command.payee_account)
-                .bind(&caller.tenant_id).bind(&command.currency)
-                .bind(i64::MAX - command.amount_minor)
-                .execute(conn).await.map(|r| r.rows_affected()))?
-        };
-        if changed != 1 {
-            return Err(refusal(tx, caller, command).await);
-        }
-    }
-
+    // The entries and the event first, the balances last: on PostgreSQL the
+    // two account rows stay locked only for the two updates and the commit,
+    // which is what bounds the rate of payments between the same accounts.
+    // (The entries' account references are checked at commit.)
     with_tx!(tx, conn => sqlx::query(INSERT_ENTRIES)
         .bind(Uuid::now_v7().hyphenated().to_string()).bind(&caller.tenant_id).bind(&id)
         .bind(&command.payer_account).bind(command.amount_minor).bind(&command.currency).bind(&now)
@@ -291,6 +274,27 @@ async fn payment_tx(
         .bind(PAYMENT_PROCESSED_EVENT).bind(&id).bind(&payload)
         .bind(&caller.correlation_id).bind(&now).bind(now_millis())
         .execute(conn).await.map(|r| r.rows_affected()))?;
+
+    // Both balances, always in the order of their ids, so two opposite
+    // payments lock the two rows in the same order and cannot deadlock.
+    let debit_first = command.payer_account < command.payee_account;
+    for debit in [debit_first, !debit_first] {
+        let changed = if debit {
+            with_tx!(tx, conn => sqlx::query(DEBIT)
+                .bind(command.amount_minor).bind(&command.payer_account)
+                .bind(&caller.tenant_id).bind(&command.currency)
+                .execute(conn).await.map(|r| r.rows_affected()))?
+        } else {
+            with_tx!(tx, conn => sqlx::query(CREDIT)
+                .bind(command.amount_minor).bind(&command.payee_account)
+                .bind(&caller.tenant_id).bind(&command.currency)
+                .bind(i64::MAX - command.amount_minor)
+                .execute(conn).await.map(|r| r.rows_affected()))?
+        };
+        if changed != 1 {
+            return Err(refusal(tx, caller, command).await);
+        }
+    }
 
     let entry = |account: &str, direction: &str| EntryView {
         account_id: account.to_owned(),
@@ -645,7 +649,8 @@ pub enum OutboxResult {
     },
 }
 
-/// Records a pass's results in one transaction (one fsync on SQLite).
+/// Records a pass's results in one transaction (one fsync on SQLite): the
+/// published rows in one statement, each failed row in its own (rare).
 pub async fn record_outbox(db: &Db, results: Vec<OutboxResult>) -> Result<(), HubError> {
     if results.is_empty() {
         return Ok(());
@@ -653,19 +658,33 @@ pub async fn record_outbox(db: &Db, results: Vec<OutboxResult>) -> Result<(), Hu
     db.write(move |tx| {
         Box::pin(async move {
             let now = now_text();
+            let mut published = Vec::with_capacity(results.len());
             for result in &results {
                 match result {
-                    OutboxResult::Published(id) => {
-                        with_tx!(tx, conn => sqlx::query(
-                            "UPDATE outbox SET published_at = $1, attempts = attempts + 1, last_error = NULL WHERE id = $2")
-                            .bind(&now).bind(id).execute(conn).await.map(|r| r.rows_affected()))?;
-                    }
+                    OutboxResult::Published(id) => published.push(id.as_str()),
                     OutboxResult::Failed { id, next_attempt_ms, error } => {
                         with_tx!(tx, conn => sqlx::query(
                             "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $1, last_error = $2 WHERE id = $3")
                             .bind(next_attempt_ms).bind(error).bind(id).execute(conn).await.map(|r| r.rows_affected()))?;
                     }
                 }
+            }
+            // A pass holds at most OUTBOX_BATCH_ROWS_MAX rows: far below either
+            // engine's limit on bound parameters.
+            if !published.is_empty() {
+                let placeholders: Vec<String> = (0..published.len()).map(|i| format!("${}", i + 2)).collect();
+                // Only generated placeholders go into the text; the ids are bound.
+                let sql = format!(
+                    "UPDATE outbox SET published_at = $1, attempts = attempts + 1, last_error = NULL WHERE id IN ({})",
+                    placeholders.join(", ")
+                );
+                with_tx!(tx, conn => {
+                    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql.clone())).bind(&now);
+                    for id in &published {
+                        query = query.bind(*id);
+                    }
+                    query.execute(conn).await.map(|r| r.rows_affected())
+                })?;
             }
             Ok::<(), HubError>(())
         })

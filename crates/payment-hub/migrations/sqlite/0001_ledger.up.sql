@@ -42,12 +42,14 @@ CREATE TABLE payments (
 CREATE INDEX payments_tenant_id ON payments (tenant_id, id);
 
 -- Each transaction (a payment or an account opening) is two rows: one debit,
--- one credit, of the same amount and currency.
+-- one credit, of the same amount and currency. The account reference is
+-- checked at commit, so a payment can write its entries before it takes the
+-- balance row locks (shorter lock holds under contention).
 CREATE TABLE ledger_entries (
     id             TEXT PRIMARY KEY NOT NULL,
     tenant_id      TEXT NOT NULL,
     transaction_id TEXT NOT NULL,
-    account_id     TEXT NOT NULL REFERENCES accounts (id),
+    account_id     TEXT NOT NULL REFERENCES accounts (id) DEFERRABLE INITIALLY DEFERRED,
     direction      TEXT NOT NULL CHECK (direction IN ('debit', 'credit')),
     amount_minor   INTEGER NOT NULL CHECK (amount_minor > 0),
     currency       TEXT NOT NULL,
