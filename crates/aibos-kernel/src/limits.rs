@@ -14,6 +14,15 @@ pub const DB_CONNECTIONS_MAX: u64 = 500;
 /// Upper bound of every database timeout: beyond ten minutes a request is lost anyway.
 pub const DB_TIMEOUT_MS_MAX: u64 = 600_000;
 
+/// SQLite writes waiting for the group-commit writer (`db/group.rs`): a full
+/// queue makes writers wait (backpressure) instead of growing memory.
+pub const GROUP_COMMIT_QUEUE_MAX: usize = 4096;
+
+/// Writes committed together by the group-commit writer at most: enough that
+/// one fsync serves a busy kernel's burst, few enough that the first write of a
+/// batch does not wait on a long tail of others.
+pub const GROUP_COMMIT_JOBS_MAX: usize = 64;
+
 /// `/api/health` gives the database this long to answer `SELECT 1` before it
 /// reports it down; well under the 2 s within which an outage must show.
 pub const HEALTH_DB_TIMEOUT_MS: u64 = 1_000;

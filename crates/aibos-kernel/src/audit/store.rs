@@ -319,7 +319,7 @@ async fn verification_batch(
     const ROW: &str = "id, tenant_id, seq, occurred_at, actor_type, actor_id, action, resource_type, resource_id, \
                        outcome, severity, client_ip, user_agent, correlation_id, details, prev_hash, hash";
     let text: Option<String> = match db {
-        Db::Sqlite(pool) => {
+        Db::Sqlite(crate::db::SqliteDb { pool, .. }) => {
             let sql = format!(
                 "SELECT json_group_array(json_array({ROW})) FROM \
                  (SELECT {COLUMNS} FROM audit_log WHERE tenant_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq)"

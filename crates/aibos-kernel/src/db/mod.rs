@@ -7,6 +7,7 @@
 //!
 //! *Architecture invariant*: only this module and files named `store.rs` contain SQL.
 
+pub mod group;
 pub mod migrate;
 pub mod tx;
 
@@ -27,9 +28,18 @@ use crate::config::{DatabaseConfig, Engine};
 #[derive(Clone, Debug)]
 pub enum Db {
     /// Embedded SQLite (WAL, `synchronous=FULL`, foreign keys on).
-    Sqlite(SqlitePool),
+    Sqlite(SqliteDb),
     /// PostgreSQL.
     Postgres(PgPool),
+}
+
+/// SQLite's pool, and the group-commit writer that runs its [`Db::write`]s.
+#[derive(Clone, Debug)]
+pub struct SqliteDb {
+    /// Reads, and the few writes that take no transaction.
+    pub pool: SqlitePool,
+    /// Every [`Db::write`] transaction (`group.rs`).
+    pub writer: group::GroupCommit,
 }
 
 /// Runs the same body against whichever pool `db` holds; `$pool` is bound to the
@@ -38,7 +48,7 @@ pub enum Db {
 macro_rules! with_db {
     ($db:expr, $pool:ident => $body:expr) => {
         match $db {
-            $crate::db::Db::Sqlite($pool) => $body,
+            $crate::db::Db::Sqlite($crate::db::SqliteDb { pool: $pool, .. }) => $body,
             $crate::db::Db::Postgres($pool) => $body,
         }
     };
@@ -108,7 +118,8 @@ impl Db {
                         engine: Engine::Sqlite,
                         source,
                     })?;
-                Ok(Db::Sqlite(pool))
+                let writer = group::GroupCommit::start(pool.clone());
+                Ok(Db::Sqlite(SqliteDb { pool, writer }))
             }
             Engine::Postgres => {
                 let options = PgConnectOptions::from_str(url)

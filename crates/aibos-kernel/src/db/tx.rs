@@ -95,19 +95,25 @@ impl Db {
     /// Begins a write transaction. Prefer [`Db::write`], which is cancel-safe.
     pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
         match self {
-            Db::Sqlite(pool) => Ok(Tx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?)),
+            Db::Sqlite(sqlite) => Ok(Tx::Sqlite(sqlite.pool.begin_with("BEGIN IMMEDIATE").await?)),
             Db::Postgres(pool) => Ok(Tx::Postgres(pool.begin().await?)),
         }
     }
 
-    /// Runs `body` in one transaction inside a spawned task: it commits when the
-    /// body succeeds and rolls back when it fails, even if the caller stops waiting.
+    /// Runs `body` in one transaction that a caller hanging up cannot cut: it
+    /// commits when the body succeeds and rolls back when it fails, even if the
+    /// caller stops waiting; `Ok` means committed. On SQLite the body runs in
+    /// the group-commit writer's next batch, under a savepoint of its own
+    /// (`group.rs`); on PostgreSQL in a transaction of its own in a spawned task.
     pub async fn write<T, E, F>(&self, body: F) -> Result<T, E>
     where
         T: Send + 'static,
         E: From<DbError> + Send + 'static,
         F: for<'t> FnOnce(&'t mut Tx) -> TxFuture<'t, T, E> + Send + 'static,
     {
+        if let Db::Sqlite(sqlite) = self {
+            return sqlite.writer.write(body).await;
+        }
         let db = self.clone();
         let task = tokio::spawn(async move {
             let mut tx = db.begin().await.map_err(|e| E::from(DbError::Query(e)))?;

@@ -1,7 +1,7 @@
 //! The SQL of idempotency records (migration 0012). Each function is one
 //! statement: taking a key is one atomic upsert, never a read then a write.
 
-use crate::db::{Db, Tx};
+use crate::db::{Db, DbError, Tx};
 use crate::{with_db, with_tx};
 
 /// The associated data a record's body is sealed with: the body opens only
@@ -55,7 +55,69 @@ pub struct Take<'a> {
 /// PostgreSQL re-checks the `WHERE` under the row lock after a concurrent
 /// insert or update, so of several kernels exactly one gets a row back.
 pub async fn take(db: &Db, t: &Take<'_>) -> Result<bool, sqlx::Error> {
-    const SQL: &str = "INSERT INTO idempotency_records \
+    let taken: Option<String> = match db {
+        Db::Postgres(pool) => {
+            sqlx::query_scalar(TAKE_SQL)
+                .bind(t.tenant_id)
+                .bind(t.key)
+                .bind(t.subject_id)
+                .bind(t.fingerprint)
+                .bind(t.claim_id)
+                .bind(t.locked_until)
+                .bind(t.now)
+                .fetch_optional(pool)
+                .await?
+        }
+        // Through the group-commit writer: an autocommit write of its own would
+        // wait for SQLite's lock in the busy handler, and cost an fsync alone.
+        Db::Sqlite(_) => {
+            let values: [String; 7] = [
+                t.tenant_id,
+                t.key,
+                t.subject_id,
+                t.fingerprint,
+                t.claim_id,
+                t.locked_until,
+                t.now,
+            ]
+            .map(str::to_owned);
+            db.write(move |tx| {
+                Box::pin(async move {
+                    let [
+                        tenant_id,
+                        key,
+                        subject_id,
+                        fingerprint,
+                        claim_id,
+                        locked_until,
+                        now,
+                    ] = &values;
+                    let taken: Option<String> = with_tx!(tx, conn => {
+                        sqlx::query_scalar(TAKE_SQL)
+                            .bind(tenant_id).bind(key).bind(subject_id).bind(fingerprint)
+                            .bind(claim_id).bind(locked_until).bind(now)
+                            .fetch_optional(&mut *conn)
+                            .await?
+                    });
+                    Ok::<_, DbError>(taken)
+                })
+            })
+            .await
+            .map_err(into_sqlx)?
+        }
+    };
+    Ok(taken.is_some())
+}
+
+/// A writer's failure as the `sqlx::Error` these functions return.
+fn into_sqlx(e: DbError) -> sqlx::Error {
+    match e {
+        DbError::Query(e) => e,
+        other => sqlx::Error::Protocol(other.to_string()),
+    }
+}
+
+const TAKE_SQL: &str = "INSERT INTO idempotency_records \
          (tenant_id, idempotency_key, subject_id, fingerprint, claim_id, state, locked_until, created_at, expires_at) \
          VALUES ($1, $2, $3, $4, $5, 'in_flight', $6, $7, $6) \
          ON CONFLICT (tenant_id, idempotency_key) DO UPDATE SET \
@@ -64,15 +126,6 @@ pub async fn take(db: &Db, t: &Take<'_>) -> Result<bool, sqlx::Error> {
              response_headers = NULL, response_body = NULL, created_at = excluded.created_at, expires_at = excluded.expires_at \
          WHERE idempotency_records.expires_at <= $7 \
          RETURNING claim_id";
-    let taken: Option<String> = with_db!(db, pool => {
-        sqlx::query_scalar(SQL)
-            .bind(t.tenant_id).bind(t.key).bind(t.subject_id).bind(t.fingerprint)
-            .bind(t.claim_id).bind(t.locked_until).bind(t.now)
-            .fetch_optional(pool)
-            .await?
-    });
-    Ok(taken.is_some())
-}
 
 /// The record of `key` in `tenant_id`, if any.
 pub async fn read(db: &Db, tenant_id: &str, key: &str) -> Result<Option<Record>, sqlx::Error> {
@@ -109,6 +162,21 @@ pub async fn complete(
     claim_id: &str,
     c: &Completion<'_>,
 ) -> Result<bool, sqlx::Error> {
+    if let Db::Sqlite(_) = db {
+        let (tenant_id, key, claim_id) =
+            (tenant_id.to_owned(), key.to_owned(), claim_id.to_owned());
+        let owned = OwnedCompletion::from(c);
+        return db
+            .write(move |tx| {
+                Box::pin(async move {
+                    Ok::<_, DbError>(
+                        complete_in(tx, &tenant_id, &key, &claim_id, &owned.borrow()).await?,
+                    )
+                })
+            })
+            .await
+            .map_err(into_sqlx);
+    }
     let updated = with_db!(db, pool => {
         sqlx::query(COMPLETE_SQL)
             .bind(tenant_id).bind(key).bind(claim_id)
@@ -179,6 +247,19 @@ pub async fn release(
 ) -> Result<(), sqlx::Error> {
     const SQL: &str = "DELETE FROM idempotency_records \
          WHERE tenant_id = $1 AND idempotency_key = $2 AND claim_id = $3 AND state = 'in_flight'";
+    if let Db::Sqlite(_) = db {
+        let (tenant_id, key, claim_id) =
+            (tenant_id.to_owned(), key.to_owned(), claim_id.to_owned());
+        return db
+            .write(move |tx| {
+                Box::pin(async move {
+                    with_tx!(tx, conn => sqlx::query(SQL).bind(&tenant_id).bind(&key).bind(&claim_id).execute(&mut *conn).await?.rows_affected());
+                    Ok::<_, DbError>(())
+                })
+            })
+            .await
+            .map_err(into_sqlx);
+    }
     with_db!(db, pool => {
         sqlx::query(SQL).bind(tenant_id).bind(key).bind(claim_id).execute(pool).await?.rows_affected()
     });

@@ -29,7 +29,7 @@ async fn write_entries(kernel: &TestKernel, tenant: &str, n: usize) {
 async fn exec(db: &Db, sql: &str) -> Result<u64, sqlx::Error> {
     let sql = sqlx::AssertSqlSafe(sql.to_owned());
     match db {
-        Db::Sqlite(pool) => sqlx::raw_sql(sql)
+        Db::Sqlite(aibos_kernel::db::SqliteDb { pool, .. }) => sqlx::raw_sql(sql)
             .execute(pool)
             .await
             .map(|r| r.rows_affected()),

@@ -22,7 +22,7 @@ async fn connect(test_db: &TestDb) -> Db {
 /// Every table, column, index and trigger of the kernel's schema, in a stable order.
 async fn catalogue(db: &Db) -> Vec<String> {
     let rows: Vec<(String,)> = match db {
-        Db::Sqlite(pool) => sqlx::query_as(
+        Db::Sqlite(aibos_kernel::db::SqliteDb { pool, .. }) => sqlx::query_as(
             "SELECT type || ' ' || name || ' ' || tbl_name || ' ' || coalesce(sql, '') FROM sqlite_master \
              WHERE name NOT LIKE 'sqlite_%' AND name <> '_sqlx_migrations' ORDER BY type, name",
         )

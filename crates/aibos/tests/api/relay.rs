@@ -183,7 +183,7 @@ crate::both_engines! {
         // written, as far back as it goes: the position is lost entirely.
         let raw = connect(&db).await;
         match &raw {
-            Db::Sqlite(pool) => { sqlx::query("UPDATE event_relay_positions SET relayed_seq = 0 WHERE tenant_id = $1").bind(&acme.tenant_id).execute(pool).await.unwrap(); }
+            Db::Sqlite(aibos_kernel::db::SqliteDb { pool, .. }) => { sqlx::query("UPDATE event_relay_positions SET relayed_seq = 0 WHERE tenant_id = $1").bind(&acme.tenant_id).execute(pool).await.unwrap(); }
             Db::Postgres(pool) => { sqlx::query("UPDATE event_relay_positions SET relayed_seq = 0 WHERE tenant_id = $1").bind(&acme.tenant_id).execute(pool).await.unwrap(); }
         }
         raw.close().await;

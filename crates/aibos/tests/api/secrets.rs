@@ -54,7 +54,7 @@ async fn build(url: &str, env: &[(&str, &str)]) -> Result<App, StartError> {
 /// Every stored seed and assertion secret, read raw: `(kid, private_key)` and `(kid, secret)`.
 async fn raw_rows(db: &Db) -> (Vec<(String, String)>, Vec<(String, String)>) {
     match db {
-        Db::Sqlite(pool) => (
+        Db::Sqlite(aibos_kernel::db::SqliteDb { pool, .. }) => (
             sqlx::query_as("SELECT kid, private_key FROM signing_keys")
                 .fetch_all(pool)
                 .await
@@ -80,7 +80,9 @@ async fn raw_rows(db: &Db) -> (Vec<(String, String)>, Vec<(String, String)>) {
 async fn exec(db: &Db, sql: String) {
     let sql = sqlx::AssertSqlSafe(sql);
     match db {
-        Db::Sqlite(pool) => sqlx::raw_sql(sql).execute(pool).await.map(|_| ()),
+        Db::Sqlite(aibos_kernel::db::SqliteDb { pool, .. }) => {
+            sqlx::raw_sql(sql).execute(pool).await.map(|_| ())
+        }
         Db::Postgres(pool) => sqlx::raw_sql(sql).execute(pool).await.map(|_| ()),
     }
     .unwrap();
@@ -301,7 +303,7 @@ crate::both_engines! {
         let second = kernel(test_db.url(), &[("AIBOS_AUTH__MASTER_KEY_FILE", &new_file)]).await;
         assert_sealed(second.state.db(), &key, &secret, &key_id(&new_text)).await;
         let tls_key: String = match second.state.db() {
-            Db::Sqlite(pool) => sqlx::query_scalar("SELECT tls_client_key FROM canons WHERE name = 'mutual'").fetch_one(pool).await.unwrap(),
+            Db::Sqlite(aibos_kernel::db::SqliteDb { pool, .. }) => sqlx::query_scalar("SELECT tls_client_key FROM canons WHERE name = 'mutual'").fetch_one(pool).await.unwrap(),
             Db::Postgres(pool) => sqlx::query_scalar("SELECT tls_client_key FROM canons WHERE name = 'mutual'").fetch_one(pool).await.unwrap(),
         };
         assert!(tls_key.starts_with(&format!("enc:v1:{}:", key_id(&new_text))), "{tls_key}");

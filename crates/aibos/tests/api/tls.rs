@@ -138,11 +138,13 @@ async fn call(k: &TestKernel, root: &aibos_testkit::api::Session, canon: &str) -
 
 async fn raw_client_key(db: &Db, canon_id: &str) -> Option<String> {
     match db {
-        Db::Sqlite(pool) => sqlx::query_scalar("SELECT tls_client_key FROM canons WHERE id = $1")
-            .bind(canon_id)
-            .fetch_one(pool)
-            .await
-            .unwrap(),
+        Db::Sqlite(aibos_kernel::db::SqliteDb { pool, .. }) => {
+            sqlx::query_scalar("SELECT tls_client_key FROM canons WHERE id = $1")
+                .bind(canon_id)
+                .fetch_one(pool)
+                .await
+                .unwrap()
+        }
         Db::Postgres(pool) => sqlx::query_scalar("SELECT tls_client_key FROM canons WHERE id = $1")
             .bind(canon_id)
             .fetch_one(pool)

@@ -49,7 +49,9 @@ async fn subscribe(k: &TestKernel, admin: &Session, url: &str, types: &[&str]) -
 async fn stored_secrets(db: &Db, id: &str) -> (String, Option<String>) {
     let sql = "SELECT secret, previous_secret FROM webhook_subscriptions WHERE id = $1";
     match db {
-        Db::Sqlite(pool) => sqlx::query_as(sql).bind(id).fetch_one(pool).await.unwrap(),
+        Db::Sqlite(aibos_kernel::db::SqliteDb { pool, .. }) => {
+            sqlx::query_as(sql).bind(id).fetch_one(pool).await.unwrap()
+        }
         Db::Postgres(pool) => sqlx::query_as(sql).bind(id).fetch_one(pool).await.unwrap(),
     }
 }
