@@ -24,6 +24,7 @@
 //! - `curl` fails the block on an HTTP error status (the test adds
 //!   `--fail-with-body`): a call that was refused does not pass by printing its
 //!   problem. A line that shows a refusal on purpose checks the status itself.
+//!   (So the documents write `curl -s`, never `-f`: curl refuses both at once.)
 //! - ```` ```console ```` blocks are transcripts and are not run. A shell block
 //!   that cannot run here (the demo, which runs until Ctrl-C; a live stream; a
 //!   benchmark; a NATS server) says so with `<!-- not run: the reason -->` on
