@@ -17,6 +17,9 @@
 //!   becomes the built `aibos` and `cargo run --release -p payment-hub` the
 //!   built `payment-hub`, both on the session's `PATH`, which also has the
 //!   kernel's configuration (`AIBOS_SERVER__BIND`), so `aibos status` finds it.
+//!   The kernel has the test kit's generous rate limits: a script is faster
+//!   than a reader, and the guide's whole setup as one administrator, pasted
+//!   at once, would meet the default user burst (20) at its route registrations.
 //! - The other documents build on README's first steps (its platform
 //!   administrator `root@example.com`, the tenant `acme` and acme's
 //!   administrator `admin@acme.example`): their session runs README's block
