@@ -13,6 +13,7 @@ mod cli;
 mod concurrency;
 mod connections;
 mod conventions;
+mod docs;
 mod e2e;
 mod escalation;
 mod events;
