@@ -33,10 +33,11 @@ pub async fn run(sources: ConfigSources, args: ServeArgs) -> u8 {
             return EXIT_FAILURE;
         }
     };
+    let stop_signal = shutdown_signal();
     let state = app.state();
     tracing::info!(address = %app.local_addr(), engine = %state.db().engine(), event_loops = state.config_ref().server.event_loop_count(), version = env!("CARGO_PKG_VERSION"), "listening");
     tokio::spawn(reload_on_sighup(state));
-    match app.run_until_stopped(shutdown_signal()).await {
+    match app.run_until_stopped(stop_signal).await {
         Ok(()) => EXIT_OK,
         Err(e) => {
             tracing::error!(error = %e, "the server failed");
@@ -45,20 +46,33 @@ pub async fn run(sources: ConfigSources, args: ServeArgs) -> u8 {
     }
 }
 
-/// Completes on the first SIGTERM or SIGINT.
-pub(super) async fn shutdown_signal() {
+/// Listens for SIGTERM and SIGINT from the moment it is called (the handlers
+/// are installed before it returns, so a signal sent right after, say, a
+/// "ready" line is not the default action's kill); the future completes on
+/// the first of them.
+pub(super) fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the server");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let terminate = signal(SignalKind::terminate());
+    let interrupt = signal(SignalKind::interrupt());
+    async move {
+        match (terminate, interrupt) {
+            (Ok(mut terminate), Ok(mut interrupt)) => tokio::select! {
+                _ = terminate.recv() => tracing::info!("SIGTERM received"),
+                _ = interrupt.recv() => tracing::info!("SIGINT received"),
+            },
+            (Err(e), Ok(mut interrupt)) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the server");
+                interrupt.recv().await;
+            }
+            (Ok(mut terminate), Err(e)) => {
+                tracing::error!(error = %e, "cannot listen for SIGINT; only SIGTERM stops the server");
+                terminate.recv().await;
+            }
+            (Err(e), Err(_)) => {
+                tracing::error!(error = %e, "cannot listen for signals; the server stops only when killed");
+                std::future::pending::<()>().await;
+            }
         }
-    };
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
     }
 }
 

@@ -180,6 +180,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_GRACE: Duration = Duration::from_secs(15);
 
 pub async fn run(mut sources: ConfigSources, args: DemoArgs) -> u8 {
+    // Before anything is printed: a Ctrl-C right after the ready line stops
+    // the demo cleanly instead of killing it.
+    let stop_signal = super::serve::shutdown_signal();
     let data_dir = match prepare_data_dir(&args.data_dir) {
         Ok(dir) => dir,
         Err(e) => {
@@ -226,7 +229,7 @@ pub async fn run(mut sources: ConfigSources, args: DemoArgs) -> u8 {
     let (stop, stopping) = tokio::sync::watch::channel(false);
     let mut kernel = tokio::spawn(app.run_until_stopped(stopped(stopping.clone())));
     let outcome = tokio::select! {
-        outcome = serve(&args, &data_dir, &kernel_url, &bootstrap_key, &stop) => outcome,
+        outcome = serve(&args, &data_dir, &kernel_url, &bootstrap_key, &stop, stop_signal) => outcome,
         ended = &mut kernel => Err(anyhow::anyhow!("the kernel stopped: {}", describe_end(ended))),
     };
     let _ = stop.send(true);
@@ -275,6 +278,7 @@ async fn serve(
     kernel_url: &str,
     bootstrap_key: &str,
     stop: &tokio::sync::watch::Sender<bool>,
+    stop_signal: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let mut state = DemoState::load(data_dir)?;
     let api = KernelApi::new(kernel_url);
@@ -339,7 +343,7 @@ async fn serve(
     }
 
     let outcome = tokio::select! {
-        () = super::serve::shutdown_signal() => Ok(()),
+        () = stop_signal => Ok(()),
         ended = &mut hub_task => Err(anyhow::anyhow!("the payment hub stopped: {}", describe_end(ended))),
     };
     if !args.json {
