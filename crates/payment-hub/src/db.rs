@@ -390,6 +390,10 @@ where
 /// The savepoint every job of a group commit runs in.
 const SAVEPOINT: &str = "SAVEPOINT group_commit";
 const RELEASE: &str = "RELEASE group_commit";
+/// Ends a job's savepoint and opens the next job's in one round trip to
+/// sqlx's SQLite worker thread (a hand-off per statement is what the
+/// writer spends its time on).
+const RELEASE_AND_NEXT: &str = "RELEASE group_commit; SAVEPOINT group_commit";
 const ROLLBACK_TO: &str = "ROLLBACK TO group_commit";
 
 /// The SQLite writer task: takes every job already queued (at most
@@ -405,7 +409,7 @@ async fn run_writer(writer: SqlitePool, mut queue: mpsc::Receiver<Job>, commits:
 /// One group commit: BEGIN IMMEDIATE, each job in its own savepoint, one
 /// COMMIT, then the answers of the jobs that succeeded.
 async fn run_batch(writer: &SqlitePool, batch: impl Iterator<Item = Job>, commits: &AtomicU64) {
-    let mut batch = batch;
+    let mut batch = batch.peekable();
     // IMMEDIATE takes the write lock up front: a read-then-write body cannot
     // fail midway with "database is locked" (another process may hold it).
     let mut tx = match writer.begin_with("BEGIN IMMEDIATE").await {
@@ -418,21 +422,27 @@ async fn run_batch(writer: &SqlitePool, batch: impl Iterator<Item = Job>, commit
         }
     };
     let mut succeeded: Vec<Completion> = Vec::with_capacity(GROUP_COMMIT_JOBS_MAX);
+    if let Err(error) = execute(&mut tx, SAVEPOINT).await {
+        return abort_batch(tx, succeeded, batch, &error).await;
+    }
+    // Each job starts with its savepoint open and ends by releasing it (and
+    // opening the next job's, when there is one).
     while let Some(job) = batch.next() {
-        if let Err(error) = execute(&mut tx, SAVEPOINT).await {
-            job(Err(&error)).await;
-            return abort_batch(tx, succeeded, batch, &error).await;
-        }
         // A panicking body fails only itself: its future (and with it its
         // caller's answer) is dropped and its changes are rolled back below.
         let ran = AssertUnwindSafe(job(Ok(&mut tx))).catch_unwind().await;
+        let end = if batch.peek().is_some() {
+            RELEASE_AND_NEXT
+        } else {
+            RELEASE
+        };
         let kept = match ran {
             Ok(Some(completion)) => {
                 succeeded.push(completion);
-                execute(&mut tx, RELEASE).await
+                execute(&mut tx, end).await
             }
             Ok(None) | Err(_) => match execute(&mut tx, ROLLBACK_TO).await {
-                Ok(()) => execute(&mut tx, RELEASE).await,
+                Ok(()) => execute(&mut tx, end).await,
                 Err(error) => Err(error),
             },
         };
@@ -479,7 +489,8 @@ async fn abort_batch(
 
 /// One statement of the writer's own bookkeeping.
 async fn execute(tx: &mut Tx, sql: &'static str) -> Result<(), sqlx::Error> {
-    with_tx!(tx, conn => sqlx::query(sql).execute(conn).await.map(|_| ()))
+    // `raw_sql`: the text may hold two statements, and there is nothing to bind.
+    with_tx!(tx, conn => sqlx::raw_sql(sql).execute(conn).await.map(|_| ()))
 }
 
 impl Tx {
