@@ -811,4 +811,53 @@ mod tests {
         assert_eq!(answers[2].as_ref().expect("6"), &6);
         assert_eq!(stored(&db).await, vec![5, 6]);
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_commit_fails_every_job_of_its_batch_and_the_next_batch_commits() {
+        let (_dir, db) = scratch().await;
+        db.write(|tx| {
+            Box::pin(async move {
+                with_tx!(tx, conn => sqlx::query(
+                    "CREATE TABLE child (parent INTEGER NOT NULL REFERENCES t (v) DEFERRABLE INITIALLY DEFERRED)")
+                    .execute(conn).await.map(|_| ()))?;
+                Ok::<(), DbError>(())
+            })
+        })
+        .await
+        .expect("child table");
+        let holder = hold_writer(&db, Duration::from_millis(400));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let good = tokio::spawn({
+            let db = db.clone();
+            async move { insert(&db, 1, false).await }
+        });
+        // Succeeds as a body, but leaves a deferred violation for the COMMIT.
+        let dangling = tokio::spawn({
+            let db = db.clone();
+            async move {
+                db.write(|tx| {
+                    Box::pin(async move {
+                        with_tx!(tx, conn => sqlx::query("INSERT INTO child (parent) VALUES (99)")
+                            .execute(conn).await.map(|_| ()))?;
+                        Ok::<(), DbError>(())
+                    })
+                })
+                .await
+            }
+        });
+        holder.await.expect("holder");
+        // `Ok` means committed: neither may answer it.
+        assert!(matches!(
+            good.await.expect("task"),
+            Err(DbError::GroupCommit(_))
+        ));
+        assert!(matches!(
+            dangling.await.expect("task"),
+            Err(DbError::GroupCommit(_))
+        ));
+        assert_eq!(stored(&db).await, Vec::<i64>::new());
+        // The failed transaction was rolled back: the writer goes on.
+        assert_eq!(insert(&db, 2, false).await.expect("committed"), 2);
+        assert_eq!(stored(&db).await, vec![2]);
+    }
 }
