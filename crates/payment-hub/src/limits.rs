@@ -40,6 +40,17 @@ pub const HEALTH_DB_TIMEOUT: Duration = Duration::from_secs(1);
 /// timeout does not fire first.
 pub const DB_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The most write jobs one SQLite group commit runs in its transaction: one
+/// fsync is shared by all of them, yet a batch stays short enough (tens of
+/// milliseconds) that the first job's answer is not held back for long.
+pub const GROUP_COMMIT_JOBS_MAX: usize = 64;
+
+/// Write jobs queued for the SQLite writer at most; a caller finding the queue
+/// full waits for room (up to [`DB_ACQUIRE_TIMEOUT`], then 503), so a burst is
+/// pushed back onto the clients instead of growing memory without bound.
+/// Sixteen batches: far more than the writer's backlog under a normal load.
+pub const GROUP_COMMIT_QUEUE_JOBS_MAX: usize = 16 * GROUP_COMMIT_JOBS_MAX;
+
 /// SQLite's busy timeout: a second process (a backup, the CLI) holding the
 /// write lock briefly does not fail a payment.
 pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);

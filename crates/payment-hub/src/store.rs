@@ -230,7 +230,8 @@ async fn payment_tx(
     let id = Uuid::now_v7().hyphenated().to_string();
     let now = now_text();
     // First: claim the key. A concurrent request with the same key waits here
-    // (PostgreSQL) or in the writer queue (SQLite) and then sees the winner's row.
+    // (PostgreSQL) or runs after the winner in the writer task (SQLite, maybe
+    // in the same group commit) and then sees the winner's row: a replay.
     let claimed: Option<String> = with_tx!(tx, conn => sqlx::query_scalar(INSERT_PAYMENT)
         .bind(&id).bind(&caller.tenant_id).bind(key).bind(fingerprint)
         .bind(command.amount_minor).bind(&command.currency)

@@ -1,0 +1,112 @@
+//! A quick in-process load on SQLite: `CLIENTS` concurrent clients post
+//! payments through the store (no HTTP) for `SECONDS`, then the rate and the
+//! ledger's balance are printed. It shows what the writer path alone allows,
+//! before and after a change to it; `bench/payments.sh` measures the real
+//! service end to end.
+//!
+//! `cargo run -p payment-hub --example sqlite_payments_load [clients] [seconds]`
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use payment_hub::db::Db;
+use payment_hub::model::{AccountCommand, PaymentCommand};
+use payment_hub::store::{self, Caller, Written};
+
+/// Clients when none is given: the figure `bench/payments.sh` uses.
+const CLIENTS_DEFAULT: usize = 100;
+/// Seconds of load when none is given.
+const SECONDS_DEFAULT: u64 = 10;
+/// Readers beside the writer, as the hub's default pool.
+const READERS: u32 = 16;
+
+fn caller(tenant: &str) -> Caller {
+    Caller {
+        tenant_id: tenant.to_owned(),
+        actor: "load".to_owned(),
+        correlation_id: uuid::Uuid::now_v7().to_string(),
+    }
+}
+
+async fn open(db: &Db, tenant: &str, name: &str, balance: i64) -> String {
+    let command = AccountCommand {
+        name: name.to_owned(),
+        currency: "EUR".to_owned(),
+        opening_balance_minor: balance,
+    };
+    match store::open_account(db, caller(tenant), None, command).await {
+        Ok(Written::Created(view) | Written::Replayed(view)) => view.id,
+        Err(error) => panic!("opening {name}: {error}"),
+    }
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let mut args = std::env::args().skip(1);
+    let clients: usize = args
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(CLIENTS_DEFAULT);
+    let seconds: u64 = args
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(SECONDS_DEFAULT);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}", dir.path().join("hub.db").display());
+    let db = Db::connect(&url, READERS).await.expect("database");
+    let tenant = uuid::Uuid::now_v7().to_string();
+    // One payer and one payee per client, as independent customers would be.
+    let mut pairs = Vec::with_capacity(clients);
+    for i in 0..clients {
+        let payer = open(&db, &tenant, &format!("payer {i}"), 1_000_000_000).await;
+        let payee = open(&db, &tenant, &format!("payee {i}"), 0).await;
+        pairs.push((payer, payee));
+    }
+    let commits_before = db.group_commits();
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(seconds);
+    let mut tasks = Vec::with_capacity(clients);
+    for (client, (payer, payee)) in pairs.into_iter().enumerate() {
+        let (db, tenant, done, failed) = (db.clone(), tenant.clone(), done.clone(), failed.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                n += 1;
+                let command = PaymentCommand {
+                    amount_minor: 1,
+                    currency: "EUR".to_owned(),
+                    payer_account: payer.clone(),
+                    payee_account: payee.clone(),
+                    reference: "load".to_owned(),
+                };
+                let key = format!("load-{client}-{n}");
+                match store::process_payment(&db, caller(&tenant), key, command).await {
+                    Ok(_) => done.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("client");
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let done = done.load(Ordering::Relaxed);
+    let balance = store::trial_balance(&db, &tenant)
+        .await
+        .expect("trial balance");
+    let commits = match (commits_before, db.group_commits()) {
+        (Some(before), Some(after)) => format!("{}", after - before),
+        _ => "n/a".to_owned(),
+    };
+    println!(
+        "clients={clients} seconds={elapsed:.1} payments={done} failed={} payments_per_s={:.0} commits={commits} balanced={}",
+        failed.load(Ordering::Relaxed),
+        done as f64 / elapsed,
+        balance.balanced
+    );
+    db.close().await;
+}
