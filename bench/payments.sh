@@ -144,17 +144,34 @@ load() {
 }
 
 results=()
+cpu_lines=()
 steal_before=$(steal_ticks)
 started=$(date +%s)
 for engine in $ENGINES; do
   deploy "$work/$engine" "$engine"
   sign_assertions "$work/assertions" $((SECONDS_PER_RUN * ASSERTIONS_PER_SECOND))
+  # CPU per payment of the kernel, the hub and PostgreSQL's processes (all of
+  # the server user's: backends, WAL writer, checkpointer), through the run.
+  postgres_pids() { pgrep -u postgres -d ' ' postgres || true; }
+  per_payment() { awk -v t="$1" -v hz="$(getconf CLK_TCK)" -v n="$2" 'BEGIN { printf "%.0f", t / hz * 1e6 / (n > 0 ? n : 1) }'; }
+  hub_before=$(cpu_ticks "$hub_pid")
+  # shellcheck disable=SC2046
+  pg_before=$(cpu_ticks $(postgres_pids))
   direct=$(load direct "$hub_base/payments/process")
+  hub_mid=$(cpu_ticks "$hub_pid")
+  # shellcheck disable=SC2046
+  pg_mid=$(cpu_ticks $(postgres_pids))
   cpu_before=$(cpu_ticks "$kernel_pid")
   gateway=$(load gateway "$base/api/gateway/payment-hub/payments/process")
   cpu_after=$(cpu_ticks "$kernel_pid")
+  hub_after=$(cpu_ticks "$hub_pid")
+  # shellcheck disable=SC2046
+  pg_after=$(cpu_ticks $(postgres_pids))
   read -r g_rps _ _ _ _ g_requests <<<"$gateway"
-  kernel_us=$(awk -v t=$((cpu_after - cpu_before)) -v hz="$(getconf CLK_TCK)" -v n="$g_requests" 'BEGIN { printf "%.0f", t / hz * 1e6 / (n > 0 ? n : 1) }')
+  read -r _ _ _ _ _ d_requests <<<"$direct"
+  kernel_us=$(per_payment $((cpu_after - cpu_before)) "$g_requests")
+  cpu_lines+=("$engine direct: hub $(per_payment $((hub_mid - hub_before)) "$d_requests") µs, postgres $(per_payment $((pg_mid - pg_before)) "$d_requests") µs per payment")
+  cpu_lines+=("$engine gateway: kernel $kernel_us µs, hub $(per_payment $((hub_after - hub_mid)) "$g_requests") µs, postgres $(per_payment $((pg_after - pg_mid)) "$g_requests") µs per payment")
   balanced=$(curl -fsS "$base/api/gateway/payment-hub/ledger/trial-balance" -H "Authorization: Bearer $token" | json_field '["balanced"]')
   read -r d_rps _ <<<"$direct"
   ratio=$(awk -v g="$g_rps" -v d="$d_rps" 'BEGIN { printf "%.2f", (d > 0 ? g / d : 0) }')
@@ -171,4 +188,5 @@ for line in "${results[@]}"; do
   # shellcheck disable=SC2086 # fields
   printf '%-9s %-8s %11s %8s %8s %8s %7s %9s %8s %14s %9s\n' $line
 done
+printf '%s\n' "${cpu_lines[@]}"
 echo "targets: gateway >= 1000 payments/s, p95 < 100 ms, 0 errors, ratio gateway/direct >= 0.70"

@@ -136,12 +136,22 @@ pub async fn append(
     };
     entry.hash = compute_hash(&entry);
     let details_text = entry.details.to_string();
+    // PostgreSQL: the entry and the head's new hash in one statement (a
+    // data-modifying CTE), one round trip fewer per audited change. SQLite has
+    // no data-modifying CTEs, and its statements are calls within the process.
+    let sql = if tx.is_postgres() {
+        "WITH head AS (UPDATE audit_heads SET hash = $17 WHERE tenant_id = $2) \
+         INSERT INTO audit_log (id, tenant_id, seq, occurred_at, actor_type, actor_id, action, resource_type, resource_id, \
+         outcome, severity, client_ip, user_agent, correlation_id, details, prev_hash, hash) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+    } else {
+        "INSERT INTO audit_log (id, tenant_id, seq, occurred_at, actor_type, actor_id, action, resource_type, resource_id, \
+         outcome, severity, client_ip, user_agent, correlation_id, details, prev_hash, hash) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+    };
+    let postgres = tx.is_postgres();
     with_tx!(tx, conn => {
-        sqlx::query(
-            "INSERT INTO audit_log (id, tenant_id, seq, occurred_at, actor_type, actor_id, action, resource_type, resource_id, \
-             outcome, severity, client_ip, user_agent, correlation_id, details, prev_hash, hash) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
-        )
+        sqlx::query(sql)
         .bind(&entry.id)
         .bind(&entry.tenant_id)
         .bind(entry.seq)
@@ -161,11 +171,13 @@ pub async fn append(
         .bind(&entry.hash)
         .execute(&mut *conn)
         .await?;
-        sqlx::query("UPDATE audit_heads SET hash = $2 WHERE tenant_id = $1")
-            .bind(&entry.tenant_id)
-            .bind(&entry.hash)
-            .execute(&mut *conn)
-            .await?;
+        if !postgres {
+            sqlx::query("UPDATE audit_heads SET hash = $2 WHERE tenant_id = $1")
+                .bind(&entry.tenant_id)
+                .bind(&entry.hash)
+                .execute(&mut *conn)
+                .await?;
+        }
     });
     // Pair of the hash computed before insert: the stored form must verify as written.
     debug_assert_eq!(compute_hash(&entry), entry.hash);
