@@ -24,6 +24,9 @@ pub struct AppState {
 struct Inner {
     /// The database pool, on either engine.
     db: Db,
+    /// PostgreSQL: the group-commit writer of [`AppState::write_grouped`]
+    /// (SQLite's `Db::write` is grouped already).
+    grouped_writer: Option<crate::db::group::GroupCommit>,
     /// The configuration in force; swapped whole by [`AppState::reload`].
     config: ArcSwap<Config>,
     /// Where the configuration came from, so a reload reads the same layers.
@@ -98,6 +101,12 @@ impl AppState {
         AppState {
             inner: Arc::new(Inner {
                 trusted_proxies,
+                grouped_writer: match &db {
+                    Db::Postgres(pool) => Some(crate::db::group::GroupCommit::start(
+                        crate::db::group::WriterPool::Postgres(pool.clone()),
+                    )),
+                    Db::Sqlite(_) => None,
+                },
                 db,
                 config: ArcSwap::from_pointee(config),
                 sources,
@@ -241,7 +250,9 @@ impl AppState {
     /// otherwise sit in every one of their futures, copied whole at each move.
     pub async fn audit_alone(&self, ctx: AuditContext, event: AuditEvent) -> Result<(), ApiError> {
         let keys = self.redact_keys();
-        Box::pin(self.db().write(move |tx| {
+        // Grouped: denials and gateway failures come in bursts, all moving
+        // one tenant's chain head.
+        Box::pin(self.write_grouped(move |tx| {
             Box::pin(async move {
                 audit::record(tx, &ctx, event, &keys).await?;
                 Ok::<_, ApiError>(())
@@ -283,6 +294,24 @@ impl AppState {
     /// The database.
     pub fn db(&self) -> &Db {
         &self.inner.db
+    }
+
+    /// [`Db::write`] for writes that take a hot row lock, on every call, and
+    /// are many: each gateway call's `gateway.call` audit entry moves its
+    /// tenant's chain head. On PostgreSQL they share transactions (each under
+    /// a savepoint of its own, `db/group.rs`), so the head's lock is taken and
+    /// the log flushed once per batch instead of once per call, one call after
+    /// the other; on SQLite every write is grouped already.
+    pub async fn write_grouped<T, E, F>(&self, body: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<crate::db::DbError> + Send + 'static,
+        F: for<'t> FnOnce(&'t mut crate::db::Tx) -> crate::db::TxFuture<'t, T, E> + Send + 'static,
+    {
+        match &self.inner.grouped_writer {
+            Some(writer) => writer.write(body).await,
+            None => self.inner.db.write(body).await,
+        }
     }
 
     /// The configuration in force right now (a cheap snapshot).

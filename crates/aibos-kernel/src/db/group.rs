@@ -10,8 +10,15 @@
 //! its own changes), commits once, and only then answers the jobs: one fsync
 //! for the batch, and a caller's `Ok` still means "durable". Bodies run one at a
 //! time on one connection, exactly as under the write lock before, so each sees
-//! the earlier ones' changes. PostgreSQL does not need this: concurrent commits
-//! already share its WAL flushes.
+//! the earlier ones' changes.
+//!
+//! On PostgreSQL, concurrent commits already share WAL flushes, so `Db::write`
+//! keeps a transaction per call there; but writes that all take one hot row
+//! lock — a tenant's audit chain head, which every audited gateway call moves
+//! — hold it through their commit's flush one after the other.
+//! [`AppState::write_grouped`](crate::state::AppState::write_grouped) sends
+//! those through a group-commit writer of their own, so the lock is taken and
+//! the log flushed once per batch.
 //!
 //! [`Db::write`]: super::Db::write
 
@@ -22,7 +29,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures_util::FutureExt as _;
-use sqlx::SqlitePool;
+use sqlx::{PgPool, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{DbError, Tx, TxFuture};
@@ -64,9 +71,27 @@ struct Stats {
     jobs: AtomicU64,
 }
 
+/// The connections a writer takes its transactions from.
+#[derive(Clone)]
+pub enum WriterPool {
+    /// `BEGIN IMMEDIATE`: the write lock up front.
+    Sqlite(SqlitePool),
+    /// An ordinary transaction.
+    Postgres(PgPool),
+}
+
+impl WriterPool {
+    async fn begin(&self) -> Result<Tx, sqlx::Error> {
+        Ok(match self {
+            WriterPool::Sqlite(pool) => Tx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
+            WriterPool::Postgres(pool) => Tx::Postgres(pool.begin().await?),
+        })
+    }
+}
+
 impl GroupCommit {
     /// Starts the writer on the current runtime; it ends when every handle is gone.
-    pub fn start(pool: SqlitePool) -> GroupCommit {
+    pub fn start(pool: WriterPool) -> GroupCommit {
         let (queue, jobs) = mpsc::channel(limits::GROUP_COMMIT_QUEUE_MAX);
         let stats = Arc::new(Stats::default());
         tokio::spawn(run(pool, jobs, stats.clone()));
@@ -134,7 +159,7 @@ fn copy_error(e: &sqlx::Error) -> sqlx::Error {
     sqlx::Error::Protocol(format!("the transaction did not commit: {e}"))
 }
 
-async fn run(pool: SqlitePool, mut queue: mpsc::Receiver<Job>, stats: Arc<Stats>) {
+async fn run(pool: WriterPool, mut queue: mpsc::Receiver<Job>, stats: Arc<Stats>) {
     let mut batch = Vec::with_capacity(limits::GROUP_COMMIT_JOBS_MAX);
     while queue
         .recv_many(&mut batch, limits::GROUP_COMMIT_JOBS_MAX)
@@ -149,9 +174,13 @@ async fn run(pool: SqlitePool, mut queue: mpsc::Receiver<Job>, stats: Arc<Stats>
 }
 
 /// One transaction for `jobs`; every job is answered before this returns.
-async fn run_batch(pool: &SqlitePool, jobs: &mut Vec<Job>) {
-    let mut tx = match pool.begin_with("BEGIN IMMEDIATE").await {
-        Ok(tx) => Tx::Sqlite(tx),
+///
+/// Each job runs under the savepoint `group_commit`: a failed one is rolled
+/// back to it at once, and the next job's `RELEASE …; SAVEPOINT …` goes in one
+/// round trip. COMMIT releases the last one.
+async fn run_batch(pool: &WriterPool, jobs: &mut Vec<Job>) {
+    let mut tx = match pool.begin().await {
+        Ok(tx) => tx,
         Err(e) => {
             for job in jobs.drain(..) {
                 job(Err(&e)).await;
@@ -162,27 +191,29 @@ async fn run_batch(pool: &SqlitePool, jobs: &mut Vec<Job>) {
     let mut waiting: Vec<Completion> = Vec::with_capacity(jobs.len());
     let mut jobs = jobs.drain(..);
     let mut broken = None;
+    let mut first = true;
     for job in jobs.by_ref() {
-        if let Err(e) = statement(&mut tx, "SAVEPOINT group_commit").await {
+        let opened = if first {
+            statements(&mut tx, "SAVEPOINT group_commit").await
+        } else {
+            statements(&mut tx, "RELEASE group_commit; SAVEPOINT group_commit").await
+        };
+        first = false;
+        if let Err(e) = opened {
             broken = Some((e, Some(job)));
             break;
         }
         let done = AssertUnwindSafe(job(Ok(&mut tx))).catch_unwind().await;
-        let ended = match done {
-            Ok(Some(completion)) => {
-                waiting.push(completion);
-                statement(&mut tx, "RELEASE group_commit").await
-            }
+        match done {
+            Ok(Some(completion)) => waiting.push(completion),
             // Failed (answered already) or panicked (its sender dropped: the caller
             // hears of a failure): only its own changes are undone.
-            Ok(None) | Err(_) => match statement(&mut tx, "ROLLBACK TO group_commit").await {
-                Ok(()) => statement(&mut tx, "RELEASE group_commit").await,
-                Err(e) => Err(e),
-            },
-        };
-        if let Err(e) = ended {
-            broken = Some((e, None));
-            break;
+            Ok(None) | Err(_) => {
+                if let Err(e) = statements(&mut tx, "ROLLBACK TO group_commit").await {
+                    broken = Some((e, None));
+                    break;
+                }
+            }
         }
     }
     if let Some((e, unrun)) = broken {
@@ -211,10 +242,11 @@ async fn run_batch(pool: &SqlitePool, jobs: &mut Vec<Job>) {
     }
 }
 
-async fn statement(tx: &mut Tx, sql: &'static str) -> Result<(), sqlx::Error> {
+/// Runs `sql` (one or several statements, no parameters) in one round trip.
+async fn statements(tx: &mut Tx, sql: &'static str) -> Result<(), sqlx::Error> {
     match tx {
-        Tx::Sqlite(t) => sqlx::query(sql).execute(&mut **t).await.map(|_| ()),
-        Tx::Postgres(t) => sqlx::query(sql).execute(&mut **t).await.map(|_| ()),
+        Tx::Sqlite(t) => sqlx::raw_sql(sql).execute(&mut **t).await.map(|_| ()),
+        Tx::Postgres(t) => sqlx::raw_sql(sql).execute(&mut **t).await.map(|_| ()),
     }
 }
 
@@ -271,7 +303,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_writes_all_commit_in_fewer_transactions_than_writes() {
         let (_dir, pool) = pool().await;
-        let writer = GroupCommit::start(pool.clone());
+        let writer = GroupCommit::start(WriterPool::Sqlite(pool.clone()));
         let writes: Vec<_> = (0..200)
             .map(|n| {
                 let writer = writer.clone();
@@ -290,7 +322,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failing_or_panicking_body_undoes_only_itself() {
         let (_dir, pool) = pool().await;
-        let writer = GroupCommit::start(pool.clone());
+        let writer = GroupCommit::start(WriterPool::Sqlite(pool.clone()));
         // Hold the writer in a slow body so the next ones share a batch.
         let slow = {
             let writer = writer.clone();
@@ -371,7 +403,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_caller_that_stops_waiting_does_not_cancel_its_write() {
         let (_dir, pool) = pool().await;
-        let writer = GroupCommit::start(pool.clone());
+        let writer = GroupCommit::start(WriterPool::Sqlite(pool.clone()));
         let abandoned = tokio::spawn({
             let w = writer.clone();
             async move {

@@ -118,7 +118,7 @@ impl Db {
                         engine: Engine::Sqlite,
                         source,
                     })?;
-                let writer = group::GroupCommit::start(pool.clone());
+                let writer = group::GroupCommit::start(group::WriterPool::Sqlite(pool.clone()));
                 Ok(Db::Sqlite(SqliteDb { pool, writer }))
             }
             Engine::Postgres => {

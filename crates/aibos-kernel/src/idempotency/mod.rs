@@ -749,8 +749,7 @@ async fn complete_with_entry(
     );
     let owned = store::OwnedCompletion::from(completion);
     state
-        .db()
-        .write(move |tx| {
+        .write_grouped(move |tx| {
             Box::pin(async move {
                 let stored =
                     store::complete_in(tx, &tenant_id, &key, &claim_id, &owned.borrow()).await?;

@@ -337,7 +337,15 @@ both_engines! {
 
         redis.start().await;
         wait_for("ok").await;
-        let restored = k.audit(&root, "action=ratelimit.backend_restored").await;
+        // The transition is audited right after it is made: wait (bounded) for the entry.
+        let mut restored = k.audit(&root, "action=ratelimit.backend_restored").await;
+        for _ in 0..50 {
+            if !restored.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            restored = k.audit(&root, "action=ratelimit.backend_restored").await;
+        }
         assert_eq!(restored.len(), 1, "{restored:?}");
         assert_eq!(k.audit(&root, "action=ratelimit.backend_degraded").await.len(), 1);
         let response = k.as_(&root, Method::GET, "/api/kernel/auth/me").send().await.unwrap();
