@@ -7,7 +7,10 @@
 //! `cargo run -p payment-hub --example sqlite_payments_load [clients] [seconds]`
 //!
 //! With `AIBOS_LOAD_ENGINE=postgres` it runs on a fresh database created on
-//! the server of `AIBOS_TEST_DATABASE_URL` (dropped afterwards).
+//! the server of `AIBOS_TEST_DATABASE_URL` (dropped afterwards). With
+//! `AIBOS_LOAD_ACCOUNTS=n` every payment goes between two random accounts of
+//! `n` (as `bench/payments.sh` does: contended rows, opposite payments)
+//! instead of each client's own pair.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -100,9 +103,23 @@ async fn main() {
         Db::connect(&url, READERS).await.expect("database")
     };
     let tenant = uuid::Uuid::now_v7().to_string();
-    // One payer and one payee per client, as independent customers would be.
+    let shared: usize = std::env::var("AIBOS_LOAD_ACCOUNTS")
+        .ok()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(0);
+    // One payer and one payee per client, as independent customers would be;
+    // or, with shared accounts, every client draws from all of them.
+    let mut accounts = Vec::new();
+    for i in 0..shared {
+        accounts.push(open(&db, &tenant, &format!("shared {i}"), 1_000_000_000).await);
+    }
+    let accounts = Arc::new(accounts);
     let mut pairs = Vec::with_capacity(clients);
     for i in 0..clients {
+        if shared >= 2 {
+            pairs.push((String::new(), String::new()));
+            continue;
+        }
         let payer = open(&db, &tenant, &format!("payer {i}"), 1_000_000_000).await;
         let payee = open(&db, &tenant, &format!("payee {i}"), 0).await;
         pairs.push((payer, payee));
@@ -115,16 +132,32 @@ async fn main() {
     let mut tasks = Vec::with_capacity(clients);
     for (client, (payer, payee)) in pairs.into_iter().enumerate() {
         let (db, tenant, done, failed) = (db.clone(), tenant.clone(), done.clone(), failed.clone());
+        let accounts = accounts.clone();
         tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
+            // xorshift64, seeded per client: reproducible draws, no dependency.
+            let mut seed = 0x9E37_79B9_7F4A_7C15_u64 ^ (client as u64 + 1);
+            let mut draw = move |bound: usize| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                (seed % bound as u64) as usize
+            };
             let mut latencies = Vec::with_capacity(1024);
             while Instant::now() < deadline {
                 n += 1;
+                let (payer, payee) = if accounts.len() >= 2 {
+                    let from = draw(accounts.len());
+                    let to = (from + 1 + draw(accounts.len() - 1)) % accounts.len();
+                    (accounts[from].clone(), accounts[to].clone())
+                } else {
+                    (payer.clone(), payee.clone())
+                };
                 let command = PaymentCommand {
                     amount_minor: 1,
                     currency: "EUR".to_owned(),
-                    payer_account: payer.clone(),
-                    payee_account: payee.clone(),
+                    payer_account: payer,
+                    payee_account: payee,
                     reference: "load".to_owned(),
                 };
                 let key = format!("load-{client}-{n}");
@@ -160,7 +193,7 @@ async fn main() {
         _ => "n/a".to_owned(),
     };
     println!(
-        "engine={} clients={clients} seconds={elapsed:.1} payments={done} failed={} payments_per_s={:.0} p50_ms={:.1} p95_ms={:.1} p99_ms={:.1} commits={commits} balanced={}",
+        "engine={} clients={clients} shared_accounts={shared} seconds={elapsed:.1} payments={done} failed={} payments_per_s={:.0} p50_ms={:.1} p95_ms={:.1} p99_ms={:.1} commits={commits} balanced={}",
         if postgres { "postgres" } else { "sqlite" },
         failed.load(Ordering::Relaxed),
         done as f64 / elapsed,
