@@ -10,7 +10,8 @@
 //! the server of `AIBOS_TEST_DATABASE_URL` (dropped afterwards). With
 //! `AIBOS_LOAD_ACCOUNTS=n` every payment goes between two random accounts of
 //! `n` (as `bench/payments.sh` does: contended rows, opposite payments)
-//! instead of each client's own pair.
+//! instead of each client's own pair. `AIBOS_LOAD_CONNECTIONS` sizes the
+//! PostgreSQL pool.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,7 +29,8 @@ const CLIENTS_DEFAULT: usize = 100;
 const SECONDS_DEFAULT: u64 = 10;
 /// Readers beside the writer, as the hub's default pool.
 const READERS: u32 = 16;
-/// PostgreSQL connections: the hub's default pool.
+/// PostgreSQL connections: the hub's default pool, unless
+/// `AIBOS_LOAD_CONNECTIONS` says otherwise.
 const POSTGRES_CONNECTIONS: u32 = 8;
 /// Latency samples kept per client (a bound on the example's memory).
 const SAMPLES_PER_CLIENT_MAX: usize = 100_000;
@@ -93,7 +95,11 @@ async fn main() {
             .execute(&mut conn)
             .await
             .expect("create database");
-        let db = Db::connect(&with_database(&admin, &name), POSTGRES_CONNECTIONS)
+        let connections = std::env::var("AIBOS_LOAD_CONNECTIONS")
+            .ok()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(POSTGRES_CONNECTIONS);
+        let db = Db::connect(&with_database(&admin, &name), connections)
             .await
             .expect("database");
         scratch = Some((conn, name));

@@ -192,8 +192,9 @@ const INSERT_ENTRIES: &str = "INSERT INTO ledger_entries (id, tenant_id, transac
 // - `claim` first: a concurrent request with the same key waits here (before
 //   taking any account lock, as the old separate INSERT did) and then claims
 //   nothing; everything else depends on its row.
-// - `locked` takes both account rows in the order of their ids (LockRows runs
-//   above the Sort), so two opposite payments cannot deadlock; being locked
+// - `locked` takes both account rows in the order of their ids (rows are
+//   locked as the ORDER BY yields them, whether a Sort or the (tenant_id, id)
+//   index orders them), so two opposite payments cannot deadlock; being locked
 //   they return their latest committed balances, and the UPDATE, which only
 //   runs once `ready` has read all of `locked`, finds them already held.
 // - `ready` has a row only when both accounts exist in the tenant with the
