@@ -135,6 +135,14 @@ enum PaymentTx {
     Replay(String),
 }
 
+/// What the one-statement payment did.
+struct Fast {
+    /// The key was free and is now this payment's.
+    claimed: bool,
+    /// Both balances moved, both entries and the event were written.
+    completed: bool,
+}
+
 #[derive(sqlx::FromRow)]
 struct KeyRow {
     id: String,
@@ -165,24 +173,89 @@ struct PaymentEntryRow {
     entry_currency: String,
 }
 
-const INSERT_PAYMENT: &str = "INSERT INTO payments (id, tenant_id, idempotency_key, request_fingerprint, amount_minor, currency, payer_account, payee_account, reference, status, correlation_id, actor, created_at) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
-     ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING id";
 const PAYMENT_BY_KEY: &str =
     "SELECT id, request_fingerprint FROM payments WHERE tenant_id = $1 AND idempotency_key = $2";
-// The payer's floor is in the WHERE clause: the check and the change are one
-// statement, so no concurrent payment can slip between them.
-const DEBIT: &str = "UPDATE accounts SET balance_minor = balance_minor - $1 \
-     WHERE id = $2 AND tenant_id = $3 AND currency = $4 AND balance_minor >= $1";
-// $5 = i64::MAX - amount: the credit cannot overflow.
-const CREDIT: &str = "UPDATE accounts SET balance_minor = balance_minor + $1 \
-     WHERE id = $2 AND tenant_id = $3 AND currency = $4 AND balance_minor <= $5";
 const BALANCES_OF_TWO: &str = "SELECT id, currency, balance_minor FROM accounts \
      WHERE tenant_id = $1 AND (id = $2 OR id = $3)";
 const INSERT_ENTRIES: &str = "INSERT INTO ledger_entries (id, tenant_id, transaction_id, account_id, direction, amount_minor, currency, created_at) \
      VALUES ($1, $2, $3, $4, 'debit', $5, $6, $7), ($8, $2, $3, $9, 'credit', $5, $6, $7)";
-const INSERT_OUTBOX: &str = "INSERT INTO outbox (id, tenant_id, event_type, subject, payload, correlation_id, created_at, attempts, next_attempt_at) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8)";
+// The happy path of a payment on PostgreSQL: one statement (one round trip)
+// that claims the key, moves both balances, and writes both entries and the
+// event. Its parameters (shared with `PAY_SQLITE`):
+//   $1 id, $2 tenant, $3 key, $4 fingerprint, $5 amount, $6 currency,
+//   $7 payer, $8 payee, $9 reference, $10 status, $11 correlation id,
+//   $12 actor, $13 now, $14 = i64::MAX - amount (the credit cannot overflow),
+//   $15 debit entry id, $16 credit entry id, $17 outbox id, $18 event type,
+//   $19 event payload, $20 next attempt (epoch ms).
+// All CTEs share one snapshot and all run to completion, so each step is
+// gated on the previous one's output rather than on what it read:
+// - `claim` first: a concurrent request with the same key waits here (before
+//   taking any account lock, as the old separate INSERT did) and then claims
+//   nothing; everything else depends on its row.
+// - `locked` takes both account rows in the order of their ids (rows are
+//   locked as the ORDER BY yields them, whether a Sort or the (tenant_id, id)
+//   index orders them), so two opposite payments cannot deadlock; being locked
+//   they return their latest committed balances, and the UPDATE, which only
+//   runs once `ready` has read all of `locked`, finds them already held.
+// - `ready` has a row only when both accounts exist in the tenant with the
+//   payment's currency, the payer covers the amount and the payee stays below
+//   i64::MAX; `moved` updates both rows (with the same guards) only then, and
+//   the entries and the event are written only when `moved` changed both.
+// The answer tells the caller which of: done (moved = 2), key taken
+// (claimed = 0), or refused (claimed = 1, moved < 2: the transaction is
+// rolled back after the precise refusal is read).
+const PAY_POSTGRES: &str = "WITH claim AS ( \
+       INSERT INTO payments (id, tenant_id, idempotency_key, request_fingerprint, amount_minor, currency, payer_account, payee_account, reference, status, correlation_id, actor, created_at) \
+       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+       ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING id), \
+     locked AS MATERIALIZED ( \
+       SELECT id, currency, balance_minor FROM accounts \
+       WHERE tenant_id = $2 AND id IN ($7, $8) AND EXISTS (SELECT 1 FROM claim) \
+       ORDER BY id FOR NO KEY UPDATE), \
+     ready AS ( \
+       SELECT 1 FROM locked HAVING count(*) = 2 \
+       AND bool_and(currency = $6 AND CASE WHEN id = $7 THEN balance_minor >= $5 ELSE balance_minor <= $14 END)), \
+     moved AS ( \
+       UPDATE accounts SET balance_minor = CASE WHEN id = $7 THEN balance_minor - $5 ELSE balance_minor + $5 END \
+       WHERE tenant_id = $2 AND id IN ($7, $8) AND currency = $6 \
+       AND CASE WHEN id = $7 THEN balance_minor >= $5 ELSE balance_minor <= $14 END \
+       AND EXISTS (SELECT 1 FROM ready) RETURNING id), \
+     entries AS ( \
+       INSERT INTO ledger_entries (id, tenant_id, transaction_id, account_id, direction, amount_minor, currency, created_at) \
+       SELECT e.id, $2, $1, e.account_id, e.direction, $5, $6, $13 \
+       FROM (VALUES ($15, $7, 'debit'), ($16, $8, 'credit')) AS e (id, account_id, direction) \
+       WHERE (SELECT count(*) FROM moved) = 2 RETURNING id), \
+     event AS ( \
+       INSERT INTO outbox (id, tenant_id, event_type, subject, payload, correlation_id, created_at, attempts, next_attempt_at) \
+       SELECT $17, $2, $18, $1, $19, $11, $13, 0, $20 WHERE (SELECT count(*) FROM moved) = 2 RETURNING id) \
+     SELECT (SELECT count(*) FROM claim) AS claimed, (SELECT count(*) FROM moved) AS moved, \
+       (SELECT count(*) FROM entries) + (SELECT count(*) FROM event) AS written";
+// The same payment on SQLite, which has no data-modifying CTEs: four
+// statements sent as one batch (one hand-off to sqlx's SQLite worker thread),
+// with the parameters of `PAY_POSTGRES`. Each statement after the claim runs
+// only when the claim's row exists (its id is new, so it exists only if this
+// batch inserted it): a replay writes nothing. One UPDATE moves both
+// balances or neither: its guard is an uncorrelated subquery, evaluated once
+// before any row changes, that finds both accounts with the payment's
+// currency, the payer covering the amount and the payee staying below
+// i64::MAX. So a refusal leaves both balances as they were, and the precise
+// refusal read afterwards sees them unchanged. The rows each statement changed
+// are summed into one count, which tells done, key taken and refused apart; a
+// refused payment is rolled back (to its savepoint) with the claim and the
+// rows written. The writer task runs one body at a time, so nothing changes
+// between the statements.
+const PAY_SQLITE: &str = "INSERT INTO payments (id, tenant_id, idempotency_key, request_fingerprint, amount_minor, currency, payer_account, payee_account, reference, status, correlation_id, actor, created_at) \
+       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+       ON CONFLICT (tenant_id, idempotency_key) DO NOTHING; \
+     UPDATE accounts SET balance_minor = CASE WHEN id = $7 THEN balance_minor - $5 ELSE balance_minor + $5 END \
+       WHERE tenant_id = $2 AND id IN ($7, $8) AND EXISTS (SELECT 1 FROM payments WHERE id = $1) \
+       AND (SELECT count(*) FROM accounts WHERE tenant_id = $2 AND id IN ($7, $8) AND currency = $6 \
+            AND CASE WHEN id = $7 THEN balance_minor >= $5 ELSE balance_minor <= $14 END) = 2; \
+     INSERT INTO ledger_entries (id, tenant_id, transaction_id, account_id, direction, amount_minor, currency, created_at) \
+       SELECT $15, $2, $1, $7, 'debit', $5, $6, $13 WHERE EXISTS (SELECT 1 FROM payments WHERE id = $1) \
+       UNION ALL SELECT $16, $2, $1, $8, 'credit', $5, $6, $13 WHERE EXISTS (SELECT 1 FROM payments WHERE id = $1); \
+     INSERT INTO outbox (id, tenant_id, event_type, subject, payload, correlation_id, created_at, attempts, next_attempt_at) \
+       SELECT $17, $2, $18, $1, $19, $11, $13, 0, $20 WHERE EXISTS (SELECT 1 FROM payments WHERE id = $1)";
 const PAYMENT_COLUMNS: &str = "SELECT p.id, p.amount_minor, p.currency, p.payer_account, p.payee_account, p.reference, p.status, p.correlation_id, p.created_at, \
      e.account_id AS entry_account, e.direction AS entry_direction, e.amount_minor AS entry_amount_minor, e.currency AS entry_currency \
      FROM payments p JOIN ledger_entries e ON e.tenant_id = p.tenant_id AND e.transaction_id = p.id";
@@ -229,16 +302,69 @@ async fn payment_tx(
 ) -> Result<PaymentTx, HubError> {
     let id = Uuid::now_v7().hyphenated().to_string();
     let now = now_text();
-    // First: claim the key. A concurrent request with the same key waits here
-    // (PostgreSQL) or runs after the winner in the writer task (SQLite, maybe
-    // in the same group commit) and then sees the winner's row: a replay.
-    let claimed: Option<String> = with_tx!(tx, conn => sqlx::query_scalar(INSERT_PAYMENT)
-        .bind(&id).bind(&caller.tenant_id).bind(key).bind(fingerprint)
-        .bind(command.amount_minor).bind(&command.currency)
-        .bind(&command.payer_account).bind(&command.payee_account).bind(&command.reference)
-        .bind(STATUS_COMPLETED).bind(&caller.correlation_id).bind(&caller.actor).bind(&now)
-        .fetch_optional(conn).await)?;
-    if claimed.is_none() {
+    let payload = serde_json::json!({
+        "transaction_id": id,
+        "amount_minor": command.amount_minor,
+        "currency": command.currency,
+        "payer_account": command.payer_account,
+        "payee_account": command.payee_account,
+        "reference": command.reference,
+    })
+    .to_string();
+    // The parameters of PAY_POSTGRES and PAY_SQLITE, in their order.
+    macro_rules! bind_payment {
+        ($sql:expr) => {
+            $sql.bind(&id)
+                .bind(&caller.tenant_id)
+                .bind(key)
+                .bind(fingerprint)
+                .bind(command.amount_minor)
+                .bind(&command.currency)
+                .bind(&command.payer_account)
+                .bind(&command.payee_account)
+                .bind(&command.reference)
+                .bind(STATUS_COMPLETED)
+                .bind(&caller.correlation_id)
+                .bind(&caller.actor)
+                .bind(&now)
+                .bind(i64::MAX - command.amount_minor)
+                .bind(Uuid::now_v7().hyphenated().to_string())
+                .bind(Uuid::now_v7().hyphenated().to_string())
+                .bind(Uuid::now_v7().hyphenated().to_string())
+                .bind(PAYMENT_PROCESSED_EVENT)
+                .bind(&payload)
+                .bind(now_millis())
+        };
+    }
+    let fast = match &mut *tx {
+        Tx::Postgres(conn) => {
+            let (claimed, moved, written): (i64, i64, i64) =
+                bind_payment!(sqlx::query_as(PAY_POSTGRES))
+                    .fetch_one(&mut **conn)
+                    .await?;
+            Fast {
+                claimed: claimed == 1,
+                completed: moved == 2 && written == 3,
+            }
+        }
+        Tx::Sqlite(conn) => {
+            // One result per statement, summed: the claim (1), both balances
+            // (2), both entries (2) and the event (1) make 6; a key taken
+            // makes 0 (nothing runs without the claim); a refusal makes 4.
+            let changed = bind_payment!(sqlx::query(PAY_SQLITE))
+                .execute(&mut **conn)
+                .await?
+                .rows_affected();
+            Fast {
+                claimed: changed > 0,
+                completed: changed == 6,
+            }
+        }
+    };
+    if !fast.claimed {
+        // The key was taken (on PostgreSQL, maybe by a request this statement
+        // waited for): read its payment in a statement of its own, whose
+        // snapshot sees that request's commit.
         let existing: KeyRow = with_tx!(tx, conn => sqlx::query_as(PAYMENT_BY_KEY)
             .bind(&caller.tenant_id).bind(key).fetch_one(conn).await)?;
         return if existing.request_fingerprint.as_deref() == Some(fingerprint) {
@@ -250,51 +376,9 @@ async fn payment_tx(
             ))
         };
     }
-
-    // The entries and the event first, the balances last: on PostgreSQL the
-    // two account rows stay locked only for the two updates and the commit,
-    // which is what bounds the rate of payments between the same accounts.
-    // (The entries' account references are checked at commit.)
-    with_tx!(tx, conn => sqlx::query(INSERT_ENTRIES)
-        .bind(Uuid::now_v7().hyphenated().to_string()).bind(&caller.tenant_id).bind(&id)
-        .bind(&command.payer_account).bind(command.amount_minor).bind(&command.currency).bind(&now)
-        .bind(Uuid::now_v7().hyphenated().to_string()).bind(&command.payee_account)
-        .execute(conn).await.map(|r| r.rows_affected()))?;
-
-    let payload = serde_json::json!({
-        "transaction_id": id,
-        "amount_minor": command.amount_minor,
-        "currency": command.currency,
-        "payer_account": command.payer_account,
-        "payee_account": command.payee_account,
-        "reference": command.reference,
-    })
-    .to_string();
-    with_tx!(tx, conn => sqlx::query(INSERT_OUTBOX)
-        .bind(Uuid::now_v7().hyphenated().to_string()).bind(&caller.tenant_id)
-        .bind(PAYMENT_PROCESSED_EVENT).bind(&id).bind(&payload)
-        .bind(&caller.correlation_id).bind(&now).bind(now_millis())
-        .execute(conn).await.map(|r| r.rows_affected()))?;
-
-    // Both balances, always in the order of their ids, so two opposite
-    // payments lock the two rows in the same order and cannot deadlock.
-    let debit_first = command.payer_account < command.payee_account;
-    for debit in [debit_first, !debit_first] {
-        let changed = if debit {
-            with_tx!(tx, conn => sqlx::query(DEBIT)
-                .bind(command.amount_minor).bind(&command.payer_account)
-                .bind(&caller.tenant_id).bind(&command.currency)
-                .execute(conn).await.map(|r| r.rows_affected()))?
-        } else {
-            with_tx!(tx, conn => sqlx::query(CREDIT)
-                .bind(command.amount_minor).bind(&command.payee_account)
-                .bind(&caller.tenant_id).bind(&command.currency)
-                .bind(i64::MAX - command.amount_minor)
-                .execute(conn).await.map(|r| r.rows_affected()))?
-        };
-        if changed != 1 {
-            return Err(refusal(tx, caller, command).await);
-        }
+    if !fast.completed {
+        // Refused: the error rolls back the claim and whatever else was written.
+        return Err(refusal(tx, caller, command).await);
     }
 
     let entry = |account: &str, direction: &str| EntryView {

@@ -21,6 +21,7 @@ on_both_engines!(
     probes_answer_and_health_reports_failed_cells,
     a_payment_moves_money_once_with_balanced_entries,
     refused_payments_move_nothing,
+    a_credit_beyond_the_largest_balance_is_refused_and_moves_nothing,
     calls_without_a_verified_assertion_are_refused,
     chaos_switches_refuse_and_recover,
     fifty_concurrent_payments_with_one_key_move_money_once,
@@ -232,6 +233,65 @@ async fn refused_payments_move_nothing(engine: Engine) {
     let ok = hub.pay(&t, &alice, &bob, 1_000, "EUR", "k-funds").await;
     assert_eq!(ok.status, 201, "{}", ok.body);
     assert_eq!(hub.balance(&t, &alice).await, 0);
+    hub.stop().await;
+}
+
+async fn a_credit_beyond_the_largest_balance_is_refused_and_moves_nothing(engine: Engine) {
+    let Some(hub) = TestHub::spawn(engine).await else {
+        return;
+    };
+    // Both orders of the two account ids (balances are changed in id order,
+    // and the refusal must name the payee's limit either way).
+    for payer_first in [false, true] {
+        let t = Uuid::now_v7().to_string();
+        // The tenant's funding account can issue i64::MAX + 1 in all (down to
+        // i64::MIN): nine openings of the largest amount and one of the rest.
+        let largest = payment_hub::limits::AMOUNT_MINOR_MAX;
+        let rest = i64::MAX - 9 * largest + 1;
+        let (last, bob) = if payer_first {
+            let last = hub.open_account(&t, "Last", "EUR", rest).await;
+            (last, hub.open_account(&t, "Bob", "EUR", largest).await)
+        } else {
+            let bob = hub.open_account(&t, "Bob", "EUR", largest).await;
+            (hub.open_account(&t, "Last", "EUR", rest).await, bob)
+        };
+        assert_eq!(last < bob, payer_first);
+        for i in 0..8 {
+            let payer = hub
+                .open_account(&t, &format!("payer {i}"), "EUR", largest)
+                .await;
+            let paid = hub
+                .pay(&t, &payer, &bob, largest, "EUR", &format!("k-{i}"))
+                .await;
+            assert_eq!(paid.status, 201, "{}", paid.body);
+        }
+        assert_eq!(hub.balance(&t, &bob).await, 9 * largest);
+        let payments = hub.db.scalar("SELECT COUNT(*) FROM payments").await;
+        let entries = hub.db.scalar("SELECT COUNT(*) FROM ledger_entries").await;
+        let events = hub.db.scalar("SELECT COUNT(*) FROM outbox").await;
+
+        // Bob would hold i64::MAX + 1.
+        hub.pay(&t, &last, &bob, rest, "EUR", "k-over")
+            .await
+            .problem(422, "BALANCE_LIMIT_EXCEEDED");
+        assert_eq!(hub.balance(&t, &bob).await, 9 * largest);
+        assert_eq!(hub.balance(&t, &last).await, rest);
+        assert_eq!(
+            hub.db.scalar("SELECT COUNT(*) FROM payments").await,
+            payments
+        );
+        assert_eq!(
+            hub.db.scalar("SELECT COUNT(*) FROM ledger_entries").await,
+            entries
+        );
+        assert_eq!(hub.db.scalar("SELECT COUNT(*) FROM outbox").await, events);
+        // A refused key is not spent, and one unit less fits exactly: Bob
+        // holds i64::MAX.
+        let fits = hub.pay(&t, &last, &bob, rest - 1, "EUR", "k-over").await;
+        assert_eq!(fits.status, 201, "{}", fits.body);
+        assert_eq!(hub.balance(&t, &bob).await, i64::MAX);
+        assert_eq!(hub.balance(&t, &last).await, 1);
+    }
     hub.stop().await;
 }
 
