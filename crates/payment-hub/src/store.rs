@@ -649,7 +649,15 @@ pub async fn list_accounts(
 
 // One statement, so both sums come from one snapshot: a payment committing
 // between two queries cannot make a balanced ledger look unbalanced.
-const TRIAL_BALANCE: &str = "SELECT currency, CAST(SUM(debit) AS TEXT) AS debits, CAST(SUM(credit) AS TEXT) AS credits, CAST(SUM(balance) AS TEXT) AS balances FROM ( \
+/// Each amount split into `amount / 10^9` and `amount % 10^9` (exact, with
+/// truncating division: `x = high * 10^9 + low`), summed apart: the sums of a
+/// tenant's whole ledger can pass 64 bits, which SQLite's `SUM` refuses with an
+/// error, while each partial sum stays far inside them (fewer than 10^9 rows).
+/// They are joined in 128 bits in Rust.
+const TRIAL_BALANCE: &str = "SELECT currency, \
+     CAST(SUM(debit / 1000000000) AS BIGINT), CAST(SUM(debit % 1000000000) AS BIGINT), \
+     CAST(SUM(credit / 1000000000) AS BIGINT), CAST(SUM(credit % 1000000000) AS BIGINT), \
+     CAST(SUM(balance / 1000000000) AS BIGINT), CAST(SUM(balance % 1000000000) AS BIGINT) FROM ( \
      SELECT currency, CASE WHEN direction = 'debit' THEN amount_minor ELSE 0 END AS debit, \
             CASE WHEN direction = 'credit' THEN amount_minor ELSE 0 END AS credit, 0 AS balance \
      FROM ledger_entries WHERE tenant_id = $1 \
@@ -657,38 +665,57 @@ const TRIAL_BALANCE: &str = "SELECT currency, CAST(SUM(debit) AS TEXT) AS debits
      SELECT currency, 0 AS debit, 0 AS credit, balance_minor AS balance FROM accounts WHERE tenant_id = $1 \
      ) t GROUP BY currency ORDER BY currency";
 
-/// `(currency, debits, credits, balances)`, the sums as text (they may exceed 64 bits).
-type SumsRow = (String, Option<String>, Option<String>, Option<String>);
+/// `(currency, debits high, debits low, credits high, credits low, balances high, balances low)`.
+type SumsRow = (String, i64, i64, i64, i64, i64, i64);
+
+/// `high * 10^9 + low`, in 128 bits.
+fn joined(high: i64, low: i64) -> i128 {
+    i128::from(high) * 1_000_000_000 + i128::from(low)
+}
 
 /// The tenant's trial balance per currency.
 pub async fn trial_balance(db: &Db, tenant_id: &str) -> Result<TrialBalance, HubError> {
     let rows: Vec<SumsRow> = with_read!(db, pool => sqlx::query_as(TRIAL_BALANCE)
         .bind(tenant_id).fetch_all(pool).await)?;
-    let parse = |text: Option<String>| -> Result<i128, HubError> {
-        match text {
-            None => Ok(0),
-            Some(t) => t.trim().parse::<i128>().map_err(|_| {
-                HubError::new(HubCode::InternalError, "A ledger sum could not be read.")
-            }),
-        }
-    };
-    let mut currencies = Vec::with_capacity(rows.len());
-    for (currency, debits, credits, balances) in rows {
-        let debits_minor = parse(debits)?;
-        let credits_minor = parse(credits)?;
-        let balance_sum_minor = parse(balances)?;
-        currencies.push(CurrencyBalance {
-            currency,
-            balanced: debits_minor == credits_minor && balance_sum_minor == 0,
-            debits_minor,
-            credits_minor,
-            balance_sum_minor,
-        });
-    }
+    let currencies: Vec<CurrencyBalance> = rows
+        .into_iter()
+        .map(|(currency, dh, dl, ch, cl, bh, bl)| {
+            let (debits_minor, credits_minor, balance_sum_minor) =
+                (joined(dh, dl), joined(ch, cl), joined(bh, bl));
+            CurrencyBalance {
+                currency,
+                balanced: debits_minor == credits_minor && balance_sum_minor == 0,
+                debits_minor,
+                credits_minor,
+                balance_sum_minor,
+            }
+        })
+        .collect();
     Ok(TrialBalance {
         balanced: currencies.iter().all(|c| c.balanced),
         currencies,
     })
+}
+
+#[cfg(test)]
+mod sum_tests {
+    use super::joined;
+
+    #[test]
+    fn split_sums_join_back_exactly_beyond_64_bits() {
+        let amounts = [i64::MAX, i64::MAX, -5, 1_999_999_999, i64::MIN + 1];
+        let (mut high, mut low) = (0i64, 0i64);
+        for a in amounts {
+            high += a / 1_000_000_000;
+            low += a % 1_000_000_000;
+        }
+        let exact: i128 = amounts.iter().map(|a| i128::from(*a)).sum();
+        assert_eq!(joined(high, low), exact);
+        assert!(
+            exact > i128::from(i64::MAX),
+            "the case SQLite's SUM refuses"
+        );
+    }
 }
 
 /// An outbox row due for publishing.

@@ -291,6 +291,19 @@ async fn a_credit_beyond_the_largest_balance_is_refused_and_moves_nothing(engine
         assert_eq!(fits.status, 201, "{}", fits.body);
         assert_eq!(hub.balance(&t, &bob).await, i64::MAX);
         assert_eq!(hub.balance(&t, &last).await, 1);
+        // The ledger's sums now pass 64 bits (SQLite's SUM would refuse them):
+        // summed exactly, and balanced.
+        let trial = hub.get(&t, "/ledger/trial-balance").await;
+        assert_eq!(trial.status, 200, "{}", trial.body);
+        assert_eq!(trial.body["balanced"], true, "{}", trial.body);
+        assert!(
+            trial.body["currencies"][0]["debits_minor"]
+                .as_f64()
+                .unwrap()
+                > i64::MAX as f64,
+            "{}",
+            trial.body
+        );
     }
     hub.stop().await;
 }
