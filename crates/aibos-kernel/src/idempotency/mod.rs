@@ -8,7 +8,7 @@
 //! 1. answers from the in-process cache of completed records when it holds
 //!    the key (a replay costs no query);
 //! 2. otherwise, in a spawned task (a client hanging up cannot cut it), takes
-//!    the key with one atomic upsert (`store::take`); the one request that
+//!    the key with one atomic upsert (`store::take_in`); the one request that
 //!    takes it runs, and its response (status < 500, body ≤ 1 MiB) is stored
 //!    and cached; a 5xx, a failure, a timeout or an oversized body releases
 //!    the key (deletes the record) instead;
@@ -516,15 +516,25 @@ where
         let locked_until = crate::timestamp::format(now + lock);
         let claim_id = uuid::Uuid::new_v4().to_string();
         let take = store::Take {
-            tenant_id: &keyed.tenant_id,
-            key: keyed.key.as_str(),
-            subject_id: &keyed.subject_id,
-            fingerprint: &fingerprint,
-            claim_id: &claim_id,
-            locked_until: &locked_until,
-            now: &now_text,
+            tenant_id: keyed.tenant_id.clone(),
+            key: keyed.key.as_str().to_owned(),
+            subject_id: keyed.subject_id.clone(),
+            fingerprint: fingerprint.clone(),
+            claim_id: claim_id.clone(),
+            locked_until,
+            now: now_text.clone(),
         };
-        match store::take(state.db(), &take).await {
+        // Grouped: every keyed call writes its record twice, and on either
+        // engine a batch of them costs one commit instead of one each.
+        let taken = state
+            .write_grouped(move |tx| {
+                Box::pin(
+                    async move { Ok::<_, crate::db::DbError>(store::take_in(tx, &take).await?) },
+                )
+            })
+            .await
+            .map_err(store::into_sqlx);
+        match taken {
             Ok(true) => {
                 idempotency.executions.increment(1);
                 let deadline = tokio::time::Instant::now() + lock;
@@ -593,9 +603,21 @@ where
     let idempotency = state.idempotency();
     let release = |why: Release| async move {
         idempotency.released(why);
-        if let Err(e) =
-            store::release(state.db(), &keyed.tenant_id, keyed.key.as_str(), claim_id).await
-        {
+        let (tenant_id, key, claim) = (
+            keyed.tenant_id.clone(),
+            keyed.key.as_str().to_owned(),
+            claim_id.to_owned(),
+        );
+        let released = state
+            .write_grouped(move |tx| {
+                Box::pin(async move {
+                    Ok::<_, crate::db::DbError>(
+                        store::release_in(tx, &tenant_id, &key, &claim).await?,
+                    )
+                })
+            })
+            .await;
+        if let Err(e) = released {
             // The record stays in flight until its lock expires; then the key can be used again.
             tracing::error!(error = %e, tenant_id = %keyed.tenant_id, "could not release an idempotency key");
         }
@@ -686,28 +708,14 @@ where
         sealed_body: &sealed_body,
         expires_at: &crate::timestamp::format(expires_at),
     };
-    let completed = match call_audit {
-        None => {
-            store::complete(
-                state.db(),
-                &keyed.tenant_id,
-                keyed.key.as_str(),
-                claim_id,
-                &completion,
-            )
-            .await
-        }
-        Some(call_audit) => {
-            complete_with_entry(
-                state,
-                keyed,
-                claim_id,
-                &completion,
-                call_audit.event(status),
-            )
-            .await
-        }
-    };
+    let completed = complete_with_entry(
+        state,
+        keyed,
+        claim_id,
+        &completion,
+        call_audit.map(|call_audit| call_audit.event(status)),
+    )
+    .await;
     match completed {
         Ok(true) => idempotency.remember(
             keyed,
@@ -730,16 +738,17 @@ where
     Response::from_parts(head, Body::from(body))
 }
 
-/// Stores the answer of execution `claim_id` and appends its `gateway.call`
-/// entry in one transaction: no stored answer without its entry. When the
-/// record is no longer this execution's, the entry is still written (the
-/// cell did act) and `false` is returned, as `store::complete` does.
+/// Stores the answer of execution `claim_id`, and appends its `gateway.call`
+/// entry when the route audits its calls, in one transaction: no stored answer
+/// without its entry. False when the record is no longer this execution's
+/// (its lock ended and another took the key); the entry is written anyway,
+/// since the cell did act.
 async fn complete_with_entry(
     state: &AppState,
     keyed: &Keyed,
     claim_id: &str,
     completion: &store::Completion<'_>,
-    (context, event): (crate::audit::AuditContext, crate::audit::AuditEvent),
+    entry: Option<(crate::audit::AuditContext, crate::audit::AuditEvent)>,
 ) -> Result<bool, sqlx::Error> {
     let keys = state.redact_keys();
     let (tenant_id, key, claim_id) = (
@@ -753,15 +762,14 @@ async fn complete_with_entry(
             Box::pin(async move {
                 let stored =
                     store::complete_in(tx, &tenant_id, &key, &claim_id, &owned.borrow()).await?;
-                crate::audit::record(tx, &context, event, &keys).await?;
+                if let Some((context, event)) = entry {
+                    crate::audit::record(tx, &context, event, &keys).await?;
+                }
                 Ok::<_, crate::db::DbError>(stored)
             })
         })
         .await
-        .map_err(|e| match e {
-            crate::db::DbError::Query(e) => e,
-            other => sqlx::Error::Protocol(other.to_string()),
-        })
+        .map_err(store::into_sqlx)
 }
 
 /// A response body read for storing.

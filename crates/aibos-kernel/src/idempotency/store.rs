@@ -32,21 +32,21 @@ pub struct Record {
 }
 
 /// What taking a key writes.
-pub struct Take<'a> {
+pub struct Take {
     /// The caller's tenant.
-    pub tenant_id: &'a str,
+    pub tenant_id: String,
     /// The key.
-    pub key: &'a str,
+    pub key: String,
     /// The caller.
-    pub subject_id: &'a str,
+    pub subject_id: String,
     /// Hex fingerprint of the request.
-    pub fingerprint: &'a str,
+    pub fingerprint: String,
     /// This execution's id.
-    pub claim_id: &'a str,
+    pub claim_id: String,
     /// The lock's end (also the in-flight record's `expires_at`).
-    pub locked_until: &'a str,
+    pub locked_until: String,
     /// Now.
-    pub now: &'a str,
+    pub now: String,
 }
 
 /// Takes the key in flight: inserts the record, or replaces one whose
@@ -54,63 +54,19 @@ pub struct Take<'a> {
 /// completed one past its TTL). True when this call holds it. One statement:
 /// PostgreSQL re-checks the `WHERE` under the row lock after a concurrent
 /// insert or update, so of several kernels exactly one gets a row back.
-pub async fn take(db: &Db, t: &Take<'_>) -> Result<bool, sqlx::Error> {
-    let taken: Option<String> = match db {
-        Db::Postgres(pool) => {
-            sqlx::query_scalar(TAKE_SQL)
-                .bind(t.tenant_id)
-                .bind(t.key)
-                .bind(t.subject_id)
-                .bind(t.fingerprint)
-                .bind(t.claim_id)
-                .bind(t.locked_until)
-                .bind(t.now)
-                .fetch_optional(pool)
-                .await?
-        }
-        // Through the group-commit writer: an autocommit write of its own would
-        // wait for SQLite's lock in the busy handler, and cost an fsync alone.
-        Db::Sqlite(_) => {
-            let values: [String; 7] = [
-                t.tenant_id,
-                t.key,
-                t.subject_id,
-                t.fingerprint,
-                t.claim_id,
-                t.locked_until,
-                t.now,
-            ]
-            .map(str::to_owned);
-            db.write(move |tx| {
-                Box::pin(async move {
-                    let [
-                        tenant_id,
-                        key,
-                        subject_id,
-                        fingerprint,
-                        claim_id,
-                        locked_until,
-                        now,
-                    ] = &values;
-                    let taken: Option<String> = with_tx!(tx, conn => {
-                        sqlx::query_scalar(TAKE_SQL)
-                            .bind(tenant_id).bind(key).bind(subject_id).bind(fingerprint)
-                            .bind(claim_id).bind(locked_until).bind(now)
-                            .fetch_optional(&mut *conn)
-                            .await?
-                    });
-                    Ok::<_, DbError>(taken)
-                })
-            })
-            .await
-            .map_err(into_sqlx)?
-        }
-    };
+pub async fn take_in(tx: &mut Tx, t: &Take) -> Result<bool, sqlx::Error> {
+    let taken: Option<String> = with_tx!(tx, conn => {
+        sqlx::query_scalar(TAKE_SQL)
+            .bind(&t.tenant_id).bind(&t.key).bind(&t.subject_id).bind(&t.fingerprint)
+            .bind(&t.claim_id).bind(&t.locked_until).bind(&t.now)
+            .fetch_optional(&mut *conn)
+            .await?
+    });
     Ok(taken.is_some())
 }
 
 /// A writer's failure as the `sqlx::Error` these functions return.
-fn into_sqlx(e: DbError) -> sqlx::Error {
+pub fn into_sqlx(e: DbError) -> sqlx::Error {
     match e {
         DbError::Query(e) => e,
         other => sqlx::Error::Protocol(other.to_string()),
@@ -153,42 +109,9 @@ const COMPLETE_SQL: &str = "UPDATE idempotency_records SET state = 'completed', 
      response_status = $4, response_headers = $5, response_body = $6, expires_at = $7 \
      WHERE tenant_id = $1 AND idempotency_key = $2 AND claim_id = $3 AND state = 'in_flight'";
 
-/// Stores the response of the execution `claim_id`; false when the record is
-/// no longer that execution's (its lock expired and another took the key).
-pub async fn complete(
-    db: &Db,
-    tenant_id: &str,
-    key: &str,
-    claim_id: &str,
-    c: &Completion<'_>,
-) -> Result<bool, sqlx::Error> {
-    if let Db::Sqlite(_) = db {
-        let (tenant_id, key, claim_id) =
-            (tenant_id.to_owned(), key.to_owned(), claim_id.to_owned());
-        let owned = OwnedCompletion::from(c);
-        return db
-            .write(move |tx| {
-                Box::pin(async move {
-                    Ok::<_, DbError>(
-                        complete_in(tx, &tenant_id, &key, &claim_id, &owned.borrow()).await?,
-                    )
-                })
-            })
-            .await
-            .map_err(into_sqlx);
-    }
-    let updated = with_db!(db, pool => {
-        sqlx::query(COMPLETE_SQL)
-            .bind(tenant_id).bind(key).bind(claim_id)
-            .bind(i32::from(c.status)).bind(c.headers_json).bind(c.sealed_body).bind(c.expires_at)
-            .execute(pool)
-            .await?
-            .rows_affected()
-    });
-    Ok(updated == 1)
-}
-
-/// [`complete`] inside a transaction (with the call's audit entry).
+/// Stores the response of the execution `claim_id` (with the call's audit
+/// entry, in the caller's transaction); false when the record is no longer that
+/// execution's (its lock expired and another took the key).
 pub async fn complete_in(
     tx: &mut Tx,
     tenant_id: &str,
@@ -239,29 +162,16 @@ impl OwnedCompletion {
 }
 
 /// Deletes the in-flight record of execution `claim_id` (a release).
-pub async fn release(
-    db: &Db,
+pub async fn release_in(
+    tx: &mut Tx,
     tenant_id: &str,
     key: &str,
     claim_id: &str,
 ) -> Result<(), sqlx::Error> {
     const SQL: &str = "DELETE FROM idempotency_records \
          WHERE tenant_id = $1 AND idempotency_key = $2 AND claim_id = $3 AND state = 'in_flight'";
-    if let Db::Sqlite(_) = db {
-        let (tenant_id, key, claim_id) =
-            (tenant_id.to_owned(), key.to_owned(), claim_id.to_owned());
-        return db
-            .write(move |tx| {
-                Box::pin(async move {
-                    with_tx!(tx, conn => sqlx::query(SQL).bind(&tenant_id).bind(&key).bind(&claim_id).execute(&mut *conn).await?.rows_affected());
-                    Ok::<_, DbError>(())
-                })
-            })
-            .await
-            .map_err(into_sqlx);
-    }
-    with_db!(db, pool => {
-        sqlx::query(SQL).bind(tenant_id).bind(key).bind(claim_id).execute(pool).await?.rows_affected()
+    with_tx!(tx, conn => {
+        sqlx::query(SQL).bind(tenant_id).bind(key).bind(claim_id).execute(&mut *conn).await?.rows_affected()
     });
     Ok(())
 }
