@@ -7,9 +7,7 @@
 //! connection belongs to one writer task that runs the write jobs queued for
 //! it in **group commits** (see [`Db::write`]): many jobs, each in its own
 //! savepoint, share one transaction and so one fsync of the WAL, which is what
-//! bounded the hub's payment rate with one transaction per payment. PostgreSQL
-//! writes go through a writer task of their own in the same way (commits were
-//! most of the server's CPU per payment); reads use the pool.
+//! bounded the hub's payment rate with one transaction per payment.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -76,38 +74,8 @@ pub enum Db {
         /// the writes made).
         commits: Arc<AtomicU64>,
     },
-    /// PostgreSQL: one pool for reads, and a writer task that group-commits
-    /// the writes as on SQLite: a payment's commit is a WAL flush the server
-    /// makes per transaction, so a batch of payments in one transaction
-    /// (each under its savepoint) costs one flush and one round of commit
-    /// work instead of one per payment.
-    Postgres {
-        /// Reads, and the writer task's connection.
-        pool: PgPool,
-        /// The writer task's queue of write jobs.
-        jobs: mpsc::Sender<Job>,
-        /// Group commits made so far.
-        commits: Arc<AtomicU64>,
-    },
-}
-
-/// Where a writer task takes its transactions.
-enum WriterPool {
-    /// `BEGIN IMMEDIATE` on the one writer connection.
-    Sqlite(SqlitePool),
-    /// An ordinary transaction.
+    /// PostgreSQL: one pool for both.
     Postgres(PgPool),
-}
-
-impl WriterPool {
-    async fn begin(&self) -> Result<Tx, sqlx::Error> {
-        Ok(match self {
-            // IMMEDIATE takes the write lock up front: a read-then-write body
-            // cannot fail midway with "database is locked" (another process may hold it).
-            WriterPool::Sqlite(pool) => Tx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
-            WriterPool::Postgres(pool) => Tx::Postgres(pool.begin().await?),
-        })
-    }
 }
 
 /// Runs `$body` with `$pool` bound to the pool reads use.
@@ -115,7 +83,7 @@ macro_rules! with_read {
     ($db:expr, $pool:ident => $body:expr) => {
         match $db {
             $crate::db::Db::Sqlite { reader: $pool, .. } => $body,
-            $crate::db::Db::Postgres { pool: $pool, .. } => $body,
+            $crate::db::Db::Postgres($pool) => $body,
         }
     };
 }
@@ -258,11 +226,7 @@ impl Db {
                 let (jobs, queue) = mpsc::channel(GROUP_COMMIT_QUEUE_JOBS_MAX);
                 let commits = Arc::new(AtomicU64::new(0));
                 // The task ends when the last `Db` clone (the last sender) is gone.
-                tokio::spawn(run_writer(
-                    WriterPool::Sqlite(writer.clone()),
-                    queue,
-                    commits.clone(),
-                ));
+                tokio::spawn(run_writer(writer.clone(), queue, commits.clone()));
                 Ok(Db::Sqlite {
                     writer,
                     reader,
@@ -281,18 +245,7 @@ impl Db {
                     .await
                     .map_err(DbError::Connect)?;
                 POSTGRES_MIGRATIONS.run(&pool).await?;
-                let (jobs, queue) = mpsc::channel(GROUP_COMMIT_QUEUE_JOBS_MAX);
-                let commits = Arc::new(AtomicU64::new(0));
-                tokio::spawn(run_writer(
-                    WriterPool::Postgres(pool.clone()),
-                    queue,
-                    commits.clone(),
-                ));
-                Ok(Db::Postgres {
-                    pool,
-                    jobs,
-                    commits,
-                })
+                Ok(Db::Postgres(pool))
             }
         }
     }
@@ -301,7 +254,7 @@ impl Db {
     pub fn engine(&self) -> Engine {
         match self {
             Db::Sqlite { .. } => Engine::Sqlite,
-            Db::Postgres { .. } => Engine::Postgres,
+            Db::Postgres(_) => Engine::Postgres,
         }
     }
 
@@ -320,17 +273,16 @@ impl Db {
                 writer.close().await;
                 reader.close().await;
             }
-            Db::Postgres { pool, .. } => pool.close().await,
+            Db::Postgres(pool) => pool.close().await,
         }
     }
 
-    /// How many group commits the writer has made: fewer than the writes
-    /// made when batching works.
+    /// How many group commits the SQLite writer has made (`None` on
+    /// PostgreSQL): fewer than the writes made when batching works.
     pub fn group_commits(&self) -> Option<u64> {
         match self {
-            Db::Sqlite { commits, .. } | Db::Postgres { commits, .. } => {
-                Some(commits.load(Ordering::Relaxed))
-            }
+            Db::Sqlite { commits, .. } => Some(commits.load(Ordering::Relaxed)),
+            Db::Postgres(_) => None,
         }
     }
 
@@ -339,12 +291,12 @@ impl Db {
     /// commit when it returns `Ok` and are undone when it fails, and `Ok`
     /// comes back only once they are committed.
     ///
-    /// On both engines the body is queued for the writer task, which runs it
-    /// in a savepoint of a group commit: bodies run one at a time on one
+    /// On PostgreSQL each call is its own transaction in a spawned task (the
+    /// server already shares WAL flushes between concurrent commits). On
+    /// SQLite the body is queued for the writer task, which runs it in a
+    /// savepoint of a group commit: bodies still run one at a time on one
     /// connection, so each sees every earlier one's changes, exactly as under
-    /// a global write lock, and a batch shares one commit (SQLite: one fsync;
-    /// PostgreSQL: one WAL flush and one round of commit work, where a
-    /// transaction per payment spent most of the server's CPU on commits).
+    /// a global write lock.
     pub async fn write<T, E, F>(&self, body: F) -> Result<T, E>
     where
         T: Send + 'static,
@@ -352,7 +304,29 @@ impl Db {
         F: for<'t> FnOnce(&'t mut Tx) -> TxFuture<'t, T, E> + Send + 'static,
     {
         match self {
-            Db::Sqlite { jobs, .. } | Db::Postgres { jobs, .. } => write_grouped(jobs, body).await,
+            Db::Sqlite { jobs, .. } => write_grouped(jobs, body).await,
+            Db::Postgres(pool) => {
+                let pool = pool.clone();
+                let task = tokio::spawn(async move {
+                    let mut tx =
+                        Tx::Postgres(pool.begin().await.map_err(|e| E::from(DbError::Query(e)))?);
+                    match body(&mut tx).await {
+                        Ok(value) => {
+                            tx.commit().await.map_err(|e| E::from(DbError::Query(e)))?;
+                            Ok(value)
+                        }
+                        Err(e) => {
+                            // Explicit, so the connection returns to the pool clean at once.
+                            let _ = tx.rollback().await;
+                            Err(e)
+                        }
+                    }
+                });
+                match task.await {
+                    Ok(result) => result,
+                    Err(join) => Err(E::from(DbError::TaskFailed(join.to_string()))),
+                }
+            }
         }
     }
 }
@@ -425,7 +399,7 @@ const ROLLBACK_TO: &str = "ROLLBACK TO group_commit";
 /// The SQLite writer task: takes every job already queued (at most
 /// [`GROUP_COMMIT_JOBS_MAX`]) and runs them as one group commit, then the next.
 /// While a batch runs, the next one queues, so the batch size follows the load.
-async fn run_writer(writer: WriterPool, mut queue: mpsc::Receiver<Job>, commits: Arc<AtomicU64>) {
+async fn run_writer(writer: SqlitePool, mut queue: mpsc::Receiver<Job>, commits: Arc<AtomicU64>) {
     let mut batch = Vec::with_capacity(GROUP_COMMIT_JOBS_MAX);
     while queue.recv_many(&mut batch, GROUP_COMMIT_JOBS_MAX).await > 0 {
         run_batch(&writer, batch.drain(..), &commits).await;
@@ -434,10 +408,12 @@ async fn run_writer(writer: WriterPool, mut queue: mpsc::Receiver<Job>, commits:
 
 /// One group commit: BEGIN IMMEDIATE, each job in its own savepoint, one
 /// COMMIT, then the answers of the jobs that succeeded.
-async fn run_batch(writer: &WriterPool, batch: impl Iterator<Item = Job>, commits: &AtomicU64) {
+async fn run_batch(writer: &SqlitePool, batch: impl Iterator<Item = Job>, commits: &AtomicU64) {
     let mut batch = batch.peekable();
-    let mut tx = match writer.begin().await {
-        Ok(tx) => tx,
+    // IMMEDIATE takes the write lock up front: a read-then-write body cannot
+    // fail midway with "database is locked" (another process may hold it).
+    let mut tx = match writer.begin_with("BEGIN IMMEDIATE").await {
+        Ok(tx) => Tx::Sqlite(tx),
         Err(error) => {
             for job in batch {
                 job(Err(&error)).await;
