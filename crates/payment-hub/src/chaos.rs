@@ -1,10 +1,17 @@
 //! The hub's three simulated parts and their failure switches
 //! (`POST /chaos/fail/{cell}`, `/chaos/recover/{cell}`).
 //!
-//! One [`Chaos`] per [`Hub`](crate::Hub), shared by its handlers: "process-wide"
-//! means for every request of this hub, never a global (tests run many hubs).
+//! One [`Chaos`] per [`Hub`](crate::Hub), shared by its handlers, never a
+//! global (tests run many hubs). The switches are **per tenant**: the hub is
+//! shared by every tenant of the kernel, and a tenant's administrator holds
+//! every permission of its own tenant, `finance.chaos.manage` included, so a
+//! switch that failed the hub for everyone would let one tenant stop the
+//! others' payments.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use crate::limits::CHAOS_TENANTS_MAX;
 
 /// One simulated part of the hub.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,32 +49,62 @@ impl Cell {
     }
 }
 
-/// The failure switches. Relaxed atomics: each switch is independent, and a
-/// request that starts just before a flip may see either state.
+/// The failure switches of each tenant that has one failed (a tenant whose
+/// parts are all healthy holds no entry).
 #[derive(Debug, Default)]
 pub struct Chaos {
-    gateway: AtomicBool,
-    processor: AtomicBool,
-    ledger: AtomicBool,
+    failed: Mutex<HashMap<String, [bool; 3]>>,
 }
 
+/// More tenants have a part failed than [`CHAOS_TENANTS_MAX`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooManyTenants;
+
 impl Chaos {
-    fn switch(&self, cell: Cell) -> &AtomicBool {
+    fn index(cell: Cell) -> usize {
         match cell {
-            Cell::Gateway => &self.gateway,
-            Cell::Processor => &self.processor,
-            Cell::Ledger => &self.ledger,
+            Cell::Gateway => 0,
+            Cell::Processor => 1,
+            Cell::Ledger => 2,
         }
     }
 
-    /// Whether `cell` is failed.
-    pub fn is_failed(&self, cell: Cell) -> bool {
-        self.switch(cell).load(Ordering::Relaxed)
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, [bool; 3]>> {
+        self.failed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Fails (`true`) or recovers (`false`) `cell`.
-    pub fn set_failed(&self, cell: Cell, failed: bool) {
-        self.switch(cell).store(failed, Ordering::Relaxed);
+    /// Whether `cell` is failed for `tenant_id`.
+    pub fn is_failed(&self, tenant_id: &str, cell: Cell) -> bool {
+        self.lock()
+            .get(tenant_id)
+            .is_some_and(|cells| cells[Self::index(cell)])
+    }
+
+    /// Fails (`true`) or recovers (`false`) `cell` for `tenant_id`.
+    pub fn set_failed(
+        &self,
+        tenant_id: &str,
+        cell: Cell,
+        failed: bool,
+    ) -> Result<(), TooManyTenants> {
+        let mut map = self.lock();
+        let full = map.len() >= CHAOS_TENANTS_MAX;
+        match map.get_mut(tenant_id) {
+            Some(cells) => {
+                cells[Self::index(cell)] = failed;
+                if cells.iter().all(|f| !f) {
+                    map.remove(tenant_id);
+                }
+            }
+            None if !failed => {}
+            None if full => return Err(TooManyTenants),
+            None => {
+                let mut cells = [false; 3];
+                cells[Self::index(cell)] = true;
+                map.insert(tenant_id.to_owned(), cells);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -78,12 +115,20 @@ mod tests {
     #[test]
     fn switches_are_independent_and_names_round_trip() {
         let chaos = Chaos::default();
-        chaos.set_failed(Cell::Ledger, true);
-        assert!(chaos.is_failed(Cell::Ledger));
-        assert!(!chaos.is_failed(Cell::Processor));
-        assert!(!chaos.is_failed(Cell::Gateway));
-        chaos.set_failed(Cell::Ledger, false);
-        assert!(!chaos.is_failed(Cell::Ledger));
+        chaos.set_failed("a", Cell::Ledger, true).unwrap();
+        assert!(chaos.is_failed("a", Cell::Ledger));
+        assert!(!chaos.is_failed("a", Cell::Processor));
+        assert!(!chaos.is_failed("a", Cell::Gateway));
+        assert!(
+            !chaos.is_failed("b", Cell::Ledger),
+            "another tenant is not affected"
+        );
+        chaos.set_failed("a", Cell::Ledger, false).unwrap();
+        assert!(!chaos.is_failed("a", Cell::Ledger));
+        assert!(
+            chaos.lock().is_empty(),
+            "a tenant all healthy holds no entry"
+        );
         for cell in Cell::ALL {
             assert_eq!(Cell::parse(cell.as_str()), Some(cell));
         }

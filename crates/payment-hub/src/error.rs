@@ -54,6 +54,8 @@ hub_codes! {
     NotFound = (404, "NOT_FOUND", "The resource does not exist"),
     /// The path exists but not with this method.
     MethodNotAllowed = (405, "METHOD_NOT_ALLOWED", "The method is not allowed on this resource"),
+    /// More tenants than `CHAOS_TENANTS_MAX` have a part failed at once.
+    ChaosLimitReached = (409, "CHAOS_LIMIT_REACHED", "Too many tenants have a part failed"),
     /// The body is larger than the hub reads.
     PayloadTooLarge = (413, "PAYLOAD_TOO_LARGE", "The request body is too large"),
     /// The body is not `application/json`.

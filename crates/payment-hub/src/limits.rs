@@ -83,3 +83,7 @@ pub const SERVICE_ACCOUNTS_MAX: usize = 1024;
 
 /// How long a graceful shutdown waits for the publisher's pass in hand.
 pub const SHUTDOWN_PUBLISHER_WAIT: Duration = Duration::from_secs(15);
+
+/// Tenants that may have a part failed by the chaos switches at once: a bound
+/// on the switches' memory (a tenant all healthy again holds none).
+pub const CHAOS_TENANTS_MAX: usize = 10_000;

@@ -106,12 +106,23 @@ async fn ping() -> Json<serde_json::Value> {
     Json(json!({"message": "pong"}))
 }
 
-async fn health(State(state): State<HubState>) -> Response {
+/// A probe: without an assertion (the kernel's health checks) it reports the
+/// hub's own state (the database); with one that verifies (a tenant's call
+/// through the gateway) the calling tenant's chaos switches as well, so one
+/// tenant's failed ledger never makes the kernel stop routing to the hub.
+async fn health(
+    State(state): State<HubState>,
+    call: Result<KernelCall, aibos_cell::KernelCallRejection>,
+) -> Response {
+    let tenant = call.ok().map(|c| c.tenant_id);
     let database_answers = state.db.ping(HEALTH_DB_TIMEOUT).await;
     let mut cells = serde_json::Map::new();
     let mut healthy = true;
     for cell in Cell::ALL {
-        let failed = state.chaos.is_failed(cell) || (cell == Cell::Ledger && !database_answers);
+        let switched = tenant
+            .as_deref()
+            .is_some_and(|t| state.chaos.is_failed(t, cell));
+        let failed = switched || (cell == Cell::Ledger && !database_answers);
         healthy &= !failed;
         cells.insert(
             cell.as_str().to_owned(),
@@ -160,7 +171,7 @@ impl Call {
 
     /// Refuses with `code` when `cell` is failed.
     fn require(&self, state: &HubState, cell: Cell, code: HubCode) -> Result<(), HubError> {
-        if state.chaos.is_failed(cell) {
+        if state.chaos.is_failed(&self.caller.tenant_id, cell) {
             return Err(HubError::new(
                 code,
                 format!(
@@ -460,7 +471,16 @@ async fn set_cell(
             "The cell must be gateway, processor or ledger.",
         ));
     };
-    state.chaos.set_failed(cell, failed);
+    if state
+        .chaos
+        .set_failed(&call.caller.tenant_id, cell, failed)
+        .is_err()
+    {
+        return call.fail(HubError::new(
+            HubCode::ChaosLimitReached,
+            "Too many tenants have a part failed; recover some first.",
+        ));
+    }
     tracing::warn!(
         cell = cell.as_str(),
         failed,

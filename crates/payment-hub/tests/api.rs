@@ -65,17 +65,26 @@ async fn probes_answer_and_health_reports_failed_cells(engine: Engine) {
         failed.body,
         json!({"cell": "processor", "status": "failed"})
     );
-    let health = hub
+    // The failing tenant sees its processor failed; the kernel's plain probe
+    // and every other tenant see the hub healthy: one tenant's switch never
+    // stops the others' payments, nor the kernel's routing to the hub.
+    let health = hub.get(&hub.tenant, "/health").await;
+    assert_eq!(health.status, 503, "{}", health.body);
+    assert_eq!(health.body["status"], "degraded");
+    assert_eq!(
+        health.body["cells"]["processor"],
+        json!({"status": "failed"})
+    );
+    assert_eq!(health.body["cells"]["ledger"], json!({"status": "healthy"}));
+    let probe = hub
         .http
         .get(hub.url("/health"))
         .send()
         .await
         .expect("health");
-    assert_eq!(health.status(), 503);
-    let body = health.json::<Value>().await.expect("json");
-    assert_eq!(body["status"], "degraded");
-    assert_eq!(body["cells"]["processor"], json!({"status": "failed"}));
-    assert_eq!(body["cells"]["ledger"], json!({"status": "healthy"}));
+    assert_eq!(probe.status(), 200);
+    let other = Uuid::now_v7().to_string();
+    assert_eq!(hub.get(&other, "/health").await.status, 200);
 
     let recovered = hub
         .post(&hub.tenant, "/chaos/recover/processor", json!({}), None)
@@ -84,13 +93,8 @@ async fn probes_answer_and_health_reports_failed_cells(engine: Engine) {
         recovered.body,
         json!({"cell": "processor", "status": "healthy"})
     );
-    let health = hub
-        .http
-        .get(hub.url("/health"))
-        .send()
-        .await
-        .expect("health");
-    assert_eq!(health.status(), 200);
+    let health = hub.get(&hub.tenant, "/health").await;
+    assert_eq!(health.status, 200, "{}", health.body);
     hub.stop().await;
 }
 
@@ -379,6 +383,12 @@ async fn chaos_switches_refuse_and_recover(engine: Engine) {
         "nothing written"
     );
     assert_eq!(hub.db.scalar("SELECT COUNT(*) FROM outbox").await, 0);
+    // Another tenant of the same hub pays on: the switches are per tenant.
+    let other = Uuid::now_v7().to_string();
+    let carol = hub.open_account(&other, "Carol", "EUR", 500).await;
+    let dave = hub.open_account(&other, "Dave", "EUR", 0).await;
+    let unaffected = hub.pay(&other, &carol, &dave, 100, "EUR", "other-1").await;
+    assert_eq!(unaffected.status, 201, "{}", unaffected.body);
     hub.post(&t, "/chaos/recover/ledger", json!({}), None).await;
     let paid = hub.pay(&t, &alice, &bob, 100, "EUR", "chaos-1").await;
     assert_eq!(
