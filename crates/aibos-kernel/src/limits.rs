@@ -14,9 +14,11 @@ pub const DB_CONNECTIONS_MAX: u64 = 500;
 /// Upper bound of every database timeout: beyond ten minutes a request is lost anyway.
 pub const DB_TIMEOUT_MS_MAX: u64 = 600_000;
 
-/// SQLite writes waiting for the group-commit writer (`db/group.rs`): a full
-/// queue makes writers wait (backpressure) instead of growing memory.
-pub const GROUP_COMMIT_QUEUE_MAX: usize = 4096;
+/// Writes waiting for a group-commit writer (`db/group.rs`): a full queue
+/// makes writers wait (backpressure) instead of growing memory. A waiting
+/// write may hold an idempotent answer to store (up to 1 MiB sealed), so the
+/// queue is kept to what a few batches need: 1,024 × 1.4 MiB at worst.
+pub const GROUP_COMMIT_QUEUE_MAX: usize = 1024;
 
 /// Writes committed together by the group-commit writer at most: enough that
 /// one fsync serves a busy kernel's burst, few enough that the first write of a
