@@ -548,6 +548,22 @@ async fn bad_input_gets_problem_answers(engine: Engine) {
     huge_body.raw_body = Some(("application/json", vec![b' '; 100 * 1024]));
     hub.send(huge_body).await.problem(413, "PAYLOAD_TOO_LARGE");
 
+    // A NUL byte (which PostgreSQL cannot store) in a reference or a name is
+    // a 400 naming the field, never a 500, and writes nothing.
+    let nul_payment = json!({"amount_minor": 1, "currency": "EUR", "payer_account": alice, "payee_account": bob, "reference": "a\u{0}b"});
+    hub.post(&t, "/payments/process", nul_payment, Some("bad-nul"))
+        .await
+        .problem(400, "VALIDATION_ERROR");
+    hub.post(
+        &t,
+        "/ledger/accounts",
+        json!({"name": "x\u{0}", "currency": "EUR", "opening_balance_minor": 0}),
+        None,
+    )
+    .await
+    .problem(400, "VALIDATION_ERROR");
+    assert_eq!(hub.db.scalar("SELECT COUNT(*) FROM payments").await, 0);
+
     for amount in [
         json!(1_000_000_000_000_000_001i64),
         json!(99_999_999_999_999_999_999.0),
