@@ -3,6 +3,7 @@
 mod backup;
 mod config;
 mod demo;
+mod drill;
 mod migrate;
 mod ops;
 mod serve;
@@ -65,6 +66,9 @@ enum Command {
     Backup(backup::BackupCommand),
     /// Restore a backup into an empty database of either engine.
     Restore(backup::RestoreArgs),
+    /// Readiness drills that prove a recovery instead of asserting it.
+    #[command(subcommand)]
+    Drill(drill::DrillCommand),
     /// Ask a running kernel for its health.
     Status(status::StatusArgs),
     /// Print the version.
@@ -86,6 +90,7 @@ pub async fn run(cli: Cli) -> u8 {
         Command::Audit(command) => ops::audit(sources, command).await,
         Command::Backup(command) => backup::backup(sources, command).await,
         Command::Restore(args) => backup::restore(sources, args).await,
+        Command::Drill(command) => drill::drill(sources, command).await,
         Command::Version(args) => version::run(args),
     }
 }
