@@ -1,7 +1,7 @@
 //! Every `aibos …` command line the documentation shows parses with the real
 //! command line, so a renamed flag or subcommand breaks a test, not a reader.
 //!
-//! Scope: README.md and docs/*.md, inside ```sh, ```bash, ```shell and
+//! Scope: README.md, docs/*.md and the runbooks docs/ops/*.md, inside ```sh, ```bash, ```shell and
 //! ```console blocks (in `console` blocks only the lines after a `$ ` prompt).
 //! A command is a pipeline segment that starts, after any `NAME=value`
 //! environment assignments, with `aibos ` or `cargo run --release -- `; each is
@@ -31,17 +31,26 @@ fn repository_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// README.md and every docs/*.md, in a stable order.
+/// Subcommands the runbooks show before the command line has them: SPEC §10's
+/// `backup` and `restore`, being built (issue 23, parts 1 and 2), whose blocks
+/// are marked `<!-- not run: … -->`. Their lines are not parsed here, and
+/// `pending_subcommands_are_still_pending` fails as soon as the command line
+/// knows one, so that its entry is removed and its lines are checked again.
+const PENDING_SUBCOMMANDS: &[&str] = &["backup", "restore"];
+
+/// README.md, every docs/*.md and every docs/ops/*.md, in a stable order.
 fn documents() -> Vec<(String, String)> {
     let root = repository_root();
     let mut paths = vec![root.join("README.md")];
-    let mut docs: Vec<PathBuf> = std::fs::read_dir(root.join("docs"))
-        .expect("docs/ is readable")
-        .map(|entry| entry.expect("a docs/ entry is readable").path())
-        .filter(|path| path.extension().is_some_and(|ext| ext == "md"))
-        .collect();
-    docs.sort();
-    paths.extend(docs);
+    for folder in ["docs", "docs/ops"] {
+        let mut docs: Vec<PathBuf> = std::fs::read_dir(root.join(folder))
+            .unwrap_or_else(|e| panic!("{folder}/ is readable: {e}"))
+            .map(|entry| entry.expect("a docs/ entry is readable").path())
+            .filter(|path| path.extension().is_some_and(|ext| ext == "md"))
+            .collect();
+        docs.sort();
+        paths.extend(docs);
+    }
     paths
         .into_iter()
         .map(|path| {
@@ -277,6 +286,9 @@ fn every_aibos_command_in_the_readme_and_docs_parses() {
     let mut failures = Vec::new();
     for (name, text) in documents() {
         for command in commands_in(&name, &text) {
+            if subcommand(&command.args).is_some_and(|s| PENDING_SUBCOMMANDS.contains(&s)) {
+                continue;
+            }
             checked += 1;
             if let Err(complaint) = check(&command) {
                 failures.push(format!(
@@ -355,4 +367,18 @@ fn a_command_the_cli_does_not_know_is_reported() {
     };
     assert_eq!(check(&good), Ok(()));
     assert_eq!(subcommand(&good.args), Some("serve"));
+}
+
+#[test]
+fn pending_subcommands_are_still_pending() {
+    for name in PENDING_SUBCOMMANDS {
+        let err = Cli::try_parse_from(["aibos", name])
+            .expect_err("a bare subcommand without its arguments does not run");
+        assert_eq!(
+            err.kind(),
+            clap::error::ErrorKind::InvalidSubcommand,
+            "`aibos {name}` exists now: remove it from PENDING_SUBCOMMANDS, and the \
+             `<!-- not run -->` marks its runbook blocks carry where they can run"
+        );
+    }
 }
