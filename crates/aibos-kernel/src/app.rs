@@ -203,6 +203,13 @@ impl App {
             state,
             metrics,
         } = self;
+        // Before anything is started: a failure here leaves nothing running.
+        let metrics = match metrics {
+            Some((listener, routes)) => {
+                Some((tokio::net::TcpListener::from_std(listener)?, routes))
+            }
+            None => None,
+        };
         let stop = CancellationToken::new();
         let mut background = spawn_background(&state, stop.clone());
         // The webhook worker runs on a thread and current-thread runtime of its
@@ -285,7 +292,6 @@ impl App {
         // its own), stopped with the others.
         let metrics_server = match metrics {
             Some((listener, routes)) => {
-                let listener = tokio::net::TcpListener::from_std(listener)?;
                 let stop = stop.clone();
                 Some(tokio::spawn(async move {
                     axum::serve(
