@@ -423,6 +423,8 @@ fn spawn_background(state: &AppState, stop: CancellationToken) -> tokio::task::J
     // ended at shutdown.
     tasks.spawn(crate::events::retention::run(state.clone(), stop.clone()));
     tasks.spawn(crate::idempotency::purge::run(state.clone(), stop.clone()));
+    // Scheduled backups (`backup.interval_seconds`; idle while it is 0).
+    tasks.spawn(crate::backup::schedule::run(state.clone(), stop.clone()));
     tasks.spawn(crate::events::retention::gauge_outbox(
         state.clone(),
         stop.clone(),

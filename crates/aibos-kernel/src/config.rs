@@ -269,8 +269,23 @@ pub struct Config {
     pub audit: AuditConfig,
     /// `[metrics]`
     pub metrics: MetricsConfig,
+    /// `[backup]`
+    pub backup: BackupConfig,
     /// `[log]`
     pub log: LogConfig,
+}
+
+/// `[backup]`: where backups go, and the schedule `serve` keeps.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupConfig {
+    /// The backups' folder.
+    pub dir: std::path::PathBuf,
+    /// Seconds between scheduled backups; 0 for none.
+    pub interval_seconds: u64,
+    /// Keep the N newest after a scheduled backup; 0 for no count rule.
+    pub keep_last: u64,
+    /// Keep those younger than D days; 0 for no age rule.
+    pub keep_days: u64,
 }
 
 /// `[audit]`
@@ -488,7 +503,17 @@ struct RawConfig {
     events: RawEvents,
     audit: RawAudit,
     metrics: RawMetrics,
+    backup: RawBackup,
     log: RawLog,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackup {
+    dir: String,
+    interval_seconds: i64,
+    keep_last: i64,
+    keep_days: i64,
 }
 
 #[derive(Deserialize)]
@@ -1254,6 +1279,45 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config>
         }
     };
 
+    if raw.backup.dir.trim().is_empty() {
+        problem("backup.dir", "must name a folder".to_owned());
+    }
+    let backup_interval = in_range(
+        &mut problem,
+        "backup.interval_seconds",
+        raw.backup.interval_seconds,
+        0,
+        limits::BACKUP_INTERVAL_SECONDS_MAX,
+    )
+    .and_then(|v| {
+        if v != 0 && v < limits::BACKUP_INTERVAL_SECONDS_MIN {
+            problem(
+                "backup.interval_seconds",
+                format!(
+                    "must be 0 (no schedule) or at least {}",
+                    limits::BACKUP_INTERVAL_SECONDS_MIN
+                ),
+            );
+            None
+        } else {
+            Some(v)
+        }
+    });
+    let backup_keep_last = in_range(
+        &mut problem,
+        "backup.keep_last",
+        raw.backup.keep_last,
+        0,
+        limits::BACKUP_LIST_MAX as u64,
+    );
+    let backup_keep_days = in_range(
+        &mut problem,
+        "backup.keep_days",
+        raw.backup.keep_days,
+        0,
+        36_500,
+    );
+
     if let Err(message) = crate::telemetry::check_filter(&raw.log.level) {
         problem("log.level", message);
     }
@@ -1347,6 +1411,12 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config>
         },
         metrics: MetricsConfig {
             bind: metrics_bind?,
+        },
+        backup: BackupConfig {
+            dir: std::path::PathBuf::from(raw.backup.dir),
+            interval_seconds: backup_interval?,
+            keep_last: backup_keep_last?,
+            keep_days: backup_keep_days?,
         },
         log: LogConfig {
             level: raw.log.level,

@@ -27,6 +27,7 @@
 pub mod app;
 pub mod audit;
 pub mod authz;
+pub mod backup;
 pub mod change;
 pub mod config;
 pub mod db;

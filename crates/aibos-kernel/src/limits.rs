@@ -484,3 +484,30 @@ pub const IDEMPOTENCY_PURGE_CHUNK_ROWS: i64 = 1_000;
 pub const IDEMPOTENCY_PURGE_CHUNKS_MAX: u32 = 1_000;
 const _: () =
     assert!(IDEMPOTENCY_LOCK_TIMEOUT_SECONDS_DEFAULT <= IDEMPOTENCY_LOCK_TIMEOUT_SECONDS_MAX);
+
+// --- Backups (backup/) ---------------------------------------------------------
+/// Encoded rows handed from the database side to a dataset's writer thread at
+/// once, in bytes (a row larger than this goes alone).
+pub const BACKUP_CHUNK_BYTES: usize = 1024 * 1024;
+/// Chunks or row batches in flight between the database and a file: with
+/// [`BACKUP_CHUNK_BYTES`], what bounds a backup's or a restore's memory.
+pub const BACKUP_CHUNKS_IN_FLIGHT: usize = 4;
+/// Longest row a backup file may hold (an idempotency record carries a stored
+/// answer of up to 1 MiB, sealed and base64-encoded): a longer line is damage.
+pub const BACKUP_ROW_BYTES_MAX: usize = 8 * 1024 * 1024;
+/// Largest manifest read (one entry per table and per tenant's chain head).
+pub const BACKUP_MANIFEST_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Rows a restore inserts per statement or COPY batch.
+pub const BACKUP_INSERT_ROWS_MAX: usize = 500;
+/// Bytes of rows a restore batches before inserting (whichever of this and
+/// [`BACKUP_INSERT_ROWS_MAX`] comes first).
+pub const BACKUP_INSERT_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// Parameters of one SQLite statement, under SQLite's own 32,766.
+pub const BACKUP_SQLITE_PARAMETERS_MAX: usize = 30_000;
+/// Backups `backup list` and retention look at in one folder.
+pub const BACKUP_LIST_MAX: usize = 10_000;
+/// Shortest schedule of `backup.interval_seconds` (other than 0). A backup
+/// that takes longer than the interval is followed by the next at once.
+pub const BACKUP_INTERVAL_SECONDS_MIN: u64 = 1;
+/// Longest schedule: 31 days.
+pub const BACKUP_INTERVAL_SECONDS_MAX: u64 = 31 * 86_400;

@@ -303,6 +303,11 @@ impl Verifier {
         }
     }
 
+    /// The tenant whose chain this walks.
+    pub fn tenant(&self) -> &str {
+        &self.tenant_id
+    }
+
     /// The hash of the last good entry so far.
     pub fn head_hash(&self) -> &str {
         &self.prev_hash

@@ -7,6 +7,7 @@
 //!
 //! *Architecture invariant*: only this module and files named `store.rs` contain SQL.
 
+pub mod admin;
 pub mod group;
 pub mod migrate;
 pub mod tx;

@@ -241,6 +241,11 @@ impl MasterKeys {
             .ok_or_else(|| OpenError::Tampered(key_id.to_owned()))
     }
 
+    /// Whether values sealed by the key `id` open with these keys.
+    pub fn knows(&self, id: &str) -> bool {
+        self.current.id == id || self.previous.as_ref().is_some_and(|p| p.id == id)
+    }
+
     /// Whether the value was sealed by the current key (a rotation leaves those alone).
     pub fn sealed_by_current(&self, stored: &str) -> bool {
         sealed_by(stored) == Some(self.current.id())

@@ -1,7 +1,9 @@
 //! Command-line definition and dispatch. One file per command.
 
+mod backup;
 mod config;
 mod demo;
+mod drill;
 mod migrate;
 mod ops;
 mod serve;
@@ -59,6 +61,14 @@ enum Command {
     /// Verify the audit trail, and sign checkpoints of it.
     #[command(subcommand)]
     Audit(ops::AuditCommand),
+    /// Backups that restore across engines: take, list, verify.
+    #[command(subcommand)]
+    Backup(backup::BackupCommand),
+    /// Restore a backup into an empty database of either engine.
+    Restore(backup::RestoreArgs),
+    /// Readiness drills that prove a recovery instead of asserting it.
+    #[command(subcommand)]
+    Drill(drill::DrillCommand),
     /// Ask a running kernel for its health.
     Status(status::StatusArgs),
     /// Print the version.
@@ -78,6 +88,9 @@ pub async fn run(cli: Cli) -> u8 {
         Command::Tenant(command) => ops::tenant(sources, command).await,
         Command::Keys(command) => ops::keys(sources, command).await,
         Command::Audit(command) => ops::audit(sources, command).await,
+        Command::Backup(command) => backup::backup(sources, command).await,
+        Command::Restore(args) => backup::restore(sources, args).await,
+        Command::Drill(command) => drill::drill(sources, command).await,
         Command::Version(args) => version::run(args),
     }
 }

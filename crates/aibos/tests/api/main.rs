@@ -8,6 +8,7 @@
 mod architecture;
 mod audit;
 mod authz;
+mod backup;
 mod cancellation;
 mod cli;
 mod concurrency;
