@@ -31,13 +31,6 @@ fn repository_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// Subcommands the runbooks show before the command line has them: SPEC §10's
-/// `backup` and `restore`, being built (issue 23, parts 1 and 2), whose blocks
-/// are marked `<!-- not run: … -->`. Their lines are not parsed here, and
-/// `pending_subcommands_are_still_pending` fails as soon as the command line
-/// knows one, so that its entry is removed and its lines are checked again.
-const PENDING_SUBCOMMANDS: &[&str] = &["backup", "restore"];
-
 /// README.md, every docs/*.md and every docs/ops/*.md, in a stable order.
 fn documents() -> Vec<(String, String)> {
     let root = repository_root();
@@ -286,9 +279,6 @@ fn every_aibos_command_in_the_readme_and_docs_parses() {
     let mut failures = Vec::new();
     for (name, text) in documents() {
         for command in commands_in(&name, &text) {
-            if subcommand(&command.args).is_some_and(|s| PENDING_SUBCOMMANDS.contains(&s)) {
-                continue;
-            }
             checked += 1;
             if let Err(complaint) = check(&command) {
                 failures.push(format!(
@@ -367,18 +357,4 @@ fn a_command_the_cli_does_not_know_is_reported() {
     };
     assert_eq!(check(&good), Ok(()));
     assert_eq!(subcommand(&good.args), Some("serve"));
-}
-
-#[test]
-fn pending_subcommands_are_still_pending() {
-    for name in PENDING_SUBCOMMANDS {
-        let err = Cli::try_parse_from(["aibos", name])
-            .expect_err("a bare subcommand without its arguments does not run");
-        assert_eq!(
-            err.kind(),
-            clap::error::ErrorKind::InvalidSubcommand,
-            "`aibos {name}` exists now: remove it from PENDING_SUBCOMMANDS, and the \
-             `<!-- not run -->` marks its runbook blocks carry where they can run"
-        );
-    }
 }

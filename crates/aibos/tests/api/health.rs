@@ -66,6 +66,8 @@ crate::both_engines! {
         assert!(text.contains("# TYPE aibos_database_up gauge"), "{text}");
         // A gauge claims something: none before its owner knows the value.
         assert!(!text.contains("aibos_audit_verify_last_success_timestamp_seconds "), "{text}");
+        assert!(!text.contains("aibos_backup_last_success_timestamp_seconds "), "no schedule, no backup age: {text}");
+        assert!(text.contains(r#"aibos_backup_runs_total{outcome="failed"} 0"#), "{text}");
 
         // /api/health sets it too, from its own query.
         kernel.client.get(kernel.url("/api/health")).send().await.unwrap();
