@@ -409,6 +409,9 @@ fn diff(old: &Config, new: &Config) -> ReloadOutcome {
         "auth.previous_master_key",
         "events.",
         "rate_limit.redis_url",
+        // The metrics listener is bound, and the audit verification scheduled, at start.
+        "metrics.bind",
+        "audit.verify_",
     ];
     let flatten = |c: &Config| -> Vec<(String, String)> {
         let value: toml::Value =
