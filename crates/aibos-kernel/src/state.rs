@@ -209,10 +209,13 @@ impl AppState {
         let claims = match cache.verified_claims(token, now.unix_timestamp()) {
             Some(claims) => claims,
             None => {
-                let claims = self.keys().verify(token).map_err(|e| {
-                    tracing::debug!(error = %e, "access token refused");
-                    ApiError::unauthorized("The access token is not valid.")
-                })?;
+                let claims = self
+                    .keys()
+                    .verify(token, now.unix_timestamp())
+                    .map_err(|e| {
+                        tracing::debug!(error = %e, "access token refused");
+                        ApiError::unauthorized("The access token is not valid.")
+                    })?;
                 let claims = Arc::new(claims);
                 cache.store_verified(token, claims.clone());
                 claims
