@@ -37,7 +37,7 @@ pub enum ChaosCommand {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// The scenarios to run (repeatable); all of them by default.
-    #[arg(long = "scenario", value_enum)]
+    #[arg(long = "scenario", value_enum, value_name = "NAME")]
     scenarios: Vec<Scenario>,
     /// The engine of the kernel under test.
     #[arg(long, value_enum, default_value_t = ChaosEngine::Sqlite)]
