@@ -29,12 +29,8 @@ use aibos_wire::assertion::{
     AssertionClaims, FORWARDED_FOR_HEADER, KID_LEN, TENANT_HEADER, USER_HEADER, secret_kid,
 };
 use aibos_wire::correlation::{CORRELATION_HEADER, TRACEPARENT_HEADER, TraceParent};
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use aibos_wire::jws::{self, JwsError, Validation, VerifyingKey};
 use http::{HeaderMap, Method};
-use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use serde::Deserialize;
 
 use crate::config::{
     ConfigError, ENV_ASSERTION_SECRETS, ENV_CANON_NAME, is_printable_name, required_env,
@@ -95,11 +91,11 @@ struct Inner {
     /// Allowed clock difference for `exp` and `iat`, in seconds.
     leeway_seconds: u64,
     /// HMAC keys by kid. The secret string itself is kept only inside the key.
-    keys: HashMap<String, DecodingKey>,
+    keys: HashMap<String, VerifyingKey>,
     /// The kids in configuration order, for `Debug` and logs.
     kids: Vec<String>,
-    /// Pins HS256 and checks `aud` and `iss`; time is checked by us, against an
-    /// explicit `now`, so that tests need no clock and errors name the claim.
+    /// Checks `aud` and `iss` (the keys pin HS256); time is checked by
+    /// `verify_at` itself, so that errors name the claim and the clocks.
     validation: Validation,
     /// The `jti`s accepted and not yet expired, shared by every clone.
     seen: Arc<ReplayCache>,
@@ -194,7 +190,7 @@ impl AssertionVerifier {
         }
         let keys = by_kid
             .into_iter()
-            .map(|(kid, secret)| (kid, DecodingKey::from_secret(secret.as_bytes())))
+            .map(|(kid, secret)| (kid, VerifyingKey::hs256(secret.as_bytes())))
             .collect();
         let issuer = DEFAULT_ISSUER.to_owned();
         let validation = validation(&canon, &issuer);
@@ -292,9 +288,9 @@ impl AssertionVerifier {
     ) -> Result<KernelCall, AssertionError> {
         let token = single_assertion(headers)?;
         let key = self.key_for(token)?;
-        let claims = jsonwebtoken::decode::<AssertionClaims>(token, key, &self.inner.validation)
-            .map_err(|e| AssertionError::from_jwt(e.kind()))?
-            .claims;
+        let claims =
+            jws::verify::<AssertionClaims>(token, key, &self.inner.validation, now_seconds)
+                .map_err(AssertionError::from_jws)?;
 
         // A signed time can still be absurd; saturate rather than overflow.
         let leeway = i64::try_from(self.inner.leeway_seconds).unwrap_or(i64::MAX);
@@ -361,8 +357,8 @@ impl AssertionVerifier {
     }
 
     /// Reads the JOSE header by hand and picks the key its `kid` names.
-    fn key_for(&self, token: &str) -> Result<&DecodingKey, AssertionError> {
-        let header = JoseHeader::parse(token)?;
+    fn key_for(&self, token: &str) -> Result<&VerifyingKey, AssertionError> {
+        let header = jws::decode_header(token).map_err(AssertionError::from_jws)?;
         if header.alg != ASSERTION_ALGORITHM {
             return Err(AssertionError::AlgorithmNotAccepted(printable_prefix(
                 &header.alg,
@@ -402,14 +398,10 @@ fn split_secrets(list: &str) -> Vec<String> {
 }
 
 fn validation(canon: &str, issuer: &str) -> Validation {
-    let mut validation = Validation::new(Algorithm::HS256);
-    validation.set_audience(&[canon]);
-    validation.set_issuer(&[issuer]);
-    // `exp` and `iat` are checked in `verify_at` against an explicit clock.
-    validation.validate_exp = false;
-    validation.validate_nbf = false;
-    validation.leeway = 0;
-    validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+    let mut validation = Validation::new(issuer, canon);
+    // `exp` (still required) and `iat` are checked in `verify_at`.
+    validation.check_exp = false;
+    validation.check_nbf = false;
     validation
 }
 
@@ -434,35 +426,6 @@ fn single_assertion(headers: &HeaderMap) -> Result<&str, AssertionError> {
     value
         .to_str()
         .map_err(|_| AssertionError::Malformed("assertion is not ASCII"))
-}
-
-/// The members of a JOSE header we look at before trusting anything.
-#[derive(Deserialize)]
-struct JoseHeader {
-    alg: String,
-    kid: Option<String>,
-    crit: Option<serde_json::Value>,
-}
-
-impl JoseHeader {
-    fn parse(token: &str) -> Result<JoseHeader, AssertionError> {
-        let mut segments = token.split('.');
-        let (Some(header), Some(_payload), Some(_signature), None) = (
-            segments.next(),
-            segments.next(),
-            segments.next(),
-            segments.next(),
-        ) else {
-            return Err(AssertionError::Malformed(
-                "not a compact JWS of three segments",
-            ));
-        };
-        let bytes = URL_SAFE_NO_PAD
-            .decode(header)
-            .map_err(|_| AssertionError::Malformed("header is not base64url"))?;
-        serde_json::from_slice(&bytes)
-            .map_err(|_| AssertionError::Malformed("header is not a JOSE header"))
-    }
 }
 
 /// Up to 32 printable ASCII characters of an attacker-supplied value, for logs.
@@ -569,18 +532,20 @@ pub enum AssertionError {
 }
 
 impl AssertionError {
-    fn from_jwt(kind: &ErrorKind) -> AssertionError {
-        match kind {
-            ErrorKind::InvalidSignature => AssertionError::BadSignature,
-            ErrorKind::InvalidAudience => AssertionError::WrongAudience,
-            ErrorKind::InvalidIssuer => AssertionError::WrongIssuer,
-            ErrorKind::MissingRequiredClaim(_)
-            | ErrorKind::InvalidClaimFormat(_)
-            | ErrorKind::Json(_) => AssertionError::Malformed("claims are not assertion claims"),
-            ErrorKind::Base64(_) | ErrorKind::Utf8(_) | ErrorKind::InvalidToken => {
-                AssertionError::Malformed("not a compact JWS")
-            }
-            _ => AssertionError::Malformed("refused by the JWT library"),
+    fn from_jws(error: JwsError) -> AssertionError {
+        match error {
+            JwsError::Malformed(reason) => AssertionError::Malformed(reason),
+            JwsError::AlgorithmNotAccepted(alg) => AssertionError::AlgorithmNotAccepted(alg),
+            JwsError::CriticalHeader => AssertionError::Malformed("critical header extensions"),
+            JwsError::BadSignature => AssertionError::BadSignature,
+            JwsError::WrongAudience => AssertionError::WrongAudience,
+            JwsError::WrongIssuer => AssertionError::WrongIssuer,
+            JwsError::Expired { exp, now } => AssertionError::Expired { exp, now },
+            JwsError::MissingClaim(_)
+            | JwsError::InvalidClaim(_)
+            | JwsError::NotYetValid { .. }
+            | JwsError::Claims(_)
+            | JwsError::InvalidKey => AssertionError::Malformed("claims are not assertion claims"),
         }
     }
 }
@@ -675,8 +640,10 @@ impl fmt::Display for ActorType {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use aibos_wire::jws::SigningKey;
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use http::HeaderValue;
-    use jsonwebtoken::{EncodingKey, Header};
 
     pub(crate) const CANON: &str = "payments";
     pub(crate) const SECRET_A: &str = "kas_0123456789abcdef_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789";
@@ -708,14 +675,24 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn sign(claims: &AssertionClaims, secret: &str) -> String {
-        let mut header = Header::new(Algorithm::HS256);
-        header.kid = secret_kid(secret).map(str::to_owned);
-        jsonwebtoken::encode(
-            &header,
+        jws::sign(
             claims,
-            &EncodingKey::from_secret(secret.as_bytes()),
+            &SigningKey::hs256(secret.as_bytes()),
+            secret_kid(secret),
         )
-        .expect("signing with an HMAC key cannot fail")
+        .expect("assertion claims serialise")
+    }
+
+    /// A token whose JOSE header is `header` (JSON, sent as is), HMAC-SHA256
+    /// signed with `secret` whatever the header says.
+    fn sign_with_header(header: &str, claims: &AssertionClaims, secret: &str) -> String {
+        let input = format!(
+            "{}.{}",
+            b64(header.as_bytes()),
+            b64(&serde_json::to_vec(claims).expect("json"))
+        );
+        let signature = SigningKey::hs256(secret.as_bytes()).signature(input.as_bytes());
+        format!("{input}.{}", b64(&signature))
     }
 
     /// The headers the gateway would send with `token`.
@@ -920,16 +897,13 @@ pub(crate) mod tests {
     #[test]
     fn an_unknown_or_missing_kid_is_refused() {
         let claims = claims_for("GET", PATH, NOW);
-        let key = EncodingKey::from_secret(SECRET_A.as_bytes());
-        let mut header = Header::new(Algorithm::HS256);
-        header.kid = Some("aaaaaaaaaaaaaaaa".into());
-        let token = jsonwebtoken::encode(&header, &claims, &key).expect("sign");
+        let key = SigningKey::hs256(SECRET_A.as_bytes());
+        let token = jws::sign(&claims, &key, Some("aaaaaaaaaaaaaaaa")).expect("sign");
         assert_eq!(
             check(&claims, &token),
             Err(AssertionError::UnknownKid("aaaaaaaaaaaaaaaa".into()))
         );
-        header.kid = None;
-        let token = jsonwebtoken::encode(&header, &claims, &key).expect("sign");
+        let token = jws::sign(&claims, &key, None).expect("sign");
         assert_eq!(check(&claims, &token), Err(AssertionError::MissingKid));
     }
 
@@ -942,15 +916,13 @@ pub(crate) mod tests {
             check(&claims, &format!("{none_header}.{payload}.")),
             Err(AssertionError::AlgorithmNotAccepted("none".into()))
         );
-        // HS512 with the right secret is still not the pinned algorithm.
-        let mut header = Header::new(Algorithm::HS512);
-        header.kid = Some("0123456789abcdef".into());
-        let hs512 = jsonwebtoken::encode(
-            &header,
+        // Another HMAC algorithm with the right secret is still not the pinned
+        // one: refused by name, before any signature is computed.
+        let hs512 = sign_with_header(
+            r#"{"alg":"HS512","typ":"JWT","kid":"0123456789abcdef"}"#,
             &claims,
-            &EncodingKey::from_secret(SECRET_A.as_bytes()),
-        )
-        .expect("sign");
+            SECRET_A,
+        );
         assert_eq!(
             check(&claims, &hs512),
             Err(AssertionError::AlgorithmNotAccepted("HS512".into()))
@@ -960,15 +932,11 @@ pub(crate) mod tests {
     #[test]
     fn critical_header_extensions_are_refused() {
         let claims = claims_for("GET", PATH, NOW);
-        let mut header = Header::new(Algorithm::HS256);
-        header.kid = Some("0123456789abcdef".into());
-        header.crit = Some(vec!["exp".into()]);
-        let token = jsonwebtoken::encode(
-            &header,
+        let token = sign_with_header(
+            r#"{"alg":"HS256","typ":"JWT","kid":"0123456789abcdef","crit":["exp"]}"#,
             &claims,
-            &EncodingKey::from_secret(SECRET_A.as_bytes()),
-        )
-        .expect("sign");
+            SECRET_A,
+        );
         assert_eq!(
             check(&claims, &token),
             Err(AssertionError::Malformed("critical header extensions"))

@@ -81,6 +81,8 @@ pub struct App {
     listener: std::net::TcpListener,
     router: Router,
     state: AppState,
+    /// With `metrics.bind`: the metrics listener and what it serves (`/metrics` alone).
+    metrics: Option<(std::net::TcpListener, Router)>,
 }
 
 impl App {
@@ -110,7 +112,12 @@ impl App {
             source,
         })?;
 
-        let (routes, mut openapi) = http::api_routes().split_for_parts();
+        let metrics_listener = match config.metrics.bind {
+            Some(addr) => Some(bind(addr).map_err(|source| StartError::Bind { addr, source })?),
+            None => None,
+        };
+
+        let (routes, mut openapi) = http::api_routes(&config).split_for_parts();
         openapi.merge(<crate::gateway::proxy::GatewayApi as utoipa::OpenApi>::openapi());
         http::openapi::add_common_problems(&mut openapi);
         let openapi_json = openapi.to_json().unwrap_or_else(|_| "{}".to_owned());
@@ -155,10 +162,13 @@ impl App {
             None => routes,
         };
         let router = http::finish(routes, state.clone(), &config);
+        let metrics = metrics_listener
+            .map(|listener| (listener, http::metrics_routes(state.clone(), &config)));
         Ok(App {
             listener,
             router,
             state,
+            metrics,
         })
     }
 
@@ -167,6 +177,13 @@ impl App {
         self.listener
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// The address of the `metrics.bind` listener, when there is one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics
+            .as_ref()
+            .and_then(|(listener, _)| listener.local_addr().ok())
     }
 
     /// The state, for reloads and tests.
@@ -184,7 +201,15 @@ impl App {
             listener,
             router,
             state,
+            metrics,
         } = self;
+        // Before anything is started: a failure here leaves nothing running.
+        let metrics = match metrics {
+            Some((listener, routes)) => {
+                Some((tokio::net::TcpListener::from_std(listener)?, routes))
+            }
+            None => None,
+        };
         let stop = CancellationToken::new();
         let mut background = spawn_background(&state, stop.clone());
         // The webhook worker runs on a thread and current-thread runtime of its
@@ -262,6 +287,23 @@ impl App {
                 })?;
             servers.push(done_rx);
         }
+        // The metrics listener, when `metrics.bind` is set: a plain axum server
+        // on this runtime (a scrape every few seconds needs no event loop of
+        // its own), stopped with the others.
+        let metrics_server = match metrics {
+            Some((listener, routes)) => {
+                let stop = stop.clone();
+                Some(tokio::spawn(async move {
+                    axum::serve(
+                        listener,
+                        routes.into_make_service_with_connect_info::<SocketAddr>(),
+                    )
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await
+                }))
+            }
+            None => None,
+        };
         let all_done = async {
             let mut result = Ok(());
             for server in servers {
@@ -287,6 +329,19 @@ impl App {
         };
         stop.cancel();
         acceptor.abort();
+        if let Some(mut server) = metrics_server {
+            let drain = Duration::from_secs(limits::METRICS_LISTENER_DRAIN_SECONDS);
+            match tokio::time::timeout(drain, &mut server).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::error!(error = %e, "the metrics listener failed"),
+                Ok(Err(e)) => tracing::error!(error = %e, "the metrics listener's task failed"),
+                Err(_) => {
+                    tracing::warn!("a /metrics connection outlived the shutdown; closing it");
+                    server.abort();
+                    let _ = server.await;
+                }
+            }
+        }
         // Bounded by the worker itself (one attempt's timeout and a little);
         // the bound here only guards against a bug there.
         let webhook_drain = Duration::from_secs(limits::WEBHOOK_TIMEOUT_SECONDS_MAX + 5);
@@ -357,6 +412,12 @@ fn spawn_background(state: &AppState, stop: CancellationToken) -> tokio::task::J
         }
     });
     tasks.spawn(crate::gateway::health::run(state.clone(), stop.clone()));
+    // `aibos_database_up`, current whether or not anyone calls /api/health.
+    tasks.spawn(crate::health::probe::run(state.clone(), stop.clone()));
+    // The audit chains, verified in bounded runs (`audit.verify_interval_seconds`, 0: off).
+    if state.config_ref().audit.verify_interval_seconds > 0 {
+        tasks.spawn(crate::audit::verify::run(state.clone(), stop.clone()));
+    }
     tasks.spawn(crate::ratelimit::run(state.clone(), stop.clone()));
     // Events: the retention purge, the group-commit writers, and open streams
     // ended at shutdown.

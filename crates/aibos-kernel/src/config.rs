@@ -267,6 +267,8 @@ pub struct Config {
     pub events: EventsConfig,
     /// `[audit]`
     pub audit: AuditConfig,
+    /// `[metrics]`
+    pub metrics: MetricsConfig,
     /// `[backup]`
     pub backup: BackupConfig,
     /// `[log]`
@@ -291,6 +293,18 @@ pub struct BackupConfig {
 pub struct AuditConfig {
     /// Lowercase words whose values are redacted from audit details and logs.
     pub redact_keys: Vec<String>,
+    /// Seconds between runs of the periodic verification of the audit chains
+    /// (`audit/verify.rs`); 0 turns it off.
+    pub verify_interval_seconds: u64,
+    /// Entries one run recomputes at most; a pass over larger chains spans runs.
+    pub verify_entries_per_run: u64,
+}
+
+/// `[metrics]`: where `GET /metrics` is served.
+#[derive(Debug, Clone, Serialize)]
+pub struct MetricsConfig {
+    /// A listener of its own for `/metrics` (and only there); `None`: on `server.bind`.
+    pub bind: Option<SocketAddr>,
 }
 
 /// `[server]`: the listening socket and its lifecycle.
@@ -488,6 +502,7 @@ struct RawConfig {
     gateway: RawGateway,
     events: RawEvents,
     audit: RawAudit,
+    metrics: RawMetrics,
     backup: RawBackup,
     log: RawLog,
 }
@@ -505,6 +520,14 @@ struct RawBackup {
 #[serde(deny_unknown_fields)]
 struct RawAudit {
     redact_keys: Vec<String>,
+    verify_interval_seconds: i64,
+    verify_entries_per_run: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    bind: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -1216,6 +1239,46 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config>
         }
     }
 
+    let verify_interval_seconds = in_range(
+        &mut problem,
+        "audit.verify_interval_seconds",
+        raw.audit.verify_interval_seconds,
+        0,
+        limits::AUDIT_VERIFY_INTERVAL_SECONDS_MAX,
+    );
+    let verify_entries_per_run = in_range(
+        &mut problem,
+        "audit.verify_entries_per_run",
+        raw.audit.verify_entries_per_run,
+        limits::AUDIT_VERIFY_ENTRIES_PER_RUN_MIN,
+        limits::AUDIT_VERIFY_ENTRIES_PER_RUN_MAX,
+    );
+
+    // `None` inside: not set. `None` outside: set but invalid (a problem is recorded).
+    let metrics_bind = match raw.metrics.bind.as_deref().map(str::parse::<SocketAddr>) {
+        None => Some(None),
+        Some(Ok(addr)) if bind == Some(addr) && addr.port() != 0 => {
+            problem(
+                "metrics.bind",
+                format!(
+                    "{addr} is server.bind itself; name another port, or leave metrics.bind unset to serve /metrics there"
+                ),
+            );
+            None
+        }
+        Some(Ok(addr)) => Some(Some(addr)),
+        Some(Err(_)) => {
+            problem(
+                "metrics.bind",
+                format!(
+                    "{:?} is not an address:port such as 127.0.0.1:9464",
+                    truncate(raw.metrics.bind.as_deref().unwrap_or_default())
+                ),
+            );
+            None
+        }
+    };
+
     if raw.backup.dir.trim().is_empty() {
         problem("backup.dir", "must name a folder".to_owned());
     }
@@ -1343,6 +1406,11 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Option<Config>
         },
         audit: AuditConfig {
             redact_keys: raw.audit.redact_keys,
+            verify_interval_seconds: verify_interval_seconds?,
+            verify_entries_per_run: verify_entries_per_run?,
+        },
+        metrics: MetricsConfig {
+            bind: metrics_bind?,
         },
         backup: BackupConfig {
             dir: std::path::PathBuf::from(raw.backup.dir),

@@ -260,6 +260,32 @@ pub const CURSOR_CHARS_MAX: usize = 512;
 /// Interval at which the metrics recorder folds histogram buckets; keeps memory flat.
 pub const METRICS_UPKEEP_SECONDS: u64 = 5;
 
+/// Interval of the background database probe behind `aibos_database_up`
+/// (`health/probe.rs`): one `SELECT 1` every 5 s, so a scrape every 15 s
+/// (Prometheus's usual interval) sees an outage at its next scrape.
+pub const DATABASE_PROBE_INTERVAL_SECONDS: u64 = 5;
+
+/// Seconds the `metrics.bind` listener gets at shutdown to finish a scrape in
+/// flight: a scrape takes milliseconds, so this only bounds a client that
+/// holds its connection open.
+pub const METRICS_LISTENER_DRAIN_SECONDS: u64 = 5;
+
+/// Upper bound of `audit.verify_interval_seconds`: a week. Rarer than that, a
+/// tampered entry goes unnoticed for longer than an audit cycle of most teams.
+pub const AUDIT_VERIFY_INTERVAL_SECONDS_MAX: u64 = 7 * 86_400;
+/// Seconds after start before the periodic audit verification's first run (or
+/// the interval, when shorter): start-up settles first, and a kernel that
+/// restarts in a loop does not re-verify on every start.
+pub const AUDIT_VERIFY_FIRST_DELAY_SECONDS: u64 = 60;
+/// Bounds of `audit.verify_entries_per_run`, the entries one run of the
+/// periodic verification recomputes at most. Below 1,000 a run is mostly
+/// overhead; 100 million entries take about 5 minutes of every core
+/// (`bench/audit_verify.sh`: 350,000 entries/s on 2 cores), which is as long as
+/// a background task should compete with requests.
+pub const AUDIT_VERIFY_ENTRIES_PER_RUN_MIN: u64 = 1_000;
+/// See [`AUDIT_VERIFY_ENTRIES_PER_RUN_MIN`].
+pub const AUDIT_VERIFY_ENTRIES_PER_RUN_MAX: u64 = 100_000_000;
+
 /// Buckets of every latency histogram, in seconds.
 pub const LATENCY_BUCKETS_SECONDS: &[f64] = &[
     0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,

@@ -209,10 +209,13 @@ impl AppState {
         let claims = match cache.verified_claims(token, now.unix_timestamp()) {
             Some(claims) => claims,
             None => {
-                let claims = self.keys().verify(token).map_err(|e| {
-                    tracing::debug!(error = %e, "access token refused");
-                    ApiError::unauthorized("The access token is not valid.")
-                })?;
+                let claims = self
+                    .keys()
+                    .verify(token, now.unix_timestamp())
+                    .map_err(|e| {
+                        tracing::debug!(error = %e, "access token refused");
+                        ApiError::unauthorized("The access token is not valid.")
+                    })?;
                 let claims = Arc::new(claims);
                 cache.store_verified(token, claims.clone());
                 claims
@@ -409,6 +412,9 @@ fn diff(old: &Config, new: &Config) -> ReloadOutcome {
         "auth.previous_master_key",
         "events.",
         "rate_limit.redis_url",
+        // The metrics listener is bound, and the audit verification scheduled, at start.
+        "metrics.bind",
+        "audit.verify_",
     ];
     let flatten = |c: &Config| -> Vec<(String, String)> {
         let value: toml::Value =

@@ -6,7 +6,10 @@
 //!
 //! Metrics are recorded into a [`Metrics`] value owned by the app (not the
 //! `metrics` crate's global recorder), so several kernels in one test process
-//! keep separate counts.
+//! keep separate counts. Every metric is listed, with its kind, labels and
+//! help, in [`catalogue`].
+
+pub mod catalogue;
 
 use std::io::IsTerminal;
 use std::sync::Arc;
@@ -24,6 +27,7 @@ use tracing_subscriber::{EnvFilter, reload};
 
 use crate::config::{LogConfig, LogFormat};
 use crate::limits;
+use catalogue::MetricKind;
 
 /// Checks that `level` is a valid tracing filter, without installing it.
 pub fn check_filter(level: &str) -> Result<(), String> {
@@ -215,112 +219,28 @@ impl Metrics {
         metrics
     }
 
+    /// Describes every metric of the catalogue, and registers the unlabelled
+    /// counters and histograms at zero so that their series exist from the
+    /// first scrape (see `catalogue`'s module documentation for why not gauges).
     fn describe(&self) {
         let r = &self.recorder;
-        r.describe_counter(
-            "aibos_http_requests_total".into(),
-            None,
-            "HTTP requests answered, by matched route, method and status.".into(),
-        );
-        r.describe_histogram(
-            "aibos_http_request_duration_seconds".into(),
-            Some(metrics::Unit::Seconds),
-            "HTTP request latency, by matched route, method and status.".into(),
-        );
-        r.describe_gauge(
-            "aibos_build_info".into(),
-            None,
-            "Always 1; labels carry the build's version.".into(),
-        );
-        r.describe_gauge(
-            "aibos_db_pool_connections".into(),
-            None,
-            "Database pool connections, by state (idle, in_use).".into(),
-        );
-        for (name, help) in [
-            (
-                "aibos_gateway_calls_total",
-                "Gateway calls, by canon, route and outcome (ok, cell_error, unavailable, timeout, circuit_open, unhealthy, bad_gateway).",
-            ),
-            (
-                "aibos_gateway_retries_total",
-                "Gateway retries after connection errors, by canon.",
-            ),
-            (
-                "aibos_webhook_attempts_total",
-                "Webhook delivery attempts, by outcome (delivered, rejected, timeout, connection_failed, refused_address).",
-            ),
-            (
-                "aibos_webhook_dead_letters_total",
-                "Webhook deliveries dead-lettered after the last attempt of the schedule.",
-            ),
-            (
-                "aibos_webhook_subscriptions_disabled_total",
-                "Webhook subscriptions disabled after failing for events.webhook_disable_after_hours.",
-            ),
-        ] {
-            r.describe_counter(name.into(), None, help.into());
+        for m in catalogue::CATALOGUE {
+            let (name, help) = (m.name.into(), m.help.into());
+            match m.kind {
+                MetricKind::Counter => r.describe_counter(name, m.unit, help),
+                MetricKind::Gauge => r.describe_gauge(name, m.unit, help),
+                MetricKind::Histogram => r.describe_histogram(name, m.unit, help),
+            }
+            if m.labels.is_empty() {
+                // The handles are dropped: registering is what makes the series exist.
+                let key = Key::from_static_name(m.name);
+                match m.kind {
+                    MetricKind::Counter => drop(r.register_counter(&key, &METADATA)),
+                    MetricKind::Histogram => drop(r.register_histogram(&key, &METADATA)),
+                    MetricKind::Gauge => {}
+                }
+            }
         }
-        r.describe_histogram(
-            "aibos_gateway_upstream_duration_seconds".into(),
-            Some(metrics::Unit::Seconds),
-            "Time from sending a gateway call to the cell's response headers, by canon and route."
-                .into(),
-        );
-        for (name, help) in [
-            (
-                "aibos_webhook_attempt_duration_seconds",
-                "Webhook delivery attempts, from sending to the end of the (bounded) answer.",
-            ),
-            (
-                "aibos_webhook_delivery_lag_seconds",
-                "Time from an event's publication to its delivery to a webhook receiver.",
-            ),
-        ] {
-            r.describe_histogram(name.into(), Some(metrics::Unit::Seconds), help.into());
-        }
-        r.describe_gauge(
-            "aibos_gateway_circuit_state".into(),
-            None,
-            "Circuit breaker per canon: 0 closed, 1 half-open, 2 open.".into(),
-        );
-        r.describe_gauge(
-            "aibos_gateway_canon_healthy".into(),
-            None,
-            "Active health check per canon: 1 healthy, 0 unhealthy, -1 unknown.".into(),
-        );
-        // Rate limits (ratelimit/).
-        for (name, help) in [
-            (
-                "aibos_rate_limited_total",
-                "Requests refused with 429 by a rate limit, by the refusing policy's scope (user, tenant, address, route).",
-            ),
-            (
-                "aibos_ratelimit_fallback_decisions_total",
-                "Rate-limit decisions made in process because Redis was unreachable or slow.",
-            ),
-            (
-                "aibos_ratelimit_backend_transitions_total",
-                "Changes of the Redis rate-limit backend, by new state (degraded, restored).",
-            ),
-        ] {
-            r.describe_counter(name.into(), None, help.into());
-        }
-        r.describe_histogram(
-            "aibos_ratelimit_redis_duration_seconds".into(),
-            Some(metrics::Unit::Seconds),
-            "One rate-limit decision on Redis (one script call).".into(),
-        );
-        r.describe_gauge(
-            "aibos_ratelimit_backend_degraded".into(),
-            None,
-            "1 while rate limits fall back to per-instance budgets, else 0.".into(),
-        );
-        r.describe_counter(
-            "aibos_config_reloads_total".into(),
-            None,
-            "Configuration reloads, by outcome.".into(),
-        );
     }
 
     /// Records one answered HTTP request.
@@ -374,18 +294,21 @@ impl Metrics {
 
     /// A counter handle (hold it; registering per event costs a labelled key).
     pub fn counter(&self, name: &'static str, labels: &[(&'static str, String)]) -> Counter {
+        debug_assert_catalogued(name, MetricKind::Counter, labels);
         self.recorder
             .register_counter(&Self::key(name, labels), &METADATA)
     }
 
     /// A histogram handle.
     pub fn histogram(&self, name: &'static str, labels: &[(&'static str, String)]) -> Histogram {
+        debug_assert_catalogued(name, MetricKind::Histogram, labels);
         self.recorder
             .register_histogram(&Self::key(name, labels), &METADATA)
     }
 
     /// A gauge handle.
     pub fn gauge(&self, name: &'static str, labels: &[(&'static str, String)]) -> metrics::Gauge {
+        debug_assert_catalogued(name, MetricKind::Gauge, labels);
         self.recorder
             .register_gauge(&Self::key(name, labels), &METADATA)
     }
@@ -419,6 +342,13 @@ impl Metrics {
         }
     }
 
+    /// Records whether the database answered its last probe (`aibos_database_up`).
+    pub fn database_up(&self, up: bool) {
+        self.recorder
+            .register_gauge(&Key::from_static_name("aibos_database_up"), &METADATA)
+            .set(if up { 1.0 } else { 0.0 });
+    }
+
     /// Records one configuration reload.
     pub fn config_reload(&self, outcome: &'static str) {
         let key = Key::from_parts(
@@ -442,6 +372,29 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Metrics {
         Metrics::new()
+    }
+}
+
+/// A metric recorded under a name, kind or labels the catalogue does not list
+/// is our mistake: found by any test that records it.
+fn debug_assert_catalogued(name: &str, kind: MetricKind, labels: &[(&'static str, String)]) {
+    if cfg!(debug_assertions) {
+        let spec = catalogue::find(name);
+        debug_assert!(spec.is_some(), "{name} is not in telemetry/catalogue.rs");
+        if let Some(spec) = spec {
+            debug_assert_eq!(
+                spec.kind, kind,
+                "{name}: the catalogue says {:?}",
+                spec.kind
+            );
+            debug_assert!(
+                labels.len() == spec.labels.len()
+                    && labels.iter().all(|(l, _)| spec.labels.contains(l)),
+                "{name}: labels {:?}, the catalogue says {:?}",
+                labels.iter().map(|(l, _)| *l).collect::<Vec<_>>(),
+                spec.labels
+            );
+        }
     }
 }
 

@@ -95,6 +95,8 @@ pub struct TestKernel {
     pub addr: SocketAddr,
     /// `http://127.0.0.1:PORT`.
     pub base_url: String,
+    /// The `metrics.bind` listener's address, when the test set one.
+    pub metrics_addr: Option<SocketAddr>,
     /// A client without a timeout of its own; tests set one where they need it.
     pub client: reqwest::Client,
     /// The kernel's state, for reloads and direct database checks.
@@ -111,9 +113,13 @@ impl TestKernel {
         format!("{}{}", self.base_url, path)
     }
 
-    /// The Prometheus text served at `/metrics`.
+    /// The Prometheus text served at `/metrics` (on `metrics.bind` when set).
     pub async fn metrics_text(&self) -> String {
-        let response = self.client.get(self.url("/metrics")).send().await.unwrap();
+        let url = match self.metrics_addr {
+            Some(addr) => format!("http://{addr}/metrics"),
+            None => self.url("/metrics"),
+        };
+        let response = self.client.get(url).send().await.unwrap();
         assert_eq!(response.status(), 200, "GET /metrics");
         response.text().await.unwrap()
     }
@@ -244,6 +250,7 @@ pub async fn spawn_kernel_with(engine: Engine, options: KernelOptions) -> Option
         .await
         .expect("the kernel starts");
     let addr = app.local_addr();
+    let metrics_addr = app.metrics_addr();
     let state = app.state();
     let stop = CancellationToken::new();
     let stopped = stop.clone();
@@ -256,6 +263,7 @@ pub async fn spawn_kernel_with(engine: Engine, options: KernelOptions) -> Option
     Some(TestKernel {
         addr,
         base_url: format!("http://{addr}"),
+        metrics_addr,
         client: reqwest::Client::new(),
         state,
         db,

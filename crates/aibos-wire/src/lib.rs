@@ -9,10 +9,13 @@
 //! - [`error`]: the stable error codes and the RFC 9457 problem body.
 //! - [`correlation`]: correlation ids and W3C trace context.
 //! - [`page`]: the `{items, next_cursor}` list envelope.
+//! - [`jws`]: signing and verifying the compact JWTs of access tokens (EdDSA or
+//!   HS256) and assertions (HS256), claims checks included.
 
 pub mod assertion;
 pub mod correlation;
 pub mod error;
+pub mod jws;
 pub mod page;
 
 pub use correlation::{CorrelationId, TraceParent};

@@ -228,6 +228,20 @@ impl Verifier {
         }
     }
 
+    /// Continues a chain at `next_seq`, after an entry whose hash is
+    /// `prev_hash` and which was verified before (a run of the periodic
+    /// verification picking up where the last one stopped).
+    pub fn resume(tenant_id: impl Into<String>, next_seq: i64, prev_hash: &str) -> Verifier {
+        assert!(next_seq >= 1, "seq counts from 1");
+        Verifier {
+            tenant_id: tenant_id.into(),
+            expected_seq: next_seq,
+            prev_hash: prev_hash.to_owned(),
+            entries: 0,
+            broken: None,
+        }
+    }
+
     /// Checks the next entry; returns `false` once the chain is broken.
     pub fn push(&mut self, entry: &AuditEntry) -> bool {
         let hash_ok = compute_hash(entry) == entry.hash;

@@ -5,13 +5,15 @@
 //! `prev_hash` is the previous entry's `hash`, and `hash` is SHA-256 over the
 //! RFC 8785 canonical JSON of the entry as the API serves it, minus `hash`
 //! (see `docs/audit-format.md` and [`chain`]). The table refuses UPDATE, DELETE
-//! and TRUNCATE by triggers on both engines.
+//! and TRUNCATE by triggers on both engines. [`verify`] re-verifies every
+//! chain in the background, in bounded runs, and exports the result.
 
 pub mod chain;
 pub mod checkpoint;
 pub mod redact;
 pub mod routes;
 pub mod store;
+pub mod verify;
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;

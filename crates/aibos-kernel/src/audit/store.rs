@@ -428,13 +428,53 @@ pub async fn verify_tenant(
     tenant_id: &str,
     until_seq: Option<i64>,
 ) -> Result<Verification, sqlx::Error> {
-    let mut verifier = Verifier::new(tenant_id);
+    verify_tenant_range(db, tenant_id, 0, until_seq)
+        .await
+        .map(|(verification, _)| verification)
+}
+
+/// Recomputes the entries after `after_seq` up to `until_seq` of one tenant's
+/// chain, as [`verify_tenant`] does from the start (`after_seq = 0`). The
+/// first of them must link to entry `after_seq` as stored, whose own hash is
+/// checked again first: an entry edited since an earlier range verified it is
+/// found there, and one edited and re-hashed no longer links to the next.
+/// Returns the verification (its `entries` are those after `after_seq`) and the
+/// chain's last `seq`: the higher of the highest stored and the recorded head.
+pub async fn verify_tenant_range(
+    db: &Db,
+    tenant_id: &str,
+    after_seq: i64,
+    until_seq: Option<i64>,
+) -> Result<(Verification, i64), sqlx::Error> {
+    assert!(after_seq >= 0, "seq counts from 1");
     let until = until_seq.unwrap_or(i64::MAX);
     let (max_seq, head): (Option<i64>, Option<i64>) = with_db!(db, pool => {
         sqlx::query_as("SELECT (SELECT MAX(seq) FROM audit_log WHERE tenant_id = $1), (SELECT seq FROM audit_heads WHERE tenant_id = $1)")
             .bind(tenant_id).fetch_one(pool).await?
     });
-    let last = max_seq.unwrap_or(0).max(head.unwrap_or(0)).min(until);
+    let chain_last = max_seq.unwrap_or(0).max(head.unwrap_or(0));
+    let mut verifier = if after_seq == 0 {
+        Verifier::new(tenant_id)
+    } else {
+        let text = verification_batch(db, tenant_id, after_seq - 1, after_seq).await?;
+        let seed = tokio::task::spawn_blocking(move || check_batch(&text))
+            .await
+            .map_err(|e| sqlx::Error::Protocol(e.to_string()))?
+            .map_err(|e| sqlx::Error::Decode(Box::new(e)))?
+            .pop();
+        match seed {
+            Some(c) if c.hash_ok => Verifier::resume(tenant_id, after_seq + 1, &c.hash),
+            // Edited since: the verifier names it as the first bad entry.
+            Some(c) => {
+                let mut v = Verifier::resume(tenant_id, after_seq, &c.prev_hash);
+                v.push_checked(c.seq, &c.tenant_id, &c.prev_hash, &c.hash, c.hash_ok);
+                v
+            }
+            // Deleted since: the next entry (or the head) names it as missing.
+            None => Verifier::resume(tenant_id, after_seq, GENESIS_HASH),
+        }
+    };
+    let last = chain_last.min(until);
     let fetch = |after: i64| {
         let (db, tenant_id) = (db.clone(), tenant_id.to_owned());
         tokio::spawn(async move {
@@ -447,7 +487,7 @@ pub async fn verify_tenant(
             .await
         })
     };
-    let mut after = 0i64;
+    let mut after = after_seq;
     let mut pending = (after < last).then(|| fetch(after));
     while let Some(task) = pending.take() {
         let text = task
@@ -469,7 +509,7 @@ pub async fn verify_tenant(
             break;
         }
     }
-    Ok(verifier.finish(head.map(|h| h.min(until))))
+    Ok((verifier.finish(head.map(|h| h.min(until))), chain_last))
 }
 
 /// Every tenant that has an audit chain (or ever had one).

@@ -18,8 +18,11 @@ const IDLE_CHECK: Duration = Duration::from_secs(30);
 /// Runs until `stop`.
 pub async fn run(state: AppState, stop: CancellationToken) {
     let metrics = state.metrics();
-    let last_success = metrics.gauge("aibos_backup_last_success_timestamp_seconds", &[]);
-    let last_duration = metrics.gauge("aibos_backup_last_duration_seconds", &[]);
+    // The timestamp and duration gauges are registered (and so exported) at
+    // the first backup, not here: at 0 the last success would read as 1970,
+    // and the backup-age alert would fire on every kernel without a schedule.
+    let last_success = || metrics.gauge("aibos_backup_last_success_timestamp_seconds", &[]);
+    let last_duration = || metrics.gauge("aibos_backup_last_duration_seconds", &[]);
     let ok = metrics.counter("aibos_backup_runs_total", &[("outcome", "ok".to_owned())]);
     let failed = metrics.counter(
         "aibos_backup_runs_total",
@@ -49,7 +52,7 @@ pub async fn run(state: AppState, stop: CancellationToken) {
             () = stop.cancelled() => return,
             taken = super::run(state.db(), &config.backup.dir, key_id, Arc::new(super::Silent)) => taken,
         };
-        last_duration.set(started.elapsed().as_secs_f64());
+        last_duration().set(started.elapsed().as_secs_f64());
         match taken {
             Ok((manifest, path)) => {
                 tracing::info!(id = %manifest.id, path = %path.display(), seconds = started.elapsed().as_secs_f64(), "scheduled backup taken");
@@ -74,7 +77,7 @@ pub async fn run(state: AppState, stop: CancellationToken) {
                 // After retention, so a scrape never sees a success whose
                 // retention is still to come.
                 ok.increment(1);
-                last_success.set(crate::timestamp::now().unix_timestamp() as f64);
+                last_success().set(crate::timestamp::now().unix_timestamp() as f64);
             }
             Err(e) => {
                 failed.increment(1);

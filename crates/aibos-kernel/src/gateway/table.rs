@@ -478,24 +478,28 @@ mod tests {
         assert_eq!(m.find(&Method::GET, "/other"), None);
     }
 
+    /// The signer is hand-tuned; the cell SDK's verifier (`aibos_wire::jws`,
+    /// checked against the RFC 7515 example) must accept what it writes.
     #[test]
-    fn signatures_verify_with_a_standard_jwt_library() {
+    fn signatures_verify_with_the_cells_jws_verifier() {
+        use aibos_wire::jws;
         let secret = "kas_0123456789abcdef_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789-_xyz";
         let signer = Signer::new("0123456789abcdef".into(), secret);
-        let claims = serde_json::json!({ "aud": "payments", "exp": 4_000_000_000u64, "sub": "u" });
+        let claims = serde_json::json!({ "iss": "aibos-kernel", "aud": "payments", "exp": 4_000_000_000u64, "sub": "u" });
         let token = signer.sign(&serde_json::to_vec(&claims).unwrap());
-        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
-        validation.set_audience(&["payments"]);
-        let decoded = jsonwebtoken::decode::<serde_json::Value>(
-            &token,
-            &jsonwebtoken::DecodingKey::from_secret(secret.as_bytes()),
-            &validation,
-        )
-        .unwrap();
-        assert_eq!(decoded.claims, claims);
-        assert_eq!(decoded.header.kid.as_deref(), Some("0123456789abcdef"));
-        let other = jsonwebtoken::DecodingKey::from_secret(b"another secret");
-        assert!(jsonwebtoken::decode::<serde_json::Value>(&token, &other, &validation).is_err());
+        let validation = jws::Validation::new("aibos-kernel", "payments");
+        let key = jws::VerifyingKey::hs256(secret.as_bytes());
+        let verified: serde_json::Value =
+            jws::verify(&token, &key, &validation, 1_750_000_000).unwrap();
+        assert_eq!(verified, claims);
+        let header = jws::decode_header(&token).unwrap();
+        assert_eq!(header.alg, "HS256");
+        assert_eq!(header.kid.as_deref(), Some("0123456789abcdef"));
+        let other = jws::VerifyingKey::hs256(b"another secret");
+        assert_eq!(
+            jws::verify::<serde_json::Value>(&token, &other, &validation, 1_750_000_000),
+            Err(jws::JwsError::BadSignature)
+        );
     }
 
     #[test]

@@ -1,7 +1,5 @@
 //! `GET /api/health/live`, `GET /api/health`, `GET /metrics`.
 
-use std::time::Duration;
-
 use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -11,15 +9,19 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::limits;
 use crate::state::AppState;
 
-/// The routes of this module.
+/// The probes. `/metrics` is apart ([`metrics_router`]): it is served on the
+/// API's address, or on `metrics.bind` alone.
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(live))
         .routes(routes!(health))
-        .routes(routes!(metrics))
+}
+
+/// `GET /metrics`.
+pub fn metrics_router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(metrics))
 }
 
 /// Liveness: the process is running and serving HTTP.
@@ -81,9 +83,7 @@ pub fn liveness() -> Response {
     ))]
 pub async fn health(State(state): State<AppState>) -> Response {
     let db = state.db();
-    let ping = db
-        .ping(Duration::from_millis(limits::HEALTH_DB_TIMEOUT_MS))
-        .await;
+    let ping = super::probe::probe(&state).await;
     let (status, database) = match ping {
         Ok(latency) => (
             StatusCode::OK,

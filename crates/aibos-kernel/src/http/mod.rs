@@ -26,9 +26,15 @@ use crate::config::Config;
 use crate::error::{ApiError, ErrorCode};
 use crate::state::AppState;
 
-/// Every domain's routes, with their OpenAPI description.
-pub fn api_routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::with_openapi(openapi::base_document())
+/// Every domain's routes, with their OpenAPI description. `/metrics` is among
+/// them unless `metrics.bind` gives it a listener of its own ([`metrics_routes`]).
+pub fn api_routes(config: &Config) -> OpenApiRouter<AppState> {
+    let routes = OpenApiRouter::with_openapi(openapi::base_document());
+    let routes = match config.metrics.bind {
+        None => routes.merge(crate::health::routes::metrics_router()),
+        Some(_) => routes,
+    };
+    routes
         .routes(utoipa_axum::routes!(openapi::serve))
         .merge(crate::health::routes::router())
         .merge(crate::identity::routes::router())
@@ -45,6 +51,13 @@ pub fn api_routes() -> OpenApiRouter<AppState> {
             front::GATEWAY_PATH_ROUTE,
             axum::routing::any(crate::gateway::proxy::proxy),
         )
+}
+
+/// What the `metrics.bind` listener serves: `/metrics` alone, behind the same
+/// edge (correlation id, security headers, request metrics) and fallbacks.
+pub fn metrics_routes(state: AppState, config: &Config) -> Router {
+    let (routes, _) = crate::health::routes::metrics_router().split_for_parts();
+    finish(routes, state, config)
 }
 
 /// Wraps the routes in the middleware stack and the problem+json fallbacks.

@@ -10,10 +10,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use aibos_wire::jws::{self, Algorithm, JwsError, SigningKey, Validation, VerifyingKey};
 use arc_swap::ArcSwap;
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{AuthConfig, JwtAlgorithm};
@@ -118,16 +118,8 @@ impl StoredKey {
             .to_bytes()
     }
 
-    fn encoding_key(&self) -> Result<EncodingKey, jsonwebtoken::errors::Error> {
-        // PKCS#8 v1 wrapping of an Ed25519 seed (RFC 8410): a fixed 16-byte prefix.
-        const PKCS8_PREFIX: [u8; 16] = [
-            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
-            0x04, 0x20,
-        ];
-        let mut der = Vec::with_capacity(48);
-        der.extend_from_slice(&PKCS8_PREFIX);
-        der.extend_from_slice(&self.seed);
-        Ok(EncodingKey::from_ed_der(&der))
+    fn signing_key(&self) -> SigningKey {
+        SigningKey::ed25519_from_seed(&self.seed)
     }
 }
 
@@ -149,15 +141,15 @@ pub enum TokenError {
     Header(String),
     /// Signature, `exp`, `nbf`, `iss` or `aud` failed.
     #[error("token refused: {0}")]
-    Invalid(#[from] jsonwebtoken::errors::Error),
+    Invalid(#[from] JwsError),
 }
 
 /// The keys in force: which signs, which verify. Swapped whole on rotation.
 pub struct KeyRing {
     algorithm: Algorithm,
     signing_kid: String,
-    signing: EncodingKey,
-    verifying: HashMap<String, DecodingKey>,
+    signing: SigningKey,
+    verifying: HashMap<String, VerifyingKey>,
     validation: Validation,
     jwks: serde_json::Value,
     /// The active Ed25519 key, for checkpoint signatures.
@@ -178,12 +170,12 @@ impl KeyRing {
                 let mut verifying = HashMap::new();
                 verifying.insert(
                     HS256_KID.to_owned(),
-                    DecodingKey::from_secret(secret.expose().as_bytes()),
+                    VerifyingKey::hs256(secret.expose().as_bytes()),
                 );
                 (
                     Algorithm::HS256,
                     HS256_KID.to_owned(),
-                    EncodingKey::from_secret(secret.expose().as_bytes()),
+                    SigningKey::hs256(secret.expose().as_bytes()),
                     verifying,
                     serde_json::json!({ "keys": [] }),
                     None,
@@ -197,9 +189,9 @@ impl KeyRing {
                 let mut verifying = HashMap::new();
                 let mut published = Vec::new();
                 for key in keys {
-                    let decoding = DecodingKey::from_ed_components(&key.public_text())
-                        .map_err(|e| e.to_string())?;
-                    verifying.insert(key.kid.clone(), decoding);
+                    let verifying_key = VerifyingKey::ed25519(&key.public)
+                        .map_err(|e| format!("signing key {}: {e}", key.kid))?;
+                    verifying.insert(key.kid.clone(), verifying_key);
                     published.push(serde_json::json!({
                         "kty": "OKP", "crv": "Ed25519", "x": key.public_text(), "kid": key.kid, "alg": "EdDSA", "use": "sig"
                     }));
@@ -207,20 +199,18 @@ impl KeyRing {
                 (
                     Algorithm::EdDSA,
                     active.kid.clone(),
-                    active.encoding_key().map_err(|e| e.to_string())?,
+                    active.signing_key(),
                     verifying,
                     serde_json::json!({ "keys": published }),
                     Some(active.clone()),
                 )
             }
         };
-        let mut validation = Validation::new(algorithm);
-        validation.leeway = LEEWAY_SECONDS;
-        validation.validate_nbf = true;
-        validation.validate_exp = true;
-        validation.set_issuer(&[ISSUER]);
-        validation.set_audience(&[AUDIENCE]);
-        validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub", "iat"]);
+        // `sub` and `iat` are required too: `Claims` has no optional member.
+        let mut validation = Validation::new(ISSUER, AUDIENCE);
+        validation.leeway_seconds = LEEWAY_SECONDS;
+        validation.check_exp = true;
+        validation.check_nbf = true;
         Ok(KeyRing {
             algorithm,
             signing_kid,
@@ -233,24 +223,22 @@ impl KeyRing {
     }
 
     /// Signs `claims` with the active key.
-    pub fn sign(&self, claims: &Claims) -> Result<String, jsonwebtoken::errors::Error> {
-        let mut header = Header::new(self.algorithm);
-        header.kid = Some(self.signing_kid.clone());
-        jsonwebtoken::encode(&header, claims, &self.signing)
+    pub fn sign(&self, claims: &Claims) -> Result<String, serde_json::Error> {
+        jws::sign(claims, &self.signing, Some(&self.signing_kid))
     }
 
-    /// Verifies a token: pinned algorithm, known `kid`, signature, registered claims.
-    pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+    /// Verifies a token at `now_seconds` (seconds since the epoch): pinned
+    /// algorithm, known `kid`, signature, registered claims.
+    pub fn verify(&self, token: &str, now_seconds: i64) -> Result<Claims, TokenError> {
         if token.len() > limits::ACCESS_TOKEN_BYTES_MAX {
             return Err(TokenError::Header("token too long".to_owned()));
         }
-        let header =
-            jsonwebtoken::decode_header(token).map_err(|e| TokenError::Header(e.to_string()))?;
-        if header.alg != self.algorithm {
-            return Err(TokenError::Header(format!(
-                "algorithm {:?} is not accepted",
-                header.alg
-            )));
+        let header = jws::decode_header(token).map_err(|e| TokenError::Header(e.to_string()))?;
+        if header.alg != self.algorithm.as_str() {
+            // The key checks this too; refusing here keeps the kid lookup for real tokens.
+            return Err(TokenError::Header(
+                JwsError::AlgorithmNotAccepted(header.alg.chars().take(32).collect()).to_string(),
+            ));
         }
         let kid = header
             .kid
@@ -259,7 +247,12 @@ impl KeyRing {
             .verifying
             .get(&kid)
             .ok_or_else(|| TokenError::Header("unknown kid".to_owned()))?;
-        Ok(jsonwebtoken::decode::<Claims>(token, key, &self.validation)?.claims)
+        Ok(jws::verify::<Claims>(
+            token,
+            key,
+            &self.validation,
+            now_seconds,
+        )?)
     }
 
     /// `GET /.well-known/jwks.json`.
@@ -305,41 +298,104 @@ mod tests {
         let config = Config::defaults();
         let ring = KeyRing::new(&config.auth, &[StoredKey::generate()]).unwrap();
         let token = ring.sign(&claims(now())).unwrap();
-        assert_eq!(ring.verify(&token).unwrap().tid, "t");
+        assert_eq!(ring.verify(&token, now()).unwrap().tid, "t");
 
         // A token of another kernel's key (same kid made up) fails.
         let other = KeyRing::new(&config.auth, &[StoredKey::generate()]).unwrap();
-        assert!(ring.verify(&other.sign(&claims(now())).unwrap()).is_err());
+        assert!(matches!(
+            ring.verify(&other.sign(&claims(now())).unwrap(), now()),
+            Err(TokenError::Header(_))
+        ));
 
         // alg: none.
         let parts: Vec<&str> = token.split('.').collect();
         let none_header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
-        assert!(
-            ring.verify(&format!("{none_header}.{}.", parts[1]))
-                .is_err()
-        );
+        assert!(matches!(
+            ring.verify(&format!("{none_header}.{}.", parts[1]), now()),
+            Err(TokenError::Header(message)) if message.contains("\"none\" is not accepted")
+        ));
 
         // A changed payload with the old signature.
         let mut c = claims(now());
         c.tid = "other".into();
         let forged_payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&c).unwrap());
-        assert!(
-            ring.verify(&format!("{}.{forged_payload}.{}", parts[0], parts[2]))
-                .is_err()
-        );
+        assert!(matches!(
+            ring.verify(
+                &format!("{}.{forged_payload}.{}", parts[0], parts[2]),
+                now()
+            ),
+            Err(TokenError::Invalid(JwsError::BadSignature))
+        ));
 
-        // Expired beyond the leeway, and not yet valid beyond it.
+        // Expired beyond the leeway, and not yet valid beyond it; the edges hold.
         let mut c = claims(now());
         c.exp = now() - 31;
-        assert!(ring.verify(&ring.sign(&c).unwrap()).is_err());
+        assert!(matches!(
+            ring.verify(&ring.sign(&c).unwrap(), now()),
+            Err(TokenError::Invalid(JwsError::Expired { .. }))
+        ));
+        c.exp = now() - 30;
+        assert!(ring.verify(&ring.sign(&c).unwrap(), now()).is_ok());
         let mut c = claims(now());
         c.nbf = now() + 120;
-        assert!(ring.verify(&ring.sign(&c).unwrap()).is_err());
+        assert!(matches!(
+            ring.verify(&ring.sign(&c).unwrap(), now()),
+            Err(TokenError::Invalid(JwsError::NotYetValid { .. }))
+        ));
 
-        // Wrong audience.
+        // Wrong audience, wrong issuer.
         let mut c = claims(now());
         c.aud = "someone-else".into();
-        assert!(ring.verify(&ring.sign(&c).unwrap()).is_err());
+        assert!(matches!(
+            ring.verify(&ring.sign(&c).unwrap(), now()),
+            Err(TokenError::Invalid(JwsError::WrongAudience))
+        ));
+        let mut c = claims(now());
+        c.iss = "another-kernel".into();
+        assert!(matches!(
+            ring.verify(&ring.sign(&c).unwrap(), now()),
+            Err(TokenError::Invalid(JwsError::WrongIssuer))
+        ));
+
+        // A claim the kernel always signs, missing.
+        let mut partial = serde_json::to_value(claims(now())).unwrap();
+        partial.as_object_mut().unwrap().remove("sid");
+        let kid = ring.signing_kid.clone();
+        let token = jws::sign(&partial, &ring.signing, Some(&kid)).unwrap();
+        assert!(matches!(
+            ring.verify(&token, now()),
+            Err(TokenError::Invalid(JwsError::Claims(_)))
+        ));
+    }
+
+    #[test]
+    fn hs256_tokens_verify_with_the_configured_secret_only() {
+        let mut config = Config::defaults();
+        config.auth.jwt_algorithm = JwtAlgorithm::HS256;
+        config.auth.jwt_secret = Some(
+            serde_json::from_value(serde_json::json!("a-secret-of-at-least-32-bytes-long!!"))
+                .unwrap(),
+        );
+        let ring = KeyRing::new(&config.auth, &[]).unwrap();
+        let token = ring.sign(&claims(now())).unwrap();
+        assert_eq!(ring.verify(&token, now()).unwrap(), claims(now()));
+        assert_eq!(ring.jwks(), &serde_json::json!({ "keys": [] }));
+
+        config.auth.jwt_secret = Some(
+            serde_json::from_value(serde_json::json!("another-secret-of-at-least-32-bytes!"))
+                .unwrap(),
+        );
+        let other = KeyRing::new(&config.auth, &[]).unwrap();
+        assert!(matches!(
+            ring.verify(&other.sign(&claims(now())).unwrap(), now()),
+            Err(TokenError::Invalid(JwsError::BadSignature))
+        ));
+        // An EdDSA token is refused by an HS256 ring, whatever its signature.
+        let eddsa = KeyRing::new(&Config::defaults().auth, &[StoredKey::generate()]).unwrap();
+        assert!(matches!(
+            ring.verify(&eddsa.sign(&claims(now())).unwrap(), now()),
+            Err(TokenError::Header(_))
+        ));
     }
 
     #[test]
@@ -347,22 +403,14 @@ mod tests {
         let config = Config::defaults();
         let key = StoredKey::generate();
         let ring = KeyRing::new(&config.auth, std::slice::from_ref(&key)).unwrap();
-        let mut header = Header::new(Algorithm::HS256);
-        header.kid = Some(key.kid.clone());
-        let confused = jsonwebtoken::encode(
-            &header,
-            &claims(now()),
-            &EncodingKey::from_secret(key.public_text().as_bytes()),
-        )
-        .unwrap();
-        assert!(ring.verify(&confused).is_err());
-        let confused = jsonwebtoken::encode(
-            &header,
-            &claims(now()),
-            &EncodingKey::from_secret(&key.public),
-        )
-        .unwrap();
-        assert!(ring.verify(&confused).is_err());
+        for public in [key.public_text().into_bytes(), key.public.to_vec()] {
+            let confused =
+                jws::sign(&claims(now()), &SigningKey::hs256(&public), Some(&key.kid)).unwrap();
+            assert!(matches!(
+                ring.verify(&confused, now()),
+                Err(TokenError::Header(message)) if message.contains("\"HS256\" is not accepted")
+            ));
+        }
     }
 
     #[test]

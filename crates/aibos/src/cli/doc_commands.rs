@@ -1,7 +1,7 @@
 //! Every `aibos …` command line the documentation shows parses with the real
 //! command line, so a renamed flag or subcommand breaks a test, not a reader.
 //!
-//! Scope: README.md and docs/*.md, inside ```sh, ```bash, ```shell and
+//! Scope: README.md, docs/*.md and the runbooks docs/ops/*.md, inside ```sh, ```bash, ```shell and
 //! ```console blocks (in `console` blocks only the lines after a `$ ` prompt).
 //! A command is a pipeline segment that starts, after any `NAME=value`
 //! environment assignments, with `aibos ` or `cargo run --release -- `; each is
@@ -31,17 +31,19 @@ fn repository_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// README.md and every docs/*.md, in a stable order.
+/// README.md, every docs/*.md and every docs/ops/*.md, in a stable order.
 fn documents() -> Vec<(String, String)> {
     let root = repository_root();
     let mut paths = vec![root.join("README.md")];
-    let mut docs: Vec<PathBuf> = std::fs::read_dir(root.join("docs"))
-        .expect("docs/ is readable")
-        .map(|entry| entry.expect("a docs/ entry is readable").path())
-        .filter(|path| path.extension().is_some_and(|ext| ext == "md"))
-        .collect();
-    docs.sort();
-    paths.extend(docs);
+    for folder in ["docs", "docs/ops"] {
+        let mut docs: Vec<PathBuf> = std::fs::read_dir(root.join(folder))
+            .unwrap_or_else(|e| panic!("{folder}/ is readable: {e}"))
+            .map(|entry| entry.expect("a docs/ entry is readable").path())
+            .filter(|path| path.extension().is_some_and(|ext| ext == "md"))
+            .collect();
+        docs.sort();
+        paths.extend(docs);
+    }
     paths
         .into_iter()
         .map(|path| {

@@ -35,7 +35,14 @@ pub async fn run(sources: ConfigSources, args: ServeArgs) -> u8 {
     };
     let stop_signal = shutdown_signal();
     let state = app.state();
-    tracing::info!(address = %app.local_addr(), engine = %state.db().engine(), event_loops = state.config_ref().server.event_loop_count(), version = env!("CARGO_PKG_VERSION"), "listening");
+    match app.metrics_addr() {
+        Some(metrics_address) => {
+            tracing::info!(address = %app.local_addr(), %metrics_address, engine = %state.db().engine(), event_loops = state.config_ref().server.event_loop_count(), version = env!("CARGO_PKG_VERSION"), "listening");
+        }
+        None => {
+            tracing::info!(address = %app.local_addr(), engine = %state.db().engine(), event_loops = state.config_ref().server.event_loop_count(), version = env!("CARGO_PKG_VERSION"), "listening");
+        }
+    }
     tokio::spawn(reload_on_sighup(state));
     match app.run_until_stopped(stop_signal).await {
         Ok(()) => EXIT_OK,

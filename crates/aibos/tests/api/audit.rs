@@ -466,3 +466,128 @@ async fn an_independent_implementation_verifies_the_api_output() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("BROKEN at seq 2"));
 }
+
+/// The value of an unlabelled series in Prometheus text, if present.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// `aibos_audit_verify_runs_total{outcome="…"}`.
+fn runs(text: &str, outcome: &str) -> f64 {
+    sample(
+        text,
+        &format!("aibos_audit_verify_runs_total{{outcome=\"{outcome}\"}}"),
+    )
+    .unwrap_or(0.0)
+}
+
+crate::both_engines! {
+    async fn the_periodic_verification_spans_runs_and_finds_an_entry_rehashed_between_two(engine: Engine) {
+        use aibos_kernel::audit::verify::{RunOutcome, Sweep};
+        let kernel = spawn_kernel(engine).await.unwrap();
+        let admin = kernel.platform_admin().await;
+        kernel.tenant_with_admin(&admin, "acme").await;
+        write_entries(&kernel, SYSTEM_TENANT_ID, 10).await;
+        let db = kernel.state.db();
+        let tenants = aibos_kernel::audit::store::tenants_with_entries(db).await.unwrap();
+        assert!(tenants.len() >= 2, "{tenants:?}");
+        let mut total = 0;
+        for tenant in &tenants {
+            total += aibos_kernel::audit::store::verify_tenant(db, tenant, None).await.unwrap().entries;
+        }
+        let mut sweep = Sweep::new(kernel.state.metrics());
+        let text = kernel.metrics_text().await;
+        assert_eq!(sample(&text, "aibos_audit_verify_last_success_timestamp_seconds"), None, "{text}");
+
+        // A pass at 4 entries a run: every chain, every entry, over several runs.
+        let mut verified = 0;
+        let mut run_count = 0;
+        loop {
+            let report = sweep.run(db, 4).await;
+            assert_eq!(report.outcome, RunOutcome::Intact, "{report:?}");
+            assert!(report.entries <= 4, "{report:?}");
+            verified += report.entries;
+            run_count += 1;
+            assert!(run_count < 100, "the pass never ends");
+            if report.pass_completed {
+                break;
+            }
+            let text = kernel.metrics_text().await;
+            assert_eq!(sample(&text, "aibos_audit_verify_last_success_timestamp_seconds"), None, "not before the pass ends: {text}");
+        }
+        assert_eq!(verified, total);
+        assert!(run_count as u64 >= total.div_ceil(4), "{run_count} runs for {total} entries");
+        let text = kernel.metrics_text().await;
+        let success = sample(&text, "aibos_audit_verify_last_success_timestamp_seconds").expect("set by the pass");
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+        assert!((now - success).abs() < 60.0, "{success} is now");
+        assert_eq!(sample(&text, "aibos_audit_chains_broken"), Some(0.0));
+        assert_eq!(sample(&text, "aibos_audit_verified_entries_total"), Some(total as f64));
+        assert_eq!(runs(&text, "intact"), run_count as f64);
+
+        // The next pass stops after the system chain's entry 4 (its tenant id sorts first)…
+        assert_eq!(tenants[0], SYSTEM_TENANT_ID);
+        let report = sweep.run(db, 4).await;
+        assert_eq!((report.outcome, report.entries), (RunOutcome::Intact, 4));
+        // …then a DBA edits entry 4 and gives it a matching hash: the next run,
+        // resuming there, finds that entry 5 no longer links to it.
+        drop_triggers(db).await;
+        let mut fourth = entries(db).await.into_iter().find(|e| e.seq == 4).unwrap();
+        fourth.details = serde_json::json!({ "n": 1000 });
+        fourth.hash = chain::compute_hash(&fourth);
+        exec(db, &format!("UPDATE audit_log SET details = '{}', hash = '{}' WHERE tenant_id = '{}' AND seq = 4", fourth.details, fourth.hash, SYSTEM_TENANT_ID)).await.unwrap();
+        let report = sweep.run(db, 4).await;
+        assert_eq!(report.outcome, RunOutcome::Broken, "{report:?}");
+        let text = kernel.metrics_text().await;
+        assert_eq!(sample(&text, "aibos_audit_chains_broken"), Some(1.0), "{text}");
+        assert_eq!(runs(&text, "broken"), 1.0);
+        assert_eq!(
+            sample(&text, "aibos_audit_verify_last_success_timestamp_seconds"),
+            Some(success),
+            "a broken pass is no success"
+        );
+        // `aibos audit verify` names the same entry.
+        let (code, report) = cli_verify(&kernel, &["--tenant", "system"]);
+        assert_eq!(code, 1, "{report}");
+        assert_eq!(system_report(&report)["first_bad_seq"], 5, "{report}");
+
+        // The pass goes on to the other chains, and ends without a success.
+        let mut report = sweep.run(db, 4).await;
+        while !report.pass_completed {
+            assert_eq!(report.outcome, RunOutcome::Broken, "the break is remembered: {report:?}");
+            report = sweep.run(db, 4).await;
+        }
+        let text = kernel.metrics_text().await;
+        assert_eq!(sample(&text, "aibos_audit_chains_broken"), Some(1.0), "{text}");
+        assert_eq!(sample(&text, "aibos_audit_verify_last_success_timestamp_seconds"), Some(success));
+    }
+
+    async fn the_kernel_verifies_its_chains_on_its_own_and_exports_a_break(engine: Engine) {
+        let kernel = aibos_testkit::spawn_kernel_with(engine, aibos_testkit::KernelOptions {
+            env: vec![("AIBOS_AUDIT__VERIFY_INTERVAL_SECONDS".into(), "1".into())],
+            ..Default::default()
+        }).await.unwrap();
+        write_entries(&kernel, SYSTEM_TENANT_ID, 6).await;
+        let wait_for = |name: &'static str, want: fn(Option<f64>) -> bool| {
+            let kernel = &kernel;
+            async move {
+                for _ in 0..150 {
+                    let text = kernel.metrics_text().await;
+                    if want(sample(&text, name)) {
+                        return text;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                panic!("{name} never came: {}", kernel.metrics_text().await);
+            }
+        };
+        let text = wait_for("aibos_audit_verify_last_success_timestamp_seconds", |v| v.is_some()).await;
+        assert_eq!(sample(&text, "aibos_audit_chains_broken"), Some(0.0), "{text}");
+
+        drop_triggers(kernel.state.db()).await;
+        exec(kernel.state.db(), &format!("UPDATE audit_log SET details = '{{\"n\":99}}' WHERE tenant_id = '{SYSTEM_TENANT_ID}' AND seq = 3")).await.unwrap();
+        let text = wait_for("aibos_audit_chains_broken", |v| v == Some(1.0)).await;
+        assert!(runs(&text, "broken") >= 1.0, "{text}");
+    }
+}

@@ -85,6 +85,31 @@ const DOCUMENTS: &[Document] = &[
         readme_first_steps: true,
         cell: Cell::StandIn,
     },
+    Document {
+        path: "docs/ops/backup-and-restore.md",
+        readme_first_steps: true,
+        cell: Cell::StandIn,
+    },
+    Document {
+        path: "docs/ops/configuration-promotion.md",
+        readme_first_steps: true,
+        cell: Cell::StandIn,
+    },
+    Document {
+        path: "docs/ops/incident-response.md",
+        readme_first_steps: true,
+        cell: Cell::StandIn,
+    },
+    Document {
+        path: "docs/ops/key-and-secret-rotation.md",
+        readme_first_steps: true,
+        cell: Cell::StandIn,
+    },
+    Document {
+        path: "docs/ops/migrations.md",
+        readme_first_steps: true,
+        cell: Cell::StandIn,
+    },
 ];
 
 /// What listens where the document shows `127.0.0.1:4000`.
@@ -375,24 +400,52 @@ async fn troubleshooting() {
     run_document("docs/troubleshooting.md").await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_backup_and_restore() {
+    run_document("docs/ops/backup-and-restore.md").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_configuration_promotion() {
+    run_document("docs/ops/configuration-promotion.md").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_incident_response() {
+    run_document("docs/ops/incident-response.md").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_key_and_secret_rotation() {
+    run_document("docs/ops/key-and-secret-rotation.md").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_migrations() {
+    run_document("docs/ops/migrations.md").await;
+}
+
 /// A document that gains a shell block is run too: it must be listed above.
 #[test]
 fn every_document_with_shell_blocks_is_run() {
     let root = repository_root();
     let mut paths = vec!["README.md".to_owned()];
-    let mut docs: Vec<String> = std::fs::read_dir(root.join("docs"))
-        .expect("docs/ is readable")
-        .map(|e| {
-            e.expect("an entry")
-                .file_name()
-                .to_string_lossy()
-                .into_owned()
-        })
-        .filter(|name| name.ends_with(".md"))
-        .map(|name| format!("docs/{name}"))
-        .collect();
-    docs.sort();
-    paths.extend(docs);
+    // docs/ and its runbooks, docs/ops/.
+    for folder in ["docs", "docs/ops"] {
+        let mut docs: Vec<String> = std::fs::read_dir(root.join(folder))
+            .unwrap_or_else(|e| panic!("{folder}/ is readable: {e}"))
+            .map(|e| {
+                e.expect("an entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .filter(|name| name.ends_with(".md"))
+            .map(|name| format!("{folder}/{name}"))
+            .collect();
+        docs.sort();
+        paths.extend(docs);
+    }
     for path in paths {
         let text = std::fs::read_to_string(root.join(&path)).expect("readable");
         if !shell_blocks(&text).is_empty() {

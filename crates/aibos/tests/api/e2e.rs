@@ -716,12 +716,10 @@ fn assertion(
         exp: now + ASSERTION_LIFETIME_SECONDS,
         jti: uuid::Uuid::now_v7().to_string(),
     };
-    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
-    header.kid = secret_kid(secret).map(str::to_owned);
-    jsonwebtoken::encode(
-        &header,
+    aibos_wire::jws::sign(
         &claims,
-        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        &aibos_wire::jws::SigningKey::hs256(secret.as_bytes()),
+        secret_kid(secret),
     )
     .unwrap()
 }

@@ -1,6 +1,18 @@
-//! `/api/health/live`, `/api/health`, `/metrics`, `/api/openapi.json`.
+//! `/api/health/live`, `/api/health`, `/metrics` (on the API's address or on
+//! `metrics.bind`), `aibos_database_up`, `/api/openapi.json`.
 
-use aibos_testkit::spawn_kernel;
+use std::path::Path;
+use std::time::Duration;
+
+use aibos_testkit::hub::free_port;
+use aibos_testkit::process::KernelProcess;
+use aibos_testkit::{KernelOptions, spawn_kernel, spawn_kernel_with};
+
+/// The value of an unlabelled series in Prometheus text, if present.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
 
 crate::both_engines! {
     async fn health_reports_a_real_database_round_trip(engine: Engine) {
@@ -35,6 +47,138 @@ crate::both_engines! {
         assert!(text.contains("aibos_build_info{version="), "{text}");
         assert!(text.contains("aibos_db_pool_connections"), "{text}");
     }
+
+    async fn the_database_probe_exports_database_up_and_unlabelled_counters_exist_from_the_start(engine: Engine) {
+        let kernel = spawn_kernel(engine).await.unwrap();
+        // The probe's first tick is at start; give it a moment on a busy machine.
+        let mut text = kernel.metrics_text().await;
+        for _ in 0..50 {
+            if sample(&text, "aibos_database_up").is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            text = kernel.metrics_text().await;
+        }
+        assert_eq!(sample(&text, "aibos_database_up"), Some(1.0), "{text}");
+        // Registered at zero, so that increase() sees the first dead letter.
+        assert_eq!(sample(&text, "aibos_webhook_dead_letters_total"), Some(0.0), "{text}");
+        assert_eq!(sample(&text, "aibos_events_relayed_total"), Some(0.0), "{text}");
+        assert!(text.contains("# TYPE aibos_database_up gauge"), "{text}");
+        // A gauge claims something: none before its owner knows the value.
+        assert!(!text.contains("aibos_audit_verify_last_success_timestamp_seconds "), "{text}");
+        assert!(!text.contains("aibos_backup_last_success_timestamp_seconds "), "no schedule, no backup age: {text}");
+        assert!(text.contains(r#"aibos_backup_runs_total{outcome="failed"} 0"#), "{text}");
+
+        // /api/health sets it too, from its own query.
+        kernel.client.get(kernel.url("/api/health")).send().await.unwrap();
+        assert_eq!(sample(&kernel.metrics_text().await, "aibos_database_up"), Some(1.0));
+    }
+
+    async fn with_metrics_bind_metrics_are_served_there_only_and_stop_with_the_kernel(engine: Engine) {
+        let kernel = spawn_kernel_with(engine, KernelOptions {
+            env: vec![("AIBOS_METRICS__BIND".into(), "127.0.0.1:0".into())],
+            ..Default::default()
+        }).await.unwrap();
+        let metrics_addr = kernel.metrics_addr.expect("a metrics listener");
+        assert_ne!(metrics_addr, kernel.addr);
+        kernel.client.get(kernel.url("/api/health/live")).send().await.unwrap();
+
+        let scrape = kernel.client.get(format!("http://{metrics_addr}/metrics")).send().await.unwrap();
+        assert_eq!(scrape.status(), 200);
+        assert!(scrape.headers()["content-type"].to_str().unwrap().starts_with("text/plain; version=0.0.4"));
+        assert!(scrape.headers().contains_key("x-correlation-id"), "the same edge as the API");
+        let text = scrape.text().await.unwrap();
+        assert!(text.contains(r#"aibos_http_requests_total{route="/api/health/live",method="GET",status="200"} 1"#), "{text}");
+
+        // The API's address no longer serves it, and the metrics listener serves nothing else.
+        let main = kernel.client.get(kernel.url("/metrics")).send().await.unwrap();
+        assert_eq!(main.status(), 404);
+        assert_eq!(main.headers()["content-type"], "application/problem+json");
+        let other = kernel.client.get(format!("http://{metrics_addr}/api/health")).send().await.unwrap();
+        assert_eq!(other.status(), 404);
+        // Nor does the API's OpenAPI document list it.
+        let doc: serde_json::Value = kernel.client.get(kernel.url("/api/openapi.json")).send().await.unwrap().json().await.unwrap();
+        assert!(doc["paths"]["/metrics"].is_null(), "{}", doc["paths"]["/metrics"]);
+
+        let client = kernel.client.clone();
+        tokio::time::timeout(Duration::from_secs(15), kernel.shutdown()).await.expect("the kernel stops").unwrap();
+        assert!(
+            client.get(format!("http://{metrics_addr}/metrics")).send().await.is_err(),
+            "the metrics listener is closed with the kernel"
+        );
+    }
+}
+
+#[test]
+fn metrics_bind_must_be_an_address_other_than_the_api_s() {
+    let dir = tempfile::tempdir().unwrap();
+    let load = |env: &[(&str, &str)]| {
+        aibos_kernel::config::Config::load(&aibos_kernel::config::ConfigSources::new(
+            dir.path(),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        ))
+    };
+    let config = load(&[]).unwrap();
+    assert_eq!(config.metrics.bind, None, "on the API's address by default");
+    let config = load(&[("AIBOS_METRICS__BIND", "127.0.0.1:9464")]).unwrap();
+    assert_eq!(config.metrics.bind, Some("127.0.0.1:9464".parse().unwrap()));
+    for bad in ["9464", "127.0.0.1:3001"] {
+        let err = load(&[("AIBOS_METRICS__BIND", bad)]).unwrap_err();
+        assert_eq!(err.problems()[0].key, "metrics.bind", "{bad}: {err}");
+    }
+}
+
+/// The real binary: `serve` logs the metrics address, serves `/metrics` there
+/// only, and closes that socket too when SIGTERM stops it.
+#[tokio::test]
+async fn the_binary_serves_metrics_on_metrics_bind_until_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics_address = format!("127.0.0.1:{}", free_port());
+    let database = format!("sqlite://{}/aibos.db", dir.path().display());
+    let mut kernel = KernelProcess::start(
+        Path::new(env!("CARGO_BIN_EXE_aibos")),
+        dir.path(),
+        &[
+            ("AIBOS_SERVER__BIND", "127.0.0.1:0"),
+            ("AIBOS_METRICS__BIND", &metrics_address),
+            ("AIBOS_DATABASE__URL", &database),
+        ],
+    )
+    .await
+    .unwrap();
+    let line = kernel
+        .wait_for_log("\"listening\"", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(
+        line.contains(&format!("\"metrics_address\":\"{metrics_address}\"")),
+        "{line}"
+    );
+    let client = reqwest::Client::new();
+    let scrape = client
+        .get(format!("http://{metrics_address}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(scrape.status(), 200);
+    assert!(scrape.text().await.unwrap().contains("aibos_build_info"));
+    let main = client
+        .get(format!("{}/metrics", kernel.base_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(main.status(), 404);
+
+    kernel.signal("TERM").await;
+    let status = tokio::time::timeout(Duration::from_secs(30), kernel.child.wait())
+        .await
+        .expect("the kernel exits")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        std::net::TcpStream::connect(&metrics_address).is_err(),
+        "nothing listens on the metrics address any more"
+    );
 }
 
 #[tokio::test]

@@ -168,10 +168,8 @@ crate::both_engines! {
         let header: serde_json::Value = serde_json::from_slice(&b64.decode(parts[0]).unwrap()).unwrap();
         let jwks: serde_json::Value = kernel.client.get(kernel.url("/.well-known/jwks.json")).send().await.unwrap().json().await.unwrap();
         let public = jwks["keys"][0]["x"].as_str().unwrap().to_owned();
-        let mut hs_header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
-        hs_header.kid = header["kid"].as_str().map(str::to_owned);
         let original: serde_json::Value = serde_json::from_slice(&b64.decode(parts[1]).unwrap()).unwrap();
-        let confused = jsonwebtoken::encode(&hs_header, &original, &jsonwebtoken::EncodingKey::from_secret(public.as_bytes())).unwrap();
+        let confused = aibos_wire::jws::sign(&original, &aibos_wire::jws::SigningKey::hs256(public.as_bytes()), header["kid"].as_str()).unwrap();
         // Another kernel's key.
         let config = aibos_kernel::Config::defaults();
         let other = KeyRing::new(&config.auth, &[StoredKey::generate()]).unwrap();

@@ -11,7 +11,7 @@ use aibos_wire::assertion::{
     TENANT_HEADER, USER_HEADER, secret_kid,
 };
 use aibos_wire::correlation::CORRELATION_HEADER;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use aibos_wire::jws::{self, SigningKey};
 use payment_hub::{Hub, HubConfig, ServiceAccountCredentials};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -476,12 +476,10 @@ pub fn sign(
         exp: now + ASSERTION_LIFETIME_SECONDS,
         jti: Uuid::now_v7().to_string(),
     };
-    let mut header = Header::new(Algorithm::HS256);
-    header.kid = secret_kid(secret).map(str::to_owned);
-    jsonwebtoken::encode(
-        &header,
+    jws::sign(
         &claims,
-        &EncodingKey::from_secret(secret.as_bytes()),
+        &SigningKey::hs256(secret.as_bytes()),
+        secret_kid(secret),
     )
-    .expect("HMAC signing cannot fail")
+    .expect("assertion claims serialise")
 }
