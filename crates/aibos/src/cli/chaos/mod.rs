@@ -316,12 +316,12 @@ mod tests {
 
     #[test]
     fn a_metric_is_read_by_name_and_labels() {
-        let text = "# HELP x\naibos_gateway_circuit_state{canon=\"c\"} 2\naibos_up 1\n";
+        let text = "# HELP x\naibos_gateway_circuit_state{canon=\"c\"} 2\naibos_build_info 1\n";
         assert_eq!(
             metric(text, "aibos_gateway_circuit_state", "{canon=\"c\"}"),
             Some(2.0)
         );
-        assert_eq!(metric(text, "aibos_up", ""), Some(1.0));
+        assert_eq!(metric(text, "aibos_build_info", ""), Some(1.0));
         assert_eq!(metric(text, "aibos_gateway_circuit_state", ""), None);
     }
 
