@@ -166,6 +166,14 @@ impl From<sqlx::Error> for ApiError {
                     "A value in the request cannot be stored.",
                 )
             }
+            // PostgreSQL cancelled the statement (SQLSTATE 57014): it ran
+            // past `database.statement_timeout_ms`, typically waiting for a
+            // lock behind a slow database. The database is too slow to
+            // answer, not the kernel broken: 503, to be retried
+            // (`aibos chaos run --scenario db.latency.500ms` found the 500).
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("57014") => {
+                ApiError::unavailable(e)
+            }
             sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
                 ApiError::unavailable(e)
             }

@@ -1,6 +1,7 @@
 //! Command-line definition and dispatch. One file per command.
 
 mod backup;
+mod chaos;
 mod config;
 mod demo;
 mod drill;
@@ -69,6 +70,9 @@ enum Command {
     /// Readiness drills that prove a recovery instead of asserting it.
     #[command(subcommand)]
     Drill(drill::DrillCommand),
+    /// Failure scenarios against a kernel started on throwaway data.
+    #[command(subcommand)]
+    Chaos(chaos::ChaosCommand),
     /// Ask a running kernel for its health.
     Status(status::StatusArgs),
     /// Print the version.
@@ -91,6 +95,7 @@ pub async fn run(cli: Cli) -> u8 {
         Command::Backup(command) => backup::backup(sources, command).await,
         Command::Restore(args) => backup::restore(sources, args).await,
         Command::Drill(command) => drill::drill(sources, command).await,
+        Command::Chaos(command) => chaos::chaos(sources, command).await,
         Command::Version(args) => version::run(args),
     }
 }

@@ -91,6 +91,11 @@ const DOCUMENTS: &[Document] = &[
         cell: Cell::StandIn,
     },
     Document {
+        path: "docs/ops/chaos.md",
+        readme_first_steps: false,
+        cell: Cell::StandIn,
+    },
+    Document {
         path: "docs/ops/configuration-promotion.md",
         readme_first_steps: true,
         cell: Cell::StandIn,
@@ -403,6 +408,11 @@ async fn troubleshooting() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ops_backup_and_restore() {
     run_document("docs/ops/backup-and-restore.md").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_chaos() {
+    run_document("docs/ops/chaos.md").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

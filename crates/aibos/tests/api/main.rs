@@ -10,6 +10,7 @@ mod audit;
 mod authz;
 mod backup;
 mod cancellation;
+mod chaos;
 mod cli;
 mod concurrency;
 mod connections;
