@@ -49,15 +49,28 @@ pub enum Conn {
     Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
 }
 
+/// A row's values in the order of `kinds` (text or integer; booleans arrive
+/// as integers), written once for both drivers' row types.
+macro_rules! values_of {
+    ($row:expr, $kinds:expr) => {{
+        let mut values = Vec::with_capacity($kinds.len());
+        for (i, kind) in $kinds.iter().enumerate() {
+            values.push(match kind {
+                SourceKind::Text => $row
+                    .try_get::<Option<String>, _>(i)?
+                    .map_or(Value::Null, Value::Text),
+                SourceKind::Integer | SourceKind::Boolean => $row
+                    .try_get::<Option<i64>, _>(i)?
+                    .map_or(Value::Null, Value::Integer),
+            });
+        }
+        values
+    }};
+}
+
 /// Names the kernel's tables use; anything else is refused before it is put in SQL.
 fn check_identifier(name: &str) -> Result<&str, BackupError> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-        && !name.as_bytes()[0].is_ascii_digit();
-    if ok {
+    if crate::db::is_plain_identifier(name) {
         Ok(name)
     } else {
         Err(BackupError::Schema(format!(
@@ -239,20 +252,9 @@ impl Conn {
                 let select = column_list(table, |c, _| format!("\"{c}\""))?;
                 let order = order_list(order_by, |c| format!("\"{c}\""))?;
                 let sql = format!("SELECT {select} FROM \"{name}\" ORDER BY {order}");
-                let mut rows = sqlx::query(sqlx::AssertSqlSafe(sql.clone())).fetch(&mut **c);
+                let mut rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch(&mut **c);
                 while let Some(row) = rows.try_next().await? {
-                    let mut values = Vec::with_capacity(kinds.len());
-                    for (i, kind) in kinds.iter().enumerate() {
-                        values.push(match kind {
-                            SourceKind::Text => row
-                                .try_get::<Option<String>, _>(i)?
-                                .map_or(Value::Null, Value::Text),
-                            SourceKind::Integer | SourceKind::Boolean => row
-                                .try_get::<Option<i64>, _>(i)?
-                                .map_or(Value::Null, Value::Integer),
-                        });
-                    }
-                    encoder.push(&values).await?;
+                    encoder.push(&values_of!(row, kinds)).await?;
                 }
             }
             Conn::Postgres(c) => {
@@ -275,20 +277,9 @@ impl Conn {
                     }
                 })?;
                 let sql = format!("SELECT {select} FROM \"{name}\" ORDER BY {order}");
-                let mut rows = sqlx::query(sqlx::AssertSqlSafe(sql.clone())).fetch(&mut **c);
+                let mut rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch(&mut **c);
                 while let Some(row) = rows.try_next().await? {
-                    let mut values = Vec::with_capacity(kinds.len());
-                    for (i, kind) in kinds.iter().enumerate() {
-                        values.push(match kind {
-                            SourceKind::Text => row
-                                .try_get::<Option<String>, _>(i)?
-                                .map_or(Value::Null, Value::Text),
-                            SourceKind::Integer | SourceKind::Boolean => row
-                                .try_get::<Option<i64>, _>(i)?
-                                .map_or(Value::Null, Value::Integer),
-                        });
-                    }
-                    encoder.push(&values).await?;
+                    encoder.push(&values_of!(row, kinds)).await?;
                 }
             }
         }

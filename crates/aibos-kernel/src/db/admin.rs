@@ -13,16 +13,9 @@ pub struct Admin {
     pool: PgPool,
 }
 
-/// Names this module accepts for databases: lowercase ASCII words, so they go
-/// into SQL without quoting games.
+/// Names this module accepts for databases (see [`super::is_plain_identifier`]).
 fn check_name(name: &str) -> Result<&str, DbError> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-        && !name.as_bytes()[0].is_ascii_digit();
-    if ok {
+    if super::is_plain_identifier(name) {
         Ok(name)
     } else {
         Err(DbError::Query(sqlx::Error::Protocol(format!(

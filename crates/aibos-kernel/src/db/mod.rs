@@ -180,6 +180,19 @@ impl Db {
     }
 }
 
+/// Whether `name` is a lowercase ASCII word of at most 63 bytes (PostgreSQL's
+/// identifier limit) not starting with a digit: the only names the kernel's
+/// tools put into SQL text (tables, columns, databases), so they need no
+/// quoting rules of either engine.
+pub fn is_plain_identifier(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !name.as_bytes()[0].is_ascii_digit()
+}
+
 fn create_folder(folder: &Path) -> Result<(), DbError> {
     std::fs::create_dir_all(folder).map_err(|source| DbError::CreateFolder {
         path: folder.display().to_string(),
