@@ -16,6 +16,7 @@ mod concurrency;
 mod connections;
 mod conventions;
 mod docs;
+mod drill;
 mod e2e;
 mod escalation;
 mod events;

@@ -13,11 +13,11 @@
 
 mod crash;
 mod database;
-mod kernel;
+pub(super) mod kernel;
 mod proxy;
 mod redis;
 mod reload;
-mod upstream;
+pub(super) mod upstream;
 
 use std::time::Duration;
 

@@ -136,14 +136,15 @@ fn distinct(statuses: &[u16]) -> Vec<u16> {
 }
 
 /// The cell: answers `GET /v1/ping` and `GET /v1/health`, counting calls.
-struct Cell {
-    addr: SocketAddr,
+/// `aibos drill incident` stops and restarts it too.
+pub struct Cell {
+    pub addr: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Cell {
-    async fn start(
+    pub async fn start(
         addr: SocketAddr,
         calls: std::sync::Arc<std::sync::atomic::AtomicU64>,
     ) -> anyhow::Result<Cell> {
@@ -180,7 +181,7 @@ impl Cell {
     }
 
     /// Stops listening and closes its connections (bounded wait).
-    async fn stop(&mut self) {
+    pub async fn stop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -231,7 +232,7 @@ async fn observe(world: &World) -> anyhow::Result<Observation> {
     let cell_addr = cell.addr;
     let mut kernel = world.start_kernel().await?;
     let token = admin_token(&http, &kernel, world, &password(), true).await?;
-    register(&http, &kernel, &token, cell_addr).await?;
+    register(&http, &kernel, &token, CANON, cell_addr).await?;
 
     let call = || http.get(kernel.url(CALL)).bearer_auth(&token).send();
     // The route table and the first health check settle: wait for a 200.
@@ -314,21 +315,22 @@ async fn observe(world: &World) -> anyhow::Result<Observation> {
     })
 }
 
-/// Registers the cell as canon `chaoscell` with a `GET /ping` route any
-/// authenticated caller may use.
-async fn register(
+/// Registers the cell as canon `canon` with a `GET /ping` route any
+/// authenticated caller may use (`/api/gateway/{canon}/ping`).
+pub async fn register(
     http: &reqwest::Client,
     kernel: &Kernel,
     token: &str,
+    canon: &str,
     cell: SocketAddr,
 ) -> anyhow::Result<()> {
     let canon = http
         .post(kernel.url("/api/kernel/canons"))
         .bearer_auth(token)
         .json(&json!({
-            "name": CANON,
+            "name": canon,
             "base_url": format!("http://{cell}/v1"),
-            "permissions": [{ "name": "chaos.cell.read", "description": "Calls of the chaos harness's cell" }],
+            "permissions": [{ "name": format!("{canon}.cell.read"), "description": "Calls of the chaos harness's cell" }],
         }))
         .send()
         .await?;

@@ -19,16 +19,10 @@ use aibos_kernel::db::Db;
 use aibos_kernel::secrets::{MasterKey, MasterKeys};
 use aibos_kernel::{App, AppOptions};
 use anyhow::{Context as _, bail};
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, ValueEnum};
 use serde_json::{Value, json};
 
-use super::{EXIT_FAILURE, EXIT_OK};
-
-#[derive(Debug, Subcommand)]
-pub enum DrillCommand {
-    /// Backup under load, restore into the other engine, compare, print RTO and RPO.
-    BackupRestore(BackupRestoreArgs),
-}
+use crate::cli::{EXIT_FAILURE, EXIT_OK};
 
 #[derive(Debug, Args)]
 pub struct BackupRestoreArgs {
@@ -57,8 +51,7 @@ enum DrillEngine {
     Postgres,
 }
 
-pub async fn drill(sources: ConfigSources, command: DrillCommand) -> u8 {
-    let DrillCommand::BackupRestore(args) = command;
+pub async fn run(sources: ConfigSources, args: BackupRestoreArgs) -> u8 {
     let json = args.json;
     match backup_restore(&sources, &args).await {
         Ok(report) => {
