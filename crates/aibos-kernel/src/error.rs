@@ -141,7 +141,9 @@ impl ApiError {
 impl From<crate::db::DbError> for ApiError {
     fn from(e: crate::db::DbError) -> ApiError {
         match e {
-            crate::db::DbError::Timeout(_) => ApiError::unavailable(e),
+            crate::db::DbError::Timeout(_) | crate::db::DbError::Unavailable(_) => {
+                ApiError::unavailable(e)
+            }
             crate::db::DbError::Query(inner) => ApiError::from(inner),
             other => ApiError::internal(other),
         }
@@ -166,17 +168,9 @@ impl From<sqlx::Error> for ApiError {
                     "A value in the request cannot be stored.",
                 )
             }
-            // PostgreSQL cancelled the statement (SQLSTATE 57014): it ran
-            // past `database.statement_timeout_ms`, typically waiting for a
-            // lock behind a slow database. The database is too slow to
-            // answer, not the kernel broken: 503, to be retried
-            // (`aibos chaos run --scenario db.latency.500ms` found the 500).
-            sqlx::Error::Database(db) if db.code().as_deref() == Some("57014") => {
-                ApiError::unavailable(e)
-            }
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
-                ApiError::unavailable(e)
-            }
+            // The database is away, slow past its timeouts or locked by
+            // another process: 503, to be retried (`db::is_unavailable`).
+            _ if crate::db::is_unavailable(&e) => ApiError::unavailable(e),
             _ => ApiError::internal(e),
         }
     }

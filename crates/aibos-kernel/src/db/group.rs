@@ -119,7 +119,7 @@ impl GroupCommit {
                 let tx = match tx {
                     Ok(tx) => tx,
                     Err(e) => {
-                        let _ = reply.send(Err(E::from(DbError::Query(copy_error(e)))));
+                        let _ = reply.send(Err(E::from(copy_error(e))));
                         return None;
                     }
                 };
@@ -128,7 +128,7 @@ impl GroupCommit {
                         let completion: Completion = Box::new(move |outcome| {
                             let _ = reply.send(match outcome {
                                 None => Ok(value),
-                                Some(e) => Err(E::from(DbError::Query(copy_error(e)))),
+                                Some(e) => Err(E::from(copy_error(e))),
                             });
                         });
                         Some(completion)
@@ -154,9 +154,15 @@ impl GroupCommit {
     }
 }
 
-/// The commit error, once per job that waited on it (`sqlx::Error` is not `Clone`).
-fn copy_error(e: &sqlx::Error) -> sqlx::Error {
-    sqlx::Error::Protocol(format!("the transaction did not commit: {e}"))
+/// The batch's error, once per job that waited on it (`sqlx::Error` is not
+/// `Clone`), keeping whether the database was unavailable (a 503) or not.
+fn copy_error(e: &sqlx::Error) -> DbError {
+    let text = format!("the transaction did not commit: {e}");
+    if super::is_unavailable(e) {
+        DbError::Unavailable(text)
+    } else {
+        DbError::Query(sqlx::Error::Protocol(text))
+    }
 }
 
 async fn run(pool: WriterPool, mut queue: mpsc::Receiver<Job>, stats: Arc<Stats>) {
@@ -168,7 +174,7 @@ async fn run(pool: WriterPool, mut queue: mpsc::Receiver<Job>, stats: Arc<Stats>
     {
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.jobs.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        run_batch(&pool, &mut batch).await;
+        run_batch(&pool, &mut batch, &mut queue).await;
         batch.clear();
     }
 }
@@ -178,10 +184,22 @@ async fn run(pool: WriterPool, mut queue: mpsc::Receiver<Job>, stats: Arc<Stats>
 /// Each job runs under the savepoint `group_commit`: a failed one is rolled
 /// back to it at once, and the next job's `RELEASE …; SAVEPOINT …` goes in one
 /// round trip. COMMIT releases the last one.
-async fn run_batch(pool: &WriterPool, jobs: &mut Vec<Job>) {
+///
+/// When the transaction cannot even begin because the database is
+/// unavailable (no connection within `database.acquire_timeout_ms`, or
+/// SQLite's lock held elsewhere past `database.busy_timeout_ms`), the jobs
+/// queued meanwhile are refused with the batch: they have waited behind the
+/// same wall, and a batch of their own would wait that long again, so a
+/// request would take a multiple of the timeout to hear a 503.
+async fn run_batch(pool: &WriterPool, jobs: &mut Vec<Job>, queue: &mut mpsc::Receiver<Job>) {
     let mut tx = match pool.begin().await {
         Ok(tx) => tx,
         Err(e) => {
+            if super::is_unavailable(&e) {
+                while let Ok(job) = queue.try_recv() {
+                    jobs.push(job);
+                }
+            }
             for job in jobs.drain(..) {
                 job(Err(&e)).await;
             }

@@ -80,6 +80,10 @@ pub enum DbError {
     /// The database did not answer in time.
     #[error("the database did not answer within {0} ms")]
     Timeout(u64),
+    /// The database is unreachable or refused its lock (see [`is_unavailable`]),
+    /// passed on by the group-commit writer to every write of the batch.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
     /// A transaction's task panicked or was cancelled by shutdown; it was rolled back.
     #[error("a database transaction did not complete: {0}")]
     TaskFailed(String),
@@ -153,15 +157,41 @@ impl Db {
         }
     }
 
-    /// A real round trip (`SELECT 1`) bounded by `timeout`; returns its latency.
+    /// A real round trip bounded by `timeout`; returns its latency.
+    ///
+    /// PostgreSQL: `SELECT 1` on a pooled connection. SQLite: `SELECT 1`
+    /// never touches the file, so it would pass while another process holds
+    /// the database's lock or the disk refuses it; the probe goes through
+    /// the group-commit writer as a write does — it takes the write lock
+    /// (`BEGIN IMMEDIATE`) and reads the schema's first page — and commits
+    /// nothing (no log frame, no fsync). A probe that times out is only a
+    /// caller that stopped waiting: the writer finishes its batch as always.
     pub async fn ping(&self, timeout: Duration) -> Result<Duration, DbError> {
         let started = Instant::now();
         let round_trip = async {
-            with_db!(self, pool => sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(pool).await)
+            match self {
+                Db::Sqlite(sqlite) => {
+                    sqlite
+                        .writer
+                        .write(|tx| {
+                            Box::pin(async move {
+                                crate::with_tx!(tx, conn => sqlx::query_scalar::<_, i64>("SELECT count(*) FROM sqlite_schema WHERE rowid = 1").fetch_one(&mut *conn).await)
+                                    .map_err(DbError::Query)?;
+                                Ok::<_, DbError>(())
+                            })
+                        })
+                        .await
+                }
+                Db::Postgres(pool) => sqlx::query_scalar::<_, i32>("SELECT 1")
+                    .fetch_one(pool)
+                    .await
+                    .map(|_| ())
+                    .map_err(DbError::Query),
+            }
         };
         match tokio::time::timeout(timeout, round_trip).await {
-            Ok(Ok(_)) => Ok(started.elapsed()),
-            Ok(Err(e)) => Err(DbError::Query(e)),
+            Ok(Ok(())) => Ok(started.elapsed()),
+            Ok(Err(e)) => Err(e),
             Err(_) => Err(DbError::Timeout(
                 u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
             )),
@@ -177,6 +207,36 @@ impl Db {
     /// Closes every connection; pending acquires fail.
     pub async fn close(&self) {
         with_db!(self, pool => pool.close().await);
+    }
+}
+
+/// Whether a driver error says the database is unavailable rather than
+/// the statement wrong: a 503 to be retried, not a 500.
+///
+/// - the pool gave no connection in time, or is closed; the connection broke;
+/// - PostgreSQL cancelled the statement (SQLSTATE 57014): it ran past
+///   `database.statement_timeout_ms`, typically waiting for a lock behind a
+///   slow database (`aibos chaos run --scenario db.latency.500ms` found the 500);
+/// - SQLite's `SQLITE_BUSY` or `SQLITE_LOCKED` (primary codes 5 and 6, with
+///   their extended codes): the write lock stayed taken past
+///   `database.busy_timeout_ms`, by another process (an operator's `sqlite3`
+///   shell in a transaction, a copying tool) (`aibos chaos run --scenario
+///   db.down --engine sqlite` found the 500).
+pub fn is_unavailable(error: &sqlx::Error) -> bool {
+    const SQLITE_BUSY: i64 = 5;
+    const SQLITE_LOCKED: i64 = 6;
+    match error {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(db) => {
+            if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                db.code()
+                    .and_then(|code| code.parse::<i64>().ok())
+                    .is_some_and(|code| matches!(code & 0xff, SQLITE_BUSY | SQLITE_LOCKED))
+            } else {
+                db.code().as_deref() == Some("57014")
+            }
+        }
+        _ => false,
     }
 }
 

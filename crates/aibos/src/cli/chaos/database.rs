@@ -1,8 +1,15 @@
-//! `db.down` and `db.latency.500ms`: PostgreSQL behind the harness's TCP
-//! proxy (proxy.rs), taken away or slowed down under the kernel's feet.
+//! `db.down` and `db.latency.500ms`: the database taken away or slowed down
+//! under the kernel's feet.
 //!
-//! On SQLite both are SKIP: the database is a library inside the kernel's
-//! process, there is no server or connection to lose or slow down.
+//! On PostgreSQL the kernel reaches its server through the harness's TCP
+//! proxy (proxy.rs), which cuts every connection or delays every round trip.
+//! SQLite is a library inside the kernel's process, with no connection to
+//! cut; what takes it away is another process holding the database file's
+//! write lock (an operator's `sqlite3` shell left in a transaction, a copying
+//! tool), and what slows it down is that lock held in bursts. The harness is
+//! that other process (`aibos_kernel::db::admin::SqliteLock`): for `db.down`
+//! it holds the lock through the outage, for `db.latency.500ms` it holds it
+//! 500 ms at a time.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,21 +19,26 @@ use anyhow::Context as _;
 use serde_json::json;
 use tokio::sync::Mutex;
 
+use aibos_kernel::db::admin::SqliteLock;
+
 use super::kernel::{Kernel, World, admin_token, metrics, password, publish, quoted};
 use super::proxy::Proxy;
 use super::{ChaosEngine, Context, Verdict, http_client, metric, ms, secs};
 
-const NOT_APPLICABLE_ON_SQLITE: &str = "not applicable on SQLite: the database is embedded in the kernel's process, there is no server or connection to lose or slow down (run with --engine postgres)";
-
 /// `/api/health` must turn 503 this soon after the database goes.
 const HEALTH_BOUND: Duration = Duration::from_secs(2);
 /// How long the database stays away.
-const OUTAGE: Duration = Duration::from_secs(8);
+/// How long the database stays away: long enough for writes made during it
+/// to be refused within it, behind a batch that waits first — on SQLite two
+/// `database.busy_timeout_ms` (5 s) and a margin.
+const OUTAGE_POSTGRES: Duration = Duration::from_secs(8);
+const OUTAGE_SQLITE: Duration = Duration::from_secs(14);
 /// A write must be answered (refused) within this during the outage: twice
-/// the default `database.acquire_timeout_ms` (3 s), since a publication may
-/// wait for the group-commit batch ahead of it to give up first, and a
-/// margin.
-const WRITE_PATIENCE: Duration = Duration::from_secs(7);
+/// the default `database.acquire_timeout_ms` (3 s) on PostgreSQL, or the
+/// default `database.busy_timeout_ms` (5 s) on SQLite, since a write may wait
+/// for the group-commit batch ahead of it to give up first; and a margin.
+const WRITE_PATIENCE_POSTGRES: Duration = Duration::from_secs(7);
+const WRITE_PATIENCE_SQLITE: Duration = Duration::from_secs(12);
 /// Clients writing in a loop through the outage.
 const WRITERS: u64 = 4;
 /// How long the harness waits for health to come back.
@@ -43,6 +55,8 @@ pub struct Write {
 
 #[derive(Debug, Clone, Default)]
 pub struct DownObservation {
+    /// How long a write may take to be answered during the outage.
+    pub patience: Duration,
     pub health_before: u16,
     /// When the database went, and when it came back (scenario clock).
     pub cut_at: Duration,
@@ -99,7 +113,7 @@ pub fn judge_down(o: &DownObservation) -> Verdict {
     if unanswered > 0 {
         failures.push(format!(
             "{unanswered} writes got no answer within {}",
-            secs(WRITE_PATIENCE)
+            secs(o.patience)
         ));
     }
     if during.is_empty() {
@@ -167,6 +181,110 @@ pub fn judge_down(o: &DownObservation) -> Verdict {
     Verdict::judged(summary, figures, failures)
 }
 
+/// How the scenario takes the database away or slows it down.
+enum Fault {
+    /// PostgreSQL through the harness's proxy.
+    Proxy(Proxy),
+    /// SQLite: the harness's own connection to the file holds its write lock
+    /// (opened once the kernel has created the database).
+    Lock {
+        url: String,
+        lock: Option<SqliteLock>,
+        /// The task holding the lock in bursts (`db.latency.500ms`).
+        bursts: Option<(Arc<AtomicBool>, tokio::task::JoinHandle<anyhow::Result<()>>)>,
+    },
+}
+
+impl Fault {
+    /// The fault for the world's engine; the world's settings point the
+    /// kernel at the proxy on PostgreSQL.
+    async fn prepare(world: &mut World, engine: ChaosEngine) -> anyhow::Result<Fault> {
+        Ok(match engine {
+            ChaosEngine::Postgres => Fault::Proxy(through_proxy(world).await?),
+            ChaosEngine::Sqlite => Fault::Lock {
+                url: world.database_url.clone(),
+                lock: None,
+                bursts: None,
+            },
+        })
+    }
+
+    /// The database is gone: every connection cut, or the lock held.
+    async fn take_down(&mut self) -> anyhow::Result<()> {
+        match self {
+            Fault::Proxy(proxy) => proxy.take_down(),
+            Fault::Lock { url, lock, .. } => {
+                let mut held = SqliteLock::open(url).await?;
+                held.hold().await?;
+                *lock = Some(held);
+            }
+        }
+        Ok(())
+    }
+
+    async fn bring_back(&mut self) -> anyhow::Result<()> {
+        match self {
+            Fault::Proxy(proxy) => proxy.bring_back(),
+            Fault::Lock { lock, .. } => {
+                if let Some(held) = lock.take() {
+                    held.close().await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every round trip delayed by [`LATENCY`], or the lock held that long
+    /// at a time with [`LOCK_GAP`] between holds.
+    async fn slow_down(&mut self) -> anyhow::Result<()> {
+        match self {
+            Fault::Proxy(proxy) => proxy.set_delay(LATENCY),
+            Fault::Lock { url, bursts, .. } => {
+                let mut lock = SqliteLock::open(url).await?;
+                let stop = Arc::new(AtomicBool::new(false));
+                let stopped = stop.clone();
+                let task = tokio::spawn(async move {
+                    while !stopped.load(Ordering::SeqCst) {
+                        lock.hold().await?;
+                        tokio::time::sleep(LATENCY).await;
+                        lock.release().await?;
+                        tokio::time::sleep(LOCK_GAP).await;
+                    }
+                    lock.close().await;
+                    Ok(())
+                });
+                *bursts = Some((stop, task));
+            }
+        }
+        Ok(())
+    }
+
+    async fn speed_up(&mut self) -> anyhow::Result<()> {
+        match self {
+            Fault::Proxy(proxy) => proxy.set_delay(Duration::ZERO),
+            Fault::Lock { bursts, .. } => {
+                if let Some((stop, task)) = bursts.take() {
+                    stop.store(true, Ordering::SeqCst);
+                    task.await.context("the lock-holding task")??;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What the scenario does, for the verdict line.
+    fn describe_latency(&self) -> String {
+        match self {
+            Fault::Proxy(_) => format!("+{} per round trip", secs(LATENCY)),
+            Fault::Lock { .. } => format!(
+                "the write lock held {} at a time by another process, {} apart",
+                secs(LATENCY),
+                secs(LOCK_GAP)
+            ),
+        }
+    }
+}
+
 /// A kernel on PostgreSQL through the proxy, with `settings` adjusted.
 async fn through_proxy(world: &mut World) -> anyhow::Result<Proxy> {
     let mut url = reqwest::Url::parse(&world.database_url).context("the database URL")?;
@@ -182,25 +300,35 @@ async fn through_proxy(world: &mut World) -> anyhow::Result<Proxy> {
 }
 
 pub async fn down(context: &Context) -> anyhow::Result<Verdict> {
-    if context.engine == ChaosEngine::Sqlite {
-        return Ok(Verdict::skipped(NOT_APPLICABLE_ON_SQLITE));
-    }
     let mut world = World::create(context, "db.down").await?;
-    let proxy = through_proxy(&mut world).await?;
+    let mut fault = Fault::prepare(&mut world, context.engine).await?;
     if context.sabotage {
-        // The harness's own test: writes wait 30 s for a connection instead
-        // of being refused, so they are not answered within the patience.
-        world
-            .settings
-            .set("database", "acquire_timeout_ms", "30000");
+        // The harness's own test: writes wait 30 s for a connection (or for
+        // SQLite's lock) instead of being refused, so they are not answered
+        // within the patience.
+        let key = match context.engine {
+            ChaosEngine::Postgres => "acquire_timeout_ms",
+            ChaosEngine::Sqlite => "busy_timeout_ms",
+        };
+        world.settings.set("database", key, "30000");
     }
-    let result = observe_down(&world, &proxy).await;
-    drop(proxy);
+    let (patience, outage) = match context.engine {
+        ChaosEngine::Postgres => (WRITE_PATIENCE_POSTGRES, OUTAGE_POSTGRES),
+        ChaosEngine::Sqlite => (WRITE_PATIENCE_SQLITE, OUTAGE_SQLITE),
+    };
+    let result = observe_down(&world, &mut fault, patience, outage).await;
+    let _ = fault.bring_back().await;
+    drop(fault);
     world.remove().await;
     Ok(judge_down(&result?))
 }
 
-async fn observe_down(world: &World, proxy: &Proxy) -> anyhow::Result<DownObservation> {
+async fn observe_down(
+    world: &World,
+    fault: &mut Fault,
+    patience: Duration,
+    outage: Duration,
+) -> anyhow::Result<DownObservation> {
     let http = http_client(Duration::from_secs(5))?;
     let mut kernel = world.start_kernel().await?;
     let token = admin_token(&http, &kernel, world, &password(), true).await?;
@@ -209,7 +337,7 @@ async fn observe_down(world: &World, proxy: &Proxy) -> anyhow::Result<DownObserv
     let clock = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let writes = Arc::new(Mutex::new(Vec::new()));
-    let patient = http_client(WRITE_PATIENCE)?;
+    let patient = http_client(patience)?;
     let writers: Vec<_> = (0..WRITERS)
         .map(|writer| {
             let (stop, writes, base, token, patient) = (
@@ -239,11 +367,11 @@ async fn observe_down(world: &World, proxy: &Proxy) -> anyhow::Result<DownObserv
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    proxy.take_down();
+    fault.take_down().await?;
     let cut_at = clock.elapsed();
     let cut = Instant::now();
     let mut health_503_after = None;
-    while cut.elapsed() < OUTAGE {
+    while cut.elapsed() < outage {
         if status(&http, &kernel, "/api/health").await == 503 {
             health_503_after = Some(cut.elapsed());
             break;
@@ -251,12 +379,12 @@ async fn observe_down(world: &World, proxy: &Proxy) -> anyhow::Result<DownObserv
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let mut liveness = Vec::new();
-    while cut.elapsed() < OUTAGE {
+    while cut.elapsed() < outage {
         liveness.push(status(&http, &kernel, "/api/health/live").await);
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
-    proxy.bring_back();
+    fault.bring_back().await?;
     let back_at = clock.elapsed();
     let back = Instant::now();
     let mut recovered_after = None;
@@ -278,6 +406,7 @@ async fn observe_down(world: &World, proxy: &Proxy) -> anyhow::Result<DownObserv
     kernel.stop().await;
     let writes = std::mem::take(&mut *writes.lock().await);
     Ok(DownObservation {
+        patience,
         health_before,
         cut_at,
         back_at,
@@ -302,6 +431,13 @@ const LATENCY: Duration = Duration::from_millis(500);
 /// Concurrent requests while the database is slow: more than the pool's 10
 /// connections, so some must wait for one.
 const LATENCY_CLIENTS: usize = 12;
+/// Requests each client makes one after the other on SQLite: many
+/// group-commit batches, each meeting the lock at another point of its cycle.
+const LATENCY_ROUNDS_SQLITE: usize = 4;
+/// On SQLite, the pause between two holds of the lock: longer than the
+/// 100 ms SQLite's busy handler sleeps between tries once it has waited a
+/// while, so a waiting writer gets in.
+const LOCK_GAP: Duration = Duration::from_millis(150);
 /// The kernel's timeouts in this scenario (its defaults).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_millis(3000);
 const STATEMENT_TIMEOUT: Duration = Duration::from_millis(5000);
@@ -318,6 +454,10 @@ const POOL_DRAIN_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Default)]
 pub struct LatencyObservation {
+    /// What the fault was, for the verdict line.
+    pub fault: String,
+    /// Whether a request may be refused (503) rather than delayed.
+    pub refusals_allowed: bool,
     /// (status, latency) of every request made while the database was slow
     /// (status 0: no answer within the harness's patience).
     pub requests: Vec<(u16, Duration)>,
@@ -371,6 +511,11 @@ pub fn judge_latency(o: &LatencyObservation) -> Verdict {
             "requests answered {other:?} (only 2xx or 503 are expected)"
         ));
     }
+    if refused > 0 && !o.refusals_allowed {
+        failures.push(format!(
+            "{refused} requests were refused with 503 although the database only delayed them"
+        ));
+    }
     let slowest_health = o
         .health_probes
         .iter()
@@ -404,8 +549,8 @@ pub fn judge_latency(o: &LatencyObservation) -> Verdict {
         ));
     }
     let summary = format!(
-        "+{} per round trip, {} concurrent writes: {} succeeded, {} refused 503, {} unanswered, p50 {}, slowest {}; {} health probes, slowest {} (bound {}); pool back to {:?} in use ({:?} before) {} after",
-        secs(LATENCY),
+        "{}, {} writes from {LATENCY_CLIENTS} clients at once: {} succeeded, {} refused 503, {} unanswered, p50 {}, slowest {}; {} health probes, slowest {} (bound {}); pool back to {:?} in use ({:?} before) {} after",
+        o.fault,
         o.requests.len(),
         ok,
         refused,
@@ -441,11 +586,8 @@ pub fn judge_latency(o: &LatencyObservation) -> Verdict {
 }
 
 pub async fn latency(context: &Context) -> anyhow::Result<Verdict> {
-    if context.engine == ChaosEngine::Sqlite {
-        return Ok(Verdict::skipped(NOT_APPLICABLE_ON_SQLITE));
-    }
     let mut world = World::create(context, "db.latency.500ms").await?;
-    let proxy = through_proxy(&mut world).await?;
+    let mut fault = Fault::prepare(&mut world, context.engine).await?;
     world.settings.set(
         "database",
         "acquire_timeout_ms",
@@ -457,17 +599,35 @@ pub async fn latency(context: &Context) -> anyhow::Result<Verdict> {
         ms(STATEMENT_TIMEOUT).to_string(),
     );
     if context.sabotage {
-        // The harness's own test: three connections and a minute's wait for
-        // one, so requests queue past the harness's patience.
-        world.settings.set("database", "max_connections", "3");
-        world
-            .settings
-            .set("database", "acquire_timeout_ms", "60000");
+        match context.engine {
+            // The harness's own test: three connections and a minute's wait
+            // for one, so requests queue past the harness's patience.
+            ChaosEngine::Postgres => {
+                world.settings.set("database", "max_connections", "3");
+                world
+                    .settings
+                    .set("database", "acquire_timeout_ms", "60000");
+            }
+            // A kernel that gives up on the lock after 1 ms: writes that a
+            // 500 ms hold should only delay are refused.
+            ChaosEngine::Sqlite => world.settings.set("database", "busy_timeout_ms", "1"),
+        }
     }
-    let result = observe_latency(&world, &proxy).await;
-    drop(proxy);
+    let rounds = match context.engine {
+        ChaosEngine::Postgres => 1,
+        ChaosEngine::Sqlite => LATENCY_ROUNDS_SQLITE,
+    };
+    let result = observe_latency(&world, &mut fault, rounds).await;
+    let _ = fault.speed_up().await;
+    drop(fault);
     world.remove().await;
-    Ok(judge_latency(&result?))
+    let mut observation = result?;
+    // On SQLite a 500 ms hold is a tenth of `database.busy_timeout_ms`: a
+    // write it delays must still succeed. On PostgreSQL a request makes
+    // several slow round trips and more requests than connections wait for
+    // one, so a refusal (503 after `database.acquire_timeout_ms`) is right.
+    observation.refusals_allowed = context.engine == ChaosEngine::Postgres;
+    Ok(judge_latency(&observation))
 }
 
 async fn in_use(http: &reqwest::Client, kernel: &Kernel) -> anyhow::Result<Option<f64>> {
@@ -478,34 +638,43 @@ async fn in_use(http: &reqwest::Client, kernel: &Kernel) -> anyhow::Result<Optio
     ))
 }
 
-async fn observe_latency(world: &World, proxy: &Proxy) -> anyhow::Result<LatencyObservation> {
+async fn observe_latency(
+    world: &World,
+    fault: &mut Fault,
+    rounds: usize,
+) -> anyhow::Result<LatencyObservation> {
     let http = http_client(Duration::from_secs(5))?;
     let kernel = world.start_kernel().await?;
     let token = admin_token(&http, &kernel, world, &password(), true).await?;
     publish(&http, &kernel.base, &token, 0).await?;
     let in_use_before = in_use(&http, &kernel).await?;
 
-    proxy.set_delay(LATENCY);
+    fault.slow_down().await?;
     let patient = http_client(LATENCY_PATIENCE)?;
-    // One request per client, all at once: half event publications, half
-    // role creations (audited changes, one transaction each).
+    // `rounds` requests per client, the clients all at once: half event
+    // publications, half role creations (audited changes, one transaction
+    // each).
     let clients = (0..LATENCY_CLIENTS).map(|client| {
         let (patient, base, token) = (patient.clone(), kernel.base.clone(), token.clone());
         async move {
-            let started = Instant::now();
-            let n = u64::try_from(client).unwrap_or(0) + 1;
-            let status = if client % 2 == 0 {
-                publish(&patient, &base, &token, n).await.map_or(0, |(s, _)| s)
-            } else {
-                patient
-                    .post(format!("{base}/api/kernel/roles"))
-                    .bearer_auth(&token)
-                    .json(&json!({ "name": format!("slow-{client}"), "permissions": ["kernel.event.read"] }))
-                    .send()
-                    .await
-                    .map_or(0, |r| r.status().as_u16())
-            };
-            (status, started.elapsed())
+            let mut answers = Vec::with_capacity(rounds);
+            for round in 0..rounds {
+                let started = Instant::now();
+                let n = u64::try_from(client * rounds + round).unwrap_or(0) + 1;
+                let status = if client % 2 == 0 {
+                    publish(&patient, &base, &token, n).await.map_or(0, |(s, _)| s)
+                } else {
+                    patient
+                        .post(format!("{base}/api/kernel/roles"))
+                        .bearer_auth(&token)
+                        .json(&json!({ "name": format!("slow-{client}-{round}"), "permissions": ["kernel.event.read"] }))
+                        .send()
+                        .await
+                        .map_or(0, |r| r.status().as_u16())
+                };
+                answers.push((status, started.elapsed()));
+            }
+            answers
         }
     });
     let done = Arc::new(AtomicBool::new(false));
@@ -530,10 +699,14 @@ async fn observe_latency(world: &World, proxy: &Proxy) -> anyhow::Result<Latency
             probes
         })
     };
-    let requests: Vec<(u16, Duration)> = futures_util::future::join_all(clients).await;
+    let requests: Vec<(u16, Duration)> = futures_util::future::join_all(clients)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
     done.store(true, Ordering::SeqCst);
     let health_probes = prober.await.unwrap_or_default();
-    proxy.set_delay(Duration::ZERO);
+    fault.speed_up().await?;
 
     let drain = Instant::now();
     let mut drained_after = None;
@@ -554,6 +727,8 @@ async fn observe_latency(world: &World, proxy: &Proxy) -> anyhow::Result<Latency
         .map_or(0, |(s, _)| s);
     kernel.stop().await;
     Ok(LatencyObservation {
+        fault: fault.describe_latency(),
+        refusals_allowed: true,
         requests,
         health_probes,
         in_use_before,
@@ -579,6 +754,7 @@ mod tests {
 
     fn healthy_down() -> DownObservation {
         DownObservation {
+            patience: WRITE_PATIENCE_POSTGRES,
             health_before: 200,
             cut_at: Duration::from_millis(300),
             back_at: Duration::from_millis(5300),
@@ -628,6 +804,8 @@ mod tests {
 
     fn healthy_latency() -> LatencyObservation {
         LatencyObservation {
+            fault: "+0.50 s per round trip".into(),
+            refusals_allowed: true,
             requests: vec![
                 (201, Duration::from_millis(9600)),
                 (503, Duration::from_millis(3010)),
@@ -665,5 +843,20 @@ mod tests {
         o.drained_after = None;
         o.in_use_after = Some(10.0);
         assert_eq!(judge_latency(&o).outcome, Outcome::Fail);
+    }
+
+    #[test]
+    fn on_sqlite_a_write_the_lock_only_delays_must_not_be_refused() {
+        let mut o = healthy_latency();
+        o.refusals_allowed = false;
+        let verdict = judge_latency(&o);
+        assert_eq!(verdict.outcome, Outcome::Fail);
+        assert!(
+            verdict.failures[0].contains("1 requests were refused"),
+            "{:?}",
+            verdict.failures
+        );
+        o.requests.retain(|(s, _)| *s != 503);
+        assert_eq!(judge_latency(&o).outcome, Outcome::Pass);
     }
 }

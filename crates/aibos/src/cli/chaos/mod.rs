@@ -7,9 +7,8 @@
 //! observations); it prints a verdict line with the figures, and the run
 //! exits 1 if any scenario fails.
 //!
-//! A scenario that cannot apply says so (`SKIP` with the reason: no database
-//! server to lose on SQLite, no `redis-server` on the machine); it never
-//! passes without having measured.
+//! A scenario that cannot apply says so (`SKIP` with the reason: no
+//! `redis-server` on the machine); it never passes without having measured.
 
 mod crash;
 mod database;

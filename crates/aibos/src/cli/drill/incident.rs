@@ -571,7 +571,12 @@ fn analyse(o: &Observation) -> Analysis {
     // stopped.
     let recovered_from = recovered.map_or(o.end_at, |c| c.at + c.latency);
     let recovering = Phase::of("recovering", &o.calls, o.repair_at, recovered_from);
-    let mut after = Phase::of("after the recovery", &o.calls, recovered_from, Duration::MAX);
+    let mut after = Phase::of(
+        "after the recovery",
+        &o.calls,
+        recovered_from,
+        Duration::MAX,
+    );
     after.to = o.end_at;
     let after_failed: usize = after
         .answers
