@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aibos_testkit::hub::{HubProcess, free_port};
 use aibos_testkit::process::KernelProcess;
-use aibos_testkit::{Engine, TestDb};
+use aibos_testkit::{Engine, TEST_MASTER_KEY, TestDb};
 use aibos_wire::assertion::{ASSERTION_LIFETIME_SECONDS, AssertionClaims, secret_kid};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -110,6 +110,9 @@ async fn start_kernel(cwd: &Path, port: u16, database: Option<&str>) -> KernelPr
     let mut env = vec![
         ("AIBOS_SERVER__BIND", bind.as_str()),
         ("AIBOS_AUTH__BOOTSTRAP_KEY", BOOTSTRAP_KEY),
+        // Known, so that `aibos backup` and `restore` run beside it can open
+        // its secrets.
+        ("AIBOS_AUTH__MASTER_KEY", TEST_MASTER_KEY),
         ("AIBOS_GATEWAY__HEALTH_INTERVAL_SECONDS", "1"),
     ];
     if let Some(url) = database {
@@ -948,4 +951,158 @@ async fn the_demo_prints_lines_that_pay_and_show_the_payment_everywhere() {
         .expect("it stops")
         .unwrap();
     assert!(status.success(), "{status}");
+}
+
+/// `aibos ARGS` in `cwd` on `database_url` with the kernels' master key; the
+/// last JSON line of its output, after checking it succeeded.
+fn aibos_json(cwd: &Path, database_url: &str, args: &[&str]) -> Value {
+    let out = std::process::Command::new(AIBOS)
+        .args(args)
+        .current_dir(cwd)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("AIBOS_DATABASE__URL", database_url)
+        .env("AIBOS_AUTH__MASTER_KEY", TEST_MASTER_KEY)
+        .env("AIBOS_LOG__LEVEL", "warn")
+        .output()
+        .expect("run aibos");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "aibos {args:?}: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .last()
+        .and_then(|line| serde_json::from_str(line).ok())
+        .unwrap_or(Value::Null)
+}
+
+/// A backup's datasets: name, rows and SHA-256 each, in order.
+fn backup_datasets(dir: &Path, id: &str) -> Vec<(String, u64, String)> {
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(dir.join(id).join("manifest.json")).unwrap())
+            .unwrap();
+    manifest["datasets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["name"].as_str().unwrap().to_owned(),
+                d["rows"].as_u64().unwrap(),
+                d["sha256"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Issue 23's "done when": a backup taken while four clients post payments
+/// through the gateway to the hub and publish keyed events restores from
+/// SQLite into PostgreSQL and back with the same row counts and dataset
+/// hashes, and `aibos audit verify` passes on each restored database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_taken_while_payments_flow_restores_into_postgres_and_back() {
+    let Some(pg_target) = TestDb::create(Engine::Postgres).await else {
+        eprintln!("skipped: AIBOS_TEST_DATABASE_URL is not set");
+        return;
+    };
+    let d = std::sync::Arc::new(Deployment::start(Engine::Sqlite).await.expect("SQLite"));
+    let cwd = d.cwd.path().to_owned();
+    let source = format!("sqlite://{}/data/aibos.db", cwd.display());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..4u32)
+        .map(|client| {
+            let (d, stop) = (d.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut paid = 0u64;
+                let mut n = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    n += 1;
+                    let key = format!("backup-load-{client}-{n}");
+                    let payment = d.pay(1, &key, &correlation(1_000_000 + client * 100_000 + n)).await;
+                    assert_eq!(payment.status, StatusCode::CREATED, "{payment:?}");
+                    let published = call(d.base(), Method::POST, "/api/kernel/events/publish", Some(&d.operator),
+                        Some(json!({"type": "test.backup.load", "payload": {"client": client, "n": n}})),
+                        &[("idempotency-key", &format!("{key}-event"))]).await;
+                    assert_eq!(published.status, StatusCode::CREATED, "{published:?}");
+                    paid += 1;
+                }
+                paid
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let backups = cwd.join("backups");
+    let dir = backups.to_str().unwrap().to_owned();
+    let taken = {
+        let (cwd, source, dir) = (cwd.clone(), source.clone(), dir.clone());
+        tokio::task::spawn_blocking(move || {
+            aibos_json(&cwd, &source, &["backup", "run", "--dir", &dir, "--json"])
+        })
+        .await
+        .unwrap()
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut paid = 0;
+    for client in clients {
+        paid += client.await.unwrap();
+    }
+    assert!(paid >= 8, "the clients paid during the backup ({paid})");
+    let id = taken["id"].as_str().unwrap().to_owned();
+    let first = backup_datasets(&backups, &id);
+    let rows = |name: &str| first.iter().find(|d| d.0 == name).map_or(0, |d| d.1);
+    assert!(
+        rows("idempotency_records") > 0 && rows("events") > 0 && rows("audit_log") > 0,
+        "{first:?}"
+    );
+
+    // SQLite → PostgreSQL, verified and backed up again: the same datasets.
+    aibos_json(
+        &cwd,
+        &source,
+        &[
+            "restore",
+            "--id",
+            &id,
+            "--dir",
+            &dir,
+            "--target-url",
+            pg_target.url(),
+            "--json",
+        ],
+    );
+    aibos_json(&cwd, pg_target.url(), &["audit", "verify", "--json"]);
+    let again = aibos_json(
+        &cwd,
+        pg_target.url(),
+        &["backup", "run", "--dir", &dir, "--json"],
+    );
+    let again_id = again["id"].as_str().unwrap().to_owned();
+    assert_eq!(backup_datasets(&backups, &again_id), first);
+
+    // PostgreSQL → a fresh SQLite file: the same datasets again.
+    let back = format!("sqlite://{}/back/aibos.db", cwd.display());
+    aibos_json(
+        &cwd,
+        &source,
+        &[
+            "restore",
+            "--id",
+            &again_id,
+            "--dir",
+            &dir,
+            "--target-url",
+            &back,
+            "--json",
+        ],
+    );
+    aibos_json(&cwd, &back, &["audit", "verify", "--json"]);
+    let third = aibos_json(&cwd, &back, &["backup", "run", "--dir", &dir, "--json"]);
+    assert_eq!(
+        backup_datasets(&backups, third["id"].as_str().unwrap()),
+        first
+    );
 }
