@@ -291,6 +291,12 @@ pub const LATENCY_BUCKETS_SECONDS: &[f64] = &[
     0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// Buckets of `aibos_event_publish_batch_size`: events per group commit, up
+/// to the publisher's batch of 512 (`events::publisher::PUBLISH_BATCH_MAX`);
+/// the latency buckets above would put every batch in `+Inf`.
+pub const PUBLISH_BATCH_SIZE_BUCKETS: &[f64] =
+    &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+
 /// Migrations a single `migrate down --steps` may revert: guards against a typo
 /// wiping a schema. Reverting more takes several commands.
 pub const MIGRATE_DOWN_STEPS_MAX: u32 = 1_000;

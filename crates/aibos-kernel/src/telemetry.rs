@@ -200,6 +200,13 @@ impl Metrics {
         let recorder = PrometheusBuilder::new()
             .set_buckets(limits::LATENCY_BUCKETS_SECONDS)
             .expect("the latency bucket list is not empty")
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full(
+                    "aibos_event_publish_batch_size".to_owned(),
+                ),
+                limits::PUBLISH_BATCH_SIZE_BUCKETS,
+            )
+            .expect("the batch-size bucket list is not empty")
             .build_recorder();
         let handle = recorder.handle();
         let metrics = Metrics {
@@ -400,4 +407,34 @@ fn debug_assert_catalogued(name: &str, kind: MetricKind, labels: &[(&'static str
 
 fn rustc_version() -> &'static str {
     option_env!("AIBOS_RUSTC_VERSION").unwrap_or("unknown")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_sizes_count_events_and_latencies_seconds() {
+        let metrics = Metrics::new();
+        metrics
+            .histogram("aibos_event_publish_batch_size", &[])
+            .record(3.0);
+        let text = metrics.render();
+        assert!(
+            text.contains("aibos_event_publish_batch_size_bucket{le=\"4\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("aibos_event_publish_batch_size_bucket{le=\"2\"} 0"),
+            "{text}"
+        );
+        metrics
+            .histogram("aibos_webhook_attempt_duration_seconds", &[])
+            .record(0.003);
+        let text = metrics.render();
+        assert!(
+            text.contains("aibos_webhook_attempt_duration_seconds_bucket{le=\"0.005\"} 1"),
+            "latency histograms keep the latency buckets: {text}"
+        );
+    }
 }
