@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 const BINARY: &str = env!("CARGO_BIN_EXE_aibos");
 
 /// Runs `aibos ARGS` in `cwd` against `database_url` with the test master key.
-fn aibos(cwd: &Path, database_url: &str, args: &[&str]) -> Output {
+pub(crate) fn aibos(cwd: &Path, database_url: &str, args: &[&str]) -> Output {
     std::process::Command::new(BINARY)
         .args(args)
         .current_dir(cwd)
@@ -41,7 +41,7 @@ fn result(out: &Output) -> Value {
     serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {last}"))
 }
 
-fn run_ok(cwd: &Path, database_url: &str, args: &[&str]) -> Value {
+pub(crate) fn run_ok(cwd: &Path, database_url: &str, args: &[&str]) -> Value {
     let out = aibos(cwd, database_url, args);
     let value = result(&out);
     assert!(
@@ -52,12 +52,12 @@ fn run_ok(cwd: &Path, database_url: &str, args: &[&str]) -> Value {
     value
 }
 
-fn manifest(dir: &Path, id: &str) -> Value {
+pub(crate) fn manifest(dir: &Path, id: &str) -> Value {
     serde_json::from_slice(&std::fs::read(dir.join(id).join("manifest.json")).unwrap()).unwrap()
 }
 
 /// Each dataset's name, row count and hash, in order.
-fn datasets(manifest: &Value) -> Vec<(String, u64, String)> {
+pub(crate) fn datasets(manifest: &Value) -> Vec<(String, u64, String)> {
     manifest["datasets"]
         .as_array()
         .unwrap()

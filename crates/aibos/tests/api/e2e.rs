@@ -953,57 +953,22 @@ async fn the_demo_prints_lines_that_pay_and_show_the_payment_everywhere() {
     assert!(status.success(), "{status}");
 }
 
-/// `aibos ARGS` in `cwd` on `database_url` with the kernels' master key; the
-/// last JSON line of its output, after checking it succeeded.
-fn aibos_json(cwd: &Path, database_url: &str, args: &[&str]) -> Value {
-    let out = std::process::Command::new(AIBOS)
-        .args(args)
-        .current_dir(cwd)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("AIBOS_DATABASE__URL", database_url)
-        .env("AIBOS_AUTH__MASTER_KEY", TEST_MASTER_KEY)
-        .env("AIBOS_LOG__LEVEL", "warn")
-        .output()
-        .expect("run aibos");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "aibos {args:?}: {stdout} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-        .lines()
-        .last()
-        .and_then(|line| serde_json::from_str(line).ok())
-        .unwrap_or(Value::Null)
-}
-
-/// A backup's datasets: name, rows and SHA-256 each, in order.
-fn backup_datasets(dir: &Path, id: &str) -> Vec<(String, u64, String)> {
-    let manifest: Value =
-        serde_json::from_slice(&std::fs::read(dir.join(id).join("manifest.json")).unwrap())
-            .unwrap();
-    manifest["datasets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| {
-            (
-                d["name"].as_str().unwrap().to_owned(),
-                d["rows"].as_u64().unwrap(),
-                d["sha256"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
-}
-
 /// Issue 23's "done when": a backup taken while four clients post payments
 /// through the gateway to the hub and publish keyed events restores from
 /// SQLite into PostgreSQL and back with the same row counts and dataset
 /// hashes, and `aibos audit verify` passes on each restored database.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_taken_while_payments_flow_restores_into_postgres_and_back() {
+    use crate::backup::{aibos, datasets, manifest, run_ok};
+    let audit_verifies = |cwd: &Path, url: &str| {
+        let out = aibos(cwd, url, &["audit", "verify"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    };
+
     let Some(pg_target) = TestDb::create(Engine::Postgres).await else {
         eprintln!("skipped: AIBOS_TEST_DATABASE_URL is not set");
         return;
@@ -1039,7 +1004,7 @@ async fn a_backup_taken_while_payments_flow_restores_into_postgres_and_back() {
     let taken = {
         let (cwd, source, dir) = (cwd.clone(), source.clone(), dir.clone());
         tokio::task::spawn_blocking(move || {
-            aibos_json(&cwd, &source, &["backup", "run", "--dir", &dir, "--json"])
+            run_ok(&cwd, &source, &["backup", "run", "--dir", &dir, "--json"])
         })
         .await
         .unwrap()
@@ -1052,7 +1017,7 @@ async fn a_backup_taken_while_payments_flow_restores_into_postgres_and_back() {
     }
     assert!(paid >= 8, "the clients paid during the backup ({paid})");
     let id = taken["id"].as_str().unwrap().to_owned();
-    let first = backup_datasets(&backups, &id);
+    let first = datasets(&manifest(&backups, &id));
     let rows = |name: &str| first.iter().find(|d| d.0 == name).map_or(0, |d| d.1);
     assert!(
         rows("idempotency_records") > 0 && rows("events") > 0 && rows("audit_log") > 0,
@@ -1060,7 +1025,7 @@ async fn a_backup_taken_while_payments_flow_restores_into_postgres_and_back() {
     );
 
     // SQLite → PostgreSQL, verified and backed up again: the same datasets.
-    aibos_json(
+    run_ok(
         &cwd,
         &source,
         &[
@@ -1074,18 +1039,18 @@ async fn a_backup_taken_while_payments_flow_restores_into_postgres_and_back() {
             "--json",
         ],
     );
-    aibos_json(&cwd, pg_target.url(), &["audit", "verify", "--json"]);
-    let again = aibos_json(
+    audit_verifies(&cwd, pg_target.url());
+    let again = run_ok(
         &cwd,
         pg_target.url(),
         &["backup", "run", "--dir", &dir, "--json"],
     );
     let again_id = again["id"].as_str().unwrap().to_owned();
-    assert_eq!(backup_datasets(&backups, &again_id), first);
+    assert_eq!(datasets(&manifest(&backups, &again_id)), first);
 
     // PostgreSQL → a fresh SQLite file: the same datasets again.
     let back = format!("sqlite://{}/back/aibos.db", cwd.display());
-    aibos_json(
+    run_ok(
         &cwd,
         &source,
         &[
@@ -1099,10 +1064,10 @@ async fn a_backup_taken_while_payments_flow_restores_into_postgres_and_back() {
             "--json",
         ],
     );
-    aibos_json(&cwd, &back, &["audit", "verify", "--json"]);
-    let third = aibos_json(&cwd, &back, &["backup", "run", "--dir", &dir, "--json"]);
+    audit_verifies(&cwd, &back);
+    let third = run_ok(&cwd, &back, &["backup", "run", "--dir", &dir, "--json"]);
     assert_eq!(
-        backup_datasets(&backups, third["id"].as_str().unwrap()),
+        datasets(&manifest(&backups, third["id"].as_str().unwrap())),
         first
     );
 }
