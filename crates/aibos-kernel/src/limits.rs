@@ -508,6 +508,11 @@ pub const BACKUP_INSERT_ROWS_MAX: usize = 500;
 /// Bytes of rows a restore batches before inserting (whichever of this and
 /// [`BACKUP_INSERT_ROWS_MAX`] comes first).
 pub const BACKUP_INSERT_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// `maintenance_work_mem` of a PostgreSQL restore's transaction while it
+/// rebuilds the indexes it dropped, in MB: a million keys of the audit trail's
+/// widest index sort in memory (the server's default, 64 MB, spills them to
+/// disk). Held only while one index is built.
+pub const BACKUP_RESTORE_INDEX_MEMORY_MB: u32 = 256;
 /// Parameters of one SQLite statement, under SQLite's own 32,766.
 pub const BACKUP_SQLITE_PARAMETERS_MAX: usize = 30_000;
 /// Backups `backup list` and retention look at in one folder.

@@ -33,8 +33,8 @@ use tokio::sync::mpsc;
 
 use crate::db::{Db, migrate};
 use crate::limits;
-use format::{ColumnManifest, DatasetManifest, FormatError, Manifest, NeutralKind, Value};
-use store::{Conn, SourceKind, Table};
+use format::{ColumnManifest, DatasetManifest, FormatError, Manifest, NeutralKind};
+use store::{Batch, Conn, SourceKind, Table};
 
 /// Why a backup, a verification or a restore failed.
 #[derive(Debug, thiserror::Error)]
@@ -591,10 +591,14 @@ async fn load(
     for (_, table) in pairs.iter().rev() {
         conn.clear(&table.name).await?;
     }
+    let tables: Vec<Table> = pairs.iter().map(|(_, t)| t.clone()).collect();
+    let indexes = conn.drop_indexes(&tables).await?;
     for (dataset, table) in pairs {
         progress.dataset_started(&dataset.name, dataset.rows);
-        let (batches, mut received) =
-            mpsc::channel::<Vec<Vec<Value>>>(limits::BACKUP_CHUNKS_IN_FLIGHT);
+        // The reader (decompress, hash, decode, verify the chains) runs on a
+        // thread of its own while the loader sends the rows before: neither
+        // waits for the other but when the channel is full or empty.
+        let (batches, mut received) = mpsc::channel::<Batch>(limits::BACKUP_CHUNKS_IN_FLIGHT);
         let reader = {
             let folder = folder.to_owned();
             let dataset = (*dataset).clone();
@@ -602,7 +606,7 @@ async fn load(
             tokio::task::spawn_blocking(move || {
                 let mut batch = Vec::new();
                 let mut batch_bytes = 0usize;
-                format::read_dataset(&folder, &dataset, &heads, |row| {
+                let read = format::read_dataset(&folder, &dataset, &heads, |row| {
                     batch_bytes += row
                         .iter()
                         .map(|v| v.as_text().map_or(8, str::len))
@@ -613,28 +617,35 @@ async fn load(
                     {
                         batch_bytes = 0;
                         batches
-                            .blocking_send(std::mem::take(&mut batch))
+                            .blocking_send(Ok(std::mem::take(&mut batch)))
                             .map_err(|_| stopped(&dataset.name))?;
                     }
                     Ok(())
-                })?;
-                if !batch.is_empty() {
+                })
+                .and_then(|()| {
+                    if batch.is_empty() {
+                        return Ok(());
+                    }
                     batches
-                        .blocking_send(batch)
-                        .map_err(|_| stopped(&dataset.name))?;
+                        .blocking_send(Ok(batch))
+                        .map_err(|_| stopped(&dataset.name))
+                });
+                match read {
+                    Ok(()) => Ok(()),
+                    // The loader aborts its COPY and reports the damage.
+                    Err(damage) => match batches.blocking_send(Err(damage)) {
+                        Ok(()) => Ok(()),
+                        Err(mpsc::error::SendError(unsent)) => unsent.map(|_| ()),
+                    },
                 }
-                Ok::<_, FormatError>(())
             })
         };
         let columns: Vec<String> = dataset.columns.iter().map(|c| c.name.clone()).collect();
-        let mut inserted = Ok(());
-        while let Some(batch) = received.recv().await {
-            if let Err(e) = conn.insert(table, &columns, &batch).await {
-                inserted = Err(e);
-                break;
-            }
-            progress.rows_done(batch.len() as u64);
-        }
+        let inserted = conn
+            .insert_batches(table, &columns, &mut received, |rows| {
+                progress.rows_done(rows);
+            })
+            .await;
         drop(received);
         let read = reader
             .await
@@ -642,8 +653,11 @@ async fn load(
         // The database's refusal explains more than the reader's "stopped".
         inserted?;
         read?;
-        conn.reset_sequences(table).await?;
         progress.dataset_finished(&dataset.name, dataset.rows);
+    }
+    conn.rebuild_indexes(indexes).await?;
+    for (_, table) in pairs {
+        conn.reset_sequences(table).await?;
     }
     conn.restore_triggers(triggers).await?;
     Ok(())

@@ -9,7 +9,7 @@ use sqlx::sqlite::SqliteConnection;
 use super::BackupError;
 use tokio::sync::mpsc;
 
-use super::format::{AuditHead, Value, encode_row};
+use super::format::{AuditHead, FormatError, Value, encode_row};
 use crate::db::Db;
 use crate::limits;
 
@@ -383,16 +383,18 @@ impl Conn {
         self.run(sql).await
     }
 
-    /// Inserts `rows` (values in `columns`' order) into `table`.
-    pub async fn insert(
+    /// Loads every batch `batches` yields (values in `columns`' order) into
+    /// `table`, calling `done` with each batch's row count. On PostgreSQL the
+    /// whole dataset is one `COPY`, fed batch by batch as the reader hands them
+    /// over; on SQLite each batch is a few multi-row `INSERT`s. A batch that is
+    /// an error (the reader found the backup damaged) aborts the load with it.
+    pub async fn insert_batches(
         &mut self,
         table: &Table,
         columns: &[String],
-        rows: &[Vec<Value>],
+        batches: &mut mpsc::Receiver<Batch>,
+        mut done: impl FnMut(u64),
     ) -> Result<(), BackupError> {
-        if rows.is_empty() {
-            return Ok(());
-        }
         let name = check_identifier(&table.name)?;
         let list = columns
             .iter()
@@ -401,42 +403,13 @@ impl Conn {
             .join(", ");
         match self {
             Conn::Sqlite(c) => {
-                let per_row = columns.len();
-                for chunk in rows.chunks(rows_per_statement(per_row)) {
-                    let mut sql = format!("INSERT INTO \"{name}\" ({list}) VALUES ");
-                    for r in 0..chunk.len() {
-                        if r > 0 {
-                            sql.push_str(", ");
-                        }
-                        sql.push('(');
-                        // Anonymous `?`s: sqlx asks SQLite each parameter's
-                        // name as it binds, and a numbered one (`?12`) is
-                        // found by a scan of all names, which made binding a
-                        // 9,000-parameter statement quadratic (88 % of a
-                        // restore's time in `sqlite3_bind_parameter_name`).
-                        for i in 0..per_row {
-                            if i > 0 {
-                                sql.push_str(", ");
-                            }
-                            sql.push('?');
-                        }
-                        sql.push(')');
-                    }
-                    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql.clone()));
-                    for row in chunk {
-                        for value in row {
-                            query = match value {
-                                Value::Null => query.bind(None::<i64>),
-                                Value::Integer(n) => query.bind(*n),
-                                Value::Text(s) => query.bind(s.as_str()),
-                            };
-                        }
-                    }
-                    query.execute(&mut **c).await?;
+                while let Some(batch) = batches.recv().await {
+                    let rows = batch?;
+                    sqlite_insert(c, name, &list, columns.len(), &rows).await?;
+                    done(rows.len() as u64);
                 }
             }
             Conn::Postgres(c) => {
-                // COPY: one stream per batch, the server's fastest way in.
                 let booleans: Vec<bool> = columns
                     .iter()
                     .map(|name| {
@@ -446,19 +419,149 @@ impl Conn {
                             .any(|(n, k)| n == name && *k == SourceKind::Boolean)
                     })
                     .collect();
-                let mut data = Vec::with_capacity(rows.len() * 64);
-                for row in rows {
-                    copy_text_row(&mut data, row, &booleans);
-                }
+                // One COPY for the whole dataset: a COPY per batch cost two
+                // round trips and a statement's start and end every 500 rows.
                 let mut copy = c
                     .copy_in_raw(&format!("COPY \"{name}\" ({list}) FROM STDIN"))
                     .await?;
-                if let Err(e) = copy.send(data).await {
-                    let _ = copy.abort("the restore failed").await;
-                    return Err(e.into());
+                let mut data = Vec::new();
+                let sent: Result<(), BackupError> = async {
+                    while let Some(batch) = batches.recv().await {
+                        let rows = batch?;
+                        data.clear();
+                        for row in &rows {
+                            copy_text_row(&mut data, row, &booleans);
+                        }
+                        copy.send(data.as_slice()).await?;
+                        done(rows.len() as u64);
+                    }
+                    Ok(())
                 }
-                copy.finish().await?;
+                .await;
+                match sent {
+                    Ok(()) => {
+                        copy.finish().await?;
+                    }
+                    Err(e) => {
+                        // The server answers the abort with an error of its
+                        // own; the cause worth reporting is ours.
+                        let _ = copy.abort("the restore failed").await;
+                        return Err(e);
+                    }
+                }
             }
+        }
+        Ok(())
+    }
+
+    /// Takes the secondary indexes, unique and primary keys and foreign keys
+    /// off `tables` (PostgreSQL; on SQLite the indexes that are neither a key
+    /// nor unique), for a load that builds each index once from all
+    /// its rows instead of inserting every row into every B-tree (the way
+    /// `pg_restore` loads). Inside the restore's transaction: a failed restore
+    /// rolls them back with everything else. [`Conn::rebuild_indexes`] puts
+    /// them back, which also checks every key and reference once, over the
+    /// whole table.
+    pub async fn drop_indexes(&mut self, tables: &[Table]) -> Result<DroppedIndexes, BackupError> {
+        let names: Vec<String> = tables.iter().map(|t| t.name.clone()).collect();
+        let mut drop = String::new();
+        let mut rebuild = Vec::new();
+        match self {
+            Conn::Sqlite(c) => {
+                // Named, not unique: a unique index may be what a foreign
+                // key's parent rests on, checked as each row goes in.
+                let indexes: Vec<(String, String, String)> = sqlx::query_as(
+                    "SELECT m.tbl_name, m.name, m.sql FROM sqlite_master m \
+                     WHERE m.type = 'index' AND m.sql IS NOT NULL AND NOT EXISTS \
+                     (SELECT 1 FROM pragma_index_list(m.tbl_name) l WHERE l.name = m.name AND l.\"unique\") \
+                     ORDER BY m.tbl_name, m.name",
+                )
+                .fetch_all(&mut **c)
+                .await?;
+                for (table, index, sql) in indexes {
+                    if names.contains(&table) {
+                        let index = check_identifier(&index)?;
+                        drop.push_str(&format!("DROP INDEX \"{index}\";\n"));
+                        rebuild.push(sql);
+                    }
+                }
+            }
+            Conn::Postgres(c) => {
+                // Foreign keys first (a key they lean on cannot go before
+                // them), those from or to any of the tables; put back last.
+                let foreign: Vec<(String, String, String)> = sqlx::query_as(
+                    "SELECT t.relname::text, k.conname::text, pg_get_constraintdef(k.oid) \
+                     FROM pg_constraint k JOIN pg_class t ON t.oid = k.conrelid \
+                     JOIN pg_class f ON f.oid = k.confrelid JOIN pg_namespace n ON n.oid = t.relnamespace \
+                     WHERE n.nspname = current_schema() AND k.contype = 'f' \
+                     AND (t.relname = ANY($1) OR f.relname = ANY($1)) ORDER BY 1, 2",
+                )
+                .bind(&names)
+                .fetch_all(&mut **c)
+                .await?;
+                let keys: Vec<(String, String, String)> = sqlx::query_as(
+                    "SELECT t.relname::text, k.conname::text, pg_get_constraintdef(k.oid) \
+                     FROM pg_constraint k JOIN pg_class t ON t.oid = k.conrelid \
+                     JOIN pg_namespace n ON n.oid = t.relnamespace \
+                     WHERE n.nspname = current_schema() AND k.contype IN ('p', 'u') \
+                     AND t.relname = ANY($1) ORDER BY 1, 2",
+                )
+                .bind(&names)
+                .fetch_all(&mut **c)
+                .await?;
+                // Indexes no constraint owns (an exclusion constraint's stays).
+                let indexes: Vec<(String, String)> = sqlx::query_as(
+                    "SELECT i.relname::text, pg_get_indexdef(i.oid) FROM pg_index x \
+                     JOIN pg_class i ON i.oid = x.indexrelid JOIN pg_class t ON t.oid = x.indrelid \
+                     JOIN pg_namespace n ON n.oid = t.relnamespace \
+                     WHERE n.nspname = current_schema() AND t.relname = ANY($1) \
+                     AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = x.indexrelid \
+                     AND k.conrelid = x.indrelid AND k.contype IN ('p', 'u', 'x')) ORDER BY 1",
+                )
+                .bind(&names)
+                .fetch_all(&mut **c)
+                .await?;
+                for (table, constraint, _) in foreign.iter().chain(&keys) {
+                    let (table, constraint) =
+                        (check_identifier(table)?, check_identifier(constraint)?);
+                    drop.push_str(&format!(
+                        "ALTER TABLE \"{table}\" DROP CONSTRAINT \"{constraint}\";\n"
+                    ));
+                }
+                for (index, _) in &indexes {
+                    let index = check_identifier(index)?;
+                    drop.push_str(&format!("DROP INDEX \"{index}\";\n"));
+                }
+                rebuild.extend(indexes.into_iter().map(|(_, definition)| definition));
+                // Foreign keys after the keys they reference.
+                for (table, constraint, definition) in keys.iter().chain(&foreign) {
+                    rebuild.push(format!(
+                        "ALTER TABLE \"{table}\" ADD CONSTRAINT \"{constraint}\" {definition}"
+                    ));
+                }
+            }
+        }
+        if !drop.is_empty() {
+            self.run(drop).await?;
+        }
+        Ok(DroppedIndexes { rebuild })
+    }
+
+    /// Puts back what [`Conn::drop_indexes`] took off, each index built once
+    /// from the loaded rows.
+    pub async fn rebuild_indexes(&mut self, dropped: DroppedIndexes) -> Result<(), BackupError> {
+        if let Conn::Postgres(c) = self {
+            // Room to sort each index in memory (the default 64 MB spills a
+            // million keys to disk); this transaction's own setting.
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "SET LOCAL maintenance_work_mem = '{}MB'",
+                limits::BACKUP_RESTORE_INDEX_MEMORY_MB
+            )))
+            .execute(&mut **c)
+            .await?;
+        }
+        for statement in dropped.rebuild {
+            self.run(statement).await?;
         }
         Ok(())
     }
@@ -479,6 +582,61 @@ impl Conn {
         }
         Ok(())
     }
+}
+
+/// Rows on their way from a dataset's reader to the target, values in the
+/// dataset's column order; an error when the reader found the backup damaged.
+pub type Batch = Result<Vec<Vec<Value>>, FormatError>;
+
+/// What [`Conn::drop_indexes`] took off: the statements that put it back, in
+/// order (indexes, keys, then the foreign keys that lean on them).
+#[derive(Debug)]
+pub struct DroppedIndexes {
+    rebuild: Vec<String>,
+}
+
+/// Inserts `rows` into SQLite's `name` (`list`: its quoted column names) with
+/// as few multi-row `INSERT`s as its parameter limit allows.
+async fn sqlite_insert(
+    c: &mut SqliteConnection,
+    name: &str,
+    list: &str,
+    per_row: usize,
+    rows: &[Vec<Value>],
+) -> Result<(), BackupError> {
+    for chunk in rows.chunks(rows_per_statement(per_row)) {
+        let mut sql = format!("INSERT INTO \"{name}\" ({list}) VALUES ");
+        for r in 0..chunk.len() {
+            if r > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('(');
+            // Anonymous `?`s: sqlx asks SQLite each parameter's name as it
+            // binds, and a numbered one (`?12`) is found by a scan of all
+            // names, which made binding a 9,000-parameter statement
+            // quadratic (88 % of a restore's time in
+            // `sqlite3_bind_parameter_name`).
+            for i in 0..per_row {
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push('?');
+            }
+            sql.push(')');
+        }
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for row in chunk {
+            for value in row {
+                query = match value {
+                    Value::Null => query.bind(None::<i64>),
+                    Value::Integer(n) => query.bind(*n),
+                    Value::Text(s) => query.bind(s.as_str()),
+                };
+            }
+        }
+        query.execute(&mut *c).await?;
+    }
+    Ok(())
 }
 
 /// Encoded rows on their way to a dataset's file.

@@ -314,9 +314,18 @@ crate::both_engines! {
         let restore = aibos(cwd.path(), &target_url, &["restore", "--id", id, "--dir", dir_arg, "--json"]);
         assert_eq!(restore.status.code(), Some(1));
         assert_eq!(result(&restore)["dataset"], "events", "{}", result(&restore));
+        // The restore takes the indexes and keys off while it loads: the
+        // failed one left them all as the migrations made them.
+        let fresh = TestDb::create(engine).await.unwrap();
+        let fresh_db = crate::migrations::connect(&fresh).await;
+        aibos_kernel::db::migrate::up(&fresh_db, aibos_kernel::db::migrate::embedded(fresh_db.engine())).await.unwrap();
+        let schema = crate::migrations::catalogue(&fresh_db).await;
+        let target_db = crate::migrations::connect(&target).await;
+        assert_eq!(crate::migrations::catalogue(&target_db).await, schema);
         // Nothing of it was kept: the target is still empty, so an intact backup restores without --force.
         std::fs::write(&events_file, &original).unwrap();
         run_ok(cwd.path(), &target_url, &["restore", "--id", id, "--dir", dir_arg, "--json"]);
+        assert_eq!(crate::migrations::catalogue(&target_db).await, schema, "a restore puts back every index and key");
 
         // A changed manifest is refused too.
         let manifest_file = folder.join("manifest.json");

@@ -8,7 +8,7 @@ use aibos_kernel::db::migrate::{self, MigrationError, MigrationState};
 use aibos_testkit::{Engine, TestDb};
 use sqlx::migrate::Migrator;
 
-async fn connect(test_db: &TestDb) -> Db {
+pub(crate) async fn connect(test_db: &TestDb) -> Db {
     let dir = tempfile::tempdir().unwrap();
     let sources = ConfigSources::new(
         dir.path(),
@@ -20,7 +20,7 @@ async fn connect(test_db: &TestDb) -> Db {
 }
 
 /// Every table, column, index and trigger of the kernel's schema, in a stable order.
-async fn catalogue(db: &Db) -> Vec<String> {
+pub(crate) async fn catalogue(db: &Db) -> Vec<String> {
     let rows: Vec<(String,)> = match db {
         Db::Sqlite(aibos_kernel::db::SqliteDb { pool, .. }) => sqlx::query_as(
             "SELECT type || ' ' || name || ' ' || tbl_name || ' ' || coalesce(sql, '') FROM sqlite_master \
