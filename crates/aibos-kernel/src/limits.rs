@@ -25,7 +25,7 @@ pub const GROUP_COMMIT_QUEUE_MAX: usize = 1024;
 /// batch does not wait on a long tail of others.
 pub const GROUP_COMMIT_JOBS_MAX: usize = 64;
 
-/// `/api/health` gives the database this long to answer `SELECT 1` before it
+/// `/api/health` gives the database this long to answer its probe before it
 /// reports it down; well under the 2 s within which an outage must show.
 pub const HEALTH_DB_TIMEOUT_MS: u64 = 1_000;
 
@@ -261,7 +261,7 @@ pub const CURSOR_CHARS_MAX: usize = 512;
 pub const METRICS_UPKEEP_SECONDS: u64 = 5;
 
 /// Interval of the background database probe behind `aibos_database_up`
-/// (`health/probe.rs`): one `SELECT 1` every 5 s, so a scrape every 15 s
+/// (`health/probe.rs`): one probe every 5 s, so a scrape every 15 s
 /// (Prometheus's usual interval) sees an outage at its next scrape.
 pub const DATABASE_PROBE_INTERVAL_SECONDS: u64 = 5;
 

@@ -14,7 +14,7 @@ use crate::db::DbError;
 use crate::limits;
 use crate::state::AppState;
 
-/// One `SELECT 1` within [`limits::HEALTH_DB_TIMEOUT_MS`]; sets `aibos_database_up`.
+/// One round trip ([`crate::db::Db::ping`]) within [`limits::HEALTH_DB_TIMEOUT_MS`]; sets `aibos_database_up`.
 pub async fn probe(state: &AppState) -> Result<Duration, DbError> {
     let result = state
         .db()

@@ -47,14 +47,14 @@ pub struct Health {
     pub rate_limit: crate::ratelimit::BackendHealth,
 }
 
-/// The database as seen by one `SELECT 1`.
+/// The database as seen by one round trip ([`crate::db::Db::ping`]).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct DatabaseHealth {
     /// `up` or `down`.
     pub status: &'static str,
     /// `sqlite` or `postgres`.
     pub engine: String,
-    /// Round-trip time of `SELECT 1`, when up.
+    /// The round trip's time, when up.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latency_ms: Option<f64>,
     /// Why it is down: `timeout` or `unreachable` (details are in the log).
