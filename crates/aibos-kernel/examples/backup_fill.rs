@@ -4,7 +4,9 @@
 //!
 //!     cargo run --release -p aibos-kernel --example backup_fill -- sqlite://x.db 1000000 1000000
 
-use aibos_kernel::audit::{AuditEntry, chain, store};
+mod support;
+
+use aibos_kernel::audit::{chain, store};
 use aibos_kernel::config::{Config, ConfigSources};
 use aibos_kernel::db::{Db, DbError, migrate};
 use aibos_kernel::events::NewEvent;
@@ -40,26 +42,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut batch = Vec::with_capacity(BATCH_ROWS);
         while seq < target && batch.len() < BATCH_ROWS {
             seq += 1;
-            let mut e = AuditEntry {
-                id: uuid::Uuid::now_v7().to_string(),
-                tenant_id: SYSTEM_TENANT_ID.to_owned(),
-                seq,
-                occurred_at: aibos_kernel::timestamp::now_text(),
-                actor_type: "user".to_owned(),
-                actor_id: Some(uuid::Uuid::now_v7().to_string()),
-                action: "payment.approved".to_owned(),
-                resource_type: Some("payment".to_owned()),
-                resource_id: Some(uuid::Uuid::now_v7().to_string()),
-                outcome: "success".to_owned(),
-                severity: "info".to_owned(),
-                client_ip: Some("10.1.2.3".to_owned()),
-                user_agent: Some("bench/1.0".to_owned()),
-                correlation_id: Some(uuid::Uuid::now_v7().to_string()),
-                details: serde_json::json!({ "amount_minor": seq * 7, "currency": "EUR", "reference": format!("INV-{seq}") }),
-                prev_hash: prev.clone(),
-                hash: String::new(),
-            };
-            e.hash = chain::compute_hash(&e);
+            let e = support::chained_entry(seq, &prev);
             prev.clone_from(&e.hash);
             batch.push(e);
         }

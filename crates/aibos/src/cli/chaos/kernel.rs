@@ -328,11 +328,25 @@ pub async fn admin_token(
     password: &str,
     bootstrap: bool,
 ) -> anyhow::Result<String> {
-    if bootstrap {
+    let bootstrap_key = bootstrap.then_some(world.bootstrap_key.as_str());
+    bootstrap_and_login(http, &kernel.base, bootstrap_key, ADMIN_EMAIL, password).await
+}
+
+/// On the kernel at `base`: bootstraps the platform administrator `email`
+/// with `bootstrap_key` (when given), then logs in to the system tenant; the
+/// access token. The chaos harness's and the drills' way in.
+pub async fn bootstrap_and_login(
+    http: &reqwest::Client,
+    base: &str,
+    bootstrap_key: Option<&str>,
+    email: &str,
+    password: &str,
+) -> anyhow::Result<String> {
+    if let Some(key) = bootstrap_key {
         let created = http
-            .post(kernel.url("/api/kernel/bootstrap"))
-            .header("x-bootstrap-key", &world.bootstrap_key)
-            .json(&json!({ "email": ADMIN_EMAIL, "password": password, "name": "Chaos" }))
+            .post(format!("{base}/api/kernel/bootstrap"))
+            .header("x-bootstrap-key", key)
+            .json(&json!({ "email": email, "password": password, "name": "Administrator" }))
             .send()
             .await?;
         if !created.status().is_success() {
@@ -344,8 +358,8 @@ pub async fn admin_token(
         }
     }
     let login: Value = http
-        .post(kernel.url("/api/kernel/auth/login"))
-        .json(&json!({ "tenant": "system", "email": ADMIN_EMAIL, "password": password }))
+        .post(format!("{base}/api/kernel/auth/login"))
+        .json(&json!({ "tenant": "system", "email": email, "password": password }))
         .send()
         .await?
         .json()

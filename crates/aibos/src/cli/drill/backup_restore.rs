@@ -420,30 +420,14 @@ async fn admin_token(
     bootstrap_key: &str,
 ) -> anyhow::Result<String> {
     let password = format!("drill {}", uuid::Uuid::new_v4().simple());
-    let created = http
-        .post(format!("{base}/api/kernel/bootstrap"))
-        .header("x-bootstrap-key", bootstrap_key)
-        .json(&json!({ "email": DRILL_EMAIL, "password": password, "name": "Drill" }))
-        .send()
-        .await?;
-    if !created.status().is_success() {
-        bail!(
-            "bootstrap answered {}: {}",
-            created.status(),
-            created.text().await?
-        );
-    }
-    let login: Value = http
-        .post(format!("{base}/api/kernel/auth/login"))
-        .json(&json!({ "tenant": "system", "email": DRILL_EMAIL, "password": password }))
-        .send()
-        .await?
-        .json()
-        .await?;
-    login["access_token"]
-        .as_str()
-        .map(str::to_owned)
-        .ok_or_else(|| anyhow::anyhow!("login gave no token: {login}"))
+    crate::cli::chaos::kernel::bootstrap_and_login(
+        http,
+        base,
+        Some(bootstrap_key),
+        DRILL_EMAIL,
+        &password,
+    )
+    .await
 }
 
 /// One client: a keyed event publish and an audited change per turn, until `stop`.
