@@ -187,20 +187,7 @@ impl Conn {
 
     /// Rows in `table`.
     pub async fn count(&mut self, table: &str) -> Result<u64, BackupError> {
-        let sql = format!("SELECT count(*) FROM \"{}\"", check_identifier(table)?);
-        let n: i64 = match self {
-            Conn::Sqlite(c) => {
-                sqlx::query_scalar(sqlx::AssertSqlSafe(sql.clone()))
-                    .fetch_one(&mut **c)
-                    .await?
-            }
-            Conn::Postgres(c) => {
-                sqlx::query_scalar(sqlx::AssertSqlSafe(sql.clone()))
-                    .fetch_one(&mut **c)
-                    .await?
-            }
-        };
-        Ok(u64::try_from(n).unwrap_or(0))
+        self.count_where(table, "").await
     }
 
     /// Rows of `table` other than those the migrations themselves insert (the
@@ -212,6 +199,12 @@ impl Conn {
             "permissions" => " WHERE owner <> 'kernel'".to_owned(),
             _ => String::new(),
         };
+        self.count_where(table, &filter).await
+    }
+
+    /// `SELECT count(*)` of `table` with `filter` (a `WHERE` clause of the
+    /// kernel's own, or nothing).
+    async fn count_where(&mut self, table: &str, filter: &str) -> Result<u64, BackupError> {
         let sql = format!(
             "SELECT count(*) FROM \"{}\"{filter}",
             check_identifier(table)?
