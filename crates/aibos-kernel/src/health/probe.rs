@@ -4,7 +4,10 @@
 //! `/metrics`, so without this loop a database outage would show in no metric
 //! until someone called `/api/health`. The probe is the same query with the
 //! same timeout as `/api/health`, every [`limits::DATABASE_PROBE_INTERVAL_SECONDS`],
-//! and `/api/health` sets the gauge too.
+//! and `/api/health` sets the gauge too. While the database answers, each
+//! probe also reads how many entries the audit trail holds
+//! (`aibos_audit_entries`, SPEC §metrics: one row per tenant, the chains'
+//! heads), so that its growth shows in the metrics whatever instance wrote.
 
 use std::time::Duration;
 
@@ -31,11 +34,18 @@ pub async fn run(state: AppState, stop: CancellationToken) {
         tokio::time::interval(Duration::from_secs(limits::DATABASE_PROBE_INTERVAL_SECONDS));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut was_up = true;
+    let audit_entries = state.metrics().gauge("aibos_audit_entries", &[]);
     loop {
         tokio::select! {
             _ = tick.tick() => {
                 let up = match probe(&state).await {
-                    Ok(_) => true,
+                    Ok(_) => {
+                        match crate::audit::store::total_entries(state.db()).await {
+                            Ok(n) => audit_entries.set(n as f64),
+                            Err(e) => tracing::debug!(error = %e, "database probe: cannot count the audit entries"),
+                        }
+                        true
+                    }
                     Err(e) => {
                         if was_up {
                             tracing::warn!(error = %e, "database probe: the database is down");

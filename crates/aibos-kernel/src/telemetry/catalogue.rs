@@ -308,6 +308,11 @@ pub const CATALOGUE: &[MetricSpec] = &[
         "Audit entries recomputed by the periodic verification.",
     ),
     gauge(
+        "aibos_audit_entries",
+        &[],
+        "Entries in the audit trail, all tenants (the sum of every chain's head), read from the database with each database probe (every 5 s).",
+    ),
+    gauge(
         "aibos_audit_chains_broken",
         &[],
         "Audit chains (tenants) whose last verification found a break; 0 when every chain verified.",

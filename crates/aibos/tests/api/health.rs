@@ -74,6 +74,30 @@ crate::both_engines! {
         assert_eq!(sample(&kernel.metrics_text().await, "aibos_database_up"), Some(1.0));
     }
 
+    async fn the_database_probe_counts_the_audit_entries_of_every_tenant(engine: Engine) {
+        let kernel = spawn_kernel(engine).await.unwrap();
+        // The probe reads the count every 5 s: wait (bounded) until it passes `above`.
+        let count_above = |above: f64| {
+            let kernel = &kernel;
+            async move {
+                for _ in 0..150 {
+                    if let Some(n) = sample(&kernel.metrics_text().await, "aibos_audit_entries").filter(|n| *n > above) {
+                        return n;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                panic!("aibos_audit_entries never went above {above}: {}", kernel.metrics_text().await);
+            }
+        };
+        let platform = kernel.platform_admin().await;
+        let first = count_above(0.0).await;
+        // A tenant of its own: entries in another chain count too.
+        kernel.tenant_with_admin(&platform, "counted").await;
+        let second = count_above(first).await;
+        assert!(second >= first + 1.0, "{first} then {second}");
+        assert!(kernel.metrics_text().await.contains("# TYPE aibos_audit_entries gauge"));
+    }
+
     async fn with_metrics_bind_metrics_are_served_there_only_and_stop_with_the_kernel(engine: Engine) {
         let kernel = spawn_kernel_with(engine, KernelOptions {
             env: vec![("AIBOS_METRICS__BIND".into(), "127.0.0.1:0".into())],
